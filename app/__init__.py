@@ -1,0 +1,1 @@
+"""voxtral-server: an OpenAI-compatible server for Voxtral."""

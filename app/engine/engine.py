@@ -1,0 +1,110 @@
+"""The engine's small interface to the HTTP layer: submit, wait or stream, cancel, health.
+
+Route handlers see only this; the queue, the batcher and the worker thread stay behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+from app.engine.queue import RequestQueue
+from app.engine.work import WorkItem
+from app.engine.worker import ModelWorker
+from app.errors import RequestTimeout, ShuttingDown
+from app.metrics import Metrics
+from app.model.generate import BatchGenerator
+from app.types import GenerationResult, PreparedRequest, TokenEvent
+
+
+class Engine:
+    def __init__(
+        self,
+        generator: BatchGenerator,
+        *,
+        eos_token_ids: set[int],
+        decode: Callable[[list[int]], str],
+        max_queue: int,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        request_timeout_s: float,
+        metrics: Metrics,
+    ) -> None:
+        self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
+        self.queue = RequestQueue(max_queue, on_change=metrics.waiting.set)
+        self.worker = ModelWorker(
+            generator,
+            self.queue,
+            eos_token_ids=eos_token_ids,
+            decode=decode,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+            max_wait_s=max_wait_ms / 1000.0,
+            metrics=metrics,
+        )
+        self.accepting = False
+
+    def start(self) -> None:
+        self.worker.start()
+        self.accepting = True
+
+    def submit(self, request: PreparedRequest, *, stream: bool = False) -> WorkItem:
+        """Enqueue at once or raise QueueFull / ShuttingDown; never blocks."""
+        if not self.accepting:
+            raise ShuttingDown("The server is shutting down and takes no new requests.")
+        item = WorkItem(
+            request=request,
+            loop=asyncio.get_running_loop(),
+            deadline=time.monotonic() + self.request_timeout_s,
+            stream=stream,
+        )
+        self.queue.put(item)
+        return item
+
+    async def generate(self, request: PreparedRequest) -> GenerationResult:
+        item = self.submit(request)
+        return await self.wait(item)
+
+    async def wait(self, item: WorkItem) -> GenerationResult:
+        try:
+            return await asyncio.wait_for(item.wait(), timeout=self._remaining(item))
+        except TimeoutError:
+            raise RequestTimeout(f"The request did not finish within {self.request_timeout_s:g} s.") from None
+        finally:
+            item.cancel()  # no-op when finished; stops the row if the client went away
+
+    async def stream(self, item: WorkItem) -> AsyncIterator[TokenEvent]:
+        try:
+            async with asyncio.timeout(self._remaining(item)):
+                async for event in item.events():
+                    yield event
+        except TimeoutError:
+            raise RequestTimeout(f"The request did not finish within {self.request_timeout_s:g} s.") from None
+        finally:
+            item.cancel()
+
+    def _remaining(self, item: WorkItem) -> float:
+        return max(0.0, item.deadline - time.monotonic()) + 0.5
+
+    @property
+    def idle(self) -> bool:
+        return len(self.queue) == 0 and self.worker.running == 0
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop taking requests; wait until everything accepted is answered. True if it all finished."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.idle
+
+    def stop(self) -> None:
+        self.accepting = False
+        self.queue.close()
+        self.worker.stop()
+        with contextlib.suppress(Exception):
+            self.worker.fail_all(ShuttingDown("The server shut down before this request ran."))

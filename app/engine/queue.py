@@ -1,0 +1,88 @@
+"""The one bounded queue between the event loop and the model worker.
+
+Full means `QueueFull` (429) at once rather than an unbounded wait. Entries whose client went
+away, or whose deadline passed, are skipped when a batch is taken, before they cost compute.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from app.engine.batcher import select_batch
+from app.engine.work import WorkItem
+from app.errors import QueueFull, RequestTimeout, ShuttingDown
+
+
+class RequestQueue:
+    def __init__(self, max_size: int, on_change: Callable[[int], None] | None = None) -> None:
+        self.max_size = max_size
+        self._items: list[WorkItem] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._on_change = on_change or (lambda depth: None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: WorkItem) -> None:
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("The server is shutting down and takes no new requests.")
+            if len(self._items) >= self.max_size:
+                raise QueueFull(f"The server is at capacity ({self.max_size} requests queued); retry shortly.")
+            self._items.append(item)
+            self._on_change(len(self._items))
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def take(self, max_rows: int, max_tokens: int, timeout: float | None, min_age_s: float = 0.0) -> list[WorkItem]:
+        """Up to `max_rows` items within the token budget; waits up to `timeout` for the first one.
+
+        `min_age_s` lets a busy worker wait for stragglers so they prefill together, unless enough
+        items to fill every free row are already here.
+        """
+        with self._cond:
+            if timeout is not None and not self._items:
+                self._cond.wait(timeout)
+            self._drop_dead()
+            if not self._items or max_rows <= 0:
+                return []
+            if min_age_s > 0 and len(self._items) < max_rows:
+                if time.monotonic() - self._items[0].enqueued_at < min_age_s:
+                    return []
+            chosen = select_batch([i.request.prompt_tokens for i in self._items], max_rows, max_tokens)
+            batch = [self._items[i] for i in chosen]
+            taken = set(chosen)
+            self._items = [it for n, it in enumerate(self._items) if n not in taken]
+            self._on_change(len(self._items))
+            return batch
+
+    def drain_all(self) -> list[WorkItem]:
+        with self._cond:
+            items, self._items = self._items, []
+            self._on_change(0)
+            return items
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        alive = []
+        for item in self._items:
+            if item.cancelled:
+                item.finish(RequestTimeout("The request was cancelled before it ran."))
+            elif item.expired(now):
+                item.finish(RequestTimeout("The request timed out waiting in the queue."))
+            else:
+                alive.append(item)
+        if len(alive) != len(self._items):
+            self._items = alive
+            self._on_change(len(alive))

@@ -1,0 +1,84 @@
+"""A queued request: what to run, when it arrived, and the channel its answer goes back on.
+
+The worker thread resolves it; the event loop awaits it. Pushes go through
+`loop.call_soon_threadsafe` and are dropped once the item is finished, so a client that
+went away can never make the worker fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from app.types import GenerationResult, PreparedRequest, TokenEvent
+
+Event = TokenEvent | GenerationResult | BaseException
+
+
+@dataclass(eq=False)
+class WorkItem:
+    request: PreparedRequest
+    loop: asyncio.AbstractEventLoop
+    deadline: float
+    stream: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    result: GenerationResult | None = None
+    _events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """The client went away or timed out: the worker drops the row before its next step."""
+        self._cancelled.set()
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline
+
+    def push(self, event: TokenEvent) -> None:
+        if self.stream and not self.done:
+            self._send(event)
+
+    def finish(self, outcome: GenerationResult | BaseException) -> None:
+        """Resolve exactly once; later calls are ignored."""
+        if self.done:
+            return
+        self._done.set()
+        self._send(outcome)
+
+    def _send(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """Token events until the end; raises the failure, if any. The result is in `result`."""
+        while True:
+            event = await self._events.get()
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, GenerationResult):
+                self.result = event
+                return
+            yield event
+
+    async def wait(self) -> GenerationResult:
+        async for _ in self.events():
+            pass
+        assert self.result is not None
+        return self.result

@@ -1,0 +1,217 @@
+"""The one thread that touches the model: admit, prefill, decode, sample, retire.
+
+Iteration-level batching: between two decode steps, waiting requests are prefilled and
+merged into the running batch, and finished or abandoned rows leave it, so a short request
+never waits for a long one. A failure fails only the rows it touched; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from app.engine.queue import RequestQueue
+from app.engine.work import WorkItem
+from app.errors import InternalError, RequestTimeout
+from app.metrics import Metrics
+from app.model.generate import BatchGenerator, BatchState, Row, sample
+from app.types import FinishReason, GenerationResult, TokenEvent
+
+log = logging.getLogger(__name__)
+
+FaultHook = Callable[[str, list[WorkItem]], None]
+"""Test-only: called with ("prefill" | "step", items) before the model runs; may raise."""
+
+
+class ModelWorker:
+    def __init__(
+        self,
+        generator: BatchGenerator,
+        queue: RequestQueue,
+        *,
+        eos_token_ids: set[int],
+        decode: Callable[[list[int]], str],
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_s: float,
+        metrics: Metrics,
+    ) -> None:
+        self.generator = generator
+        self.queue = queue
+        self.eos = eos_token_ids
+        self.decode = decode
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.metrics = metrics
+        self.fault_hook: FaultHook | None = None
+        self._state: BatchState | None = None
+        self._logits: torch.Tensor | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="voxtral-model-worker", daemon=True)
+        self.busy = False
+
+    @property
+    def running(self) -> int:
+        return len(self._state.rows) if self._state else 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.queue.wake()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:  # never let the thread die: the server would hang silently
+                log.exception("model worker loop error")
+                self._fail_running(InternalError("The model failed while running this request."))
+
+    def _tick(self) -> None:
+        idle = self._state is None
+        free = self.max_batch_size - self.running
+        wait = 0.0 if idle else self.max_wait_s
+        new = self.queue.take(free, self.max_batch_tokens, timeout=0.2 if idle else None, min_age_s=wait)
+        self.busy = bool(new) or not idle
+        if new:
+            self._admit(new)
+        if self._state is not None:
+            self._advance()
+        self.metrics.running.set(self.running)
+
+    # -- admission -----------------------------------------------------------------------------
+    def _admit(self, items: list[WorkItem]) -> None:
+        now = time.monotonic()
+        for item in items:
+            item.started_at = now
+            self.metrics.queue_time.observe(now - item.enqueued_at)
+        try:
+            state, logits = self._prefill(items)
+        except Exception as exc:
+            return self._fail(items, exc)
+        if self._state is None:
+            self._state, self._logits = state, logits
+        else:
+            assert self._logits is not None
+            self._state = self.generator.merge(self._state, state)
+            self._logits = torch.cat([self._logits, logits])
+
+    def _prefill(self, items: list[WorkItem]) -> tuple[BatchState, torch.Tensor]:
+        if self.fault_hook:
+            self.fault_hook("prefill", items)
+        rows = [Row(i.request.input_ids, i.request.input_features, i.request.sampling, owner=i) for i in items]
+        tokens = sum(r.request.prompt_tokens for r in items)
+        self.metrics.prompt_tokens.inc(tokens)
+        self.metrics.batch_fill.observe(min(1.0, tokens / self.max_batch_tokens))
+        try:
+            return self.generator.prefill(rows)
+        except torch.OutOfMemoryError:
+            if len(items) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(items) // 2
+            log.warning("out of memory prefilling %d rows: retrying as %d + %d", len(items), half, len(items) - half)
+            a, la = self._prefill(items[:half])
+            b, lb = self._prefill(items[half:])
+            return self.generator.merge(a, b), torch.cat([la, lb])
+
+    # -- decoding ------------------------------------------------------------------------------
+    def _advance(self) -> None:
+        state, logits = self._state, self._logits
+        assert state is not None and logits is not None
+        self.metrics.batch_size.observe(len(state.rows))
+        tokens = sample(logits, state.rows)
+        keep: list[int] = []
+        now = time.monotonic()
+        for i, (row, token) in enumerate(zip(state.rows, tokens, strict=True)):
+            if self._emit(row, token, now) is None:
+                keep.append(i)
+        self.metrics.generation_tokens.inc(len(tokens))
+        if len(keep) < len(state.rows):
+            if not keep:
+                self._state = self._logits = None
+                return
+            state = self.generator.select(state, keep)
+            tokens = [tokens[i] for i in keep]
+        try:
+            if self.fault_hook:
+                self.fault_hook("step", [r.owner for r in state.rows])
+            self._logits = self.generator.step(state, torch.tensor(tokens))
+            self._state = state
+        except Exception as exc:
+            self._state = self._logits = None
+            self._fail([r.owner for r in state.rows], exc)
+
+    def _emit(self, row: Row, token: int, now: float) -> FinishReason | None:
+        """Record one token; finish the row if it is done. Returns why it finished, if it did."""
+        item: WorkItem = row.owner
+        if item.cancelled or item.expired(now):
+            item.finish(RequestTimeout("The request timed out or was cancelled while running."))
+            return "cancelled"
+        if item.first_token_at is None:
+            item.first_token_at = now
+            self.metrics.ttft.observe(now - item.enqueued_at)
+        reason = self._finish_reason(row, token)
+        if token not in self.eos and token not in row.sampling.stop_token_ids:
+            row.generated.append(token)
+            item.push(TokenEvent([token]))
+        if reason is not None:
+            item.finish(self._result(row, reason, now))
+        return reason
+
+    def _finish_reason(self, row: Row, token: int) -> FinishReason | None:
+        s = row.sampling
+        if token in self.eos or token in s.stop_token_ids:
+            return "stop"
+        if len(row.generated) + 1 >= s.max_new_tokens:
+            return "length"
+        if s.stop_strings:
+            text = self.decode([*row.generated, token])
+            if any(stop in text for stop in s.stop_strings):
+                return "stop"
+        return None
+
+    def _result(self, row: Row, reason: FinishReason, now: float) -> GenerationResult:
+        item: WorkItem = row.owner
+        started = item.started_at or now
+        first = item.first_token_at or now
+        return GenerationResult(
+            token_ids=list(row.generated),
+            finish_reason=reason,
+            prompt_tokens=len(row.input_ids),
+            queue_time_s=started - item.enqueued_at,
+            run_time_s=now - started,
+            time_to_first_token_s=first - item.enqueued_at,
+        )
+
+    # -- failure -------------------------------------------------------------------------------
+    def _fail(self, items: list[WorkItem], exc: BaseException) -> None:
+        log.error("batch of %d failed: %s: %s", len(items), type(exc).__name__, exc, exc_info=exc)
+        error = InternalError("The model failed while running this request.")
+        for item in items:
+            item.finish(error)
+
+    def _fail_running(self, error: BaseException) -> None:
+        if self._state is not None:
+            for row in self._state.rows:
+                row.owner.finish(error)
+        self._state = self._logits = None
+
+    def fail_all(self, error: BaseException) -> None:
+        """At shutdown: answer everything still here."""
+        self._fail_running(error)
+        for item in self.queue.drain_all():
+            item.finish(error)
+
+
+def describe(worker: ModelWorker) -> dict[str, Any]:
+    return {"running": worker.running, "waiting": len(worker.queue), "alive": worker._thread.is_alive()}

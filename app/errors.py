@@ -1,0 +1,100 @@
+"""Typed domain errors, and the one table that maps them to HTTP status and OpenAI's error shape.
+
+Every layer raises these; only the API edge turns them into responses, so a worker
+or the audio decoder never needs to know about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class VoxtralError(Exception):
+    """Base of every error a client may see. `message` must be safe to show a user."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(VoxtralError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AudioDecodeError(InvalidRequest):
+    code = "invalid_audio"
+
+
+class AudioTooLong(InvalidRequest):
+    code = "audio_too_long"
+
+
+class UnsupportedFeature(InvalidRequest):
+    code = "unsupported"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(VoxtralError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(VoxtralError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(VoxtralError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class QueueFull(VoxtralError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class InternalError(VoxtralError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+class ModelNotReady(VoxtralError):
+    status = 503
+    type = "server_error"
+    code = "model_not_ready"
+
+
+class ShuttingDown(VoxtralError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
+class RequestTimeout(VoxtralError):
+    status = 504
+    type = "timeout_error"
+    code = "request_timeout"
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, object]:
+    """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

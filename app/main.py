@@ -1,0 +1,64 @@
+"""Command line: `voxtral-server serve [flags]` and `voxtral-server tiny-model DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+
+def _serve(argv: list[str]) -> int:
+    import uvicorn
+
+    from app.api.app import create_app
+    from app.config import Settings
+    from app.model.loader import ModelLoadError, load_model
+
+    try:
+        settings = Settings(_cli_parse_args=argv)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        print(f"voxtral-server: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_model(settings)
+    except ModelLoadError as exc:
+        print(f"voxtral-server: {exc}", file=sys.stderr)
+        return 1
+    if loaded.random_weights:
+        print(
+            f"voxtral-server: serving the TINY DEMO MODEL from {loaded.path}: its weights are RANDOM, "
+            "its output is noise. Use --model mistralai/Voxtral-Mini-3B-2507 for real transcription.",
+            flush=True,
+        )
+    app = create_app(settings, loaded)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_keep_alive=30)
+    return 0
+
+
+def _tiny(argv: list[str]) -> int:
+    from app.model.tiny import build_tiny_model
+
+    parser = argparse.ArgumentParser(prog="voxtral-server tiny-model", description="Build the random tiny Voxtral.")
+    parser.add_argument("directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer-version", default="v11", choices=["v7", "v11", "v13"])
+    args = parser.parse_args(argv)
+    path = build_tiny_model(args.directory, seed=args.seed, tokenizer_version=args.tokenizer_version)
+    print(f"tiny random Voxtral written to {path} (random weights, for tests and demos)")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    commands = {"serve": _serve, "tiny-model": _tiny}
+    if not argv or argv[0] not in commands:
+        print("usage: voxtral-server {serve,tiny-model} [options]   (serve --help for every setting)", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -1,0 +1,49 @@
+"""Prometheus instruments, on a registry passed in so several apps can live in one process (tests).
+
+Names mirror vLLM's where a meaning exists there (`vllm:num_requests_waiting` ->
+`voxtral_num_requests_waiting`, same units), so dashboards and autoscalers translate.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("voxtral_requests", "Requests answered", ["endpoint", "status"], registry=r)
+        self.e2e_latency = Histogram(
+            "voxtral_e2e_request_latency_seconds", "Arrival to last byte", ["endpoint"], buckets=_LATENCY, registry=r
+        )
+        self.ttft = Histogram(
+            "voxtral_time_to_first_token_seconds", "Arrival to first generated token", buckets=_LATENCY, registry=r
+        )
+        self.queue_time = Histogram(
+            "voxtral_request_queue_time_seconds", "Time waiting in the queue", buckets=_LATENCY, registry=r
+        )
+        self.waiting = Gauge("voxtral_num_requests_waiting", "Requests in the queue (autoscaling signal)", registry=r)
+        self.running = Gauge("voxtral_num_requests_running", "Requests the model is decoding", registry=r)
+        self.batch_size = Histogram(
+            "voxtral_batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.batch_fill = Histogram(
+            "voxtral_batch_fill_ratio",
+            "Prefill tokens / token budget",
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=r,
+        )
+        self.prompt_tokens = Counter("voxtral_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("voxtral_generation_tokens", "Tokens generated", registry=r)
+        self.audio_seconds = Counter("voxtral_audio_seconds", "Seconds of audio processed", registry=r)
+        self.rtf = Histogram(
+            "voxtral_real_time_factor",
+            "Processing time / audio duration per request",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+            registry=r,
+        )
+        self.model_load_seconds = Gauge("voxtral_model_load_seconds", "Time to load the model", registry=r)
+        self.gpu_memory = Gauge("voxtral_gpu_memory_bytes", "GPU memory allocated", ["device"], registry=r)

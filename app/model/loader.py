@@ -1,0 +1,98 @@
+"""Load a Voxtral checkpoint (local directory, hub id or the built-in tiny model) onto its device.
+
+The same `from_pretrained` calls serve every checkpoint, so the tiny test model exercises the
+code path a real Voxtral-Small deployment runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.config import TINY_MODEL, Settings
+from app.model.tiny import build_tiny_model, is_tiny
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be loaded; the message says what to do instead."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    device: torch.device
+    dtype: torch.dtype
+    path: str
+    random_weights: bool
+    load_seconds: float
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return _DTYPES[dtype]
+
+
+def resolve_model_path(settings: Settings) -> str:
+    """`tiny` becomes a directory built once under the cache; anything else is passed through."""
+    if settings.model != TINY_MODEL:
+        return settings.model
+    target = settings.cache_dir / f"tiny-seed{settings.tiny_seed}"
+    if not is_tiny(target):
+        build_tiny_model(target, seed=settings.tiny_seed)
+    return str(target)
+
+
+def check_model_source(model: str) -> None:
+    """Fail fast, before any heavy import, on a path that cannot be a checkpoint."""
+    path = Path(model)
+    looks_local = model.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise ModelLoadError(
+            f"Model path {model!r} does not exist or is not a directory. "
+            "Give a local checkpoint directory, a hub id such as mistralai/Voxtral-Mini-3B-2507, "
+            "or --model tiny for the random demo model."
+        )
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    from transformers import AutoProcessor, VoxtralForConditionalGeneration
+
+    started = time.perf_counter()
+    path = resolve_model_path(settings)
+    check_model_source(path)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    # device_map="auto" spreads a checkpoint larger than one GPU over every GPU of the machine.
+    device_map: Any = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = VoxtralForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, device_map=device_map, attn_implementation=settings.attn_implementation
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Could not load model {path!r}: {exc}. If this is a hub id, the machine may have no network "
+            "access or no cached copy; download it first or pass a local directory. "
+            "For a demo without weights use --model tiny."
+        ) from exc
+    model.eval()
+    first_device = next(model.parameters()).device
+    elapsed = time.perf_counter() - started
+    return LoadedModel(model, processor, first_device, dtype, path, is_tiny(path), elapsed)

@@ -1,0 +1,146 @@
+"""Build a tiny, randomly initialised Voxtral checkpoint offline.
+
+Tests and the demo server need a model that goes through exactly the code a real
+checkpoint does (the same classes, processor and tokenizer file format) without
+network access or gigabytes of weights. The recipe (dimensions, token ranks, the
+larger init std) was measured against transformers 5.24 / mistral-common 1.13.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TINY_MARKER = "voxtral_server_tiny.json"
+"""A file written beside the weights so the server can say loudly that they are random."""
+
+NUM_SPECIAL = 1000
+NUM_VOCAB = 2000
+AUDIO_TOKEN_ID = 24
+
+# mistral-common's fixed names at ranks 0-19, then the audio/tool markers Voxtral needs.
+_FIXED_SPECIALS: dict[int, str] = {
+    0: "<unk>",
+    1: "<s>",
+    2: "</s>",
+    3: "[INST]",
+    4: "[/INST]",
+    5: "[AVAILABLE_TOOLS]",
+    6: "[/AVAILABLE_TOOLS]",
+    7: "[TOOL_RESULTS]",
+    8: "[/TOOL_RESULTS]",
+    9: "[TOOL_CALLS]",
+    10: "[IMG]",
+    11: "<pad>",
+    12: "[IMG_BREAK]",
+    13: "[IMG_END]",
+    14: "[PREFIX]",
+    15: "[MIDDLE]",
+    16: "[SUFFIX]",
+    17: "[SYSTEM_PROMPT]",
+    18: "[/SYSTEM_PROMPT]",
+    19: "[TOOL_CONTENT]",
+    24: "[AUDIO]",
+    25: "[BEGIN_AUDIO]",
+    32: "[ARGS]",
+    33: "[CALL_ID]",
+    34: "[TRANSCRIBE]",
+}
+
+
+def build_tekken(version: str = "v11") -> dict[str, Any]:
+    """A small tekken.json derived from the one mistral-common ships, with an audio section."""
+    source = resources.files("mistral_common") / "data" / "tekken_240911.json"
+    base = json.loads(source.read_text(encoding="utf-8"))
+    specials = [
+        {"rank": r, "token_str": _FIXED_SPECIALS.get(r, f"<SPECIAL_{r}>"), "is_control": True}
+        for r in range(NUM_SPECIAL)
+    ]
+    config = dict(base["config"])
+    config.update(
+        num_vocab_tokens=NUM_VOCAB,
+        default_vocab_size=NUM_VOCAB + NUM_SPECIAL,
+        default_num_special_tokens=NUM_SPECIAL,
+        version=version,
+    )
+    return {
+        "config": config,
+        "vocab": base["vocab"][:NUM_VOCAB],
+        "special_tokens": specials,
+        "audio": {
+            "sampling_rate": 16000,
+            "frame_rate": 12.5,
+            "chunk_length_s": 30.0,
+            "audio_encoding_config": {"num_mel_bins": 128, "hop_length": 160, "window_size": 400},
+        },
+    }
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, tokenizer_version: str = "v11") -> Path:
+    """Write a complete random Voxtral checkpoint (weights, processor, tokenizer) to `out_dir`."""
+    import torch
+    from transformers import (
+        MistralCommonBackend,
+        VoxtralConfig,
+        VoxtralForConditionalGeneration,
+        VoxtralProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tekken.json").write_text(json.dumps(build_tekken(tokenizer_version)), encoding="utf-8")
+    tokenizer = MistralCommonBackend(tokenizer_path=str(out / "tekken.json"))
+    feature_extractor = WhisperFeatureExtractor(
+        feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400, chunk_length=30
+    )
+    VoxtralProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(out)
+
+    config = VoxtralConfig(
+        audio_config={
+            "model_type": "voxtral_encoder",
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_mel_bins": 128,
+            "max_source_positions": 1500,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 32768,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 11,
+        },
+        audio_token_id=AUDIO_TOKEN_ID,
+    )
+    torch.manual_seed(seed)
+    model = VoxtralForConditionalGeneration(config)
+    with torch.no_grad():
+        # std 0.02 makes greedy output nearly independent of the input: parity tests would be blind.
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embed_positions" not in name:
+                param.normal_(0.0, 0.5)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 11
+    model.save_pretrained(out)
+    (out / TINY_MARKER).write_text(json.dumps({"seed": seed, "random_weights": True}), encoding="utf-8")
+    log.info("built tiny random Voxtral in %s", out)
+    return out
+
+
+def is_tiny(path: str | Path) -> bool:
+    return (Path(path) / TINY_MARKER).exists()

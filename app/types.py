@@ -1,0 +1,64 @@
+"""Plain data passed between the layers: a validated, tokenized request and what comes back.
+
+Nothing after the API edge re-validates: once a `PreparedRequest` exists its numbers are sane.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+FinishReason = Literal["stop", "length", "tool_calls", "error", "cancelled"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-row decoding parameters; rows of one batch keep their own."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 64
+    stop_token_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class PreparedRequest:
+    """A request ready for the model: token ids, the mel features of its audio, and how to decode."""
+
+    input_ids: list[int]
+    input_features: torch.Tensor | None
+    """(n_chunks, n_mels, 3000): each 30 s window of each audio, in prompt order."""
+    sampling: SamplingParams
+    kind: Literal["transcription", "translation", "chat"]
+    audio_seconds: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TokenEvent:
+    """New tokens for one request, pushed by the worker as it decodes."""
+
+    token_ids: list[int]
+
+
+@dataclass
+class GenerationResult:
+    """The final word on one request."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    queue_time_s: float = 0.0
+    run_time_s: float = 0.0
+    time_to_first_token_s: float | None = None

@@ -1,0 +1,118 @@
+"""Shared fixtures: one tiny model built and loaded per session, real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from app.api.app import create_app
+from app.config import Settings
+from app.model.loader import LoadedModel, load_model
+
+AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+
+
+@pytest.fixture(autouse=True)
+def _scrub_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come only from what a test passes, never from the developer's shell."""
+    for key in list(os.environ):
+        if key.startswith("VOXTRAL_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("voxtral-cache")
+
+
+def make_settings(cache_dir: Path, **overrides: Any) -> Settings:
+    return Settings(model="tiny", cache_dir=cache_dir, **overrides)
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dir: Path) -> LoadedModel:
+    return load_model(make_settings(tiny_dir))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RunningServer:
+    def __init__(self, app: Any, port: int) -> None:
+        self.app = app
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> RunningServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def engine(self) -> Any:
+        return self.app.state.engine
+
+    def client(self, **kwargs: Any) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="test", max_retries=0, **kwargs)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60)
+
+
+@contextmanager
+def serve(loaded: LoadedModel, cache_dir: Path, **overrides: Any) -> Iterator[RunningServer]:
+    app = create_app(make_settings(cache_dir, **overrides), loaded)
+    with RunningServer(app, free_port()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def server(loaded: LoadedModel, tiny_dir: Path) -> Iterator[RunningServer]:
+    with serve(loaded, tiny_dir, max_batch_size=16) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Any:
+    return server.client()
+
+
+@pytest.fixture
+def http(server: RunningServer) -> Iterator[httpx.Client]:
+    with server.http() as c:
+        yield c
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert "Traceback" not in error["message"]
+    return dict(error)

@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import PurePath
-from typing import Any
 
 import av
+import av.container
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
@@ -93,8 +93,12 @@ def decode_audio(data: bytes, limits: AudioLimits, filename: str | None = None) 
     for decoder in _decoders_for(filename):
         try:
             return decoder(data, limits)
+        except VoxtralError:
+            raise
         except _Unreadable as exc:
             failures.append(exc)
+        except Exception as exc:  # the boundary: whatever a backend throws, the caller sees AudioDecodeError
+            failures.append(_Unreadable(f"the decoder failed ({_short(exc)})", opened=True))
     opened = [failure.reason for failure in failures if failure.opened]
     reason = opened[0] if opened else "it is not in a recognised audio format, or it is damaged"
     raise AudioDecodeError(f"Could not decode the audio file: {reason}.")
@@ -130,8 +134,7 @@ def _check_format(sample_rate: int, channels: int, limits: AudioLimits) -> None:
         raise AudioDecodeError("Could not decode the audio file: it declares no audio channels.")
     if channels > limits.max_channels:
         raise AudioDecodeError(
-            f"Could not decode the audio file: it has {channels} channels; at most {limits.max_channels} "
-            "are supported."
+            f"Could not decode the audio file: it has {channels} channels; at most {limits.max_channels} are supported."
         )
     if not limits.min_sample_rate <= sample_rate <= limits.max_sample_rate:
         raise AudioDecodeError(
@@ -220,7 +223,7 @@ def _decode_with_soundfile(data: bytes, limits: AudioLimits) -> Float32Array:
         except VoxtralError:
             raise
         except Exception as exc:
-            raise _Unreadable(f"libsndfile failed while decoding ({exc})", opened=True) from exc
+            raise _Unreadable(f"the audio data is damaged ({exc})", opened=True) from exc
         return collector.finish()
 
 
@@ -255,7 +258,7 @@ def _decode_with_pyav(data: bytes, limits: AudioLimits) -> Float32Array:
         return collector.finish()
 
 
-def _first_audio_stream(container: Any, limits: AudioLimits) -> Any:
+def _first_audio_stream(container: av.container.InputContainer, limits: AudioLimits) -> av.AudioStream:
     """The first audio stream, with its declared format checked before anything is decoded."""
     if not container.streams.audio:
         raise AudioDecodeError("Could not decode the audio file: it contains no audio stream.")
@@ -267,7 +270,7 @@ def _first_audio_stream(container: Any, limits: AudioLimits) -> Any:
     return stream
 
 
-def _pyav_declared_seconds(container: Any, stream: Any) -> float | None:
+def _pyav_declared_seconds(container: av.container.InputContainer, stream: av.AudioStream) -> float | None:
     """The duration the stream or container header declares, if any."""
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * Fraction(stream.time_base))
@@ -276,17 +279,19 @@ def _pyav_declared_seconds(container: Any, stream: Any) -> float | None:
     return None
 
 
-def _frame_to_float(frame: Any, limits: AudioLimits) -> Float32Array:
+def _frame_to_float(frame: av.AudioFrame, limits: AudioLimits) -> Float32Array:
     """A decoded frame as a (samples, channels) float32 block in [-1, 1] (ints scaled, floats as decoded)."""
     channels = frame.layout.nb_channels
     _check_format(frame.sample_rate, channels, limits)
     raw = frame.to_ndarray()
     block = raw.T if frame.format.is_planar else raw.reshape(-1, channels)
     if block.dtype.kind == "f":
-        return block.astype(np.float32, copy=False)
+        converted: Float32Array = block.astype(np.float32, copy=False)
+        return converted
     full_scale = float(2 ** (8 * block.dtype.itemsize - 1))
     offset = full_scale if block.dtype.kind == "u" else 0.0  # u8 is offset binary
-    return ((block.astype(np.float64) - offset) / full_scale).astype(np.float32)
+    scaled: Float32Array = ((block.astype(np.float64) - offset) / full_scale).astype(np.float32)
+    return scaled
 
 
 def _short(exc: BaseException) -> str:

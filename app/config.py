@@ -8,10 +8,10 @@ trade-off it makes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
 
@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     or `tiny` for the built-in random demo model (tests and `make serve`)."""
     served_model_name: str | None = None
     """Model id clients send and /v1/models lists. Defaults to the --model value."""
-    model_aliases: list[str] = Field(default_factory=list)
+    model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Other model ids accepted as this model (e.g. whisper-1 so unchanged Whisper clients work)."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda, cuda:N; with several GPUs `auto` spreads the
@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # --- HTTP ----------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Bearer keys accepted on /v1/*. Empty: no authentication."""
 
     # --- limits --------------------------------------------------------------------------------

@@ -55,7 +55,10 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     commands = {"serve": _serve, "tiny-model": _tiny}
     if not argv or argv[0] not in commands:
-        print("usage: voxtral-server {serve,tiny-model} [options]   (serve --help for every setting)", file=sys.stderr)
+        print(
+            "usage: voxtral-server {serve,tiny-model} [options]   (serve --help for every setting)",
+            file=sys.stderr,
+        )
         return 2
     return commands[argv[0]](argv[1:])
 

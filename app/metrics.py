@@ -17,10 +17,17 @@ class Metrics:
         r = self.registry
         self.requests = Counter("voxtral_requests", "Requests answered", ["endpoint", "status"], registry=r)
         self.e2e_latency = Histogram(
-            "voxtral_e2e_request_latency_seconds", "Arrival to last byte", ["endpoint"], buckets=_LATENCY, registry=r
+            "voxtral_e2e_request_latency_seconds",
+            "Arrival to last byte",
+            ["endpoint"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.ttft = Histogram(
-            "voxtral_time_to_first_token_seconds", "Arrival to first generated token", buckets=_LATENCY, registry=r
+            "voxtral_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            buckets=_LATENCY,
+            registry=r,
         )
         self.queue_time = Histogram(
             "voxtral_request_queue_time_seconds", "Time waiting in the queue", buckets=_LATENCY, registry=r
@@ -28,7 +35,10 @@ class Metrics:
         self.waiting = Gauge("voxtral_num_requests_waiting", "Requests in the queue (autoscaling signal)", registry=r)
         self.running = Gauge("voxtral_num_requests_running", "Requests the model is decoding", registry=r)
         self.batch_size = Histogram(
-            "voxtral_batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+            "voxtral_batch_size",
+            "Rows per decode step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
         )
         self.batch_fill = Histogram(
             "voxtral_batch_fill_ratio",

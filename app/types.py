@@ -5,8 +5,9 @@ Nothing after the API edge re-validates: once a `PreparedRequest` exists its num
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +29,16 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
 
+class Constraint(Protocol):
+    """Per-row constrained decoding (tool calls, JSON schema): which tokens may come next."""
+
+    def allowed(self) -> torch.Tensor | None:
+        """Boolean mask over the vocabulary for the next token, or None when anything goes."""
+
+    def advance(self, token: int) -> None:
+        """Record the token that was sampled."""
+
+
 @dataclass
 class PreparedRequest:
     """A request ready for the model: token ids, the mel features of its audio, and how to decode."""
@@ -38,6 +49,8 @@ class PreparedRequest:
     sampling: SamplingParams
     kind: Literal["transcription", "translation", "chat"]
     audio_seconds: float = 0.0
+    constraint_factory: Callable[[], Constraint] | None = None
+    """Made fresh for each row in the worker thread: constraints are stateful."""
     extra: dict[str, object] = field(default_factory=dict)
 
     @property

@@ -109,6 +109,8 @@ def test_missing_file_is_400_not_422(http: Any) -> None:
 def test_unsupported_format_is_400(http: Any) -> None:
     with open(AUDIO / "jfk.wav", "rb") as f:
         r = http.post(
-            "/v1/audio/transcriptions", files={"file": ("jfk.wav", f)}, data={"model": "tiny", "response_format": "xml"}
+            "/v1/audio/transcriptions",
+            files={"file": ("jfk.wav", f)},
+            data={"model": "tiny", "response_format": "xml"},
         )
     assert_openai_error(r, 400)

@@ -32,7 +32,10 @@ def test_one_audio(client: Any) -> None:
 
 def test_two_audios_cost_two_audio_windows(client: Any) -> None:
     one = ask(client, [{"role": "user", "content": [audio_part(), {"type": "text", "text": "Compare."}]}])
-    two = ask(client, [{"role": "user", "content": [audio_part(), audio_part(FR), {"type": "text", "text": "Compare."}]}])
+    two = ask(
+        client,
+        [{"role": "user", "content": [audio_part(), audio_part(FR), {"type": "text", "text": "Compare."}]}],
+    )
     assert two.usage.prompt_tokens - one.usage.prompt_tokens >= 375
 
 
@@ -63,13 +66,20 @@ def test_bare_base64_input_audio_as_mistral_clients_send(http: Any) -> None:
 
 def test_data_url_audio(http: Any) -> None:
     url = "data:audio/wav;base64," + JFK
-    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": url}}]}]}
+    body = {
+        "model": "tiny",
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": url}}]}],
+    }
     assert http.post("/v1/chat/completions", json=body).status_code == 200
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_repeats(client: Any) -> None:
     msgs = [{"role": "user", "content": [audio_part(), {"type": "text", "text": "Say something."}]}]
-    assert ask(client, msgs, temperature=0).choices[0].message.content == ask(client, msgs, temperature=0).choices[0].message.content
+    assert (
+        ask(client, msgs, temperature=0).choices[0].message.content
+        == ask(client, msgs, temperature=0).choices[0].message.content
+    )
     a = ask(client, msgs, temperature=1.0, seed=7, max_tokens=12).choices[0].message.content
     b = ask(client, msgs, temperature=1.0, seed=7, max_tokens=12).choices[0].message.content
     assert a == b
@@ -89,7 +99,12 @@ def test_streaming_matches_non_streaming(client: Any) -> None:
     msgs = [{"role": "user", "content": [audio_part(), {"type": "text", "text": "What?"}]}]
     whole = ask(client, msgs, temperature=0, max_tokens=12)
     stream = client.chat.completions.create(
-        model="tiny", messages=msgs, temperature=0, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        model="tiny",
+        messages=msgs,
+        temperature=0,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -105,9 +120,37 @@ def test_streaming_matches_non_streaming(client: Any) -> None:
     ("body", "param"),
     [
         ({"messages": [{"role": "user", "content": [audio_part("not base64!!")]}]}, "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "data:image/png;base64," + JFK}}]}]}, "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "http://example.com/a.wav"}}]}]}, "messages"),
-        ({"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": [audio_part()]}]}, "messages"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "audio_url", "audio_url": {"url": "data:image/png;base64," + JFK}}],
+                    }
+                ]
+            },
+            "messages",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "audio_url", "audio_url": {"url": "http://example.com/a.wav"}}],
+                    }
+                ]
+            },
+            "messages",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "Be nice."},
+                    {"role": "user", "content": [audio_part()]},
+                ]
+            },
+            "messages",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
@@ -121,7 +164,10 @@ def test_bad_chat_requests_are_400(http: Any, body: dict[str, Any], param: str) 
 
 
 def test_system_prompt_with_audio_says_why(http: Any) -> None:
-    body = {"model": "tiny", "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": [audio_part()]}]}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": [audio_part()]}],
+    }
     error = assert_openai_error(http.post("/v1/chat/completions", json=body), 400)
     assert "system" in error["message"].lower()
 
@@ -129,7 +175,13 @@ def test_system_prompt_with_audio_says_why(http: Any) -> None:
 def test_unknown_model_is_404_and_unknown_fields_ignored(client: Any, http: Any) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "store": True, "metadata": {"a": "b"}}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "store": True,
+        "metadata": {"a": "b"},
+    }
     assert http.post("/v1/chat/completions", json=body).status_code == 200
 
 

@@ -17,7 +17,12 @@ from app.engine.batcher import select_batch
 from app.model.loader import LoadedModel
 from tests.conftest import assert_openai_error, serve
 
-CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
+CHAT = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "hello"}],
+    "max_tokens": 4,
+    "temperature": 0,
+}
 
 
 def test_batcher_takes_oldest_then_similar_lengths() -> None:

@@ -43,7 +43,14 @@ def test_transcription_prompt_matches_apply_transcription_request(loaded: Loaded
 def test_chat_prompt_matches_apply_chat_template(loaded: LoadedModel, prompter: Prompter) -> None:
     path = str(AUDIO / "jfk.wav")
     conversation = [
-        {"role": "user", "content": [{"type": "audio", "path": path}, {"type": "audio", "path": path}, {"type": "text", "text": "Same?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "path": path},
+                {"type": "audio", "path": path},
+                {"type": "text", "text": "Same?"},
+            ],
+        },
         {"role": "assistant", "content": "Yes."},
         {"role": "user", "content": [{"type": "audio", "path": path}, {"type": "text", "text": "And now?"}]},
     ]
@@ -130,8 +137,18 @@ def test_server_batched_equals_server_unbatched(loaded: LoadedModel, tiny_dir: P
     bodies = []
     for i in range(16):
         clip = np.resize(JFK, int(16000 * [1, 4, 11, 35][i % 4])).astype(np.float32)
-        content = [{"type": "input_audio", "input_audio": {"data": _wav_b64(clip), "format": "wav"}}, {"type": "text", "text": "Hi " * i}]
-        bodies.append({"model": "tiny", "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 10})
+        content = [
+            {"type": "input_audio", "input_audio": {"data": _wav_b64(clip), "format": "wav"}},
+            {"type": "text", "text": "Hi " * i},
+        ]
+        bodies.append(
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": content}],
+                "temperature": 0,
+                "max_tokens": 10,
+            }
+        )
 
     def run(base: str, parallel: int) -> list[str]:
         import httpx

@@ -59,7 +59,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, metrics: M
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = loaded or await asyncio.to_thread(load_model, settings)
+        model = loaded if loaded is not None else await asyncio.to_thread(load_model, settings)
         metrics.model_load_seconds.set(model.load_seconds)
         if model.random_weights:
             log.warning("Serving the built-in TINY model with RANDOM weights: its output is noise (demo/tests only).")

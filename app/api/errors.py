@@ -44,4 +44,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body("The server had an internal error.", "server_error", None, "internal_error"), 500)
+        return JSONResponse(
+            error_body("The server had an internal error.", "server_error", None, "internal_error"), 500
+        )

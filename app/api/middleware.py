@@ -62,7 +62,12 @@ class BodySizeLimit:
     async def _reject(self, send: Send) -> None:
         mb = self.max_bytes / (1024 * 1024)
         body = json.dumps(
-            error_body(f"Request body is larger than the {mb:.0f} MB limit.", "invalid_request_error", None, "payload_too_large")
+            error_body(
+                f"Request body is larger than the {mb:.0f} MB limit.",
+                "invalid_request_error",
+                None,
+                "payload_too_large",
+            )
         ).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})

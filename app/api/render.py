@@ -14,7 +14,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chat_completion(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def chat_completion(
+    model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
@@ -41,7 +43,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_chunk(chunk_id: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+def chat_chunk(
+    chunk_id: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None
+) -> dict[str, Any]:
     return {
         "id": chunk_id,
         "object": "chat.completion.chunk",

@@ -70,7 +70,8 @@ class Service:
     def check_model(self, model: str | None) -> None:
         if model and model not in self.model_ids:
             raise ModelNotFound(
-                f"The model {model!r} does not exist. This server serves {self.settings.model_id!r}.", param="model"
+                f"The model {model!r} does not exist. This server serves {self.settings.model_id!r}.",
+                param="model",
             )
 
     def decode(self, token_ids: list[int]) -> str:
@@ -123,7 +124,9 @@ class Service:
             )
         total = sum(p["audio"].shape[0] for m in messages for p in _parts(m) if "audio" in p) / SAMPLE_RATE
         if total > self.settings.max_chat_audio_s:
-            raise AudioTooLong(f"The request holds {total:.1f} s of audio; the limit is {self.settings.max_chat_audio_s:g} s.")
+            raise AudioTooLong(
+                f"The request holds {total:.1f} s of audio; the limit is {self.settings.max_chat_audio_s:g} s."
+            )
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         if body.tool_choice == "none":
             tools = None

@@ -57,9 +57,9 @@ class RequestQueue:
             self._drop_dead()
             if not self._items or max_rows <= 0:
                 return []
-            if min_age_s > 0 and len(self._items) < max_rows:
-                if time.monotonic() - self._items[0].enqueued_at < min_age_s:
-                    return []
+            young = time.monotonic() - self._items[0].enqueued_at < min_age_s
+            if young and len(self._items) < max_rows:
+                return []
             chosen = select_batch([i.request.prompt_tokens for i in self._items], max_rows, max_tokens)
             batch = [self._items[i] for i in chosen]
             taken = set(chosen)

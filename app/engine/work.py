@@ -8,6 +8,7 @@ went away can never make the worker fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -61,10 +62,8 @@ class WorkItem:
         self._send(outcome)
 
     def _send(self, event: Event) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
             self.loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Token events until the end; raises the failure, if any. The result is in `result`."""

@@ -108,7 +108,7 @@ class ModelWorker:
     def _prefill(self, items: list[WorkItem]) -> tuple[BatchState, torch.Tensor]:
         if self.fault_hook:
             self.fault_hook("prefill", items)
-        rows = [Row(i.request.input_ids, i.request.input_features, i.request.sampling, owner=i) for i in items]
+        rows = [self._row(i) for i in items]
         tokens = sum(r.request.prompt_tokens for r in items)
         self.metrics.prompt_tokens.inc(tokens)
         self.metrics.batch_fill.observe(min(1.0, tokens / self.max_batch_tokens))
@@ -123,6 +123,12 @@ class ModelWorker:
             a, la = self._prefill(items[:half])
             b, lb = self._prefill(items[half:])
             return self.generator.merge(a, b), torch.cat([la, lb])
+
+    @staticmethod
+    def _row(item: WorkItem) -> Row:
+        request = item.request
+        constraint = request.constraint_factory() if request.constraint_factory else None
+        return Row(request.input_ids, request.input_features, request.sampling, owner=item, constraint=constraint)
 
     # -- decoding ------------------------------------------------------------------------------
     def _advance(self) -> None:

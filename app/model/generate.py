@@ -29,6 +29,8 @@ class Row:
     generated: list[int] = field(default_factory=list)
     rng: torch.Generator | None = None
     owner: Any = None
+    constraint: Any = None
+    """An `app.types.Constraint`, or None."""
     """The engine's work item this row answers to."""
 
     def __post_init__(self) -> None:
@@ -103,7 +105,10 @@ class BatchGenerator:
         mask = state.attention_mask.index_select(0, index)
         start = int(mask.any(0).nonzero()[0].item()) if mask.numel() else 0
         cache = self._rebuild(
-            [(k.index_select(0, index)[..., start:, :], v.index_select(0, index)[..., start:, :]) for k, v in _kv(state)]
+            [
+                (k.index_select(0, index)[..., start:, :], v.index_select(0, index)[..., start:, :])
+                for k, v in _kv(state)
+            ]
         )
         positions = state.next_positions.index_select(0, index)
         return BatchState([state.rows[i] for i in keep], cache, mask[:, start:], positions)
@@ -140,15 +145,18 @@ def _lpad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return mask if missing == 0 else torch.nn.functional.pad(mask, (missing, 0))
 
 
-def sample(logits: torch.Tensor, rows: Sequence[Row], allowed: Sequence[torch.Tensor | None] | None = None) -> list[int]:
-    """One token per row, each with its own temperature, top_p, penalties, seed and token mask."""
+def sample(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
+    """One token per row, each with its own temperature, top_p, penalties, seed and constraint."""
     tokens = []
     for i, row in enumerate(rows):
         scores = _penalised(logits[i], row)
-        mask = allowed[i] if allowed is not None else None
+        mask = row.constraint.allowed() if row.constraint is not None else None
         if mask is not None:
-            scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
-        tokens.append(_pick(scores, row))
+            scores = scores.masked_fill(~mask[: scores.shape[0]].to(scores.device), float("-inf"))
+        token = _pick(scores, row)
+        if row.constraint is not None:
+            row.constraint.advance(token)
+        tokens.append(token)
     return tokens
 
 

@@ -7,10 +7,12 @@ code path a real Voxtral-Small deployment runs.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -69,6 +71,30 @@ def check_model_source(model: str) -> None:
             "Give a local checkpoint directory, a hub id such as mistralai/Voxtral-Mini-3B-2507, "
             "or --model tiny for the random demo model."
         )
+    if not looks_local:
+        _check_hub(model)
+
+
+def _check_hub(model: str) -> None:
+    """A hub id must be cached or the hub reachable; otherwise say so now instead of retrying for minutes."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        snapshot_download(model, local_files_only=True, allow_patterns=["*.json"])
+        return
+    except Exception:  # not cached: fall through to the reachability check
+        pass
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        if constants.HF_HUB_OFFLINE:
+            raise OSError("HF_HUB_OFFLINE is set")
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"Model {model!r} is not in the local Hugging Face cache and the hub ({host}) cannot be reached "
+            f"({exc}). Download it on a machine with network access, pass a local directory, "
+            "or use --model tiny for the random demo model."
+        ) from exc
 
 
 def load_model(settings: Settings) -> LoadedModel:

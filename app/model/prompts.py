@@ -43,7 +43,9 @@ class Prompter:
         from mistral_common.protocol.transcription.request import TranscriptionRequest
 
         try:
-            request = TranscriptionRequest(model=self.model_id, audio=encode_wav_float32(audio), language=language)
+            request = TranscriptionRequest.model_validate(
+                {"model": self.model_id, "audio": encode_wav_float32(audio), "language": language}
+            )
         except ValueError as exc:
             raise InvalidRequest(f"Invalid transcription request: {_first_line(exc)}", param="language") from exc
         tokenized = self.mistral.encode_transcription(request)
@@ -53,7 +55,10 @@ class Prompter:
         messages = [
             {
                 "role": "user",
-                "content": [{"type": "input_audio", "audio": audio}, {"type": "text", "text": TRANSLATE_INSTRUCTION}],
+                "content": [
+                    {"type": "input_audio", "audio": audio},
+                    {"type": "text", "text": TRANSLATE_INSTRUCTION},
+                ],
             }
         ]
         return self.chat(messages)

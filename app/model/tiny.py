@@ -84,7 +84,7 @@ def build_tekken(version: str = "v11") -> dict[str, Any]:
 def build_tiny_model(out_dir: str | Path, seed: int = 0, tokenizer_version: str = "v11") -> Path:
     """Write a complete random Voxtral checkpoint (weights, processor, tokenizer) to `out_dir`."""
     import torch
-    from transformers import (
+    from transformers import (  # type: ignore[attr-defined]
         MistralCommonBackend,
         VoxtralConfig,
         VoxtralForConditionalGeneration,

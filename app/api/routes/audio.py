@@ -21,7 +21,13 @@ def _service(request: Request) -> Service:
 
 
 async def _run(
-    request: Request, file: UploadFile, model: str, language: str | None, response_format: str, temperature: float, task: str
+    request: Request,
+    file: UploadFile,
+    model: str,
+    language: str | None,
+    response_format: str,
+    temperature: float,
+    task: str,
 ) -> Response:
     service = _service(request)
     service.check_model(model)
@@ -47,7 +53,9 @@ async def transcriptions(
     file: Annotated[UploadFile, File(description="Audio file: flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav or webm.")],
     model: Annotated[str, Form()],
     language: Annotated[str | None, Form(description="ISO-639-1 code; detected when absent.")] = None,
-    prompt: Annotated[str | None, Form(description="Accepted and ignored: Voxtral's transcription format has no prompt.")] = None,
+    prompt: Annotated[
+        str | None, Form(description="Accepted and ignored: Voxtral's transcription format has no prompt.")
+    ] = None,
     response_format: Annotated[str, Form()] = "json",
     temperature: Annotated[float, Form()] = 0.0,
 ) -> Response:

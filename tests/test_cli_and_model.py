@@ -1,0 +1,72 @@
+"""The tiny model builder, settings from flags and env, and start-up errors a person can act on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.config import Settings
+from app.model.tiny import build_tiny_model
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None:
+    a = load_file(build_tiny_model(tmp_path / "a", seed=1) / "model.safetensors")
+    b = load_file(build_tiny_model(tmp_path / "b", seed=1) / "model.safetensors")
+    c = load_file(build_tiny_model(tmp_path / "c", seed=2) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert 0.5e6 < sum(t.numel() for t in a.values()) < 1e6
+
+
+def test_tiny_checkpoint_loads_through_the_real_classes(loaded: object) -> None:
+    from transformers import VoxtralForConditionalGeneration, VoxtralProcessor
+
+    assert isinstance(loaded.model, VoxtralForConditionalGeneration)  # type: ignore[attr-defined]
+    assert isinstance(loaded.processor, VoxtralProcessor)  # type: ignore[attr-defined]
+    assert loaded.random_weights  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("version", ["v7", "v13"])
+def test_other_tokenizer_versions_build(tmp_path: Path, version: str) -> None:
+    out = build_tiny_model(tmp_path, tokenizer_version=version)
+    assert json.loads((out / "tekken.json").read_text())["config"]["version"] == version
+
+
+def test_settings_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOXTRAL_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("VOXTRAL_API_KEYS", "a,b")
+    s = Settings(_cli_parse_args=["--port", "9001", "--served-model-name", "voxtral"])  # type: ignore[call-arg]
+    assert (s.max_batch_size, s.port, s.api_keys, s.model_id) == (7, 9001, ["a", "b"], "voxtral")
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.main", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_missing_model_path_exits_non_zero_with_advice(tmp_path: Path) -> None:
+    done = _serve("--model", str(tmp_path / "nope"))
+    assert done.returncode != 0
+    assert "does not exist" in done.stderr and "--model tiny" in done.stderr
+
+
+def test_unreachable_hub_id_exits_non_zero_with_advice(tmp_path: Path) -> None:
+    done = _serve("--model", "mistralai/Voxtral-Mini-3B-2507", "--cache-dir", str(tmp_path))
+    assert done.returncode != 0
+    assert "--model tiny" in done.stderr
+
+
+def test_invalid_setting_exits_2() -> None:
+    done = _serve("--max-batch-size", "0")
+    assert done.returncode == 2 and "max_batch_size" in done.stderr

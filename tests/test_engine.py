@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 import pytest
 
 from app.engine.batcher import select_batch
@@ -131,3 +132,34 @@ def test_a_client_that_disconnects_mid_stream_stops_its_row(server: Any) -> None
             time.sleep(0.01)
         assert server.engine.worker.running == 0
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+class OomOnce:
+    """Raise CUDA's out-of-memory error once, in a decode step with several rows."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __call__(self, stage: str, items: list[Any]) -> None:
+        if stage == "step" and len(items) >= 4 and not self.fired:
+            self.fired = True
+            raise torch.OutOfMemoryError("injected CUDA out of memory")
+
+
+def test_out_of_memory_mid_decode_recomputes_rows_and_changes_no_output(loaded: LoadedModel, tiny_dir: Path) -> None:
+    bodies = [
+        {**CHAT, "max_tokens": 24, "messages": [{"role": "user", "content": "hello " * (i + 1)}]} for i in range(6)
+    ]
+    with serve(loaded, tiny_dir, max_batch_size=8, max_wait_ms=200) as server, server.http() as http:
+        with ThreadPoolExecutor(6) as pool:
+            clean = [
+                r.json()["choices"][0]["message"]["content"]
+                for r in pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies)
+            ]
+        hook = OomOnce()
+        server.engine.worker.fault_hook = hook
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
+        assert hook.fired
+        assert [r.status_code for r in responses] == [200] * 6
+        assert [r.json()["choices"][0]["message"]["content"] for r in responses] == clean

@@ -52,6 +52,8 @@ class ModelWorker:
         self.fault_hook: FaultHook | None = None
         self._state: BatchState | None = None
         self._logits: torch.Tensor | None = None
+        self._preempted: list[Row] = []
+        """Rows pushed out of the batch by an out-of-memory step; re-prefilled first."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="voxtral-model-worker", daemon=True)
         self.busy = False
@@ -77,8 +79,10 @@ class ModelWorker:
                 self._fail_running(InternalError("The model failed while running this request."))
 
     def _tick(self) -> None:
-        idle = self._state is None
-        free = self.max_batch_size - self.running
+        idle = self._state is None and not self._preempted
+        if self._preempted:
+            self._readmit(self.max_batch_size - self.running)
+        free = self.max_batch_size - self.running - len(self._preempted)
         wait = 0.0 if idle else self.max_wait_s
         new = self.queue.take(free, self.max_batch_tokens, timeout=0.2 if idle else None, min_age_s=wait)
         self.busy = bool(new) or not idle
@@ -95,9 +99,25 @@ class ModelWorker:
             item.started_at = now
             self.metrics.queue_time.observe(now - item.enqueued_at)
         try:
-            state, logits = self._prefill(items)
+            if self.fault_hook:
+                self.fault_hook("prefill", items)
+            state, logits = self._prefill([self._row(i) for i in items])
         except Exception as exc:
             return self._fail(items, exc)
+        self._join(state, logits)
+
+    def _readmit(self, free: int) -> None:
+        rows, self._preempted = self._preempted[:free], self._preempted[free:]
+        rows = [r for r in rows if not r.owner.cancelled]
+        if not rows:
+            return
+        try:
+            state, logits = self._prefill(rows)
+        except Exception as exc:
+            return self._fail([r.owner for r in rows], exc)
+        self._join(state, logits)
+
+    def _join(self, state: BatchState, logits: torch.Tensor) -> None:
         if self._state is None:
             self._state, self._logits = state, logits
         else:
@@ -105,23 +125,20 @@ class ModelWorker:
             self._state = self.generator.merge(self._state, state)
             self._logits = torch.cat([self._logits, logits])
 
-    def _prefill(self, items: list[WorkItem]) -> tuple[BatchState, torch.Tensor]:
-        if self.fault_hook:
-            self.fault_hook("prefill", items)
-        rows = [self._row(i) for i in items]
-        tokens = sum(r.request.prompt_tokens for r in items)
+    def _prefill(self, rows: list[Row]) -> tuple[BatchState, torch.Tensor]:
+        tokens = sum(len(r.input_ids) + len(r.generated) for r in rows)
         self.metrics.prompt_tokens.inc(tokens)
         self.metrics.batch_fill.observe(min(1.0, tokens / self.max_batch_tokens))
         try:
             return self.generator.prefill(rows)
         except torch.OutOfMemoryError:
-            if len(items) == 1:
+            if len(rows) == 1:
                 raise
             torch.cuda.empty_cache()
-            half = len(items) // 2
-            log.warning("out of memory prefilling %d rows: retrying as %d + %d", len(items), half, len(items) - half)
-            a, la = self._prefill(items[:half])
-            b, lb = self._prefill(items[half:])
+            half = len(rows) // 2
+            log.warning("out of memory prefilling %d rows: retrying as %d + %d", len(rows), half, len(rows) - half)
+            a, la = self._prefill(rows[:half])
+            b, lb = self._prefill(rows[half:])
             return self.generator.merge(a, b), torch.cat([la, lb])
 
     @staticmethod
@@ -153,9 +170,25 @@ class ModelWorker:
                 self.fault_hook("step", [r.owner for r in state.rows])
             self._logits = self.generator.step(state, torch.tensor(tokens))
             self._state = state
+        except torch.OutOfMemoryError as exc:
+            self._preempt(state, exc)
         except Exception as exc:
             self._state = self._logits = None
             self._fail([r.owner for r in state.rows], exc)
+
+    def _preempt(self, state: BatchState, exc: BaseException) -> None:
+        """Out of memory mid-decode: drop the cache, re-prefill the rows in halves (recompute, as vLLM does)."""
+        self._state = self._logits = None
+        if len(state.rows) == 1:
+            return self._fail([state.rows[0].owner], exc)
+        torch.cuda.empty_cache()
+        log.warning("out of memory decoding %d rows: recomputing them in smaller groups", len(state.rows))
+        half = len(state.rows) // 2
+        self._preempted = state.rows[half:] + self._preempted
+        try:
+            self._join(*self._prefill(state.rows[:half]))
+        except Exception as again:
+            self._fail([r.owner for r in state.rows[:half]], again)
 
     def _emit(self, row: Row, token: int, now: float) -> FinishReason | None:
         """Record one token; finish the row if it is done. Returns why it finished, if it did."""

@@ -62,12 +62,14 @@ class BatchGenerator:
     @torch.inference_mode()
     def prefill(self, rows: Sequence[Row]) -> tuple[BatchState, torch.Tensor]:
         """Run the prompts of `rows` (audio encoder included); return their state and next-token logits."""
-        width = max(len(r.input_ids) for r in rows)
+        # A preempted row comes back with its generated tokens: recompute them as prompt.
+        prompts = [r.input_ids + r.generated for r in rows]
+        width = max(len(p) for p in prompts)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.input_ids) :] = torch.tensor(row.input_ids)
-            mask[i, width - len(row.input_ids) :] = 1
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         feats = [r.input_features for r in rows if r.input_features is not None]
         features = torch.cat(feats).to(self.device, self.model.dtype) if feats else None
@@ -79,7 +81,7 @@ class BatchGenerator:
             use_cache=True,
             logits_to_keep=1,
         )
-        lengths = torch.tensor([len(r.input_ids) for r in rows])
+        lengths = torch.tensor([len(p) for p in prompts])
         state = BatchState(list(rows), out.cache, mask.to(self.device), lengths.to(self.device))
         return state, out.logits[:, -1, :].float()
 

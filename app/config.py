@@ -23,6 +23,7 @@ class Settings(BaseSettings):
         cli_implicit_flags=True,
         cli_prog_name="voxtral-server serve",
         extra="ignore",
+        use_attribute_docstrings=True,
     )
 
     # --- model -------------------------------------------------------------------------------
@@ -49,9 +50,44 @@ class Settings(BaseSettings):
 
     # --- HTTP ----------------------------------------------------------------------------------
     host: str = "127.0.0.1"
+    """Address to bind. 0.0.0.0 listens on every interface (containers); with no API key that logs a warning."""
     port: int = 8000
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """Bearer keys accepted on /v1/*. Empty: no authentication."""
+    max_connections: int = 1024
+    """Open connections (idle keep-alive ones included) before new requests get a plain 503. Bounds the file
+    descriptors and memory a flood of clients can take; keep it above max_queue so the queue's 429 comes first."""
+    keep_alive_timeout_s: float = 30.0
+    """An idle keep-alive connection is closed after this. Higher saves reconnects but holds connection slots;
+    behind a load balancer keep it above the balancer's idle timeout, or it may reuse a just-closed connection."""
+    header_read_timeout_s: float = 10.0
+    """A request's headers must all arrive within this of its first byte (or of the connection opening); slower
+    is a 408 and a closed connection. Low cuts slow-loris clients sooner, too low fails clients on bad links."""
+    body_read_timeout_s: float = 120.0
+    """A request's whole body must arrive within this of the request starting; slower is a 408 and a closed
+    connection. 120 s lets a 25 MB upload through at ~1.7 Mbit/s; lower frees slots from slow clients sooner."""
+
+    # --- auth ----------------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    """Bearer keys accepted on /v1/* (comma-separated in VOXTRAL_API_KEYS). None here or in --api-key-file:
+    no authentication. Prefer the file: flags and env vars show up in `ps` and `docker inspect`."""
+    api_key_file: Path | None = None
+    """File of bearer keys, one per line (blank lines and # comments ignored), added to --api-keys. Read once at
+    start-up: restart to rotate keys. Mount it from a secret."""
+    metrics_require_key: bool = False
+    """Also require a key on /metrics. Off: Prometheus scrapes without credentials (keep the port private)."""
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    drain_timeout_s: float = 30.0
+    """After SIGTERM, how long accepted requests get to finish (new ones get 503 meanwhile) before the rest are
+    cut off. Longer lets long transcriptions finish; the orchestrator's grace period must exceed it."""
+
+    # --- logging -------------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe level logged. info logs one line per request."""
+    log_format: Literal["json", "text"] = "json"
+    """json: one JSON object per line, for log collectors; text: for a terminal."""
+    log_prompts: bool = False
+    """Add each request's prompt and output text to its log line. Debugging only: it puts user content in logs
+    (audio never is)."""
 
     # --- limits --------------------------------------------------------------------------------
     max_upload_mb: float = 25.0
@@ -82,6 +118,12 @@ class Settings(BaseSettings):
     """How long a batch may wait to fill up while the model is busy anyway; never while it is idle."""
     request_timeout_s: float = 600.0
     """A request not finished after this long is answered 504 and its row is stopped."""
+    prep_threads: int = 2
+    """Threads that decode audio and compute mel features before the queue. More keeps a fast GPU fed from
+    many uploads; on a small CPU they compete with the model worker for cores."""
+    torch_threads: int = 0
+    """torch intra-op CPU threads (0: torch's default, one per core). On CPU serving, 1 leaves a core to
+    HTTP and audio work; GPU serving hardly uses them."""
 
     @field_validator("api_keys", "model_aliases", mode="before")
     @classmethod
@@ -96,7 +138,30 @@ class Settings(BaseSettings):
             raise ValueError("max_batch_size must be at least 1")
         if self.max_queue < 1:
             raise ValueError("max_queue must be at least 1")
+        if self.prep_threads < 1 or self.torch_threads < 0:
+            raise ValueError("prep_threads must be at least 1 and torch_threads at least 0")
         return self
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_http(self) -> Settings:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        timeouts = ("keep_alive_timeout_s", "header_read_timeout_s", "body_read_timeout_s")
+        for name in timeouts:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be greater than 0")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must not be negative")
+        return self
+
+    @property
+    def env_vars(self) -> list[str]:
+        return [f"VOXTRAL_{name.upper()}" for name in type(self).model_fields]
 
     @property
     def model_id(self) -> str:
@@ -105,3 +170,19 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+def settings_markdown() -> str:
+    """The README's settings table, generated so it cannot drift from the code (a test compares them)."""
+    rows = ["| flag | env var | default | what it does and trades off |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        shown = "none" if default in (None, []) else str(default).replace(str(Path.home()), "~")
+        text = " ".join((field.description or "").split())
+        flag, env = "--" + name.replace("_", "-"), f"VOXTRAL_{name.upper()}"
+        rows.append(f"| `{flag}` | `{env}` | `{shown}` | {text} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_markdown())

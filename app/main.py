@@ -10,30 +10,27 @@ from pydantic import ValidationError
 
 
 def _serve(argv: list[str]) -> int:
-    import uvicorn
-
-    from app.api.app import create_app
+    from app.api.app import create_app, drain
+    from app.api.auth import ApiKeyFileError, load_api_keys
     from app.config import Settings
+    from app.logs import configure_logging
     from app.model.loader import ModelLoadError, load_model
+    from app.server import build_server
 
     try:
         settings = Settings(_cli_parse_args=argv)  # type: ignore[call-arg]
-    except ValidationError as exc:
+        load_api_keys(settings)  # a bad key file fails now, not after minutes of model loading
+    except (ValidationError, ApiKeyFileError) as exc:
         print(f"voxtral-server: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    configure_logging(settings)
     try:
         loaded = load_model(settings)
     except ModelLoadError as exc:
         print(f"voxtral-server: {exc}", file=sys.stderr)
         return 1
-    if loaded.random_weights:
-        print(
-            f"voxtral-server: serving the TINY DEMO MODEL from {loaded.path}: its weights are RANDOM, "
-            "its output is noise. Use --model mistralai/Voxtral-Mini-3B-2507 for real transcription.",
-            flush=True,
-        )
     app = create_app(settings, loaded)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_keep_alive=30)
+    build_server(app, settings, lambda: drain(app)).run()
     return 0
 
 
@@ -52,7 +49,7 @@ def _tiny(argv: list[str]) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # `serve` replaces it from its settings
     commands = {"serve": _serve, "tiny-model": _tiny}
     if not argv or argv[0] not in commands:
         print(

@@ -6,13 +6,14 @@ Names mirror vLLM's where a meaning exists there (`vllm:num_requests_waiting` ->
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # as vLLM does: `*_created` series double the cardinality and no dashboard reads them
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("voxtral_requests", "Requests answered", ["endpoint", "status"], registry=r)
@@ -56,4 +57,15 @@ class Metrics:
             registry=r,
         )
         self.model_load_seconds = Gauge("voxtral_model_load_seconds", "Time to load the model", registry=r)
-        self.gpu_memory = Gauge("voxtral_gpu_memory_bytes", "GPU memory allocated", ["device"], registry=r)
+        self.gpu_memory = Gauge(
+            "voxtral_gpu_memory_bytes", "GPU memory allocated by PyTorch tensors", ["device"], registry=r
+        )
+
+    def sample_gpu_memory(self) -> None:
+        """Called at scrape time: a value read when Prometheus asks is never stale. No GPU: no series."""
+        import torch  # already loaded by the model; imported here so this module stays light
+
+        if not torch.cuda.is_available():
+            return
+        for index in range(torch.cuda.device_count()):
+            self.gpu_memory.labels(f"cuda:{index}").set(torch.cuda.memory_allocated(index))

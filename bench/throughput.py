@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--peer-only", action="store_true", help="only (d) and (a) on its chat workload")
     parser.add_argument("--out", type=Path, default=None, help="write every row as JSON here")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -205,13 +206,13 @@ def main() -> None:
     model_dir = build_tiny_model(work / "tiny")
     model = str(model_dir)
     rows: list[Run] = []
-    for label, batch in (("a_batching", max(levels)), ("b_batch_size_1", 1)):
+    for label, batch in () if args.peer_only else (("a_batching", max(levels)), ("b_batch_size_1", 1)):
         ctx, url = our_server(model_dir, args.tokens, batch, work / f"{label}.log")
         with ctx:
             for workload in ("transcription", "mix"):
                 for c in levels:
                     rows.append(load(label, url, request_factory(workload, args.tokens, model), workload, args.n, c))
-    for c in levels:
+    for c in [] if args.peer_only else levels:
         rows.append(ceiling(model_dir, args.tokens, args.n, c))
     if not args.skip_peer:
         rows += peer(model_dir, args, levels, work)
@@ -242,15 +243,22 @@ def peer(model_dir: Path, args: argparse.Namespace, levels: list[int], work: Pat
 
 def probe_peer(url: str, model: str) -> Run:
     """What the peer cannot do: record the status codes it answers."""
+    b64 = base64.b64encode(JFK.read_bytes()).decode()
+    part = {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}}
+    body = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": [part]}]}
+    files = {"file": ("jfk.wav", JFK.read_bytes(), "audio/wav")}
     with httpx.Client(base_url=url, timeout=60) as client:
-        files = {"file": ("jfk.wav", JFK.read_bytes(), "audio/wav")}
-        t = client.post("/v1/audio/transcriptions", files=files, data={"model": model}).status_code
-        b64 = base64.b64encode(JFK.read_bytes()).decode()
-        part = {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}}
-        body = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": [part]}]}
-        c = client.post("/v1/chat/completions", json=body).status_code
+        t = _status(lambda: client.post("/v1/audio/transcriptions", files=files, data={"model": model}))
+        c = _status(lambda: client.post("/v1/chat/completions", json=body))
     print(json.dumps({"peer_transcription_status": t, "peer_base64_chat_status": c}), flush=True)
-    return Run(f"d_probe transcription={t} base64_chat={c}", "probe", 0, 1, 1.0, [], int(t != 200) + int(c != 200))
+    return Run(f"d_probe transcription={t} base64_chat={c}", "probe", 0, 1, 1.0, [], int(t != "200") + int(c != "200"))
+
+
+def _status(send: Any) -> str:
+    try:
+        return str(send().status_code)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
 
 
 def summarise(rows: list[Run], levels: list[int]) -> None:
@@ -267,7 +275,9 @@ def summarise(rows: list[Run], levels: list[int]) -> None:
             parts.append(f"(a)/(b)={a.rps / b.rps:.2f}")
         if a and ceil:
             parts.append(f"(a)/(c)={a.rps / ceil.rps:.2f}")
-            parts.append(f"p50 latency (a)/(c)={statistics.median(a.latencies) / statistics.median(ceil.latencies):.2f}")
+            parts.append(
+                f"p50 latency (a)/(c)={statistics.median(a.latencies) / statistics.median(ceil.latencies):.2f}"
+            )
         if a_chat and d:
             parts.append(f"(a)/(d) chat={a_chat.rps / d.rps:.2f}")
         print("  " + "  ".join(parts))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import io
+import re
 from typing import Any
 
+import numpy as np
 import openai
 import pytest
+import soundfile as sf
 
-from tests.conftest import AUDIO, assert_openai_error
+from tests.conftest import AUDIO, assert_openai_error, serve
 
 JFK = base64.b64encode((AUDIO / "jfk.wav").read_bytes()).decode()
 FR = base64.b64encode((AUDIO / "speech_fr.wav").read_bytes()).decode()
@@ -188,3 +192,52 @@ def test_unknown_model_is_404_and_unknown_fields_ignored(client: Any, http: Any)
 def test_invalid_json_is_400(http: Any) -> None:
     r = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert_openai_error(r, 400)
+
+
+def test_system_message_is_fine_for_text_only_and_the_rest_of_the_request_is_accepted(client: Any) -> None:
+    messages = [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "Hi"}]
+    r = ask(client, messages, user="someone", presence_penalty=0.5, frequency_penalty=0.5, seed=3, temperature=0.7)
+    assert r.choices[0].finish_reason == "length"
+
+
+def silent_flac(seconds: int) -> str:
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(16000 * seconds, dtype=np.float32), 16000, format="FLAC")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_context_limit_counts_audio_tokens_and_refuses_before_queueing(
+    server: Any, http: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 minutes of audio are 15,000 prompt tokens: with 20,000 more asked for, 32k cannot hold it."""
+    submitted: list[Any] = []
+    monkeypatch.setattr(server.engine, "submit", lambda *a, **k: submitted.append(a))
+    audio = audio_part(silent_flac(1200), "flac")
+    body = {"model": "tiny", "max_tokens": 20_000, "messages": [{"role": "user", "content": [audio]}]}
+    error = assert_openai_error(http.post("/v1/chat/completions", json=body), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+    numbers = [int(n) for n in re.findall(r"\d+", error["message"])]
+    prompt = next(n for n in numbers if 15_000 <= n <= 16_000)
+    assert {32768, 20000, prompt + 20000} <= set(numbers)
+    assert submitted == []
+
+
+def test_an_error_mid_stream_arrives_as_an_error_event(loaded: Any, tiny_dir: Any) -> None:
+    steps = []
+
+    def fail_on_third_step(stage: str, items: list[Any]) -> None:
+        if stage == "step":
+            steps.append(stage)
+            if len(steps) == 3:
+                raise RuntimeError("simulated device failure")
+
+    with serve(loaded, tiny_dir) as running:
+        running.engine.worker.fault_hook = fail_on_third_step
+        stream = running.client().chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=50, stream=True
+        )
+        seen = []
+        with pytest.raises(openai.APIError, match="The model failed"):
+            for chunk in stream:
+                seen.append(chunk)
+    assert seen and seen[0].choices[0].delta.role == "assistant"

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 import pytest
+import torch
 
 from app.engine.batcher import select_batch
 from app.model.loader import LoadedModel

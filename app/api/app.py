@@ -1,7 +1,8 @@
 """`create_app(settings)`: wire the model, the engine and the routes into one FastAPI app.
 
 The model can be passed in already loaded (tests share one load across many apps); otherwise
-it is loaded at start-up. `/ready` turns true only after a warm-up generation.
+it is loaded at start-up. `/ready` turns true only after a warm-up generation, and false
+again as soon as a drain starts.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.types import Lifespan
 
-from app.api import errors
-from app.api.middleware import BodySizeLimit, RequestContext
+from app.api import errors, openapi
+from app.api.auth import ApiKeyAuth, load_api_keys, warn_if_open
+from app.api.lifecycle import DrainGuard, Lifecycle
+from app.api.middleware import BodyLimits, RequestContext, Route
 from app.api.routes import audio, chat, health, models
 from app.api.service import Service
+from app.api.usage import ObservedEngine, ObservedService
 from app.config import Settings
 from app.engine.engine import Engine
 from app.metrics import Metrics
@@ -33,7 +39,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> t
     tokenizer = loaded.processor.tokenizer
     special = tokenizer.tokenizer.instruct_tokenizer.tokenizer
     prompter = Prompter(loaded.processor, settings.model_id, loaded.model.config.audio_config.max_source_positions * 2)
-    engine = Engine(
+    engine = ObservedEngine(
         BatchGenerator(loaded.model, pad_token_id=special.pad_id),
         eos_token_ids={special.eos_id},
         decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
@@ -44,7 +50,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> t
         request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )
-    return engine, Service(settings, engine, prompter, tokenizer)
+    return engine, ObservedService(settings, engine, prompter, tokenizer)
 
 
 async def warm_up(service: Service) -> None:
@@ -52,35 +58,69 @@ async def warm_up(service: Service) -> None:
     encoded = service.prompter.chat([{"role": "user", "content": "Hi"}])
     request = PreparedRequest(encoded.input_ids, None, SamplingParams(max_new_tokens=2), "chat")
     await service.engine.generate(request)
+    await asyncio.to_thread(lambda: service.constrainer)  # the vocabulary pass for constrained decoding
 
 
 def create_app(settings: Settings, loaded: LoadedModel | None = None, metrics: Metrics | None = None) -> FastAPI:
     metrics = metrics or Metrics()
+    lifecycle = Lifecycle()
+    app = FastAPI(title="voxtral-server", version="0.1.0", lifespan=make_lifespan(settings, loaded, metrics))
+    app.state.settings, app.state.metrics, app.state.lifecycle = settings, metrics, lifecycle
+    app.state.created = int(time.time())
+    errors.install(app)
+    openapi.install(app)
+    routers = (audio.router, chat.router, models.router, health.router)
+    for router in routers:
+        app.include_router(router)
+    routes = [(r.path_regex, r.path_format) for router in routers for r in router.routes if isinstance(r, APIRoute)]
+    install_middleware(app, settings, metrics, lifecycle, routes)
+    return app
+
+
+def make_lifespan(settings: Settings, loaded: LoadedModel | None, metrics: Metrics) -> Lifespan[FastAPI]:
+    """Load (unless given), start the engine, warm up, then ready; on exit stop the engine."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        lifecycle: Lifecycle = app.state.lifecycle
         model = loaded if loaded is not None else await asyncio.to_thread(load_model, settings)
         metrics.model_load_seconds.set(model.load_seconds)
         if model.random_weights:
-            log.warning("Serving the built-in TINY model with RANDOM weights: its output is noise (demo/tests only).")
+            log.warning(
+                "Serving the built-in TINY model from %s with RANDOM weights: its output is noise (demo/tests only). "
+                "Use --model mistralai/Voxtral-Mini-3B-2507 for real transcription.",
+                model.path,
+            )
         engine, service = build_engine(settings, model, metrics)
         app.state.service, app.state.engine = service, engine
         engine.start()
         await warm_up(service)
-        app.state.ready = True
+        lifecycle.ready = True
         try:
             yield
         finally:
-            app.state.ready = False
+            lifecycle.ready, lifecycle.draining = False, True
             engine.stop()
             service.close()
 
-    app = FastAPI(title="voxtral-server", version="0.1.0", lifespan=lifespan)
-    app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
-    app.state.created = int(time.time())
-    errors.install(app)
-    for router in (audio.router, chat.router, models.router, health.router):
-        app.include_router(router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes * 4 // 3 + 1024 * 1024)
-    app.add_middleware(RequestContext, metrics=metrics)
-    return app
+    return lifespan
+
+
+def install_middleware(
+    app: FastAPI, settings: Settings, metrics: Metrics, lifecycle: Lifecycle, routes: list[Route]
+) -> None:
+    """Outermost first: log/metrics see every answer, auth runs before draining and body checks."""
+    keys = load_api_keys(settings)
+    warn_if_open(settings, keys)
+    body_limit = settings.max_upload_bytes * 4 // 3 + 1024 * 1024  # base64 in JSON is 4/3 the file
+    app.add_middleware(BodyLimits, max_bytes=body_limit, timeout_s=settings.body_read_timeout_s)
+    app.add_middleware(DrainGuard, lifecycle=lifecycle)
+    app.add_middleware(ApiKeyAuth, keys=keys, protect_metrics=settings.metrics_require_key)
+    app.add_middleware(RequestContext, metrics=metrics, routes=routes, log_prompts=settings.log_prompts)
+
+
+async def drain(app: FastAPI) -> bool:
+    """Start of shutdown (SIGTERM): /ready turns 503, new /v1 requests 503, accepted ones finish."""
+    lifecycle: Lifecycle = app.state.lifecycle
+    engine: Engine | None = getattr(app.state, "engine", None)
+    return await lifecycle.drain(engine, app.state.settings.drain_timeout_s)

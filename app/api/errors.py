@@ -23,7 +23,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "form")]
     param = ".".join(loc) or None
-    return f"Invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}", param
+    message = str(first.get("msg", "invalid value"))
+    if "UploadFile" in message:  # FastAPI's wording names a Python class
+        message = "must be sent as a file upload (a multipart part with a filename), not a text field"
+    return f"Invalid request: {param or 'body'}: {message}", param
 
 
 def install(app: FastAPI) -> None:

@@ -7,32 +7,33 @@ import time
 import uuid
 from typing import Any
 
-from app.api.service import TextResult
+from app.model.toolcalls import ChatOutput, ParsedCall
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chat_completion(
-    model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
-) -> dict[str, Any]:
+def chat_completion(model: str, output: ChatOutput, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": output.content, "refusal": None}
+    if output.calls:
+        message["tool_calls"] = [tool_call(call) for call in output.calls]
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "finish_reason": finish_reason,
-                "logprobs": None,
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "finish_reason": output.finish_reason, "logprobs": None}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
+
+
+def tool_call(call: ParsedCall, index: int | None = None) -> dict[str, Any]:
+    """OpenAI's tool call; with `index`, the shape of a streamed `delta.tool_calls` entry."""
+    body: dict[str, Any] = {"index": index} if index is not None else {}
+    body.update(id=call.id, type="function", function={"name": call.name, "arguments": call.arguments})
+    return body
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -59,15 +60,3 @@ def chat_chunk(
 def sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n".encode()
-
-
-def transcription_json(result: TextResult) -> dict[str, Any]:
-    return {
-        "text": result.text,
-        "usage": {
-            "type": "tokens",
-            "input_tokens": result.prompt_tokens,
-            "output_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
-    }

@@ -8,48 +8,55 @@ requests it can run.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
-import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
 
+from app.api import chat_request as chat
+from app.api.chat_request import ChatJob
 from app.api.schemas import AudioUrlPart, ChatCompletionRequest, InputAudioPart, Message
+from app.api.transcripts import PieceResult, TextJoiner, Transcript, TranscriptionOptions, split_language
 from app.audio import SAMPLE_RATE, AudioLimits, decode_audio
+from app.chunking import Piece, split_at_silences, whole
 from app.config import Settings
 from app.engine.engine import Engine
+from app.engine.work import WorkItem
 from app.errors import (
-    AudioDecodeError,
-    AudioTooLong,
     ContextLengthExceeded,
-    InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
-    UnsupportedFeature,
 )
+from app.model.constrained import Constrainer, GrammarError, OutputSpec
+from app.model.detok import IncrementalDecoder
 from app.model.prompts import Encoded, Prompter
-from app.types import PreparedRequest, SamplingParams
+from app.model.toolcalls import TokenVocab
+from app.types import Constraint, GenerationResult, PreparedRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_LANG_PREFIX = re.compile(r"^\s*lang:([a-z]{2,3})\s*")
-_DATA_URL = re.compile(r"^data:([^;,]*)(;base64)?,(.*)$", re.DOTALL)
 
 
 @dataclass
-class TextResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    audio_seconds: float
-    language: str | None = None
+class TranscriptionRun:
+    """The pieces of one transcription, queued in the engine."""
+
+    options: TranscriptionOptions
+    duration_s: float
+    pieces: list[Piece]
+    items: list[WorkItem]
+
+    def cancel(self) -> None:
+        """No-op for finished pieces; stops the others (client gone, a piece failed, timeout)."""
+        for item in self.items:
+            item.cancel()
+
+    def transcript(self, results: list[PieceResult]) -> Transcript:
+        return Transcript(self.options, self.duration_s, results)
 
 
 class Service:
@@ -59,7 +66,7 @@ class Service:
         self.prompter = prompter
         self.tokenizer = tokenizer
         self.model_ids = {settings.model_id, settings.model, *settings.model_aliases}
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="voxtral-prep")
+        self._pool = ThreadPoolExecutor(max_workers=settings.prep_threads, thread_name_prefix="voxtral-prep")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -87,139 +94,109 @@ class Service:
         s = self.settings
         return int(s.transcription_min_tokens + s.transcription_tokens_per_audio_s * seconds)
 
-    async def transcribe(self, audio: np.ndarray, language: str | None, temperature: float, task: str) -> TextResult:
-        if task == "translate":
-            encoded = await self._off_loop(self.prompter.translation, audio)
+    async def start_transcription(
+        self, audio: np.ndarray, options: TranscriptionOptions, *, stream: bool = False
+    ) -> TranscriptionRun:
+        """Prepare every piece off the loop, then queue them all at once so they run as rows of the
+        same batches; if the queue refuses one, those already queued are withdrawn."""
+        pieces = whole(audio) if options.chunking is None else split_at_silences(audio, options.chunking)
+        requests = await asyncio.gather(*(self._piece_request(audio[p.start : p.end], options) for p in pieces))
+        run = TranscriptionRun(options, audio.shape[0] / SAMPLE_RATE, pieces, [])
+        run.items.extend(self.engine.submit_many(list(requests), stream=stream))
+        log.debug("transcription of %.1f s queued as %d piece(s)", run.duration_s, len(pieces))
+        return run
+
+    async def finish_transcription(self, run: TranscriptionRun) -> Transcript:
+        try:
+            results = [await self.engine.wait(item) for item in run.items]
+        finally:
+            run.cancel()
+        return run.transcript([self._piece_result(p, r) for p, r in zip(run.pieces, results, strict=True)])
+
+    async def stream_transcription(self, run: TranscriptionRun) -> AsyncIterator[str | Transcript]:
+        """Text deltas in order, then the Transcript: the piece in front token by token, later pieces
+        (decoded in the same batches meanwhile) as soon as those before them are done."""
+        joiner, results = TextJoiner(), []
+        try:
+            for piece, item in zip(run.pieces, run.items, strict=True):
+                decoder = IncrementalDecoder.from_bytes(self._text_bytes)
+                async for event in self.engine.stream(item):
+                    yield joiner.add(decoder.push(event.token_ids))
+                yield joiner.add(decoder.flush()) + joiner.end_piece()
+                assert item.result is not None
+                results.append(self._piece_result(piece, item.result))
+        finally:
+            run.cancel()
+        yield run.transcript(results)
+
+    async def _piece_request(self, audio: np.ndarray, options: TranscriptionOptions) -> PreparedRequest:
+        if options.task == "translate":
+            encoded = await self._off_loop(self.prompter.translation, audio, options.prompt)
         else:
-            encoded = await self._off_loop(self.prompter.transcription, audio, language)
-        seconds = audio.shape[0] / SAMPLE_RATE
-        sampling = SamplingParams(temperature=temperature, max_new_tokens=self.transcription_budget(seconds))
-        prepared = self._prepared(encoded, sampling, "translation" if task == "translate" else "transcription")
-        result = await self.engine.generate(prepared)
-        text = self.decode(result.token_ids)
-        detected = _LANG_PREFIX.match(text)
-        if detected:
-            text = text[detected.end() :]
-        used = language or (detected.group(1) if detected else None)
-        return TextResult(
-            text.strip(),
-            result.token_ids,
-            result.finish_reason,
-            result.prompt_tokens,
-            len(result.token_ids),
-            seconds,
-            "en" if task == "translate" else used,
-        )
+            encoded = await self._off_loop(self.prompter.transcription, audio, options.language)
+        room = self.settings.context_length - len(encoded.input_ids)
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"The audio takes {len(encoded.input_ids)} prompt tokens; this model's maximum context length is "
+                f"{self.settings.context_length}. Use chunking_strategy=auto to transcribe it in pieces.",
+                param="file",
+            )
+        budget = min(self.transcription_budget(audio.shape[0] / SAMPLE_RATE), room)
+        sampling = SamplingParams(temperature=options.temperature, max_new_tokens=budget)
+        return self._prepared(encoded, sampling, "translation" if options.task == "translate" else "transcription")
+
+    def _piece_result(self, piece: Piece, result: GenerationResult) -> PieceResult:
+        raw = self._text_bytes(result.token_ids).decode("utf-8", errors="replace")
+        text, language = split_language(raw) or ("", None)
+        return PieceResult(piece.start_s, piece.end_s, text.strip(), result.token_ids, result.prompt_tokens, language)
+
+    def _text_bytes(self, token_ids: list[int]) -> bytes:
+        """UTF-8 of the text tokens, control tokens dropped. Streamed and whole transcripts both decode these
+        bytes, so they are the same text, and a stream costs O(1) per token instead of re-decoding it all."""
+        tekken = self.prompter.mistral.instruct_tokenizer.tokenizer
+        first, end = tekken.num_special_tokens, tekken.n_words
+        return b"".join(tekken.id_to_byte_piece(i) for i in token_ids if first <= i < end)
 
     # -- chat ------------------------------------------------------------------------------------
-    async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+    async def prepare_chat(self, body: ChatCompletionRequest) -> ChatJob:
         self.check_model(body.model)
-        self._check_unsupported(body)
+        chat.check_unsupported(body)
+        spec = chat.output_spec(body)
         messages = [await self._message(m) for m in body.messages]
-        n_audio = sum(1 for m in messages for p in _parts(m) if p.get("type") == "input_audio")
-        if n_audio > self.settings.max_audios_per_request:
-            raise InvalidRequest(
-                f"{n_audio} audio parts in one request; the limit is {self.settings.max_audios_per_request}.",
-                param="messages",
-            )
-        total = sum(p["audio"].shape[0] for m in messages for p in _parts(m) if "audio" in p) / SAMPLE_RATE
-        if total > self.settings.max_chat_audio_s:
-            raise AudioTooLong(
-                f"The request holds {total:.1f} s of audio; the limit is {self.settings.max_chat_audio_s:g} s."
-            )
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        if body.tool_choice == "none":
-            tools = None
-        encoded = await self._off_loop(self.prompter.chat, messages, tools)
-        return self._prepared(encoded, self._chat_sampling(body, len(encoded.input_ids)), "chat")
+        chat.check_chat_audio(messages, self.settings)
+        encoded = await self._off_loop(self.prompter.chat, messages, chat.prompt_tools(body))
+        sampling = chat.chat_sampling(body, len(encoded.input_ids), self.settings)
+        prepared = self._prepared(encoded, sampling, "chat")
+        prepared.constraint_factory = await self._off_loop(self._constraint, spec)
+        return ChatJob(prepared, self.constrainer.vocab, chat.tool_names(spec))
 
-    def _check_unsupported(self, body: ChatCompletionRequest) -> None:
-        if body.n != 1:
-            raise UnsupportedFeature("Only n=1 is supported; send several requests for several choices.", param="n")
-        if body.logprobs or body.top_logprobs:
-            raise UnsupportedFeature("logprobs are not supported by this server.", param="logprobs")
+    @cached_property
+    def constrainer(self) -> Constrainer:
+        """Built on first use (a pass over the vocabulary), in a prep thread."""
+        tekken = self.prompter.mistral.instruct_tokenizer.tokenizer
+        return Constrainer(TokenVocab.from_tekken(tekken), self.engine.vocab_size)
 
-    def _chat_sampling(self, body: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
-        context = self.settings.context_length
-        asked = body.max_completion_tokens or body.max_tokens
-        if asked is not None and prompt_tokens + asked > context:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {context} tokens. The request has {prompt_tokens} prompt "
-                f"tokens (audio included) and asks for {asked} completion tokens ({prompt_tokens + asked} in total).",
-                param="max_tokens",
-            )
-        if prompt_tokens >= context:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {context} tokens; the prompt alone has {prompt_tokens}.",
-                param="messages",
-            )
-        max_new = asked or min(self.settings.default_max_tokens, context - prompt_tokens)
-        return SamplingParams(
-            temperature=0.2 if body.temperature is None else body.temperature,
-            top_p=0.95 if body.top_p is None else body.top_p,
-            seed=body.seed,
-            max_new_tokens=max_new,
-            stop_strings=tuple(body.stop_list()),
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-        )
+    def _constraint(self, spec: OutputSpec) -> Callable[[], Constraint] | None:
+        try:
+            return self.constrainer.factory(spec)
+        except GrammarError as exc:
+            raise chat.grammar_refused(spec, exc) from exc
 
     def _prepared(self, encoded: Encoded, sampling: SamplingParams, kind: Any) -> PreparedRequest:
         return PreparedRequest(encoded.input_ids, encoded.input_features, sampling, kind, encoded.audio_seconds)
 
     async def _message(self, message: Message) -> dict[str, Any]:
-        out: dict[str, Any] = message.model_dump(exclude_none=True, include={"role", "name", "tool_call_id"})
-        if message.role == "developer":
-            out["role"] = "system"
-        if message.tool_calls:
-            out["tool_calls"] = [c.model_dump() for c in message.tool_calls]
+        out = chat.message_fields(message)
         if isinstance(message.content, list):
             out["content"] = [await self._part(p) for p in message.content]
-        else:
-            out["content"] = message.content if message.content is not None else ""
         return out
 
     async def _part(self, part: Any) -> dict[str, Any]:
         if isinstance(part, InputAudioPart):
-            raw = part.input_audio if isinstance(part.input_audio, str) else part.input_audio.data
-            data = _b64(raw)
+            data = chat.b64_audio(part.input_audio if isinstance(part.input_audio, str) else part.input_audio.data)
         elif isinstance(part, AudioUrlPart):
-            url = part.audio_url if isinstance(part.audio_url, str) else part.audio_url.url
-            data = _data_url(url)
+            data = chat.data_url_audio(part.audio_url if isinstance(part.audio_url, str) else part.audio_url.url)
         else:
             return {"type": "text", "text": part.text}
         audio = await self.load_audio(data, None, self.settings.max_chat_audio_s)
         return {"type": "input_audio", "audio": audio}
-
-
-def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
-    content = message.get("content")
-    return content if isinstance(content, list) else []
-
-
-def _b64(raw: str) -> bytes:
-    match = _DATA_URL.match(raw)
-    if match:
-        return _data_url(raw)
-    try:
-        data = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        raise AudioDecodeError("input_audio.data is not valid base64.", param="messages") from None
-    if not data:
-        raise AudioDecodeError("input_audio.data is empty.", param="messages")
-    return data
-
-
-def _data_url(url: str) -> bytes:
-    match = _DATA_URL.match(url)
-    if not match:
-        raise InvalidRequest(
-            "audio_url must be a data: URL (data:audio/wav;base64,...); this server does not fetch remote audio.",
-            param="messages",
-        )
-    mime, is_b64, payload = match.groups()
-    if mime and not (mime.startswith("audio/") or mime in {"application/octet-stream", "video/mp4", "video/webm"}):
-        raise InvalidRequest(f"audio data URL has MIME type {mime!r}; expected audio/*.", param="messages")
-    if not is_b64:
-        raise InvalidRequest("audio data URL must be base64-encoded.", param="messages")
-    return _b64(payload)

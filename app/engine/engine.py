@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextvars import ContextVar
 
 from app.engine.queue import RequestQueue
 from app.engine.work import WorkItem
@@ -17,6 +18,9 @@ from app.errors import RequestTimeout, ShuttingDown
 from app.metrics import Metrics
 from app.model.generate import BatchGenerator
 from app.types import GenerationResult, PreparedRequest, TokenEvent
+
+_RESERVED: ContextVar[bool] = ContextVar("voxtral_queue_reserved", default=False)
+"""True inside `Engine.admission()` until a submit takes the reserved place over."""
 
 
 class Engine:
@@ -52,18 +56,34 @@ class Engine:
         self.worker.start()
         self.accepting = True
 
-    def submit(self, request: PreparedRequest, *, stream: bool = False) -> WorkItem:
-        """Enqueue at once or raise QueueFull / ShuttingDown; never blocks."""
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Hold a queue place while a request is prepared: a full queue is a 429 before any decoding."""
         if not self.accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
-        item = WorkItem(
-            request=request,
-            loop=asyncio.get_running_loop(),
-            deadline=time.monotonic() + self.request_timeout_s,
-            stream=stream,
-        )
-        self.queue.put(item)
-        return item
+        self.queue.reserve()
+        token = _RESERVED.set(True)
+        try:
+            yield
+        finally:
+            if _RESERVED.get():  # not taken over by a submit
+                self.queue.release()
+            _RESERVED.reset(token)
+
+    def submit(self, request: PreparedRequest, *, stream: bool = False) -> WorkItem:
+        """Enqueue at once or raise QueueFull / ShuttingDown; never blocks."""
+        return self.submit_many([request], stream=stream)[0]
+
+    def submit_many(self, requests: list[PreparedRequest], *, stream: bool = False) -> list[WorkItem]:
+        """Enqueue all or none (one queue lock), so related requests can share their first prefill."""
+        if not self.accepting:
+            raise ShuttingDown("The server is shutting down and takes no new requests.")
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.request_timeout_s
+        items = [WorkItem(request=r, loop=loop, deadline=deadline, stream=stream) for r in requests]
+        self.queue.put_many(items, reserved=_RESERVED.get())
+        _RESERVED.set(False)
+        return items
 
     async def generate(self, request: PreparedRequest) -> GenerationResult:
         item = self.submit(request)
@@ -89,6 +109,11 @@ class Engine:
 
     def _remaining(self, item: WorkItem) -> float:
         return max(0.0, item.deadline - time.monotonic()) + 0.5
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the model's logits: constraint masks are padded to it."""
+        return int(self.worker.generator.text_config.vocab_size)
 
     @property
     def idle(self) -> bool:

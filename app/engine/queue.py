@@ -21,18 +21,39 @@ class RequestQueue:
         self._items: list[WorkItem] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._reserved = 0
+        """Requests admitted but still being prepared (audio decoding, features): they count as queued."""
         self._on_change = on_change or (lambda depth: None)
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, item: WorkItem) -> None:
+    def reserve(self) -> None:
+        """Claim a place before the expensive preparation, so an overloaded server refuses at once."""
         with self._cond:
-            if self._closed:
-                raise ShuttingDown("The server is shutting down and takes no new requests.")
-            if len(self._items) >= self.max_size:
-                raise QueueFull(f"The server is at capacity ({self.max_size} requests queued); retry shortly.")
-            self._items.append(item)
+            self._check_room(1)
+            self._reserved += 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._reserved = max(0, self._reserved - 1)
+
+    def _check_room(self, wanted: int) -> None:
+        if self._closed:
+            raise ShuttingDown("The server is shutting down and takes no new requests.")
+        if len(self._items) + self._reserved + wanted > self.max_size:
+            raise QueueFull(f"The server is at capacity ({self.max_size} requests queued); retry shortly.")
+
+    def put(self, item: WorkItem) -> None:
+        self.put_many([item])
+
+    def put_many(self, items: list[WorkItem], *, reserved: bool = False) -> None:
+        """All or nothing, under one lock: the pieces of one long file reach the batcher together.
+        `reserved`: the caller holds a place from `reserve()`, which these items now take over."""
+        with self._cond:
+            self._check_room(len(items) - int(reserved))
+            self._items.extend(items)
+            self._reserved -= int(reserved)
             self._on_change(len(self._items))
             self._cond.notify()
 

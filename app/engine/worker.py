@@ -98,13 +98,26 @@ class ModelWorker:
         for item in items:
             item.started_at = now
             self.metrics.queue_time.observe(now - item.enqueued_at)
+        rows = self._rows(items)
+        if not rows:
+            return
         try:
             if self.fault_hook:
-                self.fault_hook("prefill", items)
-            state, logits = self._prefill([self._row(i) for i in items])
+                self.fault_hook("prefill", [r.owner for r in rows])
+            state, logits = self._prefill(rows)
         except Exception as exc:
-            return self._fail(items, exc)
+            return self._fail([r.owner for r in rows], exc)
         self._join(state, logits)
+
+    def _rows(self, items: list[WorkItem]) -> list[Row]:
+        """A request whose row cannot be built (its constraint, its seed) fails alone."""
+        rows = []
+        for item in items:
+            try:
+                rows.append(self._row(item))
+            except Exception as exc:
+                self._fail([item], exc)
+        return rows
 
     def _readmit(self, free: int) -> None:
         rows, self._preempted = self._preempted[:free], self._preempted[free:]
@@ -154,11 +167,19 @@ class ModelWorker:
         self.metrics.batch_size.observe(len(state.rows))
         tokens = sample(logits, state.rows)
         keep: list[int] = []
+        finished: list[tuple[WorkItem, GenerationResult | BaseException]] = []
         now = time.monotonic()
         for i, (row, token) in enumerate(zip(state.rows, tokens, strict=True)):
-            if self._emit(row, token, now) is None:
+            outcome = self._emit(row, token, now)
+            if outcome is None:
                 keep.append(i)
+            else:
+                finished.append((row.owner, outcome))
         self.metrics.generation_tokens.inc(len(tokens))
+        # The gauge moves before any answer leaves, so a scrape after a response never sees the row running.
+        self.metrics.running.set(len(keep) + len(self._preempted))
+        for item, result in finished:
+            item.finish(result)
         if len(keep) < len(state.rows):
             if not keep:
                 self._state = self._logits = None
@@ -190,12 +211,11 @@ class ModelWorker:
         except Exception as again:
             self._fail([r.owner for r in state.rows[:half]], again)
 
-    def _emit(self, row: Row, token: int, now: float) -> FinishReason | None:
-        """Record one token; finish the row if it is done. Returns why it finished, if it did."""
+    def _emit(self, row: Row, token: int, now: float) -> GenerationResult | BaseException | None:
+        """Record one token. Returns the row's outcome if it is done (the caller delivers it)."""
         item: WorkItem = row.owner
         if item.cancelled or item.expired(now):
-            item.finish(RequestTimeout("The request timed out or was cancelled while running."))
-            return "cancelled"
+            return RequestTimeout("The request timed out or was cancelled while running.")
         if item.first_token_at is None:
             item.first_token_at = now
             self.metrics.ttft.observe(now - item.enqueued_at)
@@ -203,9 +223,7 @@ class ModelWorker:
         if token not in self.eos and token not in row.sampling.stop_token_ids:
             row.generated.append(token)
             item.push(TokenEvent([token]))
-        if reason is not None:
-            item.finish(self._result(row, reason, now))
-        return reason
+        return self._result(row, reason, now) if reason is not None else None
 
     def _finish_reason(self, row: Row, token: int) -> FinishReason | None:
         s = row.sampling

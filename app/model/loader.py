@@ -101,6 +101,8 @@ def load_model(settings: Settings) -> LoadedModel:
     from transformers import AutoProcessor, VoxtralForConditionalGeneration
 
     started = time.perf_counter()
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
     path = resolve_model_path(settings)
     check_model_source(path)
     device = resolve_device(settings.device)

@@ -40,6 +40,8 @@ class Prompter:
 
     # -- requests ----------------------------------------------------------------------------
     def transcription(self, audio: np.ndarray, language: str | None) -> Encoded:
+        """Mistral's transcription format: the audio, then `lang:xx` when the language is known, then
+        [TRANSCRIBE]. It has no slot for a text prompt."""
         from mistral_common.protocol.transcription.request import TranscriptionRequest
 
         try:
@@ -51,28 +53,26 @@ class Prompter:
         tokenized = self.mistral.encode_transcription(request)
         return self._encoded(tokenized)
 
-    def translation(self, audio: np.ndarray) -> Encoded:
-        messages = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "input_audio", "audio": audio},
-                    {"type": "text", "text": TRANSLATE_INSTRUCTION},
-                ],
-            }
-        ]
-        return self.chat(messages)
+    def translation(self, audio: np.ndarray, prompt: str | None = None) -> Encoded:
+        """Voxtral has no translation format: it is asked in a chat turn, where the client's `prompt`
+        (OpenAI: text to guide style or continue a previous segment) fits as context."""
+        instruction = TRANSLATE_INSTRUCTION
+        if prompt and prompt.strip():
+            instruction += f"\nContext (the text before this audio, names and spellings to use): {prompt.strip()}"
+        content = [{"type": "input_audio", "audio": audio}, {"type": "text", "text": instruction}]
+        return self.chat([{"role": "user", "content": content}])
 
     def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Encoded:
         """`messages` are OpenAI-shaped dicts whose audio parts carry decoded arrays under `audio`."""
+        from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         wire = [_to_mistral_message(m) for m in messages]
         try:
             request = ChatCompletionRequest.from_openai(messages=wire, tools=tools or None)
             tokenized = self.mistral.encode_chat_completion(request)
-        except (ValueError, TypeError, AssertionError) as exc:
-            raise InvalidRequest(_explain(exc), param="messages") from exc
+        except (MistralCommonException, ValueError, TypeError, KeyError, AssertionError) as exc:
+            raise _prompt_error(exc) from exc
         return self._encoded(tokenized)
 
     # -- pieces ------------------------------------------------------------------------------
@@ -115,12 +115,21 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _explain(exc: Exception) -> str:
+def _prompt_error(exc: Exception) -> InvalidRequest:
+    """mistral-common's refusal as a 400 that says what to change.
+
+    The v7/v11 tokenizers refuse a system message next to audio (Voxtral's model card: no system
+    prompts); text-only conversations may carry one.
+    """
     text = _first_line(exc)
-    if "System messages are not yet allowed" in text or "system" in text.lower():
-        raise UnsupportedFeature(
-            "Voxtral does not support system prompts when audio is present "
-            f"(the model card: no system-prompt support). Tokenizer said: {text}",
+    if "System messages are not yet allowed" in text:
+        return UnsupportedFeature(
+            "Voxtral does not accept a system message in a conversation with audio (the model card: system "
+            "prompts are not supported); put the instruction in the user message instead. "
+            f"Tokenizer said: {text}",
             param="messages",
-        ) from exc
-    return f"Could not build the prompt: {text}"
+        )
+    from mistral_common.exceptions import InvalidToolException, InvalidToolSchemaException
+
+    param = "tools" if isinstance(exc, InvalidToolException | InvalidToolSchemaException) else "messages"
+    return InvalidRequest(f"Could not build the prompt: {text}", param=param)

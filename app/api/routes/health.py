@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.lifecycle import Lifecycle
+from app.metrics import Metrics
 
 router = APIRouter(tags=["health"])
 
@@ -16,12 +19,17 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
+    """200 only when loaded, warmed up and not draining: a load balancer sends traffic on 200 alone."""
     state = request.app.state
-    ok = bool(getattr(state, "ready", False))
-    body = {"status": "ready" if ok else "not ready", "model": state.settings.model_id}
-    return JSONResponse(body, status_code=200 if ok else 503)
+    lifecycle: Lifecycle = state.lifecycle
+    status = "draining" if lifecycle.draining else "ready" if lifecycle.ready else "not ready"
+    body = {"status": status, "model": state.settings.model_id}
+    return JSONResponse(body, status_code=200 if lifecycle.serving else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text exposition format."""
+    instruments: Metrics = request.app.state.metrics
+    instruments.sample_gpu_memory()
+    return Response(generate_latest(instruments.registry), media_type=CONTENT_TYPE_LATEST)

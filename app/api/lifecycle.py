@@ -1,0 +1,86 @@
+"""Readiness and graceful drain: what /ready reports, and what happens to requests during shutdown.
+
+On SIGTERM the server keeps its socket open while it drains, so a client that arrives late
+gets a clear 503 `shutting_down` (and retries elsewhere) instead of a connection error, and
+every request already accepted (being decoded, queued, running or streaming) finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.middleware import send_error
+from app.engine.engine import Engine
+from app.errors import ShuttingDown
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    """Shared by /ready, `DrainGuard` and the signal handler. Touched only on the event loop."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        """Model loaded and warmed up."""
+        self.draining = False
+        self.in_flight = 0
+        """Admitted /v1 requests whose response has not been fully sent yet."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and not self.draining
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, engine: Engine | None, timeout_s: float) -> bool:
+        """Refuse new /v1 requests, then wait up to `timeout_s` for the admitted ones. True if all finished.
+
+        HTTP requests are awaited first, not just the engine's queue: a request still decoding
+        its audio has not reached the engine yet, and a streaming one is done only when sent.
+        """
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        log.info("draining: %d request(s) in flight, up to %g s", self.in_flight, timeout_s)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("drain timeout: %d request(s) still in flight get a 503 shutting_down", self.in_flight)
+            if engine is not None:  # answer them now, with an error they can act on, not a cut connection
+                await asyncio.to_thread(engine.stop)
+            return False
+        return await engine.drain(max(0.0, deadline - loop.time())) if engine is not None else True
+
+
+class DrainGuard:
+    """Counts admitted /v1 requests; once draining, answers new ones 503 `shutting_down`."""
+
+    def __init__(self, app: ASGIApp, lifecycle: Lifecycle) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
+            return await self.app(scope, receive, send)
+        if self.lifecycle.draining:
+            error = ShuttingDown("The server is shutting down; retry the request on another replica.")
+            return await send_error(send, error, {"connection": "close", "retry-after": "1"})
+        self.lifecycle.enter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.lifecycle.leave()

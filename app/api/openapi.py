@@ -1,0 +1,60 @@
+"""The OpenAPI document says what the server really sends: OpenAI's error shape on the statuses
+it uses (never FastAPI's 422, which the error handlers turn into 400)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_ERRORS = {
+    "400": "Invalid request (bad audio, bad field, unsupported option)",
+    "401": "Missing or wrong API key",
+    "404": "Unknown model",
+    "408": "The request body arrived too slowly",
+    "413": "Upload or body over the size limit",
+    "429": "The queue is full; retry after Retry-After seconds",
+    "500": "The model failed while running this request",
+    "503": "Not ready, or shutting down",
+    "504": "The request did not finish within the request timeout",
+}
+
+
+def install(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = ERROR_SCHEMA
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    _declare_errors(operation["responses"], path.startswith("/v1/"))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _declare_errors(responses: dict[str, Any], api: bool) -> None:
+    responses.pop("422", None)
+    if not api:
+        return
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for status, description in _ERRORS.items():
+        responses.setdefault(status, {"description": description, "content": ref})

@@ -1,0 +1,241 @@
+"""Grammar-constrained decoding with llguidance: forced tool calls and JSON-schema output.
+
+A request's output spec becomes one llguidance grammar (Lark for the Mistral call markers, JSON
+schemas for the arguments or the content). The grammar is compiled once into a template matcher,
+cached by its text; each row gets a cheap copy in the worker thread. Per step a row pays one mask
+computation in llguidance (Rust, over a token trie) and one byte -> bool conversion. Special tokens
+exist in llguidance only as `<[id]>`, so they can never appear inside JSON. Once the grammar is
+complete the only token left is EOS, so a constrained row stops by itself. Object properties come
+out in the order the schema lists them (llguidance's rule), so schemas are passed on unsorted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from app.model.toolcalls import TokenVocab
+from app.types import Constraint
+
+log = logging.getLogger(__name__)
+
+MAX_PARALLEL_CALLS = 8
+"""Most calls in one turn when parallel calls are allowed; bounds a model that would call forever."""
+_CACHE_SIZE = 64
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""Python's json.dumps layout, which Mistral's tokenizer renders arguments with: in distribution."""
+_OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf")
+
+
+class GrammarError(ValueError):
+    """The schema cannot be compiled; the message says why and is safe to show."""
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    name: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the output of one chat request must look like."""
+
+    functions: tuple[FunctionSpec, ...] = ()
+    tool_mode: Literal["none", "auto", "required"] = "none"
+    """auto: free text, but a call, once started, is well formed; required: only calls."""
+    max_calls: int = 1
+    json_schema: dict[str, Any] | None = None
+    """response_format: the content is one JSON value matching this schema."""
+
+
+class GrammarConstraint:
+    """One row's matcher: the mask of tokens the grammar allows next."""
+
+    def __init__(self, matcher: Any, vocab_size: int, eos_id: int) -> None:
+        self._matcher = matcher
+        self._size = vocab_size
+        self._eos_id = eos_id
+
+    def allowed(self) -> torch.Tensor:
+        mask = np.zeros(self._size, dtype=np.bool_)
+        if self._matcher.is_error():  # cannot happen when sampling from our masks; end the row if it does
+            mask[self._eos_id] = True
+        else:  # numpy, not torch: torch's CPU thread pool costs milliseconds per tiny op on a busy host
+            bias = np.frombuffer(self._matcher.compute_logit_bias(), dtype=np.uint8)
+            mask[: bias.shape[0]] = bias != 0
+        return torch.from_numpy(mask)
+
+    def advance(self, token: int) -> None:
+        if not self._matcher.consume_token(token):
+            log.warning("constrained row took a token its grammar refuses: %s", _first_line(self._matcher.get_error()))
+
+
+class TriggeredConstraint:
+    """Free text until `trigger` ([TOOL_CALLS]) is sampled; from there on, the inner grammar.
+
+    The free part costs nothing per step (no mask), so `tool_choice=auto` only pays once a call starts.
+    """
+
+    def __init__(self, trigger: int, start: Callable[[], GrammarConstraint]) -> None:
+        self._trigger = trigger
+        self._start = start
+        self._inner: GrammarConstraint | None = None
+
+    def allowed(self) -> torch.Tensor | None:
+        return self._inner.allowed() if self._inner is not None else None
+
+    def advance(self, token: int) -> None:
+        if self._inner is None and token == self._trigger:
+            self._inner = self._start()
+        if self._inner is not None:
+            self._inner.advance(token)
+
+
+class Constrainer:
+    """Compiles output specs into per-row constraint factories for one tokenizer."""
+
+    def __init__(self, vocab: TokenVocab, model_vocab_size: int | None = None) -> None:
+        self.vocab = vocab
+        self.mask_size = max(vocab.size, model_vocab_size or 0)
+        self._lock = threading.Lock()
+        self._templates: OrderedDict[str, Any] = OrderedDict()
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        import llguidance
+
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapper(self.vocab)))
+
+    def factory(self, spec: OutputSpec) -> Callable[[], Constraint] | None:
+        """None when the spec constrains nothing. Raises GrammarError for a schema llguidance refuses."""
+        calls = bool(spec.functions) and spec.tool_mode != "none" and self.vocab.can_call
+        if not calls:
+            spec = OutputSpec(json_schema=spec.json_schema)
+        elif spec.tool_mode == "required":  # calls only: response_format has no say
+            spec = OutputSpec(spec.functions, "required", spec.max_calls)
+        if spec.tool_mode == "none" and spec.json_schema is None:
+            return None
+        # auto without a format: free text until a call starts; lenient, as the model decides anyway
+        free_text = spec.tool_mode == "auto" and spec.json_schema is None
+        template = self._template(build_grammar(spec, self.vocab, lenient=free_text))
+        eos, size = self.vocab.eos_id, self.mask_size
+
+        def start() -> GrammarConstraint:
+            return GrammarConstraint(template.deep_copy(), size, eos)
+
+        trigger = self.vocab.tool_calls_id
+        if free_text and trigger is not None:
+            return lambda: TriggeredConstraint(trigger, start)
+        return start
+
+    def _template(self, grammar: str) -> Any:
+        with self._lock:
+            if grammar in self._templates:
+                self._templates.move_to_end(grammar)
+                return self._templates[grammar]
+        import llguidance
+
+        tokenizer = self.tokenizer
+        try:
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+            template = None if is_error else llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        except (ValueError, RuntimeError) as exc:
+            is_error, messages = True, [str(exc)]
+        if template is None or is_error:
+            raise GrammarError(_first_line(messages[0]) if messages else "the schema could not be compiled")
+        with self._lock:
+            self._templates[grammar] = template
+            while len(self._templates) > _CACHE_SIZE:
+                self._templates.popitem(last=False)
+        return template
+
+
+class _Wrapper:
+    """The shape `llguidance.TokenizerWrapper` reads: token bytes, specials, EOS and an encoder."""
+
+    def __init__(self, vocab: TokenVocab) -> None:
+        self.eos_token_id = vocab.eos_id
+        self.bos_token_id = vocab.bos_id
+        self.tokens = [
+            vocab.special_names[i].encode() if vocab.is_special(i) else p for i, p in enumerate(vocab.pieces)
+        ]
+        self.special_token_ids = sorted(vocab.special_names)
+        self._encode = vocab.encode
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        return self._encode(text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text)
+
+
+# -- grammars ----------------------------------------------------------------------------------------
+def build_grammar(spec: OutputSpec, vocab: TokenVocab, lenient: bool = False) -> str:
+    """llguidance's JSON grammar list: one Lark grammar plus one JSON-schema grammar per schema."""
+    schemas: dict[str, dict[str, Any]] = {}
+    lines: list[str] = []
+    starts: list[str] = []
+    if spec.json_schema is not None:
+        schemas["content"] = spec.json_schema
+        lines.append("content: @content")
+        starts.append("content")
+    if spec.functions and spec.tool_mode != "none":
+        for i, function in enumerate(spec.functions):
+            schemas[f"args{i}"] = function.parameters
+        lines.extend(_call_rules(spec, vocab))
+        starts.append("calls")
+    lark = "\n".join([f"start: {' | '.join(starts)}", *lines])
+    entries: list[dict[str, Any]] = [{"lark_grammar": lark}]
+    entries += [{"name": name, "json_schema": _styled(schema, lenient)} for name, schema in schemas.items()]
+    return json.dumps({"grammars": entries})
+
+
+def _call_rules(spec: OutputSpec, vocab: TokenVocab) -> list[str]:
+    assert vocab.tool_calls_id is not None
+    marker = f"<[{vocab.tool_calls_id}]>"
+    lines = ["CALL_ID: /[a-zA-Z0-9]{9}/", "call: " + " | ".join(f"f{i}" for i in range(len(spec.functions)))]
+    if vocab.syntax == "json":
+        items = _repeat("call", spec.max_calls, sep='", "')
+        lines.append(f'calls: {marker} "[" {items} "]"')
+        for i, function in enumerate(spec.functions):
+            head = json.dumps(f'{{"name": "{function.name}", "arguments": ')
+            tail = '(", \\"id\\": \\"" CALL_ID "\\"")? "}"'
+            lines.append(f"f{i}: {head} @args{i} {tail}")
+        return lines
+    lines.append(f"calls: {_repeat('one_call', spec.max_calls)}")
+    lines.append(f"one_call: {marker} call")
+    call_id = f"(<[{vocab.call_id_id}]> CALL_ID)? " if vocab.syntax == "v11" and vocab.call_id_id is not None else ""
+    for i, function in enumerate(spec.functions):
+        lines.append(f"f{i}: {json.dumps(function.name)} {call_id}<[{vocab.args_id}]> @args{i}")
+    return lines
+
+
+def _repeat(rule: str, most: int, sep: str = "") -> str:
+    """`rule` one to `most` times: rule (sep rule (sep rule)?)?"""
+    glue = f"{sep} " if sep else ""
+    text = rule
+    for _ in range(most - 1):
+        text = f"{rule} ({glue}{text})?"
+    return text
+
+
+def _styled(schema: dict[str, Any], lenient: bool) -> dict[str, Any]:
+    """The schema with Python's JSON layout, and closed to undeclared properties where it names them:
+    the output still validates against the original, and a weak model cannot ramble on in extra keys."""
+    styled = dict(schema)
+    if styled.get("type") == "object" and "properties" in styled and not any(k in styled for k in _OPEN_KEYWORDS):
+        styled["additionalProperties"] = False
+    styled["x-guidance"] = {**_JSON_STYLE, "lenient": lenient}
+    return styled
+
+
+def _first_line(text: str) -> str:
+    """llguidance's errors go on with the parser state and the whole grammar: not for a log line."""
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"

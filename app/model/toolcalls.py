@@ -1,0 +1,241 @@
+"""Token ids -> Mistral tool calls, and Mistral <-> OpenAI call ids.
+
+Calls are parsed on token ids, never on decoded text: decoding drops the special markers, and
+text that merely spells "[TOOL_CALLS]" must never become a call. The layouts, by tokenizer version:
+  v11  [TOOL_CALLS]name[CALL_ID]id[ARGS]{json}   (the call id is optional)
+  v13+ [TOOL_CALLS]name[ARGS]{json}
+  v7-  [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
+Anything that does not fit is not a call: the caller returns it as text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import string
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from app.model.detok import trim_at_stop
+
+Syntax = Literal["json", "v11", "v13"]
+_ALNUM = string.ascii_letters + string.digits
+_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class TokenVocab:
+    """What parsing and constraining need of a tekken tokenizer: the bytes of every token id."""
+
+    pieces: tuple[bytes, ...]
+    """Bytes of each regular token; b"" for special tokens."""
+    special_names: dict[int, str]
+    eos_id: int
+    bos_id: int
+    syntax: Syntax
+    tool_calls_id: int | None
+    args_id: int | None
+    call_id_id: int | None
+    encode: Callable[[str], list[int]]
+
+    @classmethod
+    def from_tekken(cls, tekken: Any) -> TokenVocab:
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        n_special = int(tekken.num_special_tokens)
+        keep = SpecialTokenPolicy.KEEP
+        names = {i: tekken.id_to_byte_piece(i, keep).decode("utf-8") for i in range(n_special)}
+        pieces = tuple(b"" if i < n_special else bytes(tekken.id_to_byte_piece(i)) for i in range(tekken.n_words))
+        return cls(
+            pieces=pieces,
+            special_names=names,
+            eos_id=int(tekken.eos_id),
+            bos_id=int(tekken.bos_id),
+            syntax=syntax_of(str(tekken.version.value)),
+            tool_calls_id=_special(names, "[TOOL_CALLS]"),
+            args_id=_special(names, "[ARGS]"),
+            call_id_id=_special(names, "[CALL_ID]"),
+            encode=lambda text: list(tekken.encode(text, bos=False, eos=False)),
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def can_call(self) -> bool:
+        """The tokenizer has the markers its call syntax needs."""
+        return self.tool_calls_id is not None and (self.syntax == "json" or self.args_id is not None)
+
+    def is_special(self, token: int) -> bool:
+        return token in self.special_names
+
+    def text(self, ids: Sequence[int], keep_special: bool = False) -> str:
+        """Like the tokenizer's decode; `keep_special` writes markers as their names ("[TOOL_CALLS]")."""
+        return self.bytes_of(ids, keep_special).decode("utf-8", errors="replace")
+
+    def bytes_of(self, ids: Sequence[int], keep_special: bool = False) -> bytes:
+        return b"".join(self._bytes(t, keep_special) for t in ids)
+
+    def _bytes(self, token: int, keep_special: bool) -> bytes:
+        if token in self.special_names:
+            return self.special_names[token].encode() if keep_special else b""
+        return self.pieces[token] if 0 <= token < len(self.pieces) else b""
+
+
+def syntax_of(version: str) -> Syntax:
+    number = int(version.lstrip("v") or 0)
+    return "json" if number < 11 else "v11" if number < 13 else "v13"
+
+
+def _special(names: dict[int, str], name: str) -> int | None:
+    return next((i for i, n in names.items() if n == name), None)
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    name: str
+    arguments: str
+    """A JSON object, as a string (OpenAI's `function.arguments`)."""
+    id: str
+
+
+def split_at_calls(ids: Sequence[int], vocab: TokenVocab) -> tuple[list[int], list[int]]:
+    """(what comes before the first [TOOL_CALLS], the rest from that marker on)."""
+    marker = vocab.tool_calls_id
+    cut = next((i for i, t in enumerate(ids) if t == marker), len(ids)) if marker is not None else len(ids)
+    return list(ids[:cut]), list(ids[cut:])
+
+
+def parse_calls(ids: Sequence[int], vocab: TokenVocab, names: Collection[str] | None = None) -> list[ParsedCall] | None:
+    """The calls in `ids` (which must start with [TOOL_CALLS]), or None if anything is malformed.
+
+    `names`, when given, are the only functions that may be called.
+    """
+    if not ids or vocab.tool_calls_id is None or ids[0] != vocab.tool_calls_id:
+        return None
+    calls: list[ParsedCall] = []
+    for segment in _segments(ids, vocab.tool_calls_id):
+        found = _json_calls(segment, vocab) if vocab.syntax == "json" else _marked_call(segment, vocab)
+        if found is None:
+            return None
+        calls.extend(found)
+    if not calls or any(not _NAME.fullmatch(c.name) or (names is not None and c.name not in names) for c in calls):
+        return None
+    return calls
+
+
+def _segments(ids: Sequence[int], marker: int) -> list[list[int]]:
+    segments: list[list[int]] = []
+    for token in ids:
+        if token == marker:
+            segments.append([])
+        else:
+            segments[-1].append(token)
+    return segments
+
+
+def _marked_call(segment: list[int], vocab: TokenVocab) -> list[ParsedCall] | None:
+    """name [CALL_ID] id [ARGS] json  |  name [ARGS] json"""
+    args_id = vocab.args_id
+    if args_id is None or segment.count(args_id) != 1:
+        return None
+    cut = segment.index(args_id)
+    head, args = segment[:cut], segment[cut + 1 :]
+    call_id = ""
+    if vocab.call_id_id is not None and vocab.call_id_id in head:
+        split = head.index(vocab.call_id_id)
+        head, call_id = head[:split], vocab.text(head[split + 1 :]).strip()
+    if any(vocab.is_special(t) for t in head + args):
+        return None
+    arguments = _json_object(vocab.text(args))
+    if arguments is None:
+        return None
+    return [_call(vocab.text(head).strip(), arguments, call_id)]
+
+
+def _json_calls(segment: list[int], vocab: TokenVocab) -> list[ParsedCall] | None:
+    """[{"name": ..., "arguments": {...}, "id"?: ...}, ...] (or one bare object)."""
+    if any(vocab.is_special(t) for t in segment):
+        return None
+    value = _json_value(vocab.text(segment))
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        raw = item.get("arguments", {})
+        arguments = _json_object(raw) if isinstance(raw, str) else raw
+        if not isinstance(arguments, dict):
+            return None
+        calls.append(_call(item["name"], arguments, str(item.get("id", ""))))
+    return calls
+
+
+def _call(name: str, arguments: dict[str, Any], call_id: str) -> ParsedCall:
+    valid_id = call_id if _CALL_ID.fullmatch(call_id) else new_call_id()
+    return ParsedCall(name, json.dumps(arguments, ensure_ascii=False), valid_id)
+
+
+def _json_value(text: str) -> Any:
+    """The one JSON value `text` holds (whitespace around it allowed), or None."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    value = _json_value(text)
+    return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class ChatOutput:
+    """What one generation means to the client: text, or text and tool calls."""
+
+    content: str | None
+    calls: tuple[ParsedCall, ...]
+    finish_reason: str
+
+
+def chat_output(
+    ids: Sequence[int], finish_reason: str, vocab: TokenVocab, names: Collection[str] | None, stops: Sequence[str]
+) -> ChatOutput:
+    """Calls only when tools are on (`names`), the model ended the turn itself (EOS, not a length cut or a
+    stop string) and every call parses; otherwise everything is text, a failed call with its markers."""
+    before, after = split_at_calls(ids, vocab) if names is not None else (list(ids), [])
+    complete = finish_reason == "stop" and not any(s and s in vocab.text(ids) for s in stops)
+    calls = parse_calls(after, vocab, names) if after and complete else None
+    if calls:
+        content = vocab.text(before)
+        return ChatOutput(content if content.strip() else None, tuple(calls), "tool_calls")
+    text, stopped = trim_at_stop(vocab.text(before) + vocab.text(after, keep_special=True), stops)
+    return ChatOutput(text, (), "stop" if stopped else finish_reason)
+
+
+# -- call ids -------------------------------------------------------------------------------------
+def new_call_id() -> str:
+    """A Mistral call id (9 alphanumerics), which is also a valid OpenAI tool-call id."""
+    return "".join(secrets.choice(_ALNUM) for _ in range(9))
+
+
+def mistral_call_id(openai_id: str) -> str:
+    """OpenAI ids ("call_abc...") do not fit Mistral's 9-alphanumeric rule: map them, deterministically,
+    so an assistant's call and the tool result answering it keep matching (across requests too)."""
+    if _CALL_ID.fullmatch(openai_id):
+        return openai_id
+    number = int.from_bytes(hashlib.sha256(openai_id.encode()).digest()[:8], "big")
+    chars = []
+    for _ in range(9):
+        number, rest = divmod(number, len(_ALNUM))
+        chars.append(_ALNUM[rest])
+    return "".join(chars)

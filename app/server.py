@@ -1,0 +1,148 @@
+"""Run an ASGI app under uvicorn with the limits a public server needs, and drain on SIGTERM.
+
+Plain uvicorn closes its listening socket on the first SIGTERM, so a client arriving during
+shutdown sees "connection refused", and it has no deadline for request headers, so a client
+trickling header bytes holds a connection for ever. Here the first SIGTERM (or Ctrl+C) only
+starts a drain (the socket stays open; the app answers new requests 503); uvicorn's own
+shutdown follows once the drain is over, and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from types import FrameType
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 16 * 1024
+"""Largest request head h11 buffers before answering 400 (uvicorn's default, made explicit)."""
+_TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+
+Drain = Callable[[], Awaitable[object]]
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for each request head.
+
+    The clock starts when a connection opens or when the first byte of a later request on a
+    keep-alive connection arrives (idle keep-alive stays uvicorn's business), and stops once
+    the head is parsed. Subclassed per server by `protocol_class` to carry the timeout.
+    """
+
+    header_timeout_s = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and self._between_requests():
+            self._arm()
+        super().data_received(data)
+        if not self._between_requests():
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._between_requests() and self.conn.trailing_data[0]:
+            self._arm()  # part of a pipelined head is already here
+        else:
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _expire(self) -> None:
+        self._head_timer = None
+        if self._between_requests() and not self.transport.is_closing():
+            if self.conn.trailing_data[0]:  # a started head: say why; a silent one just closes
+                self.transport.write(_TIMEOUT_408)
+            self.transport.close()
+
+
+def protocol_class(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first SIGTERM/SIGINT runs `drain` before the usual shutdown."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.drain_timeout_s = drain_timeout_s
+        self.draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in uvicorn's captured signals: uvicorn would re-raise SIGTERM at exit and the
+        # process would die by the signal (status 143) instead of exiting 0 after a clean drain.
+        if self.draining or self._loop is None:  # a second signal, or one before start-up: stop now
+            self.force_exit = self.draining
+            self.should_exit = True
+            return
+        self.draining = True
+        log.info("received %s: draining for up to %g s", signal.Signals(sig).name, self.drain_timeout_s)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._run_drain())
+
+    async def _run_drain(self) -> None:
+        assert self._loop is not None
+        started = self._loop.time()
+        try:
+            await self.drain()
+        except Exception:
+            log.exception("drain failed; shutting down now")
+        finally:
+            # What is left of the budget bounds uvicorn's wait for responses still being written.
+            left = self.drain_timeout_s - (self._loop.time() - started)
+            self.config.timeout_graceful_shutdown = max(1, math.ceil(left))
+            self.should_exit = True
+
+
+def build_server(app: object, settings: Settings, drain: Drain) -> DrainingServer:
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=settings.host,
+        port=settings.port,
+        http=protocol_class(settings.header_read_timeout_s),
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # float works: call_later
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+    return DrainingServer(config, drain, settings.drain_timeout_s)

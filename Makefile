@@ -16,7 +16,9 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX)
+	# torch alone from the CPU index (no retries: an unreachable index must not stall every lookup);
+	# its own dependencies then come with the project from the default index.
+	$(BIN)/python -m pip install --quiet --no-deps --retries 0 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 

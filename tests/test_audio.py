@@ -21,6 +21,7 @@ from hypothesis.extra import numpy as hnp
 from app import audio
 from app.audio import DECODE_MARGIN_S, SAMPLE_RATE, AudioLimits, decode_audio, encode_wav_float32
 from app.errors import AudioDecodeError, AudioTooLong
+from tests.audio_fixtures import silent_opus
 
 AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 LIMITS = AudioLimits(max_seconds=60)
@@ -79,30 +80,6 @@ def forge_flac_streaminfo(data: bytes, *, rate: int | None = None, total_samples
         packed = (packed & ~((1 << 36) - 1)) | total_samples
     forged[offset : offset + 8] = packed.to_bytes(8, "big")
     return bytes(forged)
-
-
-def silent_opus(seconds: float, container_format: str) -> bytes:
-    """Opus silence, built by muxing one encoded 20 ms packet over and over (cheap even for hours)."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=container_format) as container:
-        stream = container.add_stream("libopus", rate=48000, layout="mono")
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="flt", layout="mono")
-        frame.sample_rate = 48000
-        packets = []
-        for index in range(10):
-            frame.pts = index * 960
-            packets += stream.encode(frame)
-        for packet in packets:
-            container.mux(packet)
-        template = packets[-1]
-        pts, step = template.pts or 0, template.duration or 960
-        for _ in range(round(seconds * 50) - len(packets)):
-            pts += step
-            copy = av.Packet(bytes(template))
-            copy.pts = copy.dts = pts
-            copy.duration, copy.time_base, copy.stream = template.duration, template.time_base, stream
-            container.mux(copy)
-    return buffer.getvalue()
 
 
 def assert_model_ready(decoded: np.ndarray) -> None:

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import av
 import numpy as np
 import psutil
 import pytest
@@ -26,6 +25,7 @@ import soundfile as sf
 
 from app.logs import JsonFormatter, TextFormatter
 from app.model.loader import LoadedModel
+from tests.audio_fixtures import silent_opus
 from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve
 
 KEY = "sk-voxtral-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
@@ -187,30 +187,6 @@ def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 20.0
 
 
 BOMB_LIMIT_S = 60
-
-
-def silent_opus(seconds: float, container_format: str) -> bytes:
-    """Opus silence, built by muxing one encoded 20 ms packet over and over (cheap even for hours)."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=container_format) as container:
-        stream = container.add_stream("libopus", rate=48000, layout="mono")
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="flt", layout="mono")
-        frame.sample_rate = 48000
-        packets = []
-        for index in range(10):
-            frame.pts = index * 960
-            packets += stream.encode(frame)
-        for packet in packets:
-            container.mux(packet)
-        template = packets[-1]
-        pts, step = template.pts or 0, template.duration or 960
-        for _ in range(round(seconds * 50) - len(packets)):
-            pts += step
-            copy = av.Packet(bytes(template))
-            copy.pts = copy.dts = pts
-            copy.duration, copy.time_base, copy.stream = template.duration, template.time_base, stream
-            container.mux(copy)
-    return buffer.getvalue()
 
 
 def webm_claiming(seconds_claimed: float, data: bytes) -> bytes:

@@ -30,3 +30,18 @@ def silent_opus(seconds: float, container_format: str) -> bytes:
             copy.duration, copy.time_base, copy.stream = template.duration, template.time_base, stream
             container.mux(copy)
     return buffer.getvalue()
+
+
+def video_only(container_format: str = "mp4", codec: str = "mpeg4") -> bytes:
+    """A valid container with one short video stream and no audio stream."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=10)
+        assert isinstance(stream, av.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for index in range(3):
+            frame = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()

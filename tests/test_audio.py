@@ -10,7 +10,6 @@ import sys
 import tracemalloc
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile as sf
@@ -21,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 from app import audio
 from app.audio import DECODE_MARGIN_S, SAMPLE_RATE, AudioLimits, decode_audio, encode_wav_float32
 from app.errors import AudioDecodeError, AudioTooLong
-from tests.audio_fixtures import silent_opus
+from tests.audio_fixtures import silent_opus, video_only
 
 AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 LIMITS = AudioLimits(max_seconds=60)
@@ -302,21 +301,12 @@ def test_non_finite_samples_are_rejected() -> None:
 
 @pytest.mark.parametrize(("container_format", "codec"), [("mp4", "mpeg4"), ("matroska", "mpeg4")])
 def test_container_without_audio_stream_is_rejected(container_format: str, codec: str) -> None:
-    buffer = io.BytesIO()
     try:
-        with av.open(buffer, "w", format=container_format) as container:
-            stream = container.add_stream(codec, rate=10)
-            assert isinstance(stream, av.VideoStream)
-            stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-            for index in range(3):
-                frame = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
-                frame.pts = index
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
+        data = video_only(container_format, codec)
     except Exception as exc:  # an FFmpeg build without this muxer or encoder
         pytest.skip(f"PyAV cannot write a video-only {container_format}: {exc}")
     with pytest.raises(AudioDecodeError, match="no audio stream"):
-        decode_audio(buffer.getvalue(), LIMITS, filename="clip.mp4")
+        decode_audio(data, LIMITS, filename="clip.mp4")
 
 
 def test_unexpected_backend_failure_becomes_decode_error(monkeypatch: pytest.MonkeyPatch) -> None:

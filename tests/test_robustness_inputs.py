@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import av
 import httpx
 import numpy as np
 import psutil
@@ -28,6 +27,7 @@ import pytest
 import soundfile as sf
 
 from app.model.loader import LoadedModel
+from tests.audio_fixtures import video_only
 from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve
 
 LIMIT_AUDIO_S = 20
@@ -81,17 +81,7 @@ def flac_with_rate(rate: int) -> bytes:
 
 def video_only_mp4() -> bytes:
     """A valid MP4 with one video stream and no audio stream."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        assert isinstance(stream, av.VideoStream)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for index in range(3):
-            frame = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
-            frame.pts = index
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return buffer.getvalue()
+    return video_only("mp4", "mpeg4")
 
 
 def random_bytes(n: int, seed: int = 7) -> bytes:

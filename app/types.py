@@ -6,7 +6,7 @@ Nothing after the API edge re-validates: once a `PreparedRequest` exists its num
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -48,10 +48,8 @@ class PreparedRequest:
     """(n_chunks, n_mels, 3000): each 30 s window of each audio, in prompt order."""
     sampling: SamplingParams
     kind: Literal["transcription", "translation", "chat"]
-    audio_seconds: float = 0.0
     constraint_factory: Callable[[], Constraint] | None = None
     """Made fresh for each row in the worker thread: constraints are stateful."""
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def prompt_tokens(self) -> int:

@@ -70,6 +70,18 @@ def marked(items: list[WorkItem]) -> bool:
     return any(item.request.sampling.max_new_tokens == MARK for item in items)
 
 
+class HoldMarked:
+    """A fault hook that holds the worker inside the marked request's prefill until released."""
+
+    def __init__(self, wait_s: float = 30) -> None:
+        self.entered, self.release, self.wait_s = threading.Event(), threading.Event(), wait_s
+
+    def __call__(self, at: str, items: list[WorkItem]) -> None:
+        if at == "prefill" and marked(items):
+            self.entered.set()
+            self.release.wait(self.wait_s)
+
+
 def chat_body(max_tokens: int = 4, stream: bool = False, **extra: Any) -> dict[str, Any]:
     messages = [{"role": "user", "content": "Tell me a long story."}]
     return {"model": "tiny", "messages": messages, "max_tokens": max_tokens, "stream": stream, **extra}
@@ -169,12 +181,8 @@ def test_model_exception_mid_stream_ends_the_stream_with_an_error_event(
 def test_hung_model_is_answered_504_and_the_server_recovers_when_it_returns(
     faulty: RunningServer, fhttp: httpx.Client
 ) -> None:
-    entered, release = threading.Event(), threading.Event()
-
-    def hook(at: str, items: list[WorkItem]) -> None:
-        if at == "prefill" and marked(items):
-            entered.set()
-            release.wait(30)
+    hook = HoldMarked()
+    entered, release = hook.entered, hook.release
 
     faulty.engine.worker.fault_hook = hook
     with ThreadPoolExecutor(4) as pool:
@@ -297,12 +305,8 @@ def test_slow_stream_reader_does_not_hold_up_other_requests(faulty: RunningServe
 def test_a_bad_seed_is_refused_before_it_can_fail_a_batch(faulty: RunningServer, fhttp: httpx.Client) -> None:
     """A seed outside int64 once reached torch.Generator.manual_seed inside the worker's batched prefill and
     failed every request prefilled with it: it must be refused (400) before it is queued."""
-    entered, release = threading.Event(), threading.Event()
-
-    def hook(at: str, items: list[WorkItem]) -> None:
-        if at == "prefill" and marked(items):
-            entered.set()
-            release.wait(10)
+    hook = HoldMarked(10)
+    entered, release = hook.entered, hook.release
 
     faulty.engine.worker.fault_hook = hook
     with ThreadPoolExecutor(3) as pool:
@@ -340,12 +344,8 @@ def test_a_full_queue_refuses_before_decoding_audio(
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(service_module, "decode_audio", counting_decode)
-    entered, release = threading.Event(), threading.Event()
-
-    def hook(at: str, items: list[WorkItem]) -> None:
-        if at == "prefill" and marked(items):
-            entered.set()
-            release.wait(30)
+    hook = HoldMarked()
+    entered, release = hook.entered, hook.release
 
     with serve(loaded, tiny_dir, max_queue=1, max_batch_size=1) as small, small.http() as http:
         small.engine.worker.fault_hook = hook

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -56,7 +55,6 @@ class ModelWorker:
         """Rows pushed out of the batch by an out-of-memory step; re-prefilled first."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="voxtral-model-worker", daemon=True)
-        self.busy = False
 
     @property
     def running(self) -> int:
@@ -85,7 +83,6 @@ class ModelWorker:
         free = self.max_batch_size - self.running - len(self._preempted)
         wait = 0.0 if idle else self.max_wait_s
         new = self.queue.take(free, self.max_batch_tokens, timeout=0.2 if idle else None, min_age_s=wait)
-        self.busy = bool(new) or not idle
         if new:
             self._admit(new)
         if self._state is not None:
@@ -268,7 +265,3 @@ class ModelWorker:
         self._fail_running(error)
         for item in self.queue.drain_all():
             item.finish(error)
-
-
-def describe(worker: ModelWorker) -> dict[str, Any]:
-    return {"running": worker.running, "waiting": len(worker.queue), "alive": worker._thread.is_alive()}

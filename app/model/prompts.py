@@ -25,7 +25,6 @@ TRANSLATE_INSTRUCTION = "Translate this audio into English. Answer with the tran
 class Encoded:
     input_ids: list[int]
     input_features: torch.Tensor | None
-    audio_seconds: float
 
 
 class Prompter:
@@ -93,9 +92,8 @@ class Prompter:
 
     def _encoded(self, tokenized: Any) -> Encoded:
         arrays = [a.audio_array for a in tokenized.audios]
-        seconds = sum(a.shape[-1] for a in arrays) / SAMPLE_RATE
         features = self.features(arrays) if arrays else None
-        return Encoded(list(tokenized.tokens), features, seconds)
+        return Encoded(list(tokenized.tokens), features)
 
 
 def _to_mistral_message(message: dict[str, Any]) -> dict[str, Any]:

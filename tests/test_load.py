@@ -35,7 +35,7 @@ load: Any = _bench()
 
 
 @pytest.mark.parametrize(
-    ("max_queue", "expect_429"), [(4 * CONCURRENCY, False), (4, True)], ids=["big-queue", "small-queue"]
+    ("max_queue", "expect_429"), [(4 * CONCURRENCY, False), (8, True)], ids=["big-queue", "small-queue"]
 )
 def test_every_request_gets_exactly_one_answer(
     loaded: LoadedModel, tiny_dir: Path, max_queue: int, expect_429: bool

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 FinishReason = Literal["stop", "length", "tool_calls", "error", "cancelled"]
@@ -41,11 +42,12 @@ class Constraint(Protocol):
 
 @dataclass
 class PreparedRequest:
-    """A request ready for the model: token ids, the mel features of its audio, and how to decode."""
+    """A request ready for the model: token ids, its audio, and how to decode."""
 
     input_ids: list[int]
-    input_features: torch.Tensor | None
-    """(n_chunks, n_mels, 3000): each 30 s window of each audio, in prompt order."""
+    audios: list[np.ndarray]
+    """16 kHz mono float32, in prompt order, each padded to whole 30 s windows. The worker turns
+    them into mel features on the model's device (app/model/features.py)."""
     sampling: SamplingParams
     kind: Literal["transcription", "translation", "chat"]
     constraint_factory: Callable[[], Constraint] | None = None

@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 
 from app.audio import AudioLimits, decode_audio
+from app.model.features import LogMel
 from app.model.generate import BatchGenerator, Row, sample
 from app.model.loader import LoadedModel
 from app.model.prompts import Prompter
@@ -29,18 +30,30 @@ def prompter(loaded: LoadedModel) -> Prompter:
     return Prompter(loaded.processor, "tiny")
 
 
-def test_transcription_prompt_matches_apply_transcription_request(loaded: LoadedModel, prompter: Prompter) -> None:
+@pytest.fixture(scope="module")
+def log_mel(loaded: LoadedModel) -> LogMel:
+    return LogMel(loaded.processor.feature_extractor, 3000)
+
+
+def _features(log_mel: LogMel, audios: list[np.ndarray]) -> torch.Tensor:
+    """What the worker feeds the model for these audios."""
+    return torch.cat([log_mel(audio) for audio in audios])
+
+
+def test_transcription_prompt_matches_apply_transcription_request(
+    loaded: LoadedModel, prompter: Prompter, log_mel: LogMel
+) -> None:
     for language in ("en", None):
         ref = loaded.processor.apply_transcription_request(
             audio=str(AUDIO / "jfk.wav"), model_id="tiny", language=language
         )
         ours = prompter.transcription(JFK, language)
         assert ours.input_ids == ref["input_ids"][0].tolist()
-        assert ours.input_features is not None and torch.equal(ours.input_features, ref["input_features"])
+        assert torch.equal(_features(log_mel, ours.audios), ref["input_features"])
     assert prompter.transcription(JFK, "en").input_ids[-1] == 34  # ... lang:en[TRANSCRIBE]
 
 
-def test_chat_prompt_matches_apply_chat_template(loaded: LoadedModel, prompter: Prompter) -> None:
+def test_chat_prompt_matches_apply_chat_template(loaded: LoadedModel, prompter: Prompter, log_mel: LogMel) -> None:
     path = str(AUDIO / "jfk.wav")
     conversation = [
         {
@@ -64,7 +77,36 @@ def test_chat_prompt_matches_apply_chat_template(loaded: LoadedModel, prompter: 
         ]
     )
     assert ours.input_ids == ref["input_ids"][0].tolist()
-    assert ours.input_features is not None and torch.equal(ours.input_features, ref["input_features"])
+    assert len(ours.audios) == 3
+    assert torch.equal(_features(log_mel, ours.audios), ref["input_features"])
+
+
+# Lengths around every boundary of the trimmed STFT (window 400, hop 160, 30 s chunks), silence,
+# clipping-level audio, and random lengths up to three chunks.
+_EDGE_LENGTHS = [1, 199, 200, 201, 399, 400, 401, 560, 561, 16_000, 479_599, 479_600, 479_601, 480_000, 480_001]
+_EDGE_LENGTHS += [480_400, 959_999, 1_439_700] + [int(n) for n in np.random.default_rng(7).integers(1, 1_500_000, 12)]
+
+
+@pytest.mark.parametrize("length", _EDGE_LENGTHS)
+def test_log_mel_equals_the_feature_extractor_bit_for_bit(loaded: LoadedModel, log_mel: LogMel, length: int) -> None:
+    """The fast log-mel skips the FFTs of the zero padding; it must not change one bit, whether the
+    audio comes bare or already padded with zeros (as mistral-common hands it over)."""
+    rng = np.random.default_rng(length)
+    audio = (rng.standard_normal(length) * rng.uniform(1e-3, 1.0)).astype(np.float32)
+    audio[-min(length, 7) :] = 0.0  # trailing zeros that are part of the audio
+    ref = loaded.processor.feature_extractor(
+        audio, sampling_rate=16000, padding=True, truncation=False, pad_to_multiple_of=480_000, return_tensors="pt"
+    )["input_features"]
+    chunks = -(-length // 480_000)
+    for given in (audio, np.concatenate([audio, np.zeros(chunks * 480_000 - length, np.float32)])):
+        ours = log_mel(given)
+        assert ours.shape == (chunks, 128, 3000)
+        assert torch.equal(ours.transpose(0, 1).reshape(128, -1), ref[0])
+
+
+def test_log_mel_of_silence_and_full_scale(log_mel: LogMel) -> None:
+    for audio in (np.zeros(16_000, np.float32), np.ones(16_000, np.float32), -np.ones(500_000, np.float32)):
+        assert torch.equal(log_mel(audio), log_mel._reference(audio).reshape(128, -1, 3000).transpose(0, 1))
 
 
 def _mixed_requests(prompter: Prompter, n: int = 16) -> list[Any]:
@@ -94,22 +136,26 @@ def _decode(gen: BatchGenerator, rows: list[Row], steps: int) -> list[list[int]]
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=11)])
-def test_alone_equals_in_a_batch_of_16(loaded: LoadedModel, prompter: Prompter, sampling: SamplingParams) -> None:
-    gen = BatchGenerator(loaded.model, pad_token_id=11)
+def test_alone_equals_in_a_batch_of_16(
+    loaded: LoadedModel, prompter: Prompter, log_mel: LogMel, sampling: SamplingParams
+) -> None:
+    gen = BatchGenerator(loaded.model, pad_token_id=11, log_mel=log_mel)
     requests = _mixed_requests(prompter)
     assert len({len(r.input_ids) for r in requests}) > 8  # really mixed lengths
-    alone = [_decode(gen, [Row(r.input_ids, r.input_features, sampling)], 10)[0] for r in requests]
-    batched = _decode(gen, [Row(r.input_ids, r.input_features, sampling) for r in requests], 10)
+    alone = [_decode(gen, [Row(r.input_ids, r.audios, sampling)], 10)[0] for r in requests]
+    batched = _decode(gen, [Row(r.input_ids, r.audios, sampling) for r in requests], 10)
     assert batched == alone
     assert len({tuple(a) for a in alone}) > 4  # outputs depend on the input: the test is not blind
 
 
-def test_rows_joining_and_leaving_mid_flight_keep_their_output(loaded: LoadedModel, prompter: Prompter) -> None:
-    gen = BatchGenerator(loaded.model, pad_token_id=11)
+def test_rows_joining_and_leaving_mid_flight_keep_their_output(
+    loaded: LoadedModel, prompter: Prompter, log_mel: LogMel
+) -> None:
+    gen = BatchGenerator(loaded.model, pad_token_id=11, log_mel=log_mel)
     requests = _mixed_requests(prompter, 6)
-    alone = [_decode(gen, [Row(r.input_ids, r.input_features, SamplingParams())], 12)[0] for r in requests]
-    first = [Row(r.input_ids, r.input_features, SamplingParams()) for r in requests[:3]]
-    later = [Row(r.input_ids, r.input_features, SamplingParams()) for r in requests[3:]]
+    alone = [_decode(gen, [Row(r.input_ids, r.audios, SamplingParams())], 12)[0] for r in requests]
+    first = [Row(r.input_ids, r.audios, SamplingParams()) for r in requests[:3]]
+    later = [Row(r.input_ids, r.audios, SamplingParams()) for r in requests[3:]]
     state, logits = gen.prefill(first)
     joined = False
     while state.rows:

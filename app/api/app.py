@@ -27,6 +27,7 @@ from app.api.usage import ObservedEngine, ObservedService
 from app.config import Settings
 from app.engine.engine import Engine
 from app.metrics import Metrics
+from app.model.features import LogMel
 from app.model.generate import BatchGenerator
 from app.model.loader import LoadedModel, load_model
 from app.model.prompts import Prompter
@@ -38,9 +39,14 @@ log = logging.getLogger(__name__)
 def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> tuple[Engine, Service]:
     tokenizer = loaded.processor.tokenizer
     special = tokenizer.tokenizer.instruct_tokenizer.tokenizer
-    prompter = Prompter(loaded.processor, settings.model_id, loaded.model.config.audio_config.max_source_positions * 2)
+    prompter = Prompter(loaded.processor, settings.model_id)
+    log_mel = LogMel(
+        loaded.processor.feature_extractor,
+        frames_per_chunk=loaded.model.config.audio_config.max_source_positions * 2,
+        device=next(loaded.model.parameters()).device,
+    )
     engine = ObservedEngine(
-        BatchGenerator(loaded.model, pad_token_id=special.pad_id),
+        BatchGenerator(loaded.model, pad_token_id=special.pad_id, log_mel=log_mel),
         eos_token_ids={special.eos_id},
         decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
         max_queue=settings.max_queue,
@@ -56,7 +62,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> t
 async def warm_up(service: Service) -> None:
     """One tiny generation so the first real request pays no one-time cost."""
     encoded = service.prompter.chat([{"role": "user", "content": "Hi"}])
-    request = PreparedRequest(encoded.input_ids, None, SamplingParams(max_new_tokens=2), "chat")
+    request = PreparedRequest(encoded.input_ids, [], SamplingParams(max_new_tokens=2), "chat")
     await service.engine.generate(request)
     await asyncio.to_thread(lambda: service.constrainer)  # the vocabulary pass for constrained decoding
 

@@ -183,7 +183,7 @@ class Service:
             raise chat.grammar_refused(spec, exc) from exc
 
     def _prepared(self, encoded: Encoded, sampling: SamplingParams, kind: Any) -> PreparedRequest:
-        return PreparedRequest(encoded.input_ids, encoded.input_features, sampling, kind)
+        return PreparedRequest(encoded.input_ids, encoded.audios, sampling, kind)
 
     async def _message(self, message: Message) -> dict[str, Any]:
         out = chat.message_fields(message)

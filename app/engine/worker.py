@@ -155,7 +155,7 @@ class ModelWorker:
     def _row(item: WorkItem) -> Row:
         request = item.request
         constraint = request.constraint_factory() if request.constraint_factory else None
-        return Row(request.input_ids, request.input_features, request.sampling, owner=item, constraint=constraint)
+        return Row(request.input_ids, request.audios, request.sampling, owner=item, constraint=constraint)
 
     # -- decoding ------------------------------------------------------------------------------
     def _advance(self) -> None:

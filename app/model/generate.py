@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
+from app.model.features import LogMel
 from app.types import SamplingParams
 
 
@@ -24,7 +26,7 @@ class Row:
     """One request while the model holds it."""
 
     input_ids: list[int]
-    input_features: torch.Tensor | None
+    audios: list[np.ndarray]
     sampling: SamplingParams
     generated: list[int] = field(default_factory=list)
     rng: torch.Generator | None = None
@@ -53,11 +55,12 @@ class BatchState:
 class BatchGenerator:
     """Stateless over requests: owns the model and turns rows into logits."""
 
-    def __init__(self, model: Any, pad_token_id: int) -> None:
+    def __init__(self, model: Any, pad_token_id: int, log_mel: LogMel) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self.text_config = model.config.text_config
+        self.log_mel = log_mel
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[Row]) -> tuple[BatchState, torch.Tensor]:
@@ -71,7 +74,7 @@ class BatchGenerator:
             ids[i, width - len(prompt) :] = torch.tensor(prompt)
             mask[i, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        feats = [r.input_features for r in rows if r.input_features is not None]
+        feats = [self.log_mel(audio) for r in rows for audio in r.audios]
         features = torch.cat(feats).to(self.device, self.model.dtype) if feats else None
         out = self.model(
             input_ids=ids.to(self.device),

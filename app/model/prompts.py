@@ -2,8 +2,9 @@
 
 Prompts go through mistral-common (the library Voxtral's processor uses) so that tools and
 tool-result turns are rendered, which `VoxtralProcessor.apply_chat_template` silently drops.
-The features are computed like the processor does: every audio padded to a multiple of 30 s
-and cut into 3000-frame windows. Runs on CPU threads before the queue, never on the worker.
+The audio comes out as mistral-common prepares it for the processor (16 kHz, padded to whole
+30 s windows); the worker turns it into mel features (features.py). Runs on CPU threads before
+the queue, never on the worker.
 """
 
 from __future__ import annotations
@@ -12,30 +13,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from app.audio import SAMPLE_RATE, encode_wav_float32
+from app.audio import encode_wav_float32
 from app.errors import InvalidRequest, UnsupportedFeature
 
-CHUNK_SAMPLES = 30 * SAMPLE_RATE
 TRANSLATE_INSTRUCTION = "Translate this audio into English. Answer with the translation only."
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
-    input_features: torch.Tensor | None
+    audios: list[np.ndarray]
+    """As mistral-common prepared them: 16 kHz, padded to whole 30 s windows, prompt order."""
 
 
 class Prompter:
-    """Owns the tokenizer and feature extractor of one checkpoint."""
+    """Owns the tokenizer of one checkpoint."""
 
-    def __init__(self, processor: Any, model_id: str, mel_frames_per_chunk: int = 3000) -> None:
+    def __init__(self, processor: Any, model_id: str) -> None:
         self.processor = processor
         self.model_id = model_id
         self.mistral = processor.tokenizer.tokenizer
-        self.feature_extractor = processor.feature_extractor
-        self.mel_frames = mel_frames_per_chunk
 
     # -- requests ----------------------------------------------------------------------------
     def transcription(self, audio: np.ndarray, language: str | None) -> Encoded:
@@ -75,25 +73,8 @@ class Prompter:
         return self._encoded(tokenized)
 
     # -- pieces ------------------------------------------------------------------------------
-    def features(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        """(n_chunks, n_mels, frames): the processor's `_retrieve_input_features`, array by array."""
-        chunks = []
-        for array in arrays:
-            mel = self.feature_extractor(
-                array,
-                sampling_rate=SAMPLE_RATE,
-                padding=True,
-                truncation=False,
-                pad_to_multiple_of=CHUNK_SAMPLES,
-                return_tensors="pt",
-            )["input_features"]
-            chunks.append(mel.reshape(self.feature_extractor.feature_size, -1, self.mel_frames).transpose(0, 1))
-        return torch.cat(chunks)
-
     def _encoded(self, tokenized: Any) -> Encoded:
-        arrays = [a.audio_array for a in tokenized.audios]
-        features = self.features(arrays) if arrays else None
-        return Encoded(list(tokenized.tokens), features)
+        return Encoded(list(tokenized.tokens), [a.audio_array for a in tokenized.audios])
 
 
 def _to_mistral_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -109,6 +109,19 @@ def test_log_mel_of_silence_and_full_scale(log_mel: LogMel) -> None:
         assert torch.equal(log_mel(audio), log_mel._reference(audio).reshape(128, -1, 3000).transpose(0, 1))
 
 
+def test_log_mel_of_a_batch_equals_each_audio_alone(loaded: LoadedModel, log_mel: LogMel) -> None:
+    """The worker transforms a whole batch at once: mixed lengths and chunk counts, silence, and
+    audio ending within a window of its padded end (which sees its own reflection) all stay exact."""
+    rng = np.random.default_rng(3)
+    lengths = [176_000, 1, 479_900, 720_000, 16_000, 960_000, 479_999, 300_000]
+    audios = [(rng.standard_normal(n) * 0.2).astype(np.float32) for n in lengths] + [np.zeros(480_000, np.float32)]
+    extractor = loaded.processor.feature_extractor
+    kwargs: dict[str, Any] = {"padding": True, "truncation": False, "pad_to_multiple_of": 480_000}
+    ref = [extractor(a, sampling_rate=16000, return_tensors="pt", **kwargs)["input_features"][0] for a in audios]
+    expected = torch.cat([r.reshape(128, -1, 3000).transpose(0, 1) for r in ref])
+    assert torch.equal(log_mel.batch(audios), expected)
+
+
 def _mixed_requests(prompter: Prompter, n: int = 16) -> list[Any]:
     rng = np.random.default_rng(0)
     out = []

@@ -74,8 +74,8 @@ class BatchGenerator:
             ids[i, width - len(prompt) :] = torch.tensor(prompt)
             mask[i, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        feats = [self.log_mel(audio) for r in rows for audio in r.audios]
-        features = torch.cat(feats).to(self.device, self.model.dtype) if feats else None
+        audios = [audio for r in rows for audio in r.audios]
+        features = self.log_mel.batch(audios).to(self.device, self.model.dtype) if audios else None
         out = self.model(
             input_ids=ids.to(self.device),
             input_features=features,

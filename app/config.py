@@ -113,14 +113,16 @@ class Settings(BaseSettings):
     max_batch_size: int = 32
     """Rows decoded together. Larger raises throughput until the GPU is saturated, at some latency cost."""
     max_batch_tokens: int = 32768
-    """Prompt tokens (audio tokens included) prefilled in one step; bounds activation memory."""
+    """Prompt tokens (audio tokens included) prefilled in one step; bounds activation memory. Running rows
+    take a decode step between prefills, so a smaller budget also shortens their stalls. On CPU about 3200
+    (8 rows of 30 s audio) is fastest: larger prefills run the audio encoder out of cache."""
     max_wait_ms: float = 0.0
     """How long a batch may wait to fill up while the model is busy anyway; never while it is idle."""
     request_timeout_s: float = 600.0
     """A request not finished after this long is answered 504 and its row is stopped."""
     prep_threads: int = 2
-    """Threads that decode audio and compute mel features before the queue. More keeps a fast GPU fed from
-    many uploads; on a small CPU they compete with the model worker for cores."""
+    """Threads that decode audio and tokenize prompts before the queue. More keeps a fast GPU fed from many
+    uploads; on a small CPU they compete with the model worker for cores."""
     torch_threads: int = 0
     """torch intra-op CPU threads (0: torch's default, one per core). On CPU serving, 1 leaves a core to
     HTTP and audio work; GPU serving hardly uses them."""

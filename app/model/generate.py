@@ -152,8 +152,14 @@ def _lpad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
     """One token per row, each with its own temperature, top_p, penalties, seed and constraint."""
+    # Plain greedy rows (transcription's default) share one argmax over the batch instead of a
+    # kernel and a device sync each; argmax takes the first maximum either way, so ties agree.
+    greedy = logits.argmax(-1).tolist()
     tokens = []
     for i, row in enumerate(rows):
+        if _plain_greedy(row):
+            tokens.append(int(greedy[i]))
+            continue
         scores = _penalised(logits[i], row)
         mask = row.constraint.allowed() if row.constraint is not None else None
         if mask is not None:
@@ -163,6 +169,12 @@ def sample(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
             row.constraint.advance(token)
         tokens.append(token)
     return tokens
+
+
+def _plain_greedy(row: Row) -> bool:
+    s = row.sampling
+    penalised = bool(row.generated) and (s.presence_penalty != 0 or s.frequency_penalty != 0)
+    return row.constraint is None and (s.temperature <= 0 or row.rng is None) and not penalised
 
 
 def _penalised(scores: torch.Tensor, row: Row) -> torch.Tensor:

@@ -6,7 +6,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,3 +121,12 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]
     assert isinstance(error["message"], str) and error["message"], error
     assert "Traceback" not in error["message"]
     return dict(error)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 15.0, poll_s: float = 0.01) -> None:
+    """Poll a condition that no event announces (the worker's row count, the server closing a file)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(poll_s)

@@ -26,7 +26,7 @@ import soundfile as sf
 
 from app.engine.work import WorkItem
 from app.model.loader import LoadedModel
-from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve
+from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve, wait_until
 
 TIMEOUT_S = 2.0
 """--request-timeout-s of this module's server: a hung model is answered 504 after this."""
@@ -51,15 +51,6 @@ def fhttp(faulty: RunningServer) -> Iterator[httpx.Client]:
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
-    """Poll a condition that no event announces (the worker thread's row count, the queue depth)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.01)
 
 
 def engine_idle(server: RunningServer) -> bool:

@@ -13,8 +13,7 @@ import socket
 import struct
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import soundfile as sf
 from app.logs import JsonFormatter, TextFormatter
 from app.model.loader import LoadedModel
 from tests.audio_fixtures import silent_opus
-from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve
+from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve, wait_until
 
 KEY = "sk-voxtral-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 OTHER_KEY = "sk-someone-elses-key-0123456789abcdef"
@@ -132,7 +131,7 @@ def test_big_uploads_spool_inside_the_temp_dir_and_leave_nothing_behind(server: 
         paused = pool.submit(http.post, "/v1/audio/transcriptions", content=upload.chunks(), headers=headers)
         assert upload.paused.wait(30)
         # Mid-upload: 6 MB are in, past Starlette's 1 MB in-memory spool, so one file is open for it ...
-        wait_for(lambda: regular_files(process) - files_before, "the upload spools to a file")
+        wait_until(lambda: regular_files(process) - files_before, "the upload spools to a file", 20.0, 0.02)
         for path in regular_files(process) - files_before:
             assert Path(path.removesuffix(" (deleted)")).parent == spool_dir, path
         # ... while a burst of other big uploads comes and goes.
@@ -150,8 +149,8 @@ def test_big_uploads_spool_inside_the_temp_dir_and_leave_nothing_behind(server: 
         upload.release.set()
         assert_openai_error(paused.result(timeout=60), 400)
     assert list(spool_dir.iterdir()) == []
-    wait_for(lambda: regular_files(process) - files_before == set(), "every spooled upload is closed")
-    wait_for(lambda: fd_count(process) <= fds_before + 2, "no file descriptor is leaked")
+    wait_until(lambda: regular_files(process) - files_before == set(), "every spooled upload is closed", 20.0, 0.02)
+    wait_until(lambda: fd_count(process) <= fds_before + 2, "no file descriptor is leaked", 20.0, 0.02)
 
 
 def test_an_abandoned_upload_leaves_no_file_and_no_descriptor(server: RunningServer, spool_dir: Path) -> None:
@@ -165,22 +164,15 @@ def test_an_abandoned_upload_leaves_no_file_and_no_descriptor(server: RunningSer
             f"Content-Length: {len(upload.body)}\r\n\r\n"
         )
         raw.sendall(head.encode() + upload.body[: 6 * 2**20])
-        wait_for(lambda: regular_files(process) - files_before, "the upload spools to a file")
+        wait_until(lambda: regular_files(process) - files_before, "the upload spools to a file", 20.0, 0.02)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
-    wait_for(lambda: regular_files(process) - files_before == set(), "the abandoned upload's file is closed")
-    wait_for(lambda: fd_count(process) <= fds_before + 2, "no file descriptor is leaked")
+    wait_until(
+        lambda: regular_files(process) - files_before == set(), "the abandoned upload's file is closed", 20.0, 0.02
+    )
+    wait_until(lambda: fd_count(process) <= fds_before + 2, "no file descriptor is leaked", 20.0, 0.02)
     assert list(spool_dir.iterdir()) == []
     with server.http() as http:
         assert http.get("/ready").status_code == 200
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
-    """Poll a condition no event announces (the server closing a file), up to a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.02)
 
 
 # --- decompression bombs ----------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from app.model.features import LogMel
+from app.model.kvcache import GrowingCache, assemble
 from app.types import SamplingParams
 
 
@@ -47,7 +47,7 @@ class BatchState:
     """KV cache and bookkeeping of the rows currently being decoded (same order as `rows`)."""
 
     rows: list[Row]
-    cache: Any
+    cache: GrowingCache
     attention_mask: torch.Tensor
     next_positions: torch.Tensor
 
@@ -60,6 +60,7 @@ class BatchGenerator:
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self.text_config = model.config.text_config
+        self.num_layers = int(self.text_config.num_hidden_layers)
         self.log_mel = log_mel
 
     @torch.inference_mode()
@@ -81,6 +82,7 @@ class BatchGenerator:
             input_features=features,
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
+            cache=GrowingCache(self.num_layers),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -109,40 +111,21 @@ class BatchGenerator:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         mask = state.attention_mask.index_select(0, index)
         start = int(mask.any(0).nonzero()[0].item()) if mask.numel() else 0
-        cache = self._rebuild(
-            [
-                (k.index_select(0, index)[..., start:, :], v.index_select(0, index)[..., start:, :])
-                for k, v in _kv(state)
-            ]
-        )
+        kept = [
+            (k.index_select(0, index)[..., start:, :], v.index_select(0, index)[..., start:, :])
+            for k, v in state.cache.kv()
+        ]
         positions = state.next_positions.index_select(0, index)
+        cache = assemble([kept], mask.shape[1] - start)
         return BatchState([state.rows[i] for i in keep], cache, mask[:, start:], positions)
 
     def merge(self, a: BatchState, b: BatchState) -> BatchState:
         """One state for both groups: the shorter history is left-padded with masked zeros."""
         width = max(a.attention_mask.shape[1], b.attention_mask.shape[1])
-        layers = [
-            (torch.cat([_lpad(ka, width), _lpad(kb, width)]), torch.cat([_lpad(va, width), _lpad(vb, width)]))
-            for (ka, va), (kb, vb) in zip(_kv(a), _kv(b), strict=True)
-        ]
+        cache = assemble([a.cache.kv(), b.cache.kv()], width)
         mask = torch.cat([_lpad_mask(a.attention_mask, width), _lpad_mask(b.attention_mask, width)])
         positions = torch.cat([a.next_positions, b.next_positions])
-        return BatchState(a.rows + b.rows, self._rebuild(layers), mask, positions)
-
-    def _rebuild(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-        cache = DynamicCache(config=self.text_config)
-        for i, (k, v) in enumerate(layers):
-            cache.update(k, v, i)
-        return cache
-
-
-def _kv(state: BatchState) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in state.cache.layers]
-
-
-def _lpad(t: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - t.shape[-2]
-    return t if missing == 0 else torch.nn.functional.pad(t, (0, 0, missing, 0))
+        return BatchState(a.rows + b.rows, cache, mask, positions)
 
 
 def _lpad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:

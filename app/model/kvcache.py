@@ -1,0 +1,132 @@
+"""A KV cache that appends a decode step in place instead of copying the whole history.
+
+transformers' `DynamicLayer` grows by `torch.cat` on every step, so each step copies every
+cached key and value of every row: O(length) per token, O(length^2) per request. For Voxtral
+Mini at 32 rows of 1,000 tokens that is ~4 GB moved per step on the GPU, about as much as
+reading the weights. Here each layer keeps a buffer with spare room behind the valid part and
+hands attention a view of the valid part; it copies only when the room runs out, then leaves
+1/8 more, so the amortised copy is a few tokens' worth per step for <= 12.5 % more memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+_MIN_ROOM = 64
+"""Tokens of room left at least, so short prompts do not regrow every few steps."""
+
+
+def _room(length: int) -> int:
+    return max(_MIN_ROOM, length // 8)
+
+
+class GrowingLayer(DynamicLayer):
+    """`keys` / `values` are views of the valid part of larger buffers ([batch, heads, capacity, dim])."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._length = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.device = key_states.device
+            self.is_initialized = True
+        new = key_states.shape[-2]
+        end = self._length + new
+        if self._k is None or self._v is None or end > self._k.shape[-2]:
+            self._grow(key_states, value_states, end)
+        assert self._k is not None and self._v is not None
+        self._k[..., self._length : end, :] = key_states
+        self._v[..., self._length : end, :] = value_states
+        self._length = end
+        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        capacity = needed + _room(needed)
+        k = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
+        v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
+        if self._k is not None and self._v is not None and self._length:
+            k[..., : self._length, :] = self._k[..., : self._length, :]
+            v[..., : self._length, :] = self._v[..., : self._length, :]
+        self._k, self._v = k, v
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take buffers whose first `length` positions are valid (`assemble` built them)."""
+        self.device, self.is_initialized = keys.device, True
+        self._k, self._v, self._length = keys, values, length
+        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+
+    @property
+    def valid_keys(self) -> torch.Tensor:
+        assert self._k is not None, "empty cache layer"
+        return self._k[..., : self._length, :]
+
+    @property
+    def valid_values(self) -> torch.Tensor:
+        assert self._v is not None, "empty cache layer"
+        return self._v[..., : self._length, :]
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self._length = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the engine never crops a cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("the engine never repeats cache rows")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("the engine selects rows with kvcache.assemble")
+
+
+class GrowingCache(DynamicCache):
+    """A `DynamicCache` of `GrowingLayer`s: what the model's forward fills and extends."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.growing = [GrowingLayer() for _ in range(num_layers)]
+        Cache.__init__(self, layers=list(self.growing))
+
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The valid (keys, values) of each layer."""
+        return [(layer.valid_keys, layer.valid_values) for layer in self.growing]
+
+
+def assemble(groups: list[list[tuple[torch.Tensor, torch.Tensor]]], width: int) -> GrowingCache:
+    """One cache whose rows are the rows of `groups` (each a list of per-layer (keys, values)), in
+    order, right-aligned to `width` positions: shorter histories get zeros on the left (masked
+    out by the caller), never uninitialised memory, which could hold NaNs that survive masking."""
+    num_layers = len(groups[0])
+    cache = GrowingCache(num_layers)
+    for i in range(num_layers):
+        parts = [group[i] for group in groups]
+        k = _stack([p[0] for p in parts], width)
+        v = _stack([p[1] for p in parts], width)
+        cache.growing[i].adopt(k, v, width)
+    return cache
+
+
+def _stack(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    first = tensors[0]
+    rows = sum(t.shape[0] for t in tensors)
+    out = first.new_empty((rows, first.shape[1], width + _room(width), first.shape[-1]))
+    row = 0
+    for t in tensors:
+        n, length = t.shape[0], t.shape[-2]
+        out[row : row + n, :, : width - length, :].zero_()
+        out[row : row + n, :, width - length : width, :] = t
+        row += n
+    return out

@@ -8,10 +8,10 @@ cores: concurrency-1 latency 0.108-0.13 s with features in the request threads, 
 Why not `WhisperFeatureExtractor` itself: it pads every audio with zeros to a multiple of 30 s
 and runs the STFT over all of it, behind generic list and padding code (8-17 ms for an 11 s clip
 on the CI CPU). A frame whose 400-sample window lies wholly in zeros has a spectrum of exactly
-zero, so only frames that touch the audio are transformed; the mel projection, log and clamp run
-on the full-size tensor with the reference's shapes and kernels, so on CPU the result equals the
-extractor's bit for bit (tests hold it to `torch.equal` over many lengths). Extractors this does
-not model (dither, normalisation) take the reference path.
+zero, so only frames that touch the audio are transformed and projected onto the mel bands; the
+log, clamp and scaling run on the full-size tensor with the reference's shapes and kernels, so on
+CPU the result equals the extractor's bit for bit (tests hold it to `torch.equal` over many
+lengths). Extractors this does not model (dither, normalisation) take the reference path.
 """
 
 from __future__ import annotations
@@ -78,9 +78,11 @@ class LogMel:
         waveform = torch.zeros(min(padded, n + self.n_fft), dtype=torch.float32, device=self.device)
         waveform[:n] = torch.from_numpy(np.ascontiguousarray(audio[:n], dtype=np.float32)).to(self.device)
         stft = torch.stft(waveform, self.n_fft, self.hop, window=self.window, return_complex=True)
-        magnitudes = torch.zeros(stft.shape[0], frames, dtype=torch.float32, device=self.device)
-        magnitudes[:, :touched] = stft[:, :touched].abs() ** 2
-        log_spec = torch.clamp(self.filters.T @ magnitudes, min=1e-10).log10()
+        # The projection of an all-zero frame is exactly zero: project only the touched frames
+        # (a GEMM's columns do not depend on how many there are; tests hold this bit for bit).
+        mel = torch.zeros(self.filters.shape[1], frames, dtype=torch.float32, device=self.device)
+        mel[:, :touched] = self.filters.T @ (stft[:, :touched].abs() ** 2)
+        log_spec = torch.clamp(mel, min=1e-10).log10()
         log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
         return (log_spec + 4.0) / 4.0
 

@@ -16,7 +16,7 @@ import torch
 
 from app.engine.batcher import select_batch
 from app.model.loader import LoadedModel
-from tests.conftest import assert_openai_error, serve
+from tests.conftest import assert_openai_error, serve, wait_until
 
 CHAT = {
     "model": "tiny",
@@ -119,6 +119,28 @@ def test_health_answers_fast_while_a_long_batch_runs(server: Any) -> None:
     assert statistics.median(latencies) < 0.05, latencies
 
 
+def test_base64_audio_is_unpacked_off_the_event_loop(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding the base64 of a 25 MB upload takes ~100 ms: on the event loop it would stall every
+    connection (the /health test above covers the model; this covers request preparation)."""
+    from app.api import chat_request
+    from tests.test_parity import JFK, _wav_b64
+
+    threads: list[str] = []
+    original = chat_request.b64_audio
+
+    def observed(raw: str) -> bytes:
+        threads.append(threading.current_thread().name)
+        return original(raw)
+
+    monkeypatch.setattr(chat_request, "b64_audio", observed)
+    audio = {"type": "input_audio", "input_audio": {"data": _wav_b64(JFK[:16000]), "format": "wav"}}
+    data_url = {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + _wav_b64(JFK[:8000])}}
+    body = {**CHAT, "messages": [{"role": "user", "content": [audio, data_url, {"type": "text", "text": "?"}]}]}
+    with server.http() as http:
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+    assert len(threads) == 2 and all(name.startswith("voxtral-prep") for name in threads), threads
+
+
 def test_a_client_that_disconnects_mid_stream_stops_its_row(server: Any) -> None:
     body = {**CHAT, "max_tokens": 3000, "stream": True}
     with httpx.Client(base_url=server.base_url, timeout=30) as http:
@@ -135,12 +157,18 @@ def test_a_client_that_disconnects_mid_stream_stops_its_row(server: Any) -> None
 
 
 class OomOnce:
-    """Raise CUDA's out-of-memory error once, in a decode step with several rows."""
+    """Raise CUDA's out-of-memory error once, in a decode step with several rows. The first prefill
+    waits until all the requests are in, so that they do decode together however fast the first
+    ones would otherwise finish alone."""
 
-    def __init__(self) -> None:
-        self.fired = False
+    def __init__(self, queue: Any, requests: int) -> None:
+        self.queue, self.requests = queue, requests
+        self.held = self.fired = False
 
     def __call__(self, stage: str, items: list[Any]) -> None:
+        if stage == "prefill" and not self.held:
+            self.held = True
+            wait_until(lambda: len(items) + len(self.queue) >= self.requests, "the other requests are queued")
         if stage == "step" and len(items) >= 4 and not self.fired:
             self.fired = True
             raise torch.OutOfMemoryError("injected CUDA out of memory")
@@ -150,13 +178,13 @@ def test_out_of_memory_mid_decode_recomputes_rows_and_changes_no_output(loaded: 
     bodies = [
         {**CHAT, "max_tokens": 24, "messages": [{"role": "user", "content": "hello " * (i + 1)}]} for i in range(6)
     ]
-    with serve(loaded, tiny_dir, max_batch_size=8, max_wait_ms=200) as server, server.http() as http:
+    with serve(loaded, tiny_dir, max_batch_size=8) as server, server.http() as http:
         with ThreadPoolExecutor(6) as pool:
             clean = [
                 r.json()["choices"][0]["message"]["content"]
                 for r in pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies)
             ]
-        hook = OomOnce()
+        hook = OomOnce(server.engine.queue, len(bodies))
         server.engine.worker.fault_hook = hook
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -85,10 +85,19 @@ class Service:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     # -- transcription / translation -------------------------------------------------------------
-    async def load_audio(self, data: bytes, filename: str | None, max_seconds: float) -> np.ndarray:
-        if len(data) > self.settings.max_upload_bytes:
+    async def load_audio(
+        self, data: bytes | Callable[[], bytes], filename: str | None, max_seconds: float
+    ) -> np.ndarray:
+        """`data` may be a function that unpacks it (base64 in JSON): it runs in a prep thread with the
+        decoding, because unpacking the base64 of a 25 MB file takes ~100 ms that on the event loop
+        would stall every other connection."""
+        return await self._off_loop(self._decode, data, filename, AudioLimits(max_seconds=max_seconds))
+
+    def _decode(self, data: bytes | Callable[[], bytes], filename: str | None, limits: AudioLimits) -> np.ndarray:
+        raw = data() if callable(data) else data
+        if len(raw) > self.settings.max_upload_bytes:
             raise PayloadTooLarge(f"The file is larger than the {self.settings.max_upload_mb:g} MB limit.")
-        return await self._off_loop(decode_audio, data, AudioLimits(max_seconds=max_seconds), filename)
+        return decode_audio(raw, limits, filename)
 
     def transcription_budget(self, seconds: float) -> int:
         s = self.settings
@@ -193,10 +202,12 @@ class Service:
 
     async def _part(self, part: Any) -> dict[str, Any]:
         if isinstance(part, InputAudioPart):
-            data = chat.b64_audio(part.input_audio if isinstance(part.input_audio, str) else part.input_audio.data)
+            raw = part.input_audio if isinstance(part.input_audio, str) else part.input_audio.data
+            unpack = partial(chat.b64_audio, raw)
         elif isinstance(part, AudioUrlPart):
-            data = chat.data_url_audio(part.audio_url if isinstance(part.audio_url, str) else part.audio_url.url)
+            url = part.audio_url if isinstance(part.audio_url, str) else part.audio_url.url
+            unpack = partial(chat.data_url_audio, url)
         else:
             return {"type": "text", "text": part.text}
-        audio = await self.load_audio(data, None, self.settings.max_chat_audio_s)
+        audio = await self.load_audio(unpack, None, self.settings.max_chat_audio_s)
         return {"type": "input_audio", "audio": audio}

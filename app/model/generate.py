@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from app.model.features import LogMel
-from app.model.kvcache import GrowingCache, assemble
+from app.model.kvcache import GrowingCache, assemble, gather
 from app.types import SamplingParams
 
 
@@ -111,18 +111,14 @@ class BatchGenerator:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         mask = state.attention_mask.index_select(0, index)
         start = int(mask.any(0).nonzero()[0].item()) if mask.numel() else 0
-        kept = [
-            (k.index_select(0, index)[..., start:, :], v.index_select(0, index)[..., start:, :])
-            for k, v in state.cache.kv()
-        ]
+        cache = gather(state.cache, index, start)
         positions = state.next_positions.index_select(0, index)
-        cache = assemble([kept], mask.shape[1] - start)
         return BatchState([state.rows[i] for i in keep], cache, mask[:, start:], positions)
 
     def merge(self, a: BatchState, b: BatchState) -> BatchState:
         """One state for both groups: the shorter history is left-padded with masked zeros."""
         width = max(a.attention_mask.shape[1], b.attention_mask.shape[1])
-        cache = assemble([a.cache.kv(), b.cache.kv()], width)
+        cache = assemble([a.cache, b.cache], width)
         mask = torch.cat([_lpad_mask(a.attention_mask, width), _lpad_mask(b.attention_mask, width)])
         positions = torch.cat([a.next_positions, b.next_positions])
         return BatchState(a.rows + b.rows, cache, mask, positions)

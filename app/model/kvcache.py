@@ -60,7 +60,7 @@ class GrowingLayer(DynamicLayer):
         self._k, self._v = k, v
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        """Take buffers whose first `length` positions are valid (`assemble` built them)."""
+        """Take buffers whose first `length` positions are valid (`gather` and `assemble` build them)."""
         self.device, self.is_initialized = keys.device, True
         self._k, self._v, self._length = keys, values, length
         self.keys, self.values = keys[..., :length, :], values[..., :length, :]
@@ -90,7 +90,7 @@ class GrowingLayer(DynamicLayer):
         raise NotImplementedError("the engine never repeats cache rows")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("the engine selects rows with kvcache.assemble")
+        raise NotImplementedError("the engine selects rows with kvcache.gather")
 
 
 class GrowingCache(DynamicCache):
@@ -105,24 +105,36 @@ class GrowingCache(DynamicCache):
         return [(layer.valid_keys, layer.valid_values) for layer in self.growing]
 
 
-def assemble(groups: list[list[tuple[torch.Tensor, torch.Tensor]]], width: int) -> GrowingCache:
-    """One cache whose rows are the rows of `groups` (each a list of per-layer (keys, values)), in
-    order, right-aligned to `width` positions: shorter histories get zeros on the left (masked
-    out by the caller), never uninitialised memory, which could hold NaNs that survive masking."""
-    num_layers = len(groups[0])
-    cache = GrowingCache(num_layers)
-    for i in range(num_layers):
-        parts = [group[i] for group in groups]
-        k = _stack([p[0] for p in parts], width)
-        v = _stack([p[1] for p in parts], width)
-        cache.growing[i].adopt(k, v, width)
-    return cache
+def gather(cache: GrowingCache, rows: torch.Tensor, start: int) -> GrowingCache:
+    """The `rows` of `cache` from position `start` on, copied once, straight into new buffers."""
+    out = GrowingCache(len(cache.growing))
+    for layer, (k, v) in zip(out.growing, cache.kv(), strict=True):
+        width = k.shape[-2] - start
+        new_k, new_v = _empty_like(k, len(rows), width), _empty_like(v, len(rows), width)
+        torch.index_select(k[..., start:, :], 0, rows, out=new_k[..., :width, :])
+        torch.index_select(v[..., start:, :], 0, rows, out=new_v[..., :width, :])
+        layer.adopt(new_k, new_v, width)
+    return out
+
+
+def assemble(caches: list[GrowingCache], width: int) -> GrowingCache:
+    """One cache with the rows of `caches` in order, right-aligned to `width` positions: shorter
+    histories get zeros on the left (masked out by the caller), never uninitialised memory, which
+    could hold NaNs that survive masking."""
+    out = GrowingCache(len(caches[0].growing))
+    for i, layer in enumerate(out.growing):
+        k = _stack([c.kv()[i][0] for c in caches], width)
+        v = _stack([c.kv()[i][1] for c in caches], width)
+        layer.adopt(k, v, width)
+    return out
+
+
+def _empty_like(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    return t.new_empty((rows, t.shape[1], width + _room(width), t.shape[-1]))
 
 
 def _stack(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
-    first = tensors[0]
-    rows = sum(t.shape[0] for t in tensors)
-    out = first.new_empty((rows, first.shape[1], width + _room(width), first.shape[-1]))
+    out = _empty_like(tensors[0], sum(t.shape[0] for t in tensors), width)
     row = 0
     for t in tensors:
         n, length = t.shape[0], t.shape[-2]

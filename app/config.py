@@ -53,8 +53,9 @@ class Settings(BaseSettings):
     """Address to bind. 0.0.0.0 listens on every interface (containers); with no API key that logs a warning."""
     port: int = 8000
     max_connections: int = 1024
-    """Open connections (idle keep-alive ones included) before new requests get a plain 503. Bounds the file
-    descriptors and memory a flood of clients can take; keep it above max_queue so the queue's 429 comes first."""
+    """Open connections (idle keep-alive ones included) before new requests get a 503 (too_many_connections,
+    with Retry-After, and the connection closed). Bounds the file descriptors and memory a flood of clients can
+    take; keep it above max_queue so the queue's 429 comes first."""
     keep_alive_timeout_s: float = 30.0
     """An idle keep-alive connection is closed after this. Higher saves reconnects but holds connection slots;
     behind a load balancer keep it above the balancer's idle timeout, or it may reuse a just-closed connection."""

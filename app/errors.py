@@ -89,6 +89,12 @@ class ShuttingDown(VoxtralError):
     code = "shutting_down"
 
 
+class TooManyConnections(VoxtralError):
+    status = 503
+    type = "server_error"
+    code = "too_many_connections"
+
+
 class RequestTimeout(VoxtralError):
     status = 504
     type = "timeout_error"

@@ -10,17 +10,21 @@ shutdown follows once the drain is over, and the process exits 0. A second signa
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import signal
 import socket
 from collections.abc import Awaitable, Callable
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.config import Settings
+from app.errors import TooManyConnections, error_body
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,8 @@ Drain = Callable[[], Awaitable[object]]
 
 
 class HeaderTimeoutProtocol(H11Protocol):
-    """uvicorn's h11 protocol plus a deadline for each request head.
+    """uvicorn's h11 protocol plus a deadline for each request head, and OpenAI's error object
+    (not uvicorn's plain-text 503) for a request over the connection limit.
 
     The clock starts when a connection opens or when the first byte of a later request on a
     keep-alive connection arrives (idle keep-alive stays uvicorn's business), and stops once
@@ -41,6 +46,23 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     header_timeout_s = 10.0
     _head_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn's own check answers in plain text: take the limit over and answer in JSON.
+        self.connection_limit, self.limit_concurrency = self.limit_concurrency, None
+        self.app = self._limited(self.app)
+
+    def _limited(self, app: ASGI3Application) -> ASGI3Application:
+        async def limited(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+            limit = self.connection_limit
+            # uvicorn counts before the request's task exists; here it is already in `tasks`.
+            if limit is not None and (len(self.connections) >= limit or len(self.tasks) > limit):
+                log.warning("over --max-connections (%d): answered 503", limit)
+                return await _refuse(send, TooManyConnections(_OVER_LIMIT % limit))
+            await app(scope, receive, send)
+
+        return limited
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -82,6 +104,17 @@ class HeaderTimeoutProtocol(H11Protocol):
             if self.conn.trailing_data[0]:  # a started head: say why; a silent one just closes
                 self.transport.write(_TIMEOUT_408)
             self.transport.close()
+
+
+_OVER_LIMIT = "The server has too many open connections (limit %d); retry shortly, or reuse connections."
+
+
+async def _refuse(send: ASGISendCallable, error: TooManyConnections) -> None:
+    body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(b"retry-after", b"1"), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def protocol_class(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:

@@ -154,7 +154,12 @@ def test_max_connections_answers_503(loaded: LoadedModel, tiny_dir: Path) -> Non
         held.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
         assert read_response(held).startswith(b"HTTP/1.1 200 ")  # open, idle, counted
         with running.http() as http:
-            assert http.get("/health").status_code == 503
+            refused = http.get("/health")
+            error = assert_openai_error(refused, 503)
+            assert error["code"] == "too_many_connections" and error["type"] == "server_error"
+            assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
+        held.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert read_response(held).startswith(b"HTTP/1.1 200 ")  # the connections within the limit still serve
 
 
 def test_unfinished_oversized_head_gets_400(loaded: LoadedModel, tiny_dir: Path) -> None:

@@ -125,8 +125,9 @@ class Settings(BaseSettings):
     """Threads that decode audio and tokenize prompts before the queue. More keeps a fast GPU fed from many
     uploads; on a small CPU they compete with the model worker for cores."""
     torch_threads: int = 0
-    """torch intra-op CPU threads (0: torch's default, one per core). On CPU serving, 1 leaves a core to
-    HTTP and audio work; GPU serving hardly uses them."""
+    """torch intra-op CPU threads (0: torch's default, one per core). Fewer leave cores to HTTP and audio work
+    but slow the model more: on 2 cores, 1 thread made the batched engine a third slower. GPU serving hardly uses
+    them."""
 
     @field_validator("api_keys", "model_aliases", mode="before")
     @classmethod

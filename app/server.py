@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.config import Settings
@@ -53,8 +53,8 @@ class HeaderTimeoutProtocol(H11Protocol):
         self.connection_limit, self.limit_concurrency = self.limit_concurrency, None
         self.app = self._limited(self.app)
 
-    def _limited(self, app: ASGI3Application) -> ASGI3Application:
-        async def limited(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    def _limited(self, app: ASGIApp) -> ASGIApp:
+        async def limited(scope: Scope, receive: Receive, send: Send) -> None:
             limit = self.connection_limit
             # uvicorn counts before the request's task exists; here it is already in `tasks`.
             if limit is not None and (len(self.connections) >= limit or len(self.tasks) > limit):
@@ -109,7 +109,7 @@ class HeaderTimeoutProtocol(H11Protocol):
 _OVER_LIMIT = "The server has too many open connections (limit %d); retry shortly, or reuse connections."
 
 
-async def _refuse(send: ASGISendCallable, error: TooManyConnections) -> None:
+async def _refuse(send: Send, error: TooManyConnections) -> None:
     body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(b"retry-after", b"1"), (b"connection", b"close")]

@@ -37,44 +37,32 @@ class GrowingLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.device = key_states.device
-            self.is_initialized = True
-        new = key_states.shape[-2]
-        end = self._length + new
+        end = self._length + key_states.shape[-2]
         if self._k is None or self._v is None or end > self._k.shape[-2]:
             self._grow(key_states, value_states, end)
         assert self._k is not None and self._v is not None
         self._k[..., self._length : end, :] = key_states
         self._v[..., self._length : end, :] = value_states
-        self._length = end
-        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
-        return self.keys, self.values
+        self.adopt(self._k, self._v, end)
+        return self.valid()
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
-        capacity = needed + _room(needed)
-        k = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
-        v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
+        k = _empty_like(key_states, key_states.shape[0], needed)
+        v = _empty_like(value_states, value_states.shape[0], needed)
         if self._k is not None and self._v is not None and self._length:
             k[..., : self._length, :] = self._k[..., : self._length, :]
             v[..., : self._length, :] = self._v[..., : self._length, :]
         self._k, self._v = k, v
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        """Take buffers whose first `length` positions are valid (`gather` and `assemble` build them)."""
+        """Take buffers whose first `length` positions are valid."""
         self.device, self.is_initialized = keys.device, True
         self._k, self._v, self._length = keys, values, length
         self.keys, self.values = keys[..., :length, :], values[..., :length, :]
 
-    @property
-    def valid_keys(self) -> torch.Tensor:
-        assert self._k is not None, "empty cache layer"
-        return self._k[..., : self._length, :]
-
-    @property
-    def valid_values(self) -> torch.Tensor:
-        assert self._v is not None, "empty cache layer"
-        return self._v[..., : self._length, :]
+    def valid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._k is not None and self._v is not None, "empty cache layer"
+        return self._k[..., : self._length, :], self._v[..., : self._length, :]
 
     def get_seq_length(self) -> int:
         return self._length
@@ -103,7 +91,7 @@ class GrowingCache(DynamicCache):
 
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The valid (keys, values) of each layer."""
-        return [(layer.valid_keys, layer.valid_values) for layer in self.growing]
+        return [layer.valid() for layer in self.growing]
 
 
 def gather(cache: GrowingCache, rows: torch.Tensor, start: int) -> GrowingCache:
@@ -122,11 +110,10 @@ def assemble(caches: list[GrowingCache], width: int) -> GrowingCache:
     """One cache with the rows of `caches` in order, right-aligned to `width` positions: shorter
     histories get zeros on the left (masked out by the caller), never uninitialised memory, which
     could hold NaNs that survive masking."""
-    out = GrowingCache(len(caches[0].growing))
+    parts = [c.kv() for c in caches]
+    out = GrowingCache(len(parts[0]))
     for i, layer in enumerate(out.growing):
-        k = _stack([c.kv()[i][0] for c in caches], width)
-        v = _stack([c.kv()[i][1] for c in caches], width)
-        layer.adopt(k, v, width)
+        layer.adopt(_stack([p[i][0] for p in parts], width), _stack([p[i][1] for p in parts], width), width)
     return out
 
 

@@ -65,10 +65,15 @@ LABEL org.opencontainers.image.title="voxtral-server" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # Same reason as in the builder stage for not pinning exact Ubuntu package versions.
+# jemalloc replaces glibc's malloc (LD_PRELOAD below): under bench/load.py glibc's heap grew to
+# ~1.1-1.5 GB and drifted 17-37 % between rounds; jemalloc held ~0.6 GB and drifted 1-9 %, no slower.
+# The link gives it one path on every architecture.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 ca-certificates \
+    && apt-get install -y --no-install-recommends python3.12 ca-certificates libjemalloc2 \
     && rm -rf /var/lib/apt/lists/* \
+    && ln -s "$(find /usr/lib -name libjemalloc.so.2 -print -quit)" /usr/local/lib/libjemalloc.so.2 \
+    && test -e /usr/local/lib/libjemalloc.so.2 \
     && groupadd --gid 10001 voxtral \
     && useradd --uid 10001 --gid voxtral --create-home --home-dir /home/voxtral --shell /usr/sbin/nologin voxtral \
     && mkdir -p /cache \
@@ -81,6 +86,7 @@ COPY --from=builder /opt/venv /opt/venv
 # read-only and a restarted container does not download the model again.
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
+    LD_PRELOAD=/usr/local/lib/libjemalloc.so.2 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/cache/huggingface \

@@ -266,15 +266,21 @@ def server_command(port: int, cache_dir: Path, max_queue: int, args: argparse.Na
     ]  # fmt: skip
 
 
-def server_env(mmap_threshold: int) -> dict[str, str]:
+def server_env(args: argparse.Namespace) -> dict[str, str]:
     """The environment of the server. With a threshold, glibc serves every allocation of that size or more
     (audio, features, KV caches) with mmap and gives it back to the kernel when freed, so RSS tracks live
     memory and a leak shows; the stock allocator keeps freed heap pages (about 1 GB more at concurrency
-    128, varying by 10-15% from round to round), which hides one. 0: the stock allocator."""
+    128, varying by 10-15% from round to round), which hides one. 0: the stock allocator. --server-env
+    adds variables (another allocator through LD_PRELOAD, MALLOC_ARENA_MAX, ...)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXTRAL_", "MALLOC_"))}
-    if mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    env.update(extra_env(args))
     return env
+
+
+def extra_env(args: argparse.Namespace) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in args.server_env)
 
 
 @contextmanager
@@ -357,7 +363,7 @@ def run_against_server(label: str, max_queue: int, args: argparse.Namespace, wor
     port = free_port()
     log = work / f"server-{label}.log"
     headers = {"authorization": f"Bearer {API_KEY}"}
-    cmd, env = server_command(port, work / "cache", max_queue, args), server_env(args.malloc_mmap_threshold)
+    cmd, env = server_command(port, work / "cache", max_queue, args), server_env(args)
     with running_server(cmd, port, log, env) as proc:
         url = f"http://127.0.0.1:{port}"
         with RssSampler(proc.pid) as rss:
@@ -457,6 +463,9 @@ def main() -> int:
         default=131072,
         help="MALLOC_MMAP_THRESHOLD_ of the server, so RSS tracks live memory; 0: glibc's stock allocator",
     )
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="KEY=VALUE", help="add to the server's environment"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS_load.md"), help="'' to write nothing")
     parser.add_argument("--append", action="store_true", help="add this run's section to --out instead of replacing it")
     args = parser.parse_args()
@@ -481,6 +490,7 @@ def write_results(path: Path, args: argparse.Namespace, lines: list[str]) -> Non
     server = " ".join(server_command(0, Path("TMP"), 0, args)).replace(sys.executable, "python")
     server = server.replace(" --port 0", " --port P").replace(" --max-queue 0", " --max-queue Q")
     malloc = f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} " if args.malloc_mmap_threshold else ""
+    malloc += "".join(f"{k}={v} " for k, v in extra_env(args).items())
     section = [
         f"## `{command}`",
         "",

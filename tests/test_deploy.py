@@ -209,6 +209,9 @@ def test_dockerfile_is_multi_stage_with_a_lean_non_root_runtime() -> None:
     env = " ".join(a for i, a in runtime if i == "ENV")
     for setting in ("HF_HOME=/cache/huggingface", "VOXTRAL_HOST=0.0.0.0", "VOXTRAL_PORT=8000"):
         assert setting in env
+    # jemalloc keeps the server's RSS flat under load (bench/RESULTS_load.md); the preload must exist.
+    preload = re.search(r"LD_PRELOAD=(\S+)", env)
+    assert preload and "libjemalloc2" in runtime_runs and preload.group(1) in runtime_runs
     assert f"VOXTRAL_DRAIN_TIMEOUT_S={drain_timeout_s()}" in env
 
 

@@ -29,15 +29,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import PurePath
+from typing import TYPE_CHECKING
 
-import av
-import av.container
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
 import soxr
 
 from app.errors import AudioDecodeError, AudioTooLong, VoxtralError
+
+if TYPE_CHECKING:  # imported where FFmpeg is needed: most uploads are WAV/FLAC/MP3/OGG, read by libsndfile
+    import av
+    import av.container
 
 SAMPLE_RATE = 16000
 """The rate every decoded array is resampled to (Voxtral's audio encoder expects 16 kHz)."""
@@ -240,6 +243,8 @@ def _soundfile_blocks(sound_file: sf.SoundFile) -> Iterator[Float32Array]:
 
 
 def _decode_with_pyav(data: bytes, limits: AudioLimits) -> Float32Array:
+    import av
+
     try:
         container = av.open(io.BytesIO(data), mode="r", options={"format_whitelist": _FFMPEG_DEMUXERS})
     except Exception as exc:
@@ -275,7 +280,9 @@ def _pyav_declared_seconds(container: av.container.InputContainer, stream: av.Au
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * Fraction(stream.time_base))
     if container.duration is not None:
-        return float(container.duration) / av.time_base
+        from av import time_base
+
+        return float(container.duration) / time_base
     return None
 
 

@@ -60,6 +60,12 @@ class Metrics:
         self.gpu_memory = Gauge(
             "voxtral_gpu_memory_bytes", "GPU memory allocated by PyTorch tensors", ["device"], registry=r
         )
+        self.gpu_memory_peak = Gauge(
+            "voxtral_gpu_memory_peak_bytes",
+            "Most GPU memory PyTorch tensors have held at once since start (headroom before out-of-memory)",
+            ["device"],
+            registry=r,
+        )
 
     def sample_gpu_memory(self) -> None:
         """Called at scrape time: a value read when Prometheus asks is never stale. No GPU: no series."""
@@ -69,3 +75,4 @@ class Metrics:
             return
         for index in range(torch.cuda.device_count()):
             self.gpu_memory.labels(f"cuda:{index}").set(torch.cuda.memory_allocated(index))
+            self.gpu_memory_peak.labels(f"cuda:{index}").set(torch.cuda.max_memory_allocated(index))

@@ -39,7 +39,6 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 JFK = ROOT.parent / "shared" / "audio" / "jfk.wav"
-JFK_SECONDS = 11.0
 OURS, SINGLE, CEILING, PEER = "a_batching", "b_batch_size_1", "c_ceiling_inprocess", "d_transformers_serve"
 
 Send = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
@@ -55,6 +54,10 @@ class Run:
     wall_s: float
     latencies: list[float]
     failures: int
+    tokens: int = 0
+    """Generated per request: tokens/s is req/s times this."""
+    audio_s: float = 0.0
+    """Seconds of audio per request: audio-s/s is req/s times this."""
 
     @property
     def rps(self) -> float:
@@ -69,7 +72,8 @@ class Run:
             "requests": self.n,
             "failures": self.failures,
             "req_per_s": round(self.rps, 2),
-            "audio_s_per_s": round(self.rps * JFK_SECONDS, 1),
+            "audio_s_per_s": round(self.rps * self.audio_s, 1),
+            "tokens_per_s": round(self.rps * self.tokens),
             "p50_s": round(pct(self.latencies, 0.5), 3),
             "p99_s": round(pct(self.latencies, 0.99), 3),
         }
@@ -123,15 +127,18 @@ def our_server(stack: ExitStack, model_dir: Path, tokens: int, batch: int, prefi
 class Bodies:
     """Every request body encoded once: the load generator then only writes bytes."""
 
-    def __init__(self, tokens: int, model: str) -> None:
-        audio = JFK.read_bytes()
-        files = {"file": ("jfk.wav", audio, "audio/wav")}
+    def __init__(self, tokens: int, model: str, path: Path) -> None:
+        import soundfile as sf
+
+        self.seconds = float(sf.info(path).duration)
+        audio = path.read_bytes()
+        files = {"file": (path.name, audio, "audio/wav")}
         upload = httpx.Request("POST", "http://x/", files=files, data={"model": model})
         self.upload = upload.read()
         self.upload_type = upload.headers["content-type"]
         b64 = {"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(), "format": "wav"}}
         self.chat_b64 = self._chat(model, tokens, b64)
-        self.chat_path = self._chat(model, tokens, {"type": "audio_url", "audio_url": {"url": str(JFK)}})
+        self.chat_path = self._chat(model, tokens, {"type": "audio_url", "audio_url": {"url": str(path)}})
 
     @staticmethod
     def _chat(model: str, tokens: int, part: dict[str, Any]) -> bytes:
@@ -176,9 +183,9 @@ async def _load(url: str, send: Send, n: int, concurrency: int) -> tuple[float, 
         return time.perf_counter() - started, latencies, failures
 
 
-def load(label: str, url: str, send: Send, workload: str, n: int, concurrency: int, round_: int) -> Run:
-    wall, latencies, failures = asyncio.run(_load(url, send, n, concurrency))
-    run = Run(label, workload, concurrency, round_, n, wall, latencies, failures)
+def load(label: str, url: str, send: Send, workload: str, args: argparse.Namespace, c: int, round_: int) -> Run:
+    wall, latencies, failures = asyncio.run(_load(url, send, args.n, c))
+    run = Run(label, workload, c, round_, args.n, wall, latencies, failures, args.tokens, args.seconds)
     print(json.dumps(run.row()), flush=True)
     return run
 
@@ -186,14 +193,18 @@ def load(label: str, url: str, send: Send, workload: str, n: int, concurrency: i
 class Ceiling:
     """(c): static batches straight through processor + model.generate, in this process."""
 
-    def __init__(self, model_dir: Path, tokens: int) -> None:
+    def __init__(self, model_dir: Path, tokens: int, device: str, path: Path) -> None:
         import soundfile as sf
+        import torch
         from transformers import AutoProcessor, VoxtralForConditionalGeneration
 
-        self.model_dir, self.tokens = model_dir, tokens
+        self.model_dir, self.tokens, self.device = model_dir, tokens, device
+        self.dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = VoxtralForConditionalGeneration.from_pretrained(model_dir).eval()
-        self.audio, _ = sf.read(JFK, dtype="float32")
+        self.model = VoxtralForConditionalGeneration.from_pretrained(model_dir, dtype=self.dtype, device_map=device)
+        self.model.eval()
+        self.audio, rate = sf.read(path, dtype="float32")
+        self.seconds = len(self.audio) / rate
         self._batch(1)  # warm
 
     def _batch(self, size: int) -> float:
@@ -202,9 +213,11 @@ class Ceiling:
         started = time.perf_counter()
         inputs = self.processor.apply_transcription_request(
             audio=[self.audio] * size, model_id=str(self.model_dir), sampling_rate=16000, format=["wav"] * size
-        )
+        ).to(self.device, dtype=self.dtype)
         with torch.inference_mode():
             self.model.generate(**inputs, max_new_tokens=self.tokens, min_new_tokens=self.tokens, do_sample=False)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
         return time.perf_counter() - started
 
     def run(self, n: int, batch: int, round_: int) -> Run:
@@ -215,9 +228,15 @@ class Ceiling:
             size = min(batch, n - done)
             latencies += [self._batch(size)] * size
             done += size
-        run = Run(CEILING, "transcription", batch, round_, n, time.perf_counter() - started, latencies, 0)
+        wall = time.perf_counter() - started
+        run = Run(CEILING, "transcription", batch, round_, n, wall, latencies, 0, self.tokens, self.seconds)
         print(json.dumps(run.row()), flush=True)
         return run
+
+    def peak_gpu_memory(self) -> float | None:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30 if self.device.startswith("cuda") else None
 
 
 def ours_and_ceiling(model_dir: Path, bodies: Bodies, args: argparse.Namespace, work: Path) -> list[Run]:
@@ -228,14 +247,26 @@ def ours_and_ceiling(model_dir: Path, bodies: Bodies, args: argparse.Namespace, 
             label: our_server(stack, model_dir, args.tokens, batch, args.max_batch_tokens, work / f"{label}.log")
             for label, batch in ((OURS, max(args.levels)), (SINGLE, 1))
         }
-        ceiling = Ceiling(model_dir, args.tokens)
+        ceiling = Ceiling(model_dir, args.tokens, args.device, args.audio)
         for c in args.levels:
             for r in range(args.rounds):
-                for workload in ("transcription", "mix"):
+                for workload in args.workloads:
                     for label, url in servers.items():
-                        rows.append(load(label, url, bodies.sender(workload), workload, args.n, c, r))
+                        rows.append(load(label, url, bodies.sender(workload), workload, args, c, r))
                 rows.append(ceiling.run(args.n, c, r))
+        peaks = {label: gpu_memory_peak(url) for label, url in servers.items()}
+        peaks[CEILING] = ceiling.peak_gpu_memory()
+        print(json.dumps({"gpu_memory_peak_gib": peaks}), flush=True)
     return rows
+
+
+def gpu_memory_peak(url: str) -> float | None:
+    """GiB, from the server's voxtral_gpu_memory_peak_bytes; None without a GPU."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = [
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("voxtral_gpu_memory_peak_bytes{")
+    ]
+    return round(max(values) / 2**30, 2) if values else None
 
 
 def peer(model_dir: Path, bodies: Bodies, args: argparse.Namespace, work: Path) -> list[Run]:
@@ -247,23 +278,23 @@ def peer(model_dir: Path, bodies: Bodies, args: argparse.Namespace, work: Path) 
         cmd += ["--device", "cpu"]
         peer_url = f"http://127.0.0.1:{port}"
         stack.enter_context(process(cmd, peer_url, "/health", work / "peer.log"))
-        rows.append(probe_peer(peer_url, str(model_dir)))
+        rows.append(probe_peer(peer_url, str(model_dir), args.audio))
         ours = our_server(stack, model_dir, args.tokens, max(args.levels), args.max_batch_tokens, work / "a_chat.log")
         # Same audio, same answer length; ours reads it as base64 (more work), as it reads no local paths.
         theirs, send = bodies.sender("chat", local_path=True), bodies.sender("chat")
         for c in args.levels:
             for r in range(args.rounds):
-                rows.append(load(PEER, peer_url, theirs, "chat_local_path", args.n, c, r))
-                rows.append(load(OURS, ours, send, "chat_local_path", args.n, c, r))
+                rows.append(load(PEER, peer_url, theirs, "chat_local_path", args, c, r))
+                rows.append(load(OURS, ours, send, "chat_local_path", args, c, r))
     return rows
 
 
-def probe_peer(url: str, model: str) -> Run:
+def probe_peer(url: str, model: str, path: Path) -> Run:
     """What the peer cannot do: record the status codes it answers."""
-    b64 = base64.b64encode(JFK.read_bytes()).decode()
+    b64 = base64.b64encode(path.read_bytes()).decode()
     part = {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}}
     body = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": [part]}]}
-    files = {"file": ("jfk.wav", JFK.read_bytes(), "audio/wav")}
+    files = {"file": (path.name, path.read_bytes(), "audio/wav")}
     with httpx.Client(base_url=url, timeout=60) as client:
         t = _status(lambda: client.post("/v1/audio/transcriptions", files=files, data={"model": model}))
         c = _status(lambda: client.post("/v1/chat/completions", json=body))
@@ -296,15 +327,16 @@ def summarise(rows: list[Run], levels: list[int]) -> None:
     for run in rows:
         if run.workload != "probe":
             groups.setdefault((run.label, run.workload, run.concurrency), []).append(run)
-    head = "| config | workload | concurrency | rounds | failures | req/s median (range) | audio-s/s | p50 s | p99 s |"
-    print("\n" + head)
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = "| config | workload | concurrency | rounds | failures | req/s median (range) | audio-s/s | tokens/s "
+    print("\n" + head + "| p50 s | p99 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (label, workload, c), runs in groups.items():
         rps = [r.rps for r in runs]
         pooled = [x for r in runs for x in r.latencies]
         print(
             f"| {label} | {workload} | {c} | {len(runs)} | {sum(r.failures for r in runs)} | {_spread(rps)} "
-            f"| {statistics.median(rps) * JFK_SECONDS:.1f} | {pct(pooled, 0.5):.3f} | {pct(pooled, 0.99):.3f} |"
+            f"| {statistics.median(rps) * runs[0].audio_s:.1f} | {statistics.median(rps) * runs[0].tokens:.0f} "
+            f"| {pct(pooled, 0.5):.3f} | {pct(pooled, 0.99):.3f} |"
         )
     print("\nRatios within each round: median over the rounds (lowest-highest).\n")
     print("| concurrency | (a)/(b) transcription | (a)/(b) mix | (a)/(c) | p50 latency (a)/(c) | (a)/(d) chat |")
@@ -354,17 +386,23 @@ def main() -> None:
         help="our server's prefill budget: 3200 (8 jfk.wav rows a prefill) measured best on 2 CPU cores; "
         "larger prefills run the audio encoder out of cache there. On a GPU pass the server default, 32768.",
     )
+    parser.add_argument("--audio", type=Path, default=JFK, help="the WAV every request sends")
+    parser.add_argument("--workloads", default="transcription,mix", help="of (a) and (b): transcription, mix")
+    parser.add_argument("--model-dir", type=Path, default=None, help="a checkpoint instead of the tiny model")
+    parser.add_argument("--device", default="cpu", help="where (c) runs; cuda loads it in bfloat16")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--peer-only", action="store_true", help="only (d) and (a) on its chat workload")
     parser.add_argument("--out", type=Path, default=None, help="write every run as JSON here")
     args = parser.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",")]
+    args.workloads = args.workloads.split(",")
     work = Path(tempfile.mkdtemp(prefix="voxtral-bench-"))
     sys.path.insert(0, str(ROOT))
     from app.model.tiny import build_tiny_model
 
-    model_dir = build_tiny_model(work / "tiny")
-    bodies = Bodies(args.tokens, str(model_dir))
+    model_dir = args.model_dir or build_tiny_model(work / "tiny")
+    bodies = Bodies(args.tokens, str(model_dir), args.audio)
+    args.seconds = bodies.seconds
     rows = [] if args.peer_only else ours_and_ceiling(model_dir, bodies, args, work)
     if not args.skip_peer:
         rows += peer(model_dir, bodies, args, work)

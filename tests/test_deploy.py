@@ -46,6 +46,7 @@ GAUGES = {
     "voxtral_num_requests_running",
     "voxtral_model_load_seconds",
     "voxtral_gpu_memory_bytes",
+    "voxtral_gpu_memory_peak_bytes",
 }
 HISTOGRAMS = {
     "voxtral_e2e_request_latency_seconds",

@@ -137,13 +137,16 @@ def test_gpu_memory_is_sampled_at_scrape_time(monkeypatch: pytest.MonkeyPatch) -
     metrics.sample_gpu_memory()
     if not torch.cuda.is_available():  # no GPU: no series at all, rather than a misleading 0
         assert "voxtral_gpu_memory_bytes{" not in _text(metrics)
+        assert "voxtral_gpu_memory_peak_bytes{" not in _text(metrics)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 1000 * (index + 1))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index: 5000 * (index + 1))
     metrics.sample_gpu_memory()
     text = _text(metrics)
     assert 'voxtral_gpu_memory_bytes{device="cuda:0"} 1000.0' in text
     assert 'voxtral_gpu_memory_bytes{device="cuda:1"} 2000.0' in text
+    assert 'voxtral_gpu_memory_peak_bytes{device="cuda:1"} 10000.0' in text
 
 
 def _text(metrics: Metrics) -> str:

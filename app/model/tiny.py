@@ -53,8 +53,9 @@ _FIXED_SPECIALS: dict[int, str] = {
 }
 
 
-def build_tekken(version: str = "v11") -> dict[str, Any]:
-    """A small tekken.json derived from the one mistral-common ships, with an audio section."""
+def build_tekken(version: str = "v11", num_vocab: int = NUM_VOCAB) -> dict[str, Any]:
+    """A tekken.json derived from the one mistral-common ships (its first `num_vocab` tokens), with an
+    audio section. Small by default; the GPU bench's Mini-sized model takes all 130,072."""
     source = resources.files("mistral_common") / "data" / "tekken_240911.json"
     base = json.loads(source.read_text(encoding="utf-8"))
     specials = [
@@ -63,14 +64,14 @@ def build_tekken(version: str = "v11") -> dict[str, Any]:
     ]
     config = dict(base["config"])
     config.update(
-        num_vocab_tokens=NUM_VOCAB,
-        default_vocab_size=NUM_VOCAB + NUM_SPECIAL,
+        num_vocab_tokens=num_vocab,
+        default_vocab_size=num_vocab + NUM_SPECIAL,
         default_num_special_tokens=NUM_SPECIAL,
         version=version,
     )
     return {
         "config": config,
-        "vocab": base["vocab"][:NUM_VOCAB],
+        "vocab": base["vocab"][:num_vocab],
         "special_tokens": specials,
         "audio": {
             "sampling_rate": 16000,
@@ -81,25 +82,32 @@ def build_tekken(version: str = "v11") -> dict[str, Any]:
     }
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, tokenizer_version: str = "v11") -> Path:
-    """Write a complete random Voxtral checkpoint (weights, processor, tokenizer) to `out_dir`."""
-    import torch
+def save_processor(out: Path, tokenizer_version: str = "v11", num_vocab: int = NUM_VOCAB) -> Any:
+    """Write tekken.json and Voxtral's processor files (Whisper features, 128 mels) to `out`; return
+    the tokenizer."""
     from transformers import (  # type: ignore[attr-defined]
         MistralCommonBackend,
-        VoxtralConfig,
-        VoxtralForConditionalGeneration,
         VoxtralProcessor,
         WhisperFeatureExtractor,
     )
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tekken.json").write_text(json.dumps(build_tekken(tokenizer_version)), encoding="utf-8")
+    (out / "tekken.json").write_text(json.dumps(build_tekken(tokenizer_version, num_vocab)), encoding="utf-8")
     tokenizer = MistralCommonBackend(tokenizer_path=str(out / "tekken.json"))
     feature_extractor = WhisperFeatureExtractor(
         feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400, chunk_length=30
     )
     VoxtralProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(out)
+    return tokenizer
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, tokenizer_version: str = "v11") -> Path:
+    """Write a complete random Voxtral checkpoint (weights, processor, tokenizer) to `out_dir`."""
+    import torch
+    from transformers import VoxtralConfig, VoxtralForConditionalGeneration
+
+    out = Path(out_dir)
+    tokenizer = save_processor(out, tokenizer_version)
 
     config = VoxtralConfig(
         audio_config={

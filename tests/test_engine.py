@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from app.engine.batcher import select_batch
 from app.model.loader import LoadedModel
-from tests.conftest import assert_openai_error, serve, wait_until
+from tests.conftest import AUDIO, assert_openai_error, serve, wait_until
 
 CHAT = {
     "model": "tiny",
@@ -154,6 +155,31 @@ def test_a_client_that_disconnects_mid_stream_stops_its_row(server: Any) -> None
             time.sleep(0.01)
         assert server.engine.worker.running == 0
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def _chat_call(http: httpx.Client) -> httpx.Response:
+    return http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 30000})
+
+
+def _transcription_call(http: httpx.Client) -> httpx.Response:
+    files = {"file": ("jfk.wav", (AUDIO / "jfk.wav").read_bytes())}
+    return http.post("/v1/audio/transcriptions", files=files, data={"model": "tiny"})
+
+
+@pytest.mark.parametrize("call", [_chat_call, _transcription_call], ids=["chat", "transcription"])
+def test_a_client_that_disconnects_before_a_plain_answer_stops_its_row(
+    loaded: LoadedModel, tiny_dir: Path, call: Callable[[httpx.Client], httpx.Response]
+) -> None:
+    """Not streamed: nothing is sent until the end, so the server must notice the closed connection itself.
+    30000 tokens would take the tiny model half a minute or more; the row must go within seconds."""
+    with serve(loaded, tiny_dir, transcription_min_tokens=30000) as server:
+        timeout = httpx.Timeout(30, read=1.0)
+        with httpx.Client(base_url=server.base_url, timeout=timeout) as http, pytest.raises(httpx.ReadTimeout):
+            call(http)
+        # The client closed its connection on the read timeout, after the row had run for a second.
+        wait_until(lambda: server.engine.worker.running == 0, "the abandoned row leaves the batch", timeout_s=10)
+        with server.http() as http:
+            assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
 class OomOnce:

@@ -9,7 +9,6 @@ their segment times are those cuts: Voxtral emits no timestamps of its own.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 
 from app.api import transcripts
-from app.api.service import Service, TranscriptionRun
+from app.api.disconnect import client_closed, unless_gone
+from app.api.service import Service
 from app.api.transcripts import Task, Transcript, TranscriptionOptions
 from app.chunking import VadOptions
 from app.errors import InvalidRequest, PayloadTooLarge, UnsupportedFeature
@@ -80,30 +80,14 @@ async def _run(request: Request, file: UploadFile, form: AudioForm, task: Task) 
         return StreamingResponse(
             events, media_type="text/event-stream", headers=headers, background=BackgroundTask(run.cancel)
         )
-    transcript = await _finish_unless_gone(request, service, run)
-    if transcript is None:
-        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-    return _render(transcript, form.response_format)
-
-
-async def _finish_unless_gone(request: Request, service: Service, run: TranscriptionRun) -> Transcript | None:
-    """The transcript, or None if the client went away first: a long file's pieces then stop at once
-    instead of decoding for nobody."""
-    work = asyncio.ensure_future(service.finish_transcription(run))
-    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        return work.result() if work.done() else None
+        # A long file's pieces stop at once when the client goes away, instead of decoding for nobody.
+        transcript = await unless_gone(request, service.finish_transcription(run))
     finally:
-        gone.cancel()
-        work.cancel()
         run.cancel()  # no-op for finished pieces
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read: nothing else can come)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    if transcript is None:
+        return client_closed()
+    return _render(transcript, form.response_format)
 
 
 def _options(form: AudioForm, task: Task, chunking: VadOptions | None) -> TranscriptionOptions:

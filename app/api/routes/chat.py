@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.api import render
 from app.api.chat_request import ChatJob
+from app.api.disconnect import client_closed, unless_gone
 from app.api.schemas import ChatCompletionRequest
 from app.api.service import Service
 from app.engine.engine import Engine
@@ -38,7 +39,10 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = ChatStream(job, body.model, include_usage).run(service.engine, item)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    result = await service.engine.wait(item)
+    result = await unless_gone(request, service.engine.wait(item))
+    if result is None:
+        item.cancel()  # the worker drops the row before its next step
+        return client_closed()
     stops = job.prepared.sampling.stop_strings
     output = chat_output(result.token_ids, result.finish_reason, job.vocab, job.tool_names, stops)
     return JSONResponse(render.chat_completion(body.model, output, result.prompt_tokens, len(result.token_ids)))

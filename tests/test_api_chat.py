@@ -99,6 +99,11 @@ def test_stop_string_is_trimmed(client: Any) -> None:
     assert r.choices[0].message.content == full[: full.find(stop)]
 
 
+def test_an_empty_stop_string_stops_nothing(client: Any) -> None:
+    r = ask(client, [{"role": "user", "content": "Hello"}], temperature=0, max_tokens=8, stop=["", "\u0000\u0001"])
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+
+
 def test_streaming_matches_non_streaming(client: Any) -> None:
     msgs = [{"role": "user", "content": [audio_part(), {"type": "text", "text": "What?"}]}]
     whole = ask(client, msgs, temperature=0, max_tokens=12)

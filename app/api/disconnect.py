@@ -1,18 +1,20 @@
-"""Stop work for a client that has gone away, on answers that are not streamed.
+"""Stop the work of a client that has gone away.
 
 uvicorn does not cancel a handler when its client disconnects: a handler awaiting a long
-generation would keep its rows decoding for nobody. Streamed answers notice on their next send;
-a plain JSON answer has to listen for the disconnect itself.
+generation would keep its rows decoding for nobody, so a plain JSON answer listens for the
+disconnect itself. A streamed answer stops when its stream ends however it ends, including a
+disconnect before its body generator ever started (its own `finally` would never run then).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
 
@@ -35,6 +37,21 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T | None:
 
 def client_closed() -> Response:
     return Response(status_code=CLIENT_CLOSED)
+
+
+class StoppingStream(StreamingResponse):
+    """Server-sent events that call `stop` when the response ends: after the last event (a no-op then),
+    on a disconnect, or on an error."""
+
+    def __init__(self, content: Any, stop: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, media_type="text/event-stream", **kwargs)
+        self.stop = stop
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stop()
 
 
 async def _disconnected(request: Request) -> None:

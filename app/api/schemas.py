@@ -115,6 +115,7 @@ class ChatCompletionRequest(_Wire):
     user: str | None = None
 
     def stop_list(self) -> list[str]:
+        """Empty strings dropped: every text contains "", so one would end each answer after a token."""
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]

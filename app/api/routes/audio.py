@@ -16,12 +16,11 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.background import BackgroundTask
 
 from app.api import transcripts
-from app.api.disconnect import client_closed, unless_gone
+from app.api.disconnect import StoppingStream, client_closed, unless_gone
 from app.api.service import Service
 from app.api.transcripts import Task, Transcript, TranscriptionOptions
 from app.chunking import VadOptions
@@ -75,11 +74,7 @@ async def _run(request: Request, file: UploadFile, form: AudioForm, task: Task) 
     del audio  # the pieces hold their features now; let a long file's samples go
     if form.stream:
         events = transcripts.sse_stream(service.stream_transcription(run))
-        headers = {"Cache-Control": "no-cache"}
-        # run.cancel also after a disconnect that came before the stream started (its `finally` never runs then)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers=headers, background=BackgroundTask(run.cancel)
-        )
+        return StoppingStream(events, stop=run.cancel, headers={"Cache-Control": "no-cache"})
     try:
         # A long file's pieces stop at once when the client goes away, instead of decoding for nobody.
         transcript = await unless_gone(request, service.finish_transcription(run))

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from app.api import render
 from app.api.chat_request import ChatJob
-from app.api.disconnect import client_closed, unless_gone
+from app.api.disconnect import StoppingStream, client_closed, unless_gone
 from app.api.schemas import ChatCompletionRequest
 from app.api.service import Service
 from app.engine.engine import Engine
@@ -38,7 +38,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = ChatStream(job, body.model, include_usage).run(service.engine, item)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StoppingStream(events, stop=item.cancel, headers={"Cache-Control": "no-cache"})
     result = await unless_gone(request, service.engine.wait(item))
     if result is None:
         item.cancel()  # the worker drops the row before its next step

@@ -117,8 +117,19 @@ class Settings(BaseSettings):
     """Prompt tokens (audio tokens included) prefilled in one step; bounds activation memory. Running rows
     take a decode step between prefills, so a smaller budget also shortens their stalls. On CPU about 3200
     (8 rows of 30 s audio) is fastest: larger prefills run the audio encoder out of cache."""
+    max_running_tokens: int = 131072
+    """Rows x longest row (prompt, audio and output so far) the running batch may hold: the KV cache each
+    decode step reads, padding included. New requests join only while the batch stays within it; when the
+    oldest waiting request would not fit (a long audio among short rows), nothing joins until the batch has
+    drained enough, so it runs next. Lower bounds GPU memory and per-step cost; too low keeps batches small.
+    131072 is about 16 GB of KV cache for Voxtral Mini, 21 GB for Small (bf16). A request always runs alone."""
     max_wait_ms: float = 0.0
     """How long a batch may wait to fill up while the model is busy anyway; never while it is idle."""
+    continuous_batching: bool = True
+    """Prefill waiting requests into the running batch between decode steps, and give a finished row's place
+    to the next request at once. Off (--no-continuous-batching): static batching, as a loop around
+    model.generate does: a batch takes no one in until its last row finishes, so running rows never pause for
+    a prefill, but new requests wait for the slowest row and finished rows leave their places empty."""
     request_timeout_s: float = 600.0
     """A request not finished after this long is answered 504 and its row is stopped."""
     prep_threads: int = 2
@@ -142,6 +153,8 @@ class Settings(BaseSettings):
             raise ValueError("max_batch_size must be at least 1")
         if self.max_queue < 1:
             raise ValueError("max_queue must be at least 1")
+        if self.max_batch_tokens < 1 or self.max_running_tokens < 1:
+            raise ValueError("max_batch_tokens and max_running_tokens must be at least 1")
         if self.prep_threads < 1 or self.torch_threads < 0:
             raise ValueError("prep_threads must be at least 1 and torch_threads at least 0")
         return self

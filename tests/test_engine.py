@@ -217,3 +217,185 @@ def test_out_of_memory_mid_decode_recomputes_rows_and_changes_no_output(loaded: 
         assert hook.fired
         assert [r.status_code for r in responses] == [200] * 6
         assert [r.json()["choices"][0]["message"]["content"] for r in responses] == clean
+
+
+class StepRecorder:
+    """Holds the first decode step until a second request is queued; records each step's rows."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.steps: list[int] = []
+
+    def __call__(self, stage: str, items: list[Any]) -> None:
+        if stage == "step":
+            if not self.steps:
+                wait_until(lambda: len(self.queue) >= 1, "the second request is queued")
+            self.steps.append(len(items))
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_continuous_batching_admits_between_steps_and_static_batching_does_not(
+    loaded: LoadedModel, tiny_dir: Path, continuous: bool
+) -> None:
+    long = {**CHAT, "max_tokens": 40}
+    with serve(loaded, tiny_dir, continuous_batching=continuous) as server, server.http() as http:
+        recorder = StepRecorder(server.engine.queue)
+        server.engine.worker.fault_hook = recorder
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(http.post, "/v1/chat/completions", json=long)
+            wait_until(lambda: recorder.steps or server.engine.worker.running, "the first request runs")
+            second = pool.submit(http.post, "/v1/chat/completions", json=long)
+            assert [first.result().status_code, second.result().status_code] == [200, 200]
+        server.engine.worker.fault_hook = None
+    # Continuous: the second request joins the first one's batch mid-flight. Static: it waits for the
+    # batch to finish, so no step ever runs both, and the first row's 39 steps run alone.
+    assert max(recorder.steps) == (2 if continuous else 1)
+    assert recorder.steps[:39] == ([1] + [2] * 38 if continuous else [1] * 39)
+
+
+def test_a_row_cap_after_out_of_memory_stops_the_batch_growing_straight_back() -> None:
+    """The cap halves on each OOM and relaxes one row per 64 clean steps, up to no cap at all."""
+    from app.engine.worker import _CAP_STEPS, ModelWorker
+
+    worker = ModelWorker.__new__(ModelWorker)
+    worker.max_batch_size, worker._row_cap, worker._clean_steps = 8, None, 0
+    worker._cap(4)
+    assert worker._limit == 4
+    worker._cap(6)  # a later, larger OOM never raises the cap
+    assert worker._limit == 4
+    for _ in range(_CAP_STEPS):
+        worker._relax_cap()
+    assert worker._limit == 5
+    for _ in range(3 * _CAP_STEPS):
+        worker._relax_cap()
+    assert worker._row_cap is None and worker._limit == 8
+
+
+class OomWhileWide:
+    """CUDA's out-of-memory error on every decode step of 4 rows or more: only a batch that stays
+    smaller after the first one gets through."""
+
+    def __init__(self, queue: Any, requests: int) -> None:
+        self.queue, self.requests = queue, requests
+        self.held, self.fired = False, 0
+
+    def __call__(self, stage: str, items: list[Any]) -> None:
+        if stage == "prefill" and not self.held:
+            self.held = True
+            wait_until(lambda: len(items) + len(self.queue) >= self.requests, "the other requests are queued")
+        if stage == "step" and len(items) >= 4:
+            self.fired += 1
+            raise torch.OutOfMemoryError("injected CUDA out of memory")
+
+
+def test_after_out_of_memory_the_batch_stays_small_and_outputs_do_not_change(
+    loaded: LoadedModel, tiny_dir: Path
+) -> None:
+    bodies = [{**CHAT, "max_tokens": 24, "messages": [{"role": "user", "content": "hi " * (i + 1)}]} for i in range(6)]
+    with serve(loaded, tiny_dir, max_batch_size=8) as server, server.http() as http:
+        with ThreadPoolExecutor(6) as pool:
+            clean = [r.json() for r in pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies)]
+        hook = OomWhileWide(server.engine.queue, len(bodies))
+        server.engine.worker.fault_hook = hook
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
+        server.engine.worker.fault_hook = None
+    assert [r.status_code for r in responses] == [200] * 6
+    assert [r.json()["choices"][0]["message"] for r in responses] == [c["choices"][0]["message"] for c in clean]
+    # 6 rows fail once; halves of 3 then run under the cap. Without it the parked half rejoins at
+    # once and every step fails again.
+    assert hook.fired == 1
+
+
+class FailJoin:
+    """Holds the first decode step until the second request is queued, then fails (or runs out of
+    memory) merging that request's prefilled row into the running batch, once."""
+
+    def __init__(self, queue: Any, error: BaseException) -> None:
+        self.queue, self.error = queue, error
+        self.steps = 0
+        self.fired = False
+
+    def __call__(self, stage: str, items: list[Any]) -> None:
+        if stage == "step":
+            self.steps += 1
+            if self.steps == 1:
+                wait_until(lambda: len(self.queue) >= 1, "the second request is queued")
+        if stage == "join" and not self.fired:
+            self.fired = True
+            raise self.error
+
+
+@pytest.mark.parametrize("oom", [False, True], ids=["error", "out_of_memory"])
+def test_a_failing_merge_answers_the_new_rows_and_spares_the_running_ones(
+    loaded: LoadedModel, tiny_dir: Path, oom: bool
+) -> None:
+    first = {**CHAT, "max_tokens": 40}
+    second = {**CHAT, "max_tokens": 12, "messages": [{"role": "user", "content": "bonjour"}]}
+    with serve(loaded, tiny_dir) as server, server.http() as http:
+        clean = [http.post("/v1/chat/completions", json=b).json()["choices"][0]["message"] for b in (first, second)]
+        error = torch.OutOfMemoryError("injected") if oom else RuntimeError("injected")
+        hook = FailJoin(server.engine.queue, error)
+        server.engine.worker.fault_hook = hook
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(http.post, "/v1/chat/completions", json=first)
+            wait_until(lambda: server.engine.worker.running, "the first request runs")
+            joining = pool.submit(http.post, "/v1/chat/completions", json=second)
+            answers = [running.result(timeout=60), joining.result(timeout=60)]
+        server.engine.worker.fault_hook = None
+        assert hook.fired
+        assert answers[0].status_code == 200
+        assert answers[0].json()["choices"][0]["message"] == clean[0]
+        if oom:  # the new row waited for room, was prefilled again and finished unchanged
+            assert answers[1].status_code == 200
+            assert answers[1].json()["choices"][0]["message"] == clean[1]
+        else:
+            assert assert_openai_error(answers[1], 500)["type"] == "server_error"
+        assert server.engine.idle
+
+
+def test_an_abandoned_request_gives_its_queue_place_back_at_once(loaded: LoadedModel, tiny_dir: Path) -> None:
+    with serve(loaded, tiny_dir, max_queue=2, max_batch_size=1) as server, ThreadPoolExecutor(4) as pool:
+        gate = Gate()
+        server.engine.worker.fault_hook = gate
+        with server.http() as http:
+            held = pool.submit(http.post, "/v1/chat/completions", json=CHAT)
+            assert gate.entered.wait(10)
+
+            def give_up() -> None:
+                impatient = httpx.Client(base_url=server.base_url, timeout=httpx.Timeout(30, read=0.5))
+                with impatient, pytest.raises(httpx.ReadTimeout):
+                    impatient.post("/v1/chat/completions", json=CHAT)
+
+            list(pool.map(lambda _: give_up(), range(2)))
+            # Both clients left while queued; the worker is still held, yet their places are free.
+            wait_until(lambda: len(server.engine.queue) == 0, "abandoned requests leave the queue")
+            queued = [pool.submit(http.post, "/v1/chat/completions", json=CHAT) for _ in range(2)]
+            wait_until(lambda: len(server.engine.queue) == 2, "the new requests are queued")
+            gate.release.set()
+            server.engine.worker.fault_hook = None
+            assert [f.result().status_code for f in [held, *queued]] == [200, 200, 200]
+
+
+def test_a_request_over_the_running_token_budget_waits_for_the_batch(loaded: LoadedModel, tiny_dir: Path) -> None:
+    """With room for one row's KV cache only, the second request cannot join: it runs after the first."""
+    long = {**CHAT, "max_tokens": 40}
+    with serve(loaded, tiny_dir, max_running_tokens=1) as server, server.http() as http:
+        recorder = StepRecorder(server.engine.queue)
+        server.engine.worker.fault_hook = recorder
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(http.post, "/v1/chat/completions", json=long)
+            wait_until(lambda: recorder.steps or server.engine.worker.running, "the first request runs")
+            second = pool.submit(http.post, "/v1/chat/completions", json=long)
+            assert [first.result().status_code, second.result().status_code] == [200, 200]
+        server.engine.worker.fault_hook = None
+    assert max(recorder.steps) == 1
+
+
+def test_batcher_keeps_the_running_batch_within_its_token_budget() -> None:
+    # 4 rows of width 100 run; budget 1000: two short ones fit (6 x 100), a 300-wide one does not (5 x 300).
+    assert select_batch([100, 90, 80], 8, 10_000, running=(4, 100), max_running_tokens=1000) == [0, 1, 2]
+    assert select_batch([300, 90], 8, 10_000, running=(4, 100), max_running_tokens=1000) == []
+    # The oldest blocks the others, so the batch drains and it runs next; when nothing runs it goes.
+    assert select_batch([300, 90], 8, 10_000, running=(0, 0), max_running_tokens=100) == [0]
+    assert select_batch([100] * 12, 8, 10_000, running=(4, 100), max_running_tokens=1000) == list(range(6))

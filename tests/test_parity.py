@@ -220,3 +220,20 @@ def test_server_batched_equals_server_unbatched(loaded: LoadedModel, tiny_dir: P
     assert together == alone
     # Rows really shared decode steps: the mean rows per step is well above one.
     assert samples["voxtral_batch_size_sum"] / samples["voxtral_batch_size_count"] > 2
+
+
+class _Broken:
+    def allowed(self) -> torch.Tensor:
+        raise RuntimeError("a broken constraint")
+
+    def advance(self, token: int) -> None:
+        pass
+
+
+def test_a_row_whose_sampling_fails_fails_alone() -> None:
+    logits = torch.randn(3, 32)
+    rows = [Row([1], [], SamplingParams(temperature=0)) for _ in range(3)]
+    rows[1].constraint = _Broken()
+    tokens = sample(logits, rows)
+    assert isinstance(tokens[1], RuntimeError)
+    assert [tokens[0], tokens[2]] == [int(logits[0].argmax()), int(logits[2].argmax())]

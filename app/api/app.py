@@ -53,6 +53,8 @@ def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> t
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         max_wait_ms=settings.max_wait_ms,
+        continuous_batching=settings.continuous_batching,
+        max_running_tokens=settings.max_running_tokens,
         request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )

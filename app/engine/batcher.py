@@ -9,15 +9,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def select_batch(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[int]:
+def select_batch(
+    lengths: Sequence[int],
+    max_rows: int,
+    max_tokens: int,
+    running: tuple[int, int] = (0, 0),
+    max_running_tokens: int | None = None,
+) -> list[int]:
     """Indices (into `lengths`, oldest first) of the requests to prefill together.
 
     The padded cost of a group is rows x longest prompt; it must stay within `max_tokens`,
     except that the oldest request always goes, alone if it must.
+
+    `running` is the batch already decoding (rows, width). A group joins it only if all its rows,
+    padded to the widest one, stay within `max_running_tokens`: that is the KV cache every decode
+    step reads, and one long prompt would otherwise pad every short row to its length. When the
+    oldest request does not fit, nothing joins, so the batch drains and the oldest runs next.
     """
     if not lengths or max_rows <= 0:
         return []
+    rows_running, width_running = running
+
+    def fits(rows: int, width: int) -> bool:
+        total = (rows_running + rows) * max(width, width_running)
+        return max_running_tokens is None or total <= max_running_tokens
+
     anchor = lengths[0]
+    if rows_running and not fits(1, anchor):
+        return []
     order = sorted(range(1, len(lengths)), key=lambda i: (abs(lengths[i] - anchor), i))
     chosen = [0]
     longest = anchor
@@ -25,7 +44,7 @@ def select_batch(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list
         if len(chosen) >= max_rows:
             break
         width = max(longest, lengths[i])
-        if width * (len(chosen) + 1) > max_tokens:
+        if width * (len(chosen) + 1) > max_tokens or not fits(len(chosen) + 1, width):
             continue
         chosen.append(i)
         longest = width

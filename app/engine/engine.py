@@ -36,6 +36,8 @@ class Engine:
         max_wait_ms: float,
         request_timeout_s: float,
         metrics: Metrics,
+        continuous_batching: bool = True,
+        max_running_tokens: int | None = None,
     ) -> None:
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
@@ -49,6 +51,8 @@ class Engine:
             max_batch_tokens=max_batch_tokens,
             max_wait_s=max_wait_ms / 1000.0,
             metrics=metrics,
+            continuous=continuous_batching,
+            max_running_tokens=max_running_tokens,
         )
         self.accepting = False
 
@@ -80,7 +84,10 @@ class Engine:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.request_timeout_s
-        items = [WorkItem(request=r, loop=loop, deadline=deadline, stream=stream) for r in requests]
+        items = [
+            WorkItem(request=r, loop=loop, deadline=deadline, stream=stream, on_cancel=self.queue.discard)
+            for r in requests
+        ]
         self.queue.put_many(items, reserved=_RESERVED.get())
         _RESERVED.set(False)
         return items
@@ -117,7 +124,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return len(self.queue) == 0 and self.worker.running == 0
+        return len(self.queue) == 0 and self.worker.held == 0
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests; wait until everything accepted is answered. True if it all finished."""

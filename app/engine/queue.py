@@ -66,8 +66,17 @@ class RequestQueue:
         with self._cond:
             self._cond.notify_all()
 
-    def take(self, max_rows: int, max_tokens: int, timeout: float | None, min_age_s: float = 0.0) -> list[WorkItem]:
-        """Up to `max_rows` items within the token budget; waits up to `timeout` for the first one.
+    def take(
+        self,
+        max_rows: int,
+        max_tokens: int,
+        timeout: float | None,
+        min_age_s: float = 0.0,
+        running: tuple[int, int] = (0, 0),
+        max_running_tokens: int | None = None,
+    ) -> list[WorkItem]:
+        """Up to `max_rows` items within the token budgets (see `select_batch`); waits up to `timeout`
+        for the first one.
 
         `min_age_s` lets a busy worker wait for stragglers so they prefill together, unless enough
         items to fill every free row are already here.
@@ -81,12 +90,22 @@ class RequestQueue:
             young = time.monotonic() - self._items[0].enqueued_at < min_age_s
             if young and len(self._items) < max_rows:
                 return []
-            chosen = select_batch([i.request.prompt_tokens for i in self._items], max_rows, max_tokens)
+            lengths = [i.request.prompt_tokens for i in self._items]
+            chosen = select_batch(lengths, max_rows, max_tokens, running, max_running_tokens)
+            if not chosen:
+                return []
             batch = [self._items[i] for i in chosen]
             taken = set(chosen)
             self._items = [it for n, it in enumerate(self._items) if n not in taken]
             self._on_change(len(self._items))
             return batch
+
+    def discard(self, item: WorkItem) -> None:
+        """An abandoned item gives its place back at once, not when the worker next takes a batch."""
+        with self._cond:
+            if item in self._items:
+                self._items.remove(item)
+                self._on_change(len(self._items))
 
     def drain_all(self) -> list[WorkItem]:
         with self._cond:

@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from app.types import GenerationResult, PreparedRequest, TokenEvent
@@ -31,6 +31,9 @@ class WorkItem:
     started_at: float | None = None
     first_token_at: float | None = None
     result: GenerationResult | None = None
+    on_cancel: Callable[[WorkItem], None] | None = None
+    """Set by the engine: takes the item out of the queue if it is still there, so that an abandoned
+    request gives its place back at once instead of when the worker next takes a batch."""
     _events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -44,8 +47,11 @@ class WorkItem:
         return self._done.is_set()
 
     def cancel(self) -> None:
-        """The client went away or timed out: the worker drops the row before its next step."""
+        """The client went away or timed out: the worker drops the row before its next step. No-op
+        once finished."""
         self._cancelled.set()
+        if self.on_cancel is not None and not self.done:
+            self.on_cancel(self)
 
     def expired(self, now: float) -> bool:
         return now >= self.deadline

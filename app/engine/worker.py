@@ -3,6 +3,8 @@
 Iteration-level batching: between two decode steps, waiting requests are prefilled and
 merged into the running batch, and finished or abandoned rows leave it, so a short request
 never waits for a long one. A failure fails only the rows it touched; the loop goes on.
+`continuous=False` keeps each batch closed until its last row finishes (static batching), which
+the benchmark measures against.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from app.types import FinishReason, GenerationResult, TokenEvent
 log = logging.getLogger(__name__)
 
 FaultHook = Callable[[str, list[WorkItem]], None]
-"""Test-only: called with ("prefill" | "step", items) before the model runs; may raise."""
+"""Test-only: called with ("prefill" | "join" | "step", items) before the model runs; may raise."""
+
+_FAILED = "The model failed while running this request."
+_CAP_STEPS = 64
+"""Clean decode steps after which an out-of-memory row cap lets one more row in."""
 
 
 class ModelWorker:
@@ -39,6 +45,8 @@ class ModelWorker:
         max_batch_tokens: int,
         max_wait_s: float,
         metrics: Metrics,
+        continuous: bool = True,
+        max_running_tokens: int | None = None,
     ) -> None:
         self.generator = generator
         self.queue = queue
@@ -47,18 +55,33 @@ class ModelWorker:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
+        self.continuous = continuous
+        self.max_running_tokens = max_running_tokens
         self.metrics = metrics
         self.fault_hook: FaultHook | None = None
         self._state: BatchState | None = None
         self._logits: torch.Tensor | None = None
         self._preempted: list[Row] = []
-        """Rows pushed out of the batch by an out-of-memory step; re-prefilled first."""
+        """Rows pushed out of the batch by an out-of-memory step or merge; re-prefilled first."""
+        self._row_cap: int | None = None
+        """After an out-of-memory error: the most rows that may run, so the batch does not grow straight
+        back to the size that failed. One more row is allowed every `_CAP_STEPS` clean steps."""
+        self._clean_steps = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="voxtral-model-worker", daemon=True)
 
     @property
     def running(self) -> int:
         return len(self._state.rows) if self._state else 0
+
+    @property
+    def held(self) -> int:
+        """Rows this worker still owes an answer: running, or waiting to be recomputed after an OOM."""
+        return self.running + len(self._preempted)
+
+    @property
+    def _limit(self) -> int:
+        return min(self.max_batch_size, self._row_cap or self.max_batch_size)
 
     def start(self) -> None:
         self._thread.start()
@@ -74,22 +97,45 @@ class ModelWorker:
                 self._tick()
             except Exception:  # never let the thread die: the server would hang silently
                 log.exception("model worker loop error")
-                self._fail_running(InternalError("The model failed while running this request."))
+                self._fail_running(InternalError(_FAILED))
 
     def _tick(self) -> None:
         idle = self._state is None and not self._preempted
+        if idle:
+            self._row_cap = None  # nothing runs: whatever ran out of memory is gone
         if self._preempted:
-            self._readmit(self.max_batch_size - self.running)
-        free = self.max_batch_size - self.running - len(self._preempted)
-        wait = 0.0 if idle else self.max_wait_s
-        new = self.queue.take(free, self.max_batch_tokens, timeout=0.2 if idle else None, min_age_s=wait)
-        if new:
-            self._admit(new)
+            self._readmit(self._limit - self.running)
+        if idle or self.continuous:
+            self._take(idle)
         if self._state is not None:
             self._advance()
-        self.metrics.running.set(self.running)
+        self.metrics.running.set(self.held)
 
     # -- admission -----------------------------------------------------------------------------
+    def _take(self, idle: bool) -> None:
+        """Prefill what is waiting, one token budget at a time. Busy: one group, so running rows
+        stall for one prefill at most. Static batching: fill every place before decoding starts."""
+        wait = 0.0 if idle else self.max_wait_s
+        timeout = 0.2 if idle else None
+        while True:
+            free = self._limit - self.held
+            width = self._state.attention_mask.shape[1] if self._state is not None else 0
+            # With no free place this still drops cancelled and expired entries from the queue.
+            new = self.queue.take(
+                free,
+                self.max_batch_tokens,
+                timeout=timeout,
+                min_age_s=wait,
+                running=(self.running, width),
+                max_running_tokens=self.max_running_tokens,
+            )
+            if not new:
+                return
+            self._admit(new)
+            if self.continuous:
+                return
+            timeout = None
+
     def _admit(self, items: list[WorkItem]) -> None:
         now = time.monotonic()
         for item in items:
@@ -117,8 +163,10 @@ class ModelWorker:
         return rows
 
     def _readmit(self, free: int) -> None:
+        if free <= 0:
+            return
         rows, self._preempted = self._preempted[:free], self._preempted[free:]
-        rows = [r for r in rows if not r.owner.cancelled]
+        rows = self._alive(rows)
         if not rows:
             return
         try:
@@ -128,12 +176,27 @@ class ModelWorker:
         self._join(state, logits)
 
     def _join(self, state: BatchState, logits: torch.Tensor) -> None:
+        """Merge freshly prefilled rows into the running batch. The merge copies the running cache; if
+        that runs out of memory the running batch is untouched and the new rows wait, re-prefilled
+        once rows have finished."""
         if self._state is None:
             self._state, self._logits = state, logits
-        else:
-            assert self._logits is not None
-            self._state = self.generator.merge(self._state, state)
-            self._logits = torch.cat([self._logits, logits])
+            return
+        assert self._logits is not None
+        try:
+            if self.fault_hook:
+                self.fault_hook("join", [r.owner for r in state.rows])
+            merged = self.generator.merge(self._state, state)
+            merged_logits = torch.cat([self._logits, logits])
+        except torch.OutOfMemoryError:
+            # Their cache goes when this returns; they are prefilled again when there is room.
+            self._preempted = state.rows + self._preempted
+            self._cap(self.running)
+            log.warning("out of memory merging rows: %d rows wait for room", len(self._preempted))
+            return
+        except Exception as exc:
+            return self._fail([r.owner for r in state.rows], exc)
+        self._state, self._logits = merged, merged_logits
 
     def _prefill(self, rows: list[Row]) -> tuple[BatchState, torch.Tensor]:
         tokens = sum(len(r.input_ids) + len(r.generated) for r in rows)
@@ -167,46 +230,78 @@ class ModelWorker:
         finished: list[tuple[WorkItem, GenerationResult | BaseException]] = []
         now = time.monotonic()
         for i, (row, token) in enumerate(zip(state.rows, tokens, strict=True)):
-            outcome = self._emit(row, token, now)
+            if isinstance(token, Exception):
+                log.error("sampling failed for one row", exc_info=token)
+                outcome: GenerationResult | BaseException | None = InternalError(_FAILED)
+            else:
+                outcome = self._emit(row, token, now)
             if outcome is None:
                 keep.append(i)
             else:
                 finished.append((row.owner, outcome))
-        self.metrics.generation_tokens.inc(len(tokens))
+        self.metrics.generation_tokens.inc(sum(not isinstance(t, Exception) for t in tokens))
         # The gauge moves before any answer leaves, so a scrape after a response never sees the row running.
         self.metrics.running.set(len(keep) + len(self._preempted))
         for item, result in finished:
             item.finish(result)
-        if len(keep) < len(state.rows):
-            if not keep:
-                self._state = self._logits = None
-                return
-            state = self.generator.select(state, keep)
-            tokens = [tokens[i] for i in keep]
+        rows = [state.rows[i] for i in keep]
+        if not rows:
+            self._state = self._logits = None
+            return
         try:
+            if len(rows) < len(state.rows):
+                state = self.generator.select(state, keep)
             if self.fault_hook:
-                self.fault_hook("step", [r.owner for r in state.rows])
-            self._logits = self.generator.step(state, torch.tensor(tokens))
+                self.fault_hook("step", [r.owner for r in rows])
+            self._logits = self.generator.step(state, torch.tensor([tokens[i] for i in keep]))
             self._state = state
         except torch.OutOfMemoryError as exc:
-            self._preempt(state, exc)
+            self._preempt(rows, exc)
         except Exception as exc:
             self._state = self._logits = None
-            self._fail([r.owner for r in state.rows], exc)
+            self._fail([r.owner for r in rows], exc)
+        else:
+            self._relax_cap()
 
-    def _preempt(self, state: BatchState, exc: BaseException) -> None:
-        """Out of memory mid-decode: drop the cache, re-prefill the rows in halves (recompute, as vLLM does)."""
+    def _preempt(self, rows: list[Row], exc: BaseException) -> None:
+        """Out of memory mid-decode: drop the cache, re-prefill half the rows now and the rest as room
+        frees up (recompute, as vLLM does), and cap the batch at that half for a while."""
         self._state = self._logits = None
-        if len(state.rows) == 1:
-            return self._fail([state.rows[0].owner], exc)
         torch.cuda.empty_cache()
-        log.warning("out of memory decoding %d rows: recomputing them in smaller groups", len(state.rows))
-        half = len(state.rows) // 2
-        self._preempted = state.rows[half:] + self._preempted
+        rows = self._alive(rows)
+        if len(rows) <= 1:
+            return self._fail([r.owner for r in rows], exc)
+        half = len(rows) // 2
+        self._cap(half)
+        log.warning("out of memory decoding %d rows: recomputing them, at most %d at a time", len(rows), half)
+        self._preempted = rows[half:] + self._preempted
         try:
-            self._join(*self._prefill(state.rows[:half]))
+            self._join(*self._prefill(rows[:half]))
         except Exception as again:
-            self._fail([r.owner for r in state.rows[:half]], again)
+            self._fail([r.owner for r in rows[:half]], again)
+
+    def _cap(self, rows: int) -> None:
+        self._row_cap = max(1, min(rows, self._row_cap or rows))
+        self._clean_steps = 0
+
+    def _relax_cap(self) -> None:
+        if self._row_cap is None:
+            return
+        self._clean_steps += 1
+        if self._clean_steps >= _CAP_STEPS:
+            self._clean_steps = 0
+            self._row_cap = None if self._row_cap + 1 >= self.max_batch_size else self._row_cap + 1
+
+    def _alive(self, rows: list[Row]) -> list[Row]:
+        """Rows whose client still waits; the others are answered (nobody reads it) and dropped."""
+        now = time.monotonic()
+        alive = []
+        for row in rows:
+            if row.owner.cancelled or row.owner.expired(now):
+                row.owner.finish(RequestTimeout("The request timed out or was cancelled while running."))
+            else:
+                alive.append(row)
+        return alive
 
     def _emit(self, row: Row, token: int, now: float) -> GenerationResult | BaseException | None:
         """Record one token. Returns the row's outcome if it is done (the caller delivers it)."""
@@ -229,7 +324,10 @@ class ModelWorker:
         if len(row.generated) + 1 >= s.max_new_tokens:
             return "length"
         if s.stop_strings:
-            text = self.decode([*row.generated, token])
+            # A stop that ends at this token lies within its last few tokens (a token yields at least
+            # a quarter of a character): decode those only, not the whole answer at every step.
+            window = 4 * max(len(stop) for stop in s.stop_strings) + 8
+            text = self.decode([*row.generated[-window:], token])
             if any(stop in text for stop in s.stop_strings):
                 return "stop"
         return None
@@ -250,15 +348,17 @@ class ModelWorker:
     # -- failure -------------------------------------------------------------------------------
     def _fail(self, items: list[WorkItem], exc: BaseException) -> None:
         log.error("batch of %d failed: %s: %s", len(items), type(exc).__name__, exc, exc_info=exc)
-        error = InternalError("The model failed while running this request.")
+        error = InternalError(_FAILED)
         for item in items:
             item.finish(error)
 
     def _fail_running(self, error: BaseException) -> None:
-        if self._state is not None:
-            for row in self._state.rows:
-                row.owner.finish(error)
+        """Everything this worker holds, running or waiting to be recomputed."""
+        rows = (self._state.rows if self._state is not None else []) + self._preempted
+        for row in rows:
+            row.owner.finish(error)
         self._state = self._logits = None
+        self._preempted = []
 
     def fail_all(self, error: BaseException) -> None:
         """At shutdown: answer everything still here."""

@@ -129,25 +129,36 @@ def _lpad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return mask if missing == 0 else torch.nn.functional.pad(mask, (missing, 0))
 
 
-def sample(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
-    """One token per row, each with its own temperature, top_p, penalties, seed and constraint."""
+def sample(logits: torch.Tensor, rows: Sequence[Row]) -> list[int | Exception]:
+    """One token per row, each with its own temperature, top_p, penalties, seed and constraint.
+
+    A row whose sampling fails (its constraint, its parameters) gets the exception in its place,
+    so that it fails alone instead of taking the rest of the batch with it.
+    """
     # Plain greedy rows (transcription's default) share one argmax over the batch instead of a
     # kernel and a device sync each; argmax takes the first maximum either way, so ties agree.
     greedy = logits.argmax(-1).tolist()
-    tokens = []
+    tokens: list[int | Exception] = []
     for i, row in enumerate(rows):
         if _plain_greedy(row):
             tokens.append(int(greedy[i]))
             continue
-        scores = _penalised(logits[i], row)
-        mask = row.constraint.allowed() if row.constraint is not None else None
-        if mask is not None:
-            scores = scores.masked_fill(~mask[: scores.shape[0]].to(scores.device), float("-inf"))
-        token = _pick(scores, row)
-        if row.constraint is not None:
-            row.constraint.advance(token)
-        tokens.append(token)
+        try:
+            tokens.append(_sample_row(logits[i], row))
+        except Exception as exc:
+            tokens.append(exc)
     return tokens
+
+
+def _sample_row(logits: torch.Tensor, row: Row) -> int:
+    scores = _penalised(logits, row)
+    mask = row.constraint.allowed() if row.constraint is not None else None
+    if mask is not None:
+        scores = scores.masked_fill(~mask[: scores.shape[0]].to(scores.device), float("-inf"))
+    token = _pick(scores, row)
+    if row.constraint is not None:
+        row.constraint.advance(token)
+    return token
 
 
 def _plain_greedy(row: Row) -> bool:

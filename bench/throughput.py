@@ -4,6 +4,9 @@
 requests straight through `model.generate` in-process, in static batches of the same size, no
 HTTP and no queue; (d) the peer: `transformers serve` on the same model directory (chat with a
 local audio path only: it cannot do transcription, base64 audio or batching for Voxtral).
+With --static, also (e): our server with --no-continuous-batching, to measure what admitting
+requests between decode steps is worth; the `chat_varied` workload asks for answers of 8 to 120
+tokens (64 on average), where a static batch waits for its longest row.
 
 Every request generates exactly --tokens tokens so the runs are comparable (the tiny random
 model never stops by itself). The configurations take turns: all servers stay up, and each
@@ -40,6 +43,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 JFK = ROOT.parent / "shared" / "audio" / "jfk.wav"
 OURS, SINGLE, CEILING, PEER = "a_batching", "b_batch_size_1", "c_ceiling_inprocess", "d_transformers_serve"
+STATIC = "e_static_batching"
+VARIED_TOKENS = (8, 120, 16, 112, 32, 96, 48, 80)
+"""max_tokens of the chat_varied requests, in turn: 64 on average, like every other workload."""
 
 Send = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
 
@@ -58,6 +64,9 @@ class Run:
     """Generated per request: tokens/s is req/s times this."""
     audio_s: float = 0.0
     """Seconds of audio per request: audio-s/s is req/s times this."""
+    steps: int | None = None
+    """Our servers: decode steps the run took (one decoder forward over every running row each)."""
+    rows_per_step: float | None = None
 
     @property
     def rps(self) -> float:
@@ -76,6 +85,8 @@ class Run:
             "tokens_per_s": round(self.rps * self.tokens),
             "p50_s": round(pct(self.latencies, 0.5), 3),
             "p99_s": round(pct(self.latencies, 0.99), 3),
+            "decode_steps": self.steps,
+            "rows_per_step": None if self.rows_per_step is None else round(self.rows_per_step, 1),
         }
 
 
@@ -113,9 +124,11 @@ def process(cmd: list[str], url: str, ready_path: str, log: Path) -> Iterator[su
             proc.wait(30)
 
 
-def our_server(stack: ExitStack, model_dir: Path, tokens: int, batch: int, prefill_tokens: int, log: Path) -> str:
+def our_server(
+    stack: ExitStack, model_dir: Path, tokens: int, batch: int, prefill_tokens: int, log: Path, *extra: str
+) -> str:
     port = free_port()
-    cmd = [sys.executable, "-m", "app.main", "serve", "--model", str(model_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "app.main", "serve", "--model", str(model_dir), "--port", str(port), *extra]
     cmd += ["--max-batch-size", str(batch), "--max-queue", "4096", "--transcription-min-tokens", str(tokens)]
     cmd += ["--transcription-tokens-per-audio-s", "0", "--max-batch-tokens", str(min(prefill_tokens, 400 * batch))]
     cmd += ["--log-level", "warning"]
@@ -139,6 +152,7 @@ class Bodies:
         b64 = {"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(), "format": "wav"}}
         self.chat_b64 = self._chat(model, tokens, b64)
         self.chat_path = self._chat(model, tokens, {"type": "audio_url", "audio_url": {"url": str(path)}})
+        self.chat_varied = [self._chat(model, n, b64) for n in VARIED_TOKENS]
 
     @staticmethod
     def _chat(model: str, tokens: int, part: dict[str, Any]) -> bytes:
@@ -148,8 +162,9 @@ class Bodies:
         return json.dumps(body).encode()
 
     def sender(self, workload: str, local_path: bool = False) -> Send:
-        """transcription (multipart), mix (alternating with chat), chat; chat audio as base64, or as a
-        local file path (`local_path`: the only form the peer takes, and one our server refuses)."""
+        """transcription (multipart), mix (alternating with chat), chat, chat_varied (chat of 8 to 120
+        tokens); chat audio as base64, or as a local file path (`local_path`: the only form the peer
+        takes, and one our server refuses)."""
         json_type = {"content-type": "application/json"}
         upload_type = {"content-type": self.upload_type}
         chat = self.chat_path if local_path else self.chat_b64
@@ -157,7 +172,8 @@ class Bodies:
         async def send(client: httpx.AsyncClient, i: int) -> httpx.Response:
             if workload == "transcription" or (workload == "mix" and i % 2 == 0):
                 return await client.post("/v1/audio/transcriptions", content=self.upload, headers=upload_type)
-            return await client.post("/v1/chat/completions", content=chat, headers=json_type)
+            body = self.chat_varied[i % len(self.chat_varied)] if workload == "chat_varied" else chat
+            return await client.post("/v1/chat/completions", content=body, headers=json_type)
 
         return send
 
@@ -184,8 +200,12 @@ async def _load(url: str, send: Send, n: int, concurrency: int) -> tuple[float, 
 
 
 def load(label: str, url: str, send: Send, workload: str, args: argparse.Namespace, c: int, round_: int) -> Run:
+    before = decode_steps(url) if label != PEER else None
     wall, latencies, failures = asyncio.run(_load(url, send, args.n, c))
     run = Run(label, workload, c, round_, args.n, wall, latencies, failures, args.tokens, args.seconds)
+    if before is not None:
+        rows, steps = (after - b for after, b in zip(decode_steps(url), before, strict=True))
+        run.steps, run.rows_per_step = int(steps), rows / max(steps, 1)
     print(json.dumps(run.row()), flush=True)
     return run
 
@@ -240,24 +260,37 @@ class Ceiling:
 
 
 def ours_and_ceiling(model_dir: Path, bodies: Bodies, args: argparse.Namespace, work: Path) -> list[Run]:
-    """(a), (b) and (c) in turns: for each concurrency, `rounds` rounds of a, b (each workload), c."""
+    """(a), (b) and (c) in turns: for each concurrency, `rounds` rounds of a, b (each workload), c;
+    with --static, (e) after (b)."""
     rows: list[Run] = []
+    configs: list[tuple[str, int, tuple[str, ...]]] = [(OURS, max(args.levels), ()), (SINGLE, 1, ())]
+    if args.static:
+        configs.append((STATIC, max(args.levels), ("--no-continuous-batching",)))
     with ExitStack() as stack:
         servers = {
-            label: our_server(stack, model_dir, args.tokens, batch, args.max_batch_tokens, work / f"{label}.log")
-            for label, batch in ((OURS, max(args.levels)), (SINGLE, 1))
+            label: our_server(stack, model_dir, args.tokens, batch, args.max_batch_tokens, work / f"{label}.log", *x)
+            for label, batch, x in configs
         }
-        ceiling = Ceiling(model_dir, args.tokens, args.device, args.audio)
+        ceiling = None if args.skip_ceiling else Ceiling(model_dir, args.tokens, args.device, args.audio)
         for c in args.levels:
             for r in range(args.rounds):
                 for workload in args.workloads:
                     for label, url in servers.items():
                         rows.append(load(label, url, bodies.sender(workload), workload, args, c, r))
-                rows.append(ceiling.run(args.n, c, r))
+                if ceiling:
+                    rows.append(ceiling.run(args.n, c, r))
         peaks = {label: gpu_memory_peak(url) for label, url in servers.items()}
-        peaks[CEILING] = ceiling.peak_gpu_memory()
+        peaks[CEILING] = ceiling.peak_gpu_memory() if ceiling else None
         print(json.dumps({"gpu_memory_peak_gib": peaks}), flush=True)
     return rows
+
+
+def decode_steps(url: str) -> tuple[float, float]:
+    """Rows summed over decode steps, and steps, so far: from the voxtral_batch_size histogram. On a GPU a
+    step costs about the same at 1 row or 32, so the steps a workload takes are what decoding costs there."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("voxtral_batch_size_"))
+    return float(values.get("voxtral_batch_size_sum", 0)), float(values.get("voxtral_batch_size_count", 0))
 
 
 def gpu_memory_peak(url: str) -> float | None:
@@ -350,6 +383,18 @@ def summarise(rows: list[Run], levels: list[int]) -> None:
             _spread(_ratios(groups, (OURS, "chat_local_path", c), (PEER, "chat_local_path", c), _rps)),
         ]
         print(f"| {c} | " + " | ".join(cells) + " |")
+    static = sorted({(w, c) for (label, w, c) in groups if label == STATIC}, key=lambda k: (k[1], k[0]))
+    if static:
+        print("\nContinuous against static batching, within each round: (a)/(e).\n")
+        head = "| workload | concurrency | req/s (a)/(e) | p50 latency (a)/(e) | p99 latency (a)/(e) "
+        print(head + "| decode steps (a)/(e) | rows per step (a), (e) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for workload, c in static:
+            a, e = (OURS, workload, c), (STATIC, workload, c)
+            cells = [_spread(_ratios(groups, a, e, value)) for value in (_rps, _p50, _p99, _steps)]
+            occupancy = [statistics.median(r.rows_per_step or 0.0 for r in groups[k]) for k in (a, e)]
+            cells.append(f"{occupancy[0]:.1f}, {occupancy[1]:.1f}")
+            print(f"| {workload} | {c} | " + " | ".join(cells) + " |")
     for run in rows:
         if run.workload == "probe":
             print(f"\npeer probe: {run.label}")
@@ -361,6 +406,14 @@ def _rps(run: Run) -> float:
 
 def _p50(run: Run) -> float:
     return pct(run.latencies, 0.5)
+
+
+def _p99(run: Run) -> float:
+    return pct(run.latencies, 0.99)
+
+
+def _steps(run: Run) -> float:
+    return float(run.steps or 0)
 
 
 def _ratios(
@@ -387,7 +440,11 @@ def main() -> None:
         "larger prefills run the audio encoder out of cache there. On a GPU pass the server default, 32768.",
     )
     parser.add_argument("--audio", type=Path, default=JFK, help="the WAV every request sends")
-    parser.add_argument("--workloads", default="transcription,mix", help="of (a) and (b): transcription, mix")
+    parser.add_argument(
+        "--workloads", default="transcription,mix", help="of (a), (b), (e): transcription, mix, chat, chat_varied"
+    )
+    parser.add_argument("--static", action="store_true", help="also (e): --no-continuous-batching")
+    parser.add_argument("--skip-ceiling", action="store_true", help="leave (c) out")
     parser.add_argument("--model-dir", type=Path, default=None, help="a checkpoint instead of the tiny model")
     parser.add_argument("--device", default="cpu", help="where (c) runs; cuda loads it in bfloat16")
     parser.add_argument("--skip-peer", action="store_true")

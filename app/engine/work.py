@@ -37,6 +37,7 @@ class WorkItem:
     _events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
+    _finishing: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def cancelled(self) -> bool:
@@ -61,10 +62,12 @@ class WorkItem:
             self._send(event)
 
     def finish(self, outcome: GenerationResult | BaseException) -> None:
-        """Resolve exactly once; later calls are ignored."""
-        if self.done:
-            return
-        self._done.set()
+        """Resolve exactly once; later calls are ignored (also from another thread: at shutdown the
+        event loop answers what a worker that did not stop in time still holds)."""
+        with self._finishing:
+            if self.done:
+                return
+            self._done.set()
         self._send(outcome)
 
     def _send(self, event: Event) -> None:

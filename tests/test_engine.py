@@ -50,19 +50,31 @@ class Gate:
             self.release.wait(30)
 
 
-def test_full_queue_is_429_with_retry_after(loaded: LoadedModel, tiny_dir: Path) -> None:
+def _give_up(base_url: str, after_s: float) -> None:
+    """A client that stops waiting for its answer and closes the connection."""
+    impatient = httpx.Client(base_url=base_url, timeout=httpx.Timeout(30, read=after_s))
+    with impatient, pytest.raises(httpx.ReadTimeout):
+        impatient.post("/v1/chat/completions", json=CHAT)
+
+
+def test_full_queue_is_429_and_abandoned_requests_give_their_places_back(loaded: LoadedModel, tiny_dir: Path) -> None:
     with serve(loaded, tiny_dir, max_queue=2, max_batch_size=1) as server, ThreadPoolExecutor(8) as pool:
         gate = Gate()
         server.engine.worker.fault_hook = gate
         with server.http() as http:
             held = pool.submit(http.post, "/v1/chat/completions", json=CHAT)
             assert gate.entered.wait(10)
-            queued = [pool.submit(http.post, "/v1/chat/completions", json=CHAT) for _ in range(2)]
-            while len(server.engine.queue) < 2:
-                time.sleep(0.01)
+            impatient = [pool.submit(_give_up, server.base_url, 2.0) for _ in range(2)]
+            wait_until(lambda: len(server.engine.queue) == 2, "the queue is full")
             refused = http.post("/v1/chat/completions", json=CHAT)
             error = assert_openai_error(refused, 429)
             assert error["type"] == "rate_limit_error" and refused.headers["retry-after"].isdigit()
+            for gone in impatient:
+                gone.result()
+            # Both clients left while queued and the worker is still held, yet their places are free.
+            wait_until(lambda: len(server.engine.queue) == 0, "abandoned requests leave the queue")
+            queued = [pool.submit(http.post, "/v1/chat/completions", json=CHAT) for _ in range(2)]
+            wait_until(lambda: len(server.engine.queue) == 2, "the new requests are queued")
             gate.release.set()
             server.engine.worker.fault_hook = None
             assert [f.result().status_code for f in [held, *queued]] == [200, 200, 200]
@@ -233,12 +245,11 @@ class StepRecorder:
             self.steps.append(len(items))
 
 
-@pytest.mark.parametrize("continuous", [True, False])
-def test_continuous_batching_admits_between_steps_and_static_batching_does_not(
-    loaded: LoadedModel, tiny_dir: Path, continuous: bool
-) -> None:
+def _steps_of_two_overlapping_requests(loaded: LoadedModel, tiny_dir: Path, **settings: Any) -> list[int]:
+    """Rows in each decode step, when a second request arrives while the first one decodes."""
     long = {**CHAT, "max_tokens": 40}
-    with serve(loaded, tiny_dir, continuous_batching=continuous) as server, server.http() as http:
+    with serve(loaded, tiny_dir, **settings) as server, server.http() as http:
+        wait_until(lambda: server.engine.idle, "the warm-up is over")  # so `running` below is the first
         recorder = StepRecorder(server.engine.queue)
         server.engine.worker.fault_hook = recorder
         with ThreadPoolExecutor(2) as pool:
@@ -247,10 +258,18 @@ def test_continuous_batching_admits_between_steps_and_static_batching_does_not(
             second = pool.submit(http.post, "/v1/chat/completions", json=long)
             assert [first.result().status_code, second.result().status_code] == [200, 200]
         server.engine.worker.fault_hook = None
+    return recorder.steps
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_continuous_batching_admits_between_steps_and_static_batching_does_not(
+    loaded: LoadedModel, tiny_dir: Path, continuous: bool
+) -> None:
+    steps = _steps_of_two_overlapping_requests(loaded, tiny_dir, continuous_batching=continuous)
     # Continuous: the second request joins the first one's batch mid-flight. Static: it waits for the
     # batch to finish, so no step ever runs both, and the first row's 39 steps run alone.
-    assert max(recorder.steps) == (2 if continuous else 1)
-    assert recorder.steps[:39] == ([1] + [2] * 38 if continuous else [1] * 39)
+    assert max(steps) == (2 if continuous else 1)
+    assert steps[:39] == ([1] + [2] * 38 if continuous else [1] * 39)
 
 
 def test_a_row_cap_after_out_of_memory_stops_the_batch_growing_straight_back() -> None:
@@ -334,6 +353,7 @@ def test_a_failing_merge_answers_the_new_rows_and_spares_the_running_ones(
     second = {**CHAT, "max_tokens": 12, "messages": [{"role": "user", "content": "bonjour"}]}
     with serve(loaded, tiny_dir) as server, server.http() as http:
         clean = [http.post("/v1/chat/completions", json=b).json()["choices"][0]["message"] for b in (first, second)]
+        wait_until(lambda: server.engine.idle, "the clean runs are over")  # so `running` below is the first
         error = torch.OutOfMemoryError("injected") if oom else RuntimeError("injected")
         hook = FailJoin(server.engine.queue, error)
         server.engine.worker.fault_hook = hook
@@ -351,45 +371,12 @@ def test_a_failing_merge_answers_the_new_rows_and_spares_the_running_ones(
             assert answers[1].json()["choices"][0]["message"] == clean[1]
         else:
             assert assert_openai_error(answers[1], 500)["type"] == "server_error"
-        assert server.engine.idle
-
-
-def test_an_abandoned_request_gives_its_queue_place_back_at_once(loaded: LoadedModel, tiny_dir: Path) -> None:
-    with serve(loaded, tiny_dir, max_queue=2, max_batch_size=1) as server, ThreadPoolExecutor(4) as pool:
-        gate = Gate()
-        server.engine.worker.fault_hook = gate
-        with server.http() as http:
-            held = pool.submit(http.post, "/v1/chat/completions", json=CHAT)
-            assert gate.entered.wait(10)
-
-            def give_up() -> None:
-                impatient = httpx.Client(base_url=server.base_url, timeout=httpx.Timeout(30, read=0.5))
-                with impatient, pytest.raises(httpx.ReadTimeout):
-                    impatient.post("/v1/chat/completions", json=CHAT)
-
-            list(pool.map(lambda _: give_up(), range(2)))
-            # Both clients left while queued; the worker is still held, yet their places are free.
-            wait_until(lambda: len(server.engine.queue) == 0, "abandoned requests leave the queue")
-            queued = [pool.submit(http.post, "/v1/chat/completions", json=CHAT) for _ in range(2)]
-            wait_until(lambda: len(server.engine.queue) == 2, "the new requests are queued")
-            gate.release.set()
-            server.engine.worker.fault_hook = None
-            assert [f.result().status_code for f in [held, *queued]] == [200, 200, 200]
+        wait_until(lambda: server.engine.idle, "nothing is left running or parked")
 
 
 def test_a_request_over_the_running_token_budget_waits_for_the_batch(loaded: LoadedModel, tiny_dir: Path) -> None:
     """With room for one row's KV cache only, the second request cannot join: it runs after the first."""
-    long = {**CHAT, "max_tokens": 40}
-    with serve(loaded, tiny_dir, max_running_tokens=1) as server, server.http() as http:
-        recorder = StepRecorder(server.engine.queue)
-        server.engine.worker.fault_hook = recorder
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(http.post, "/v1/chat/completions", json=long)
-            wait_until(lambda: recorder.steps or server.engine.worker.running, "the first request runs")
-            second = pool.submit(http.post, "/v1/chat/completions", json=long)
-            assert [first.result().status_code, second.result().status_code] == [200, 200]
-        server.engine.worker.fault_hook = None
-    assert max(recorder.steps) == 1
+    assert max(_steps_of_two_overlapping_requests(loaded, tiny_dir, max_running_tokens=1)) == 1
 
 
 def test_batcher_keeps_the_running_batch_within_its_token_budget() -> None:

@@ -240,13 +240,15 @@ class ModelWorker:
             else:
                 finished.append((row.owner, outcome))
         self.metrics.generation_tokens.inc(sum(not isinstance(t, Exception) for t in tokens))
-        # The gauge moves before any answer leaves, so a scrape after a response never sees the row running.
+        # The gauge and the state move before any answer leaves, so a client that has its answer never
+        # sees its row still running (in /metrics, or in the engine's idle that drain waits for).
         self.metrics.running.set(len(keep) + len(self._preempted))
-        for item, result in finished:
-            item.finish(result)
         rows = [state.rows[i] for i in keep]
         if not rows:
             self._state = self._logits = None
+        for item, result in finished:
+            item.finish(result)
+        if not rows:
             return
         try:
             if len(rows) < len(state.rows):

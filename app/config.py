@@ -118,11 +118,12 @@ class Settings(BaseSettings):
     take a decode step between prefills, so a smaller budget also shortens their stalls. On CPU about 3200
     (8 rows of 30 s audio) is fastest: larger prefills run the audio encoder out of cache."""
     max_running_tokens: int = 131072
-    """Rows x longest row (prompt, audio and output so far) the running batch may hold: the KV cache each
-    decode step reads, padding included. New requests join only while the batch stays within it; when the
-    oldest waiting request would not fit (a long audio among short rows), nothing joins until the batch has
-    drained enough, so it runs next. Lower bounds GPU memory and per-step cost; too low keeps batches small.
-    131072 is about 16 GB of KV cache for Voxtral Mini, 21 GB for Small (bf16). A request always runs alone."""
+    """Rows x longest row (prompt, audio and output so far) the running batch may hold when a request joins
+    it: the KV cache each decode step reads, padding included (each row then grows by a token a step). When
+    the oldest waiting request would not fit (a long audio among short rows), nothing joins until the batch
+    has drained enough, so it runs next. Lower bounds GPU memory and per-step cost; too low keeps batches
+    small. 131072 positions are about 16 GB of KV cache for Voxtral Mini, 21 GB for Small (bf16). A request
+    always runs alone."""
     max_wait_ms: float = 0.0
     """How long a batch may wait to fill up while the model is busy anyway; never while it is idle."""
     continuous_batching: bool = True

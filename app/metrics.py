@@ -34,7 +34,11 @@ class Metrics:
             "voxtral_request_queue_time_seconds", "Time waiting in the queue", buckets=_LATENCY, registry=r
         )
         self.waiting = Gauge("voxtral_num_requests_waiting", "Requests in the queue (autoscaling signal)", registry=r)
-        self.running = Gauge("voxtral_num_requests_running", "Requests the model is decoding", registry=r)
+        self.running = Gauge(
+            "voxtral_num_requests_running",
+            "Requests the model holds: decoding, being prefilled, or parked after an out-of-memory error",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "voxtral_batch_size",
             "Rows per decode step",

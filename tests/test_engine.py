@@ -386,3 +386,39 @@ def test_batcher_keeps_the_running_batch_within_its_token_budget() -> None:
     # The oldest blocks the others, so the batch drains and it runs next; when nothing runs it goes.
     assert select_batch([300, 90], 8, 10_000, running=(0, 0), max_running_tokens=100) == [0]
     assert select_batch([100] * 12, 8, 10_000, running=(4, 100), max_running_tokens=1000) == list(range(6))
+
+
+class CancelThenOom:
+    """Both requests prefill together; in their first decode step one is abandoned and the step runs out
+    of memory. The other must be recomputed, not failed for being alone now."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.held = self.fired = False
+
+    def __call__(self, stage: str, items: list[Any]) -> None:
+        if stage == "prefill" and not self.held:
+            self.held = True
+            wait_until(lambda: len(items) + len(self.queue) >= 2, "both requests are queued")
+        if stage == "step" and len(items) == 2 and not self.fired:
+            self.fired = True
+            items[1].cancel()
+            raise torch.OutOfMemoryError("injected CUDA out of memory")
+
+
+def test_out_of_memory_with_one_row_abandoned_recomputes_the_other(loaded: LoadedModel, tiny_dir: Path) -> None:
+    bodies = [{**CHAT, "max_tokens": 16, "messages": [{"role": "user", "content": w}]} for w in ("one", "two")]
+    with serve(loaded, tiny_dir) as server, server.http() as http:
+        clean = http.post("/v1/chat/completions", json=bodies[0]).json()["choices"][0]["message"]
+        wait_until(lambda: server.engine.idle, "the clean run is over")
+        hook = CancelThenOom(server.engine.queue)
+        server.engine.worker.fault_hook = hook
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(http.post, "/v1/chat/completions", json=bodies[0])
+            wait_until(lambda: hook.held, "the first request is prefilling")
+            second = pool.submit(http.post, "/v1/chat/completions", json=bodies[1])
+            answers = [first.result(timeout=60), second.result(timeout=60)]
+        server.engine.worker.fault_hook = None
+    assert hook.fired
+    assert answers[0].status_code == 200 and answers[0].json()["choices"][0]["message"] == clean
+    assert answers[1].status_code == 504  # abandoned: answered, nobody reads it

@@ -67,6 +67,8 @@ class ModelWorker:
         """After an out-of-memory error: the most rows that may run, so the batch does not grow straight
         back to the size that failed. One more row is allowed every `_CAP_STEPS` clean steps."""
         self._clean_steps = 0
+        self._prefilling = 0
+        """Rows out of the queue (or the parked list) and not yet in the batch: still held, for drain."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="voxtral-model-worker", daemon=True)
 
@@ -76,8 +78,8 @@ class ModelWorker:
 
     @property
     def held(self) -> int:
-        """Rows this worker still owes an answer: running, or waiting to be recomputed after an OOM."""
-        return self.running + len(self._preempted)
+        """Rows this worker still owes an answer: running, being prefilled, or parked after an OOM."""
+        return self.running + len(self._preempted) + self._prefilling
 
     @property
     def _limit(self) -> int:
@@ -104,6 +106,7 @@ class ModelWorker:
         if idle:
             self._row_cap = None  # nothing runs: whatever ran out of memory is gone
         if self._preempted:
+            self._preempted = self._alive(self._preempted)  # an abandoned parked row frees its place now
             self._readmit(self._limit - self.running)
         if idle or self.continuous:
             self._take(idle)
@@ -142,15 +145,21 @@ class ModelWorker:
             item.started_at = now
             self.metrics.queue_time.observe(now - item.enqueued_at)
         rows = self._rows(items)
-        if not rows:
-            return
+        if rows:
+            self._bring_in(rows, "prefill")
+
+    def _bring_in(self, rows: list[Row], stage: str | None = None) -> None:
+        """Prefill `rows` and merge them into the batch; a failure fails only them."""
+        self._prefilling = len(rows)
         try:
-            if self.fault_hook:
-                self.fault_hook("prefill", [r.owner for r in rows])
+            if stage and self.fault_hook:
+                self.fault_hook(stage, [r.owner for r in rows])
             state, logits = self._prefill(rows)
         except Exception as exc:
+            self._prefilling = 0
             return self._fail([r.owner for r in rows], exc)
         self._join(state, logits)
+        self._prefilling = 0
 
     def _rows(self, items: list[WorkItem]) -> list[Row]:
         """A request whose row cannot be built (its constraint, its seed) fails alone."""
@@ -163,17 +172,19 @@ class ModelWorker:
         return rows
 
     def _readmit(self, free: int) -> None:
-        if free <= 0:
-            return
-        rows, self._preempted = self._preempted[:free], self._preempted[free:]
-        rows = self._alive(rows)
-        if not rows:
-            return
-        try:
-            state, logits = self._prefill(rows)
-        except Exception as exc:
-            return self._fail([r.owner for r in rows], exc)
-        self._join(state, logits)
+        """Parked rows first, oldest first, within the free places and the running-token budget."""
+        rows: list[Row] = []
+        width = self._state.attention_mask.shape[1] if self._state is not None else 0
+        for row in self._preempted[: max(free, 0)]:
+            wider = max(width, len(row.input_ids) + len(row.generated))
+            budget = self.max_running_tokens
+            if (self.running or rows) and budget is not None and (self.running + len(rows) + 1) * wider > budget:
+                break
+            rows.append(row)
+            width = wider
+        if rows:
+            self._preempted = self._preempted[len(rows) :]
+            self._bring_in(rows)
 
     def _join(self, state: BatchState, logits: torch.Tensor) -> None:
         """Merge freshly prefilled rows into the running batch. The merge copies the running cache; if
@@ -270,17 +281,16 @@ class ModelWorker:
         frees up (recompute, as vLLM does), and cap the batch at that half for a while."""
         self._state = self._logits = None
         torch.cuda.empty_cache()
+        if len(rows) == 1:  # one row alone does not fit: nothing to split
+            return self._fail([rows[0].owner], exc)
         rows = self._alive(rows)
-        if len(rows) <= 1:
-            return self._fail([r.owner for r in rows], exc)
-        half = len(rows) // 2
+        if not rows:
+            return
+        half = max(1, len(rows) // 2)
         self._cap(half)
         log.warning("out of memory decoding %d rows: recomputing them, at most %d at a time", len(rows), half)
         self._preempted = rows[half:] + self._preempted
-        try:
-            self._join(*self._prefill(rows[:half]))
-        except Exception as again:
-            self._fail([r.owner for r in rows[:half]], again)
+        self._bring_in(rows[:half])
 
     def _cap(self, rows: int) -> None:
         self._row_cap = max(1, min(rows, self._row_cap or rows))

@@ -33,6 +33,8 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T | None:
     finally:
         gone.cancel()
         task.cancel()
+        if gone.done() and not gone.cancelled():
+            gone.exception()  # a receive that failed counts as gone; retrieved so asyncio does not warn
 
 
 def client_closed() -> Response:

@@ -10,7 +10,6 @@ shutdown follows once the drain is over, and the process exits 0. A second signa
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import signal
@@ -23,8 +22,9 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from app.api.middleware import send_error
 from app.config import Settings
-from app.errors import TooManyConnections, error_body
+from app.errors import TooManyConnections
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class HeaderTimeoutProtocol(H11Protocol):
             # uvicorn counts before the request's task exists; here it is already in `tasks`.
             if limit is not None and (len(self.connections) >= limit or len(self.tasks) > limit):
                 log.warning("over --max-connections (%d): answered 503", limit)
-                return await _refuse(send, TooManyConnections(_OVER_LIMIT % limit))
+                error = TooManyConnections(_OVER_LIMIT % limit)
+                return await send_error(send, error, {"retry-after": "1", "connection": "close"})
             await app(scope, receive, send)
 
         return limited
@@ -107,14 +108,6 @@ class HeaderTimeoutProtocol(H11Protocol):
 
 
 _OVER_LIMIT = "The server has too many open connections (limit %d); retry shortly, or reuse connections."
-
-
-async def _refuse(send: Send, error: TooManyConnections) -> None:
-    body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(b"retry-after", b"1"), (b"connection", b"close")]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def protocol_class(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from app.engine.batcher import select_batch
 from app.engine.queue import RequestQueue
 from app.engine.work import WorkItem
 from app.errors import InternalError, RequestTimeout
@@ -82,6 +83,11 @@ class ModelWorker:
         return self.running + len(self._preempted) + self._prefilling
 
     @property
+    def _shape(self) -> tuple[int, int]:
+        """(rows, width) of the running batch: what the running-token budget is checked against."""
+        return (self.running, self._state.attention_mask.shape[1]) if self._state is not None else (0, 0)
+
+    @property
     def _limit(self) -> int:
         return min(self.max_batch_size, self._row_cap or self.max_batch_size)
 
@@ -121,15 +127,13 @@ class ModelWorker:
         wait = 0.0 if idle else self.max_wait_s
         timeout = 0.2 if idle else None
         while True:
-            free = self._limit - self.held
-            width = self._state.attention_mask.shape[1] if self._state is not None else 0
             # With no free place this still drops cancelled and expired entries from the queue.
             new = self.queue.take(
-                free,
+                self._limit - self.held,
                 self.max_batch_tokens,
                 timeout=timeout,
                 min_age_s=wait,
-                running=(self.running, width),
+                running=self._shape,
                 max_running_tokens=self.max_running_tokens,
             )
             if not new:
@@ -156,10 +160,11 @@ class ModelWorker:
                 self.fault_hook(stage, [r.owner for r in rows])
             state, logits = self._prefill(rows)
         except Exception as exc:
+            self._fail([r.owner for r in rows], exc)
+        else:
+            self._join(state, logits)
+        finally:
             self._prefilling = 0
-            return self._fail([r.owner for r in rows], exc)
-        self._join(state, logits)
-        self._prefilling = 0
 
     def _rows(self, items: list[WorkItem]) -> list[Row]:
         """A request whose row cannot be built (its constraint, its seed) fails alone."""
@@ -172,18 +177,13 @@ class ModelWorker:
         return rows
 
     def _readmit(self, free: int) -> None:
-        """Parked rows first, oldest first, within the free places and the running-token budget."""
-        rows: list[Row] = []
-        width = self._state.attention_mask.shape[1] if self._state is not None else 0
-        for row in self._preempted[: max(free, 0)]:
-            wider = max(width, len(row.input_ids) + len(row.generated))
-            budget = self.max_running_tokens
-            if (self.running or rows) and budget is not None and (self.running + len(rows) + 1) * wider > budget:
-                break
-            rows.append(row)
-            width = wider
-        if rows:
-            self._preempted = self._preempted[len(rows) :]
+        """Parked rows before any new request, chosen as the queue chooses: oldest first, within the free
+        places and both token budgets (a parked row comes back as its prompt plus what it generated)."""
+        lengths = [len(r.input_ids) + len(r.generated) for r in self._preempted]
+        chosen = set(select_batch(lengths, free, self.max_batch_tokens, self._shape, self.max_running_tokens))
+        if chosen:
+            rows = [r for i, r in enumerate(self._preempted) if i in chosen]
+            self._preempted = [r for i, r in enumerate(self._preempted) if i not in chosen]
             self._bring_in(rows)
 
     def _join(self, state: BatchState, logits: torch.Tensor) -> None:

@@ -95,13 +95,21 @@ class GrowingCache(DynamicCache):
 
 
 def gather(cache: GrowingCache, rows: torch.Tensor, start: int) -> GrowingCache:
-    """The `rows` of `cache` from position `start` on, copied once, straight into new buffers."""
+    """The `rows` of `cache` from position `start` on, copied once, straight into new buffers.
+
+    A model spread over several devices (`--device auto` on a multi-GPU machine) keeps each layer's
+    cache on that layer's device: the row index is copied to each device once, not used where it was
+    made (index_select across devices raises, which failed every row of a batch a row left)."""
     out = GrowingCache(len(cache.growing))
+    index = {rows.device: rows}
     for layer, (k, v) in zip(out.growing, cache.kv(), strict=True):
+        if k.device not in index:
+            index[k.device] = rows.to(k.device)
+        here = index[k.device]
         width = k.shape[-2] - start
         new_k, new_v = _empty_like(k, len(rows), width), _empty_like(v, len(rows), width)
-        torch.index_select(k[..., start:, :], 0, rows, out=new_k[..., :width, :])
-        torch.index_select(v[..., start:, :], 0, rows, out=new_v[..., :width, :])
+        torch.index_select(k[..., start:, :], 0, here, out=new_k[..., :width, :])
+        torch.index_select(v[..., start:, :], 0, here, out=new_v[..., :width, :])
         layer.adopt(new_k, new_v, width)
     return out
 

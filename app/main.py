@@ -41,8 +41,15 @@ def _tiny(argv: list[str]) -> int:
     parser.add_argument("directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer-version", default="v11", choices=["v7", "v11", "v13"])
+    parser.add_argument(
+        "--full-vocab",
+        action="store_true",
+        help="the real checkpoints' 131,072-token vocabulary (for benchmarks of per-token work); default 3,000",
+    )
     args = parser.parse_args(argv)
-    path = build_tiny_model(args.directory, seed=args.seed, tokenizer_version=args.tokenizer_version)
+    path = build_tiny_model(
+        args.directory, seed=args.seed, tokenizer_version=args.tokenizer_version, full_vocab=args.full_vocab
+    )
     print(f"tiny random Voxtral written to {path} (random weights, for tests and demos)")
     return 0
 

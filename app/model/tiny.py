@@ -21,6 +21,10 @@ TINY_MARKER = "voxtral_server_tiny.json"
 
 NUM_SPECIAL = 1000
 NUM_VOCAB = 2000
+"""Regular tokens of the fast default test model: 3,000 ids in all."""
+FULL_VOCAB = 131_072 - NUM_SPECIAL
+"""Regular tokens of the real Voxtral checkpoints' tekken (131,072 ids in all): the size at which per-token
+work (sampling, grammar masks, detokenizing) costs what it costs in production."""
 AUDIO_TOKEN_ID = 24
 
 # mistral-common's fixed names at ranks 0-19, then the audio/tool markers Voxtral needs.
@@ -101,13 +105,16 @@ def save_processor(out: Path, tokenizer_version: str = "v11", num_vocab: int = N
     return tokenizer
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, tokenizer_version: str = "v11") -> Path:
-    """Write a complete random Voxtral checkpoint (weights, processor, tokenizer) to `out_dir`."""
+def build_tiny_model(
+    out_dir: str | Path, seed: int = 0, tokenizer_version: str = "v11", full_vocab: bool = False
+) -> Path:
+    """Write a complete random Voxtral checkpoint (weights, processor, tokenizer) to `out_dir`.
+    `full_vocab`: the real 131,072-token vocabulary instead of 3,000 ids (the model stays tiny otherwise)."""
     import torch
     from transformers import VoxtralConfig, VoxtralForConditionalGeneration
 
     out = Path(out_dir)
-    tokenizer = save_processor(out, tokenizer_version)
+    tokenizer = save_processor(out, tokenizer_version, FULL_VOCAB if full_vocab else NUM_VOCAB)
 
     config = VoxtralConfig(
         audio_config={
@@ -145,7 +152,8 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, tokenizer_version: str 
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 11
     model.save_pretrained(out)
-    (out / TINY_MARKER).write_text(json.dumps({"seed": seed, "random_weights": True}), encoding="utf-8")
+    marker = {"seed": seed, "random_weights": True, "vocab_size": len(tokenizer)}
+    (out / TINY_MARKER).write_text(json.dumps(marker), encoding="utf-8")
     log.info("built tiny random Voxtral in %s", out)
     return out
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 FinishReason = Literal["stop", "length", "tool_calls", "error", "cancelled"]
 
@@ -21,7 +20,12 @@ class SamplingParams:
     """Per-row decoding parameters; rows of one batch keep their own."""
 
     temperature: float = 0.0
+    """0: greedy (exact argmax)."""
     top_p: float = 1.0
+    top_k: int = 0
+    """0 (or -1, as vLLM spells it): off."""
+    min_p: float = 0.0
+    """Keep tokens at least this fraction as likely as the most likely one; 0: off."""
     seed: int | None = None
     max_new_tokens: int = 64
     stop_token_ids: frozenset[int] = frozenset()
@@ -33,8 +37,14 @@ class SamplingParams:
 class Constraint(Protocol):
     """Per-row constrained decoding (tool calls, JSON schema): which tokens may come next."""
 
-    def allowed(self) -> torch.Tensor | None:
-        """Boolean mask over the vocabulary for the next token, or None when anything goes."""
+    @property
+    def matcher(self) -> Any:
+        """The llguidance matcher whose mask applies to the next token, or None when anything goes. The
+        sampler fills the masks of a batch's matchers together, in parallel."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the matcher's tokenizer knows: the width of its mask."""
 
     def advance(self, token: int) -> None:
         """Record the token that was sampled."""

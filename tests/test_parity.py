@@ -265,7 +265,10 @@ def test_server_batched_equals_server_unbatched(loaded: LoadedModel, tiny_dir: P
 
 
 class _Broken:
-    def allowed(self) -> torch.Tensor:
+    vocab_size = 32
+
+    @property
+    def matcher(self) -> Any:
         raise RuntimeError("a broken constraint")
 
     def advance(self, token: int) -> None:

@@ -183,7 +183,7 @@ class Service:
     def constrainer(self) -> Constrainer:
         """Built on first use (a pass over the vocabulary), in a prep thread."""
         tekken = self.prompter.mistral.instruct_tokenizer.tokenizer
-        return Constrainer(TokenVocab.from_tekken(tekken), self.engine.vocab_size)
+        return Constrainer(TokenVocab.from_tekken(tekken))
 
     def _constraint(self, spec: OutputSpec) -> Callable[[], Constraint] | None:
         try:

@@ -118,11 +118,6 @@ class Engine:
         return max(0.0, item.deadline - time.monotonic()) + 0.5
 
     @property
-    def vocab_size(self) -> int:
-        """Width of the model's logits: constraint masks are padded to it."""
-        return int(self.worker.generator.text_config.vocab_size)
-
-    @property
     def idle(self) -> bool:
         return len(self.queue) == 0 and self.worker.held == 0
 

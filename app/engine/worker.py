@@ -21,7 +21,8 @@ from app.engine.queue import RequestQueue
 from app.engine.work import WorkItem
 from app.errors import InternalError, RequestTimeout
 from app.metrics import Metrics
-from app.model.generate import BatchGenerator, BatchState, Row, sample
+from app.model.generate import BatchGenerator, BatchState, Row
+from app.model.sampling import Sampler
 from app.types import FinishReason, GenerationResult, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class ModelWorker:
         self.max_running_tokens = max_running_tokens
         self.metrics = metrics
         self.fault_hook: FaultHook | None = None
+        self.sampler = Sampler()
         self._state: BatchState | None = None
         self._logits: torch.Tensor | None = None
         self._preempted: list[Row] = []
@@ -236,7 +238,7 @@ class ModelWorker:
         state, logits = self._state, self._logits
         assert state is not None and logits is not None
         self.metrics.batch_size.observe(len(state.rows))
-        tokens = sample(logits, state.rows)
+        tokens = self.sampler.sample(logits, state.rows)
         keep: list[int] = []
         finished: list[tuple[WorkItem, GenerationResult | BaseException]] = []
         now = time.monotonic()
@@ -266,6 +268,7 @@ class ModelWorker:
                 state = self.generator.select(state, keep)
             if self.fault_hook:
                 self.fault_hook("step", [r.owner for r in rows])
+            self.sampler.prefetch(rows)  # grammar masks fill while the forward pass runs
             self._logits = self.generator.step(state, torch.tensor([tokens[i] for i in keep]))
             self._state = state
         except torch.OutOfMemoryError as exc:

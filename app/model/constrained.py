@@ -59,21 +59,25 @@ class OutputSpec:
 
 
 class GrammarConstraint:
-    """One row's matcher: the mask of tokens the grammar allows next."""
+    """One row's matcher: the sampler fills its mask (with every other row's) and applies it."""
 
-    def __init__(self, matcher: Any, vocab_size: int, eos_id: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
         self._matcher = matcher
         self._size = vocab_size
-        self._eos_id = eos_id
+
+    @property
+    def matcher(self) -> Any:
+        return self._matcher
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size
 
     def allowed(self) -> torch.Tensor:
-        mask = np.zeros(self._size, dtype=np.bool_)
-        if self._matcher.is_error():  # cannot happen when sampling from our masks; end the row if it does
-            mask[self._eos_id] = True
-        else:  # numpy, not torch: torch's CPU thread pool costs milliseconds per tiny op on a busy host
-            bias = np.frombuffer(self._matcher.compute_logit_bias(), dtype=np.uint8)
-            mask[: bias.shape[0]] = bias != 0
-        return torch.from_numpy(mask)
+        """This row's mask alone, as booleans (tests; the sampler fills masks in batches). A matcher in
+        its error state (which sampling from its masks cannot reach) allows only EOS, ending the row."""
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        return torch.from_numpy(np.unpackbits(bits, bitorder="little")[: self._size].astype(np.bool_))
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
@@ -86,10 +90,19 @@ class TriggeredConstraint:
     The free part costs nothing per step (no mask), so `tool_choice=auto` only pays once a call starts.
     """
 
-    def __init__(self, trigger: int, start: Callable[[], GrammarConstraint]) -> None:
+    def __init__(self, trigger: int, start: Callable[[], GrammarConstraint], vocab_size: int) -> None:
         self._trigger = trigger
         self._start = start
         self._inner: GrammarConstraint | None = None
+        self._size = vocab_size
+
+    @property
+    def matcher(self) -> Any:
+        return self._inner.matcher if self._inner is not None else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size
 
     def allowed(self) -> torch.Tensor | None:
         return self._inner.allowed() if self._inner is not None else None
@@ -104,9 +117,8 @@ class TriggeredConstraint:
 class Constrainer:
     """Compiles output specs into per-row constraint factories for one tokenizer."""
 
-    def __init__(self, vocab: TokenVocab, model_vocab_size: int | None = None) -> None:
+    def __init__(self, vocab: TokenVocab) -> None:
         self.vocab = vocab
-        self.mask_size = max(vocab.size, model_vocab_size or 0)
         self._lock = threading.Lock()
         self._templates: OrderedDict[str, Any] = OrderedDict()
 
@@ -128,14 +140,14 @@ class Constrainer:
         # auto without a format: free text until a call starts; lenient, as the model decides anyway
         free_text = spec.tool_mode == "auto" and spec.json_schema is None
         template = self._template(build_grammar(spec, self.vocab, lenient=free_text))
-        eos, size = self.vocab.eos_id, self.mask_size
+        size = self.vocab.size
 
         def start() -> GrammarConstraint:
-            return GrammarConstraint(template.deep_copy(), size, eos)
+            return GrammarConstraint(template.deep_copy(), size)
 
         trigger = self.vocab.tool_calls_id
         if free_text and trigger is not None:
-            return lambda: TriggeredConstraint(trigger, start)
+            return lambda: TriggeredConstraint(trigger, start, size)
         return start
 
     def _template(self, grammar: str) -> Any:

@@ -10,36 +10,17 @@ keeps every row's output identical to running it alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from app.model.features import LogMel
 from app.model.kvcache import GrowingCache, assemble, gather
-from app.types import SamplingParams
+from app.model.row import Row
+from app.model.sampling import sample
 
-
-@dataclass
-class Row:
-    """One request while the model holds it."""
-
-    input_ids: list[int]
-    audios: list[np.ndarray]
-    sampling: SamplingParams
-    generated: list[int] = field(default_factory=list)
-    rng: torch.Generator | None = None
-    owner: Any = None
-    constraint: Any = None
-    """An `app.types.Constraint`, or None."""
-    """The engine's work item this row answers to."""
-
-    def __post_init__(self) -> None:
-        if self.sampling.temperature > 0:
-            self.rng = torch.Generator()
-            seed = self.sampling.seed
-            self.rng.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+__all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
 
 
 @dataclass
@@ -127,64 +108,3 @@ class BatchGenerator:
 def _lpad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     missing = width - mask.shape[1]
     return mask if missing == 0 else torch.nn.functional.pad(mask, (missing, 0))
-
-
-def sample(logits: torch.Tensor, rows: Sequence[Row]) -> list[int | Exception]:
-    """One token per row, each with its own temperature, top_p, penalties, seed and constraint.
-
-    A row whose sampling fails (its constraint, its parameters) gets the exception in its place,
-    so that it fails alone instead of taking the rest of the batch with it.
-    """
-    # Plain greedy rows (transcription's default) share one argmax over the batch instead of a
-    # kernel and a device sync each; argmax takes the first maximum either way, so ties agree.
-    greedy = logits.argmax(-1).tolist()
-    tokens: list[int | Exception] = []
-    for i, row in enumerate(rows):
-        if _plain_greedy(row):
-            tokens.append(int(greedy[i]))
-            continue
-        try:
-            tokens.append(_sample_row(logits[i], row))
-        except Exception as exc:
-            tokens.append(exc)
-    return tokens
-
-
-def _sample_row(logits: torch.Tensor, row: Row) -> int:
-    scores = _penalised(logits, row)
-    mask = row.constraint.allowed() if row.constraint is not None else None
-    if mask is not None:
-        scores = scores.masked_fill(~mask[: scores.shape[0]].to(scores.device), float("-inf"))
-    token = _pick(scores, row)
-    if row.constraint is not None:
-        row.constraint.advance(token)
-    return token
-
-
-def _plain_greedy(row: Row) -> bool:
-    s = row.sampling
-    penalised = bool(row.generated) and (s.presence_penalty != 0 or s.frequency_penalty != 0)
-    return row.constraint is None and (s.temperature <= 0 or row.rng is None) and not penalised
-
-
-def _penalised(scores: torch.Tensor, row: Row) -> torch.Tensor:
-    s = row.sampling
-    if not row.generated or (s.presence_penalty == 0 and s.frequency_penalty == 0):
-        return scores
-    ids, counts = torch.tensor(row.generated, device=scores.device).unique(return_counts=True)
-    scores = scores.clone()
-    scores[ids] -= s.presence_penalty + s.frequency_penalty * counts.to(scores.dtype)
-    return scores
-
-
-def _pick(scores: torch.Tensor, row: Row) -> int:
-    s = row.sampling
-    if s.temperature <= 0 or row.rng is None:
-        return int(scores.argmax().item())
-    probs = torch.softmax(scores / s.temperature, dim=-1).cpu()
-    if s.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        cut = sorted_probs.cumsum(0) - sorted_probs > s.top_p
-        sorted_probs[cut] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=row.rng).item())

@@ -1,0 +1,32 @@
+"""One request while the model holds it: its prompt, its audio, what it generated, how it samples."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.types import Constraint, SamplingParams
+
+
+@dataclass(eq=False)
+class Row:
+    """Compared by identity: two rows with the same prompt are still two requests."""
+
+    input_ids: list[int]
+    audios: list[np.ndarray]
+    sampling: SamplingParams
+    generated: list[int] = field(default_factory=list)
+    rng: random.Random | None = None
+    """One uniform draw a step for a sampled row, from its own generator: a seeded row draws the same
+    numbers, and so the same tokens, alone and in any batch."""
+    owner: Any = None
+    """The engine's work item this row answers to."""
+    constraint: Constraint | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampling.temperature > 0 and self.rng is None:
+            seed = self.sampling.seed
+            self.rng = random.Random(seed) if seed is not None else random.Random()

@@ -60,6 +60,8 @@ def chat_sampling(body: ChatCompletionRequest, prompt_tokens: int, settings: Set
     return SamplingParams(
         temperature=0.2 if body.temperature is None else body.temperature,
         top_p=0.95 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        min_p=body.min_p or 0.0,
         seed=body.seed,
         max_new_tokens=asked or min(settings.default_max_tokens, context - prompt_tokens),
         stop_strings=tuple(body.stop_list()),

@@ -99,6 +99,10 @@ class ChatCompletionRequest(_Wire):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    """vLLM's extra field: keep the k most likely tokens; 0 or -1: off."""
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    """vLLM's extra field: keep tokens at least min_p x as likely as the most likely one; 0: off."""
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)

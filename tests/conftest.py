@@ -130,3 +130,16 @@ def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 15
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting until {what}")
         time.sleep(poll_s)
+
+
+@pytest.fixture(scope="session")
+def full_vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with the real checkpoints' 131,072-token vocabulary, built once (about 8 s, 75 MB)."""
+    from app.model.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("voxtral-full-vocab"), full_vocab=True)
+
+
+@pytest.fixture(scope="session")
+def full_vocab(full_vocab_dir: Path) -> LoadedModel:
+    return load_model(Settings(model=str(full_vocab_dir)))

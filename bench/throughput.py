@@ -6,7 +6,17 @@ HTTP and no queue; (d) the peer: `transformers serve` on the same model director
 local audio path only: it cannot do transcription, base64 audio or batching for Voxtral).
 With --static, also (e): our server with --no-continuous-batching, to measure what admitting
 requests between decode steps is worth; the `chat_varied` workload asks for answers of 8 to 120
-tokens (64 on average), where a static batch waits for its longest row.
+tokens (64 on average), where a static batch waits for its longest row. With --baseline-src DIR,
+also (f): our server run from another source tree (a checkout of an earlier commit), to hold a
+change to "no slower than before" in the same rounds.
+
+Per-token work (sampling, grammar masks) is measured on the real 131,072-token vocabulary
+(--full-vocab) with the chat workloads `chat` (greedy), `chat_default` (no temperature: the model
+card's 0.2 / top_p 0.95), `chat_json` (response_format json_object, greedy), `chat_json_default`
+and `chat_tools` (tool_choice required, greedy); each is compared with `chat` in the same round:
+
+    python bench/throughput.py --full-vocab --workloads chat,chat_default,chat_json,chat_tools \
+        --concurrency 32 --n 64 --rounds 3 --skip-ceiling --skip-peer --skip-single
 
 Every request generates exactly --tokens tokens so the runs are comparable (the tiny random
 model never stops by itself). The configurations take turns: all servers stay up, and each
@@ -41,9 +51,33 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-JFK = ROOT.parent / "shared" / "audio" / "jfk.wav"
+JFK = ROOT / "tests" / "data" / "jfk.wav"
 OURS, SINGLE, CEILING, PEER = "a_batching", "b_batch_size_1", "c_ceiling_inprocess", "d_transformers_serve"
-STATIC = "e_static_batching"
+STATIC, BASELINE = "e_static_batching", "f_baseline_src"
+CHAT_KINDS: dict[str, dict[str, Any]] = {
+    "chat": {"temperature": 0},
+    "chat_default": {},
+    "chat_json": {"temperature": 0, "response_format": {"type": "json_object"}},
+    "chat_json_default": {"response_format": {"type": "json_object"}},
+    "chat_tools": {
+        "temperature": 0,
+        "tool_choice": "required",
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                        "required": ["city", "days"],
+                    },
+                },
+            }
+        ],
+    },
+}
+"""Chat workloads: what each adds to the request body (64 tokens of chat with the audio and a question)."""
 VARIED_TOKENS = (8, 120, 16, 112, 32, 96, 48, 80)
 """max_tokens of the chat_varied requests, in turn: 64 on average, like every other workload."""
 
@@ -64,6 +98,8 @@ class Run:
     """Generated per request: tokens/s is req/s times this."""
     audio_s: float = 0.0
     """Seconds of audio per request: audio-s/s is req/s times this."""
+    generated: int | None = None
+    """Completion tokens in all, from the answers' usage (constrained answers may end early)."""
     steps: int | None = None
     """Our servers: decode steps the run took (one decoder forward over every running row each)."""
     rows_per_step: float | None = None
@@ -82,7 +118,8 @@ class Run:
             "failures": self.failures,
             "req_per_s": round(self.rps, 2),
             "audio_s_per_s": round(self.rps * self.audio_s, 1),
-            "tokens_per_s": round(self.rps * self.tokens),
+            "tokens_per_s": round(self.rps * self.tokens if self.generated is None else self.generated / self.wall_s),
+            "mean_completion_tokens": None if self.generated is None else round(self.generated / self.n, 1),
             "p50_s": round(pct(self.latencies, 0.5), 3),
             "p99_s": round(pct(self.latencies, 0.99), 3),
             "decode_steps": self.steps,
@@ -102,9 +139,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def process(cmd: list[str], url: str, ready_path: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    cmd: list[str], url: str, ready_path: str, log: Path, cwd: Path = ROOT
+) -> Iterator[subprocess.Popen[bytes]]:
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         try:
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
@@ -125,7 +164,14 @@ def process(cmd: list[str], url: str, ready_path: str, log: Path) -> Iterator[su
 
 
 def our_server(
-    stack: ExitStack, model_dir: Path, tokens: int, batch: int, prefill_tokens: int, log: Path, *extra: str
+    stack: ExitStack,
+    model_dir: Path,
+    tokens: int,
+    batch: int,
+    prefill_tokens: int,
+    log: Path,
+    *extra: str,
+    src: Path = ROOT,
 ) -> str:
     port = free_port()
     cmd = [sys.executable, "-m", "app.main", "serve", "--model", str(model_dir), "--port", str(port), *extra]
@@ -133,7 +179,7 @@ def our_server(
     cmd += ["--transcription-tokens-per-audio-s", "0", "--max-batch-tokens", str(min(prefill_tokens, 400 * batch))]
     cmd += ["--log-level", "warning"]
     url = f"http://127.0.0.1:{port}"
-    stack.enter_context(process(cmd, url, "/ready", log))
+    stack.enter_context(process(cmd, url, "/ready", log, cwd=src))
     return url
 
 
@@ -150,24 +196,24 @@ class Bodies:
         self.upload = upload.read()
         self.upload_type = upload.headers["content-type"]
         b64 = {"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(), "format": "wav"}}
-        self.chat_b64 = self._chat(model, tokens, b64)
+        self.chat = {kind: self._chat(model, tokens, b64, extra) for kind, extra in CHAT_KINDS.items()}
         self.chat_path = self._chat(model, tokens, {"type": "audio_url", "audio_url": {"url": str(path)}})
         self.chat_varied = [self._chat(model, n, b64) for n in VARIED_TOKENS]
 
     @staticmethod
-    def _chat(model: str, tokens: int, part: dict[str, Any]) -> bytes:
+    def _chat(model: str, tokens: int, part: dict[str, Any], extra: dict[str, Any] | None = None) -> bytes:
         text = {"type": "text", "text": "What is said?"}
-        body = {"model": model, "max_tokens": tokens, "temperature": 0}
+        body = {"model": model, "max_tokens": tokens, **(CHAT_KINDS["chat"] if extra is None else extra)}
         body["messages"] = [{"role": "user", "content": [part, text]}]
         return json.dumps(body).encode()
 
     def sender(self, workload: str, local_path: bool = False) -> Send:
-        """transcription (multipart), mix (alternating with chat), chat, chat_varied (chat of 8 to 120
-        tokens); chat audio as base64, or as a local file path (`local_path`: the only form the peer
-        takes, and one our server refuses)."""
+        """transcription (multipart), mix (alternating with chat), chat_varied (chat of 8 to 120 tokens),
+        and the CHAT_KINDS; chat audio as base64, or as a local file path (`local_path`: the only form the
+        peer takes, and one our server refuses)."""
         json_type = {"content-type": "application/json"}
         upload_type = {"content-type": self.upload_type}
-        chat = self.chat_path if local_path else self.chat_b64
+        chat = self.chat_path if local_path else self.chat.get(workload, self.chat["chat"])
 
         async def send(client: httpx.AsyncClient, i: int) -> httpx.Response:
             if workload == "transcription" or (workload == "mix" and i % 2 == 0):
@@ -178,13 +224,14 @@ class Bodies:
         return send
 
 
-async def _load(url: str, send: Send, n: int, concurrency: int) -> tuple[float, list[float], int]:
+async def _load(url: str, send: Send, n: int, concurrency: int) -> tuple[float, list[float], int, int | None]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await asyncio.gather(*(send(client, i) for i in range(min(concurrency, 8))))  # warm connections
         gate = asyncio.Semaphore(concurrency)
         latencies: list[float] = []
         failures = 0
+        generated: list[int] = []
 
         async def one(i: int) -> None:
             nonlocal failures
@@ -193,16 +240,19 @@ async def _load(url: str, send: Send, n: int, concurrency: int) -> tuple[float, 
                 response = await send(client, i)
                 latencies.append(time.perf_counter() - started)
                 failures += response.status_code != 200
+                usage = response.json().get("usage") if response.status_code == 200 else None
+                if isinstance(usage, dict) and "completion_tokens" in usage:
+                    generated.append(int(usage["completion_tokens"]))
 
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(n)))
-        return time.perf_counter() - started, latencies, failures
+        return time.perf_counter() - started, latencies, failures, sum(generated) if generated else None
 
 
 def load(label: str, url: str, send: Send, workload: str, args: argparse.Namespace, c: int, round_: int) -> Run:
     before = decode_steps(url) if label != PEER else None
-    wall, latencies, failures = asyncio.run(_load(url, send, args.n, c))
-    run = Run(label, workload, c, round_, args.n, wall, latencies, failures, args.tokens, args.seconds)
+    wall, latencies, failures, generated = asyncio.run(_load(url, send, args.n, c))
+    run = Run(label, workload, c, round_, args.n, wall, latencies, failures, args.tokens, args.seconds, generated)
     if before is not None:
         rows, steps = (after - b for after, b in zip(decode_steps(url), before, strict=True))
         run.steps, run.rows_per_step = int(steps), rows / max(steps, 1)
@@ -263,13 +313,19 @@ def ours_and_ceiling(model_dir: Path, bodies: Bodies, args: argparse.Namespace, 
     """(a), (b) and (c) in turns: for each concurrency, `rounds` rounds of a, b (each workload), c;
     with --static, (e) after (b)."""
     rows: list[Run] = []
-    configs: list[tuple[str, int, tuple[str, ...]]] = [(OURS, max(args.levels), ()), (SINGLE, 1, ())]
+    configs: list[tuple[str, int, tuple[str, ...], Path]] = [(OURS, max(args.levels), (), ROOT)]
+    if not args.skip_single:
+        configs.append((SINGLE, 1, (), ROOT))
     if args.static:
-        configs.append((STATIC, max(args.levels), ("--no-continuous-batching",)))
+        configs.append((STATIC, max(args.levels), ("--no-continuous-batching",), ROOT))
+    if args.baseline_src:
+        configs.append((BASELINE, max(args.levels), (), args.baseline_src.resolve()))
     with ExitStack() as stack:
         servers = {
-            label: our_server(stack, model_dir, args.tokens, batch, args.max_batch_tokens, work / f"{label}.log", *x)
-            for label, batch, x in configs
+            label: our_server(
+                stack, model_dir, args.tokens, batch, args.max_batch_tokens, work / f"{label}.log", *x, src=src
+            )
+            for label, batch, x, src in configs
         }
         ceiling = None if args.skip_ceiling else Ceiling(model_dir, args.tokens, args.device, args.audio)
         for c in args.levels:
@@ -395,9 +451,30 @@ def summarise(rows: list[Run], levels: list[int]) -> None:
             occupancy = [statistics.median(r.rows_per_step or 0.0 for r in groups[k]) for k in (a, e)]
             cells.append(f"{occupancy[0]:.1f}, {occupancy[1]:.1f}")
             print(f"| {workload} | {c} | " + " | ".join(cells) + " |")
+    _against(groups, "chat", "Chat workloads against greedy `chat`, within each round: req/s ratio.", OURS)
+    _against(groups, BASELINE, "This tree (a) against --baseline-src (f), within each round: req/s ratio.", None)
     for run in rows:
         if run.workload == "probe":
             print(f"\npeer probe: {run.label}")
+
+
+def _against(groups: dict[tuple[str, str, int], list[Run]], bottom: str, title: str, label: str | None) -> None:
+    """Ratios to greedy chat (bottom a workload, within `label`), or to the baseline (bottom a config)."""
+    pairs = []
+    for top_label, workload, c in groups:
+        if label is not None and top_label == label and workload != bottom and (label, bottom, c) in groups:
+            pairs.append(((top_label, workload, c), (label, bottom, c)))
+        if label is None and top_label == OURS and (bottom, workload, c) in groups:
+            pairs.append(((top_label, workload, c), (bottom, workload, c)))
+    if not pairs:
+        return
+    print(f"\n{title}\n")
+    print("| config | workload | concurrency | req/s ratio | p50 latency ratio | mean completion tokens |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for top, below in pairs:
+        tokens = statistics.median(r.generated / r.n if r.generated else float("nan") for r in groups[top])
+        ratios = [_spread(_ratios(groups, top, below, value)) for value in (_rps, _p50)]
+        print(f"| {top[0]} | {top[1]} | {top[2]} | " + " | ".join(ratios) + f" | {tokens:.1f} |")
 
 
 def _rps(run: Run) -> float:
@@ -445,6 +522,11 @@ def main() -> None:
     )
     parser.add_argument("--static", action="store_true", help="also (e): --no-continuous-batching")
     parser.add_argument("--skip-ceiling", action="store_true", help="leave (c) out")
+    parser.add_argument("--skip-single", action="store_true", help="leave (b) out")
+    parser.add_argument("--baseline-src", type=Path, default=None, help="also (f): our server from this tree")
+    parser.add_argument(
+        "--full-vocab", action="store_true", help="the tiny model with the real 131,072-token vocabulary"
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="a checkpoint instead of the tiny model")
     parser.add_argument("--device", default="cpu", help="where (c) runs; cuda loads it in bfloat16")
     parser.add_argument("--skip-peer", action="store_true")
@@ -457,7 +539,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from app.model.tiny import build_tiny_model
 
-    model_dir = args.model_dir or build_tiny_model(work / "tiny")
+    model_dir = args.model_dir or build_tiny_model(work / "tiny", full_vocab=args.full_vocab)
     bodies = Bodies(args.tokens, str(model_dir), args.audio)
     args.seconds = bodies.seconds
     rows = [] if args.peer_only else ours_and_ceiling(model_dir, bodies, args, work)

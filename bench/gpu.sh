@@ -20,7 +20,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 MODEL=/tmp/voxtral-mini-random
 [ -f "$MODEL/model.safetensors.index.json" ] || [ -f "$MODEL/model.safetensors" ] \
   || python3 bench/random_mini.py "$MODEL" --device cuda 2>&1 | tee "$OUT/build.log"
-python3 bench/throughput.py --model-dir "$MODEL" --device cuda --audio .whl/jfk.wav \
+python3 bench/throughput.py --model-dir "$MODEL" --device cuda --audio tests/data/jfk.wav \
   --n "${N:-64}" --concurrency "${LEVELS:-1,32}" --rounds 1 \
   --workloads "transcription${STATIC:+,chat_varied}" ${STATIC:+--static} \
   --max-batch-tokens 32768 --skip-peer --out "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Run here, with network, from anywhere in the checkout, before a device call: fetches into .whl/
 # (git-ignored) the Python 3.12 x86-64 wheels the GPU machine lacks, at the versions this checkout's
-# .venv runs, and the clip the bench sends. That machine has torch, transformers 5.17, numpy, httpx,
-# accelerate, huggingface-hub, tokenizers, safetensors, prometheus-client and more, and no network
-# (.library/device/KINDS.md). About 36 MB: PyAV (36 MB more) stays behind, since the server imports
-# it only for containers libsndfile cannot read and the bench sends WAV. Then: bench/gpu.sh.
+# .venv runs (the clip the bench sends, tests/data/jfk.wav, travels with the tree). That machine
+# has torch, transformers 5.17, numpy, httpx, accelerate, huggingface-hub, tokenizers, safetensors,
+# prometheus-client and more, and no network (.library/device/KINDS.md). About 36 MB: PyAV (36 MB
+# more) stays behind, since the server imports it only for containers libsndfile cannot read and the
+# bench sends WAV. Then: bench/gpu.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(
@@ -24,5 +25,4 @@ for tag in manylinux_2_17 manylinux2014 manylinux_2_24 manylinux_2_27 manylinux_
 done
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl "${pins[@]}"
-cp ../shared/audio/jfk.wav .whl/
 du -sh .whl

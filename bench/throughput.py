@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-JFK = ROOT.parent / "shared" / "audio" / "jfk.wav"
+JFK = ROOT / "tests" / "data" / "jfk.wav"
 OURS, SINGLE, CEILING, PEER = "a_batching", "b_batch_size_1", "c_ceiling_inprocess", "d_transformers_serve"
 STATIC = "e_static_batching"
 VARIED_TOKENS = (8, 120, 16, 112, 32, 96, 48, 80)

@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-JFK = ROOT.parent / "shared" / "audio" / "jfk.wav"
+JFK = ROOT / "tests" / "data" / "jfk.wav"
 API_KEY = "sk-load-test-5c4b3a2918f7e6d5"
 VALID = ("transcription", "chat_audio", "chat_stream")
 BAD = ("bad_audio", "unknown_model", "bad_json", "bad_base64", "huge_max_tokens")

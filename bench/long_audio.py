@@ -1,7 +1,7 @@
 """Long audio: one file as a single Voxtral request vs. cut at silences into pieces run as one batch.
 
 Builds 10- and 30-minute MP3s (16 kHz mono, what a client would upload: a 30-minute WAV or FLAC is
-over the 25 MB limit) by concatenating the ../shared/audio speech clips with 0.3-1.5 s silences.
+over the 25 MB limit) by concatenating the tests/data speech clips with 0.3-1.5 s silences.
 For each file and mode it starts a fresh server process, sends the file once without streaming
 (time to the full transcript, and the server's peak RSS, VmHWM, against its RSS after warm-up),
 then with stream=true (time to the first delta and to the done event), each --repeat times, and
@@ -37,7 +37,7 @@ import numpy as np
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
-AUDIO = ROOT.parent / "shared" / "audio"
+AUDIO = ROOT / "tests" / "data"
 CLIPS = ["jfk.wav", *(f"speech_{code}.wav" for code in ("en", "fr", "de", "es", "it", "pt", "nl", "hi"))]
 MODES = {"whole": None, "auto": "auto"}
 

@@ -1,11 +1,63 @@
-"""Audio built by tests: files that are cheap to make and expensive to decode."""
+"""The audio tests use: clips committed in tests/data/ (see its README) and audio made here, from
+those clips or from nothing (silence, other rates, Opus bombs), so no test reads outside the repository."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from pathlib import Path
 
 import av
 import numpy as np
+import soundfile as sf
+
+DATA = Path(__file__).resolve().parent / "data"
+"""Committed clips: jfk.* in six containers, speech_XX.wav in eight languages, speech_texts.tsv."""
+
+
+def wav(samples: np.ndarray, rate: int = 16000, subtype: str = "PCM_16") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def resampled(samples: np.ndarray, rate_from: int, rate_to: int) -> np.ndarray:
+    """Ideal band-limited resampling by zero-padding or truncating the spectrum: independent of the
+    soxr resampler the server uses, so a test comparing the two is not comparing soxr with itself."""
+    n = len(samples)
+    m = round(n * rate_to / rate_from)
+    spectrum = np.fft.rfft(samples.astype(np.float64))
+    bins = m // 2 + 1
+    spectrum = spectrum[:bins] if bins <= len(spectrum) else np.pad(spectrum, (0, bins - len(spectrum)))
+    return (np.fft.irfft(spectrum, m) * (m / n)).astype(np.float32)
+
+
+def jfk_samples() -> np.ndarray:
+    samples, _ = sf.read(DATA / "jfk.wav", dtype="float32")
+    return np.asarray(samples, np.float32)
+
+
+def _jfk_44k_stereo() -> bytes:
+    left = np.clip(resampled(jfk_samples(), 16000, 44100), -1.0, 1.0)
+    return wav(np.stack([left, 0.8 * left], axis=1), 44100)  # unequal channels: the down-mix is seen
+
+
+MADE: dict[str, Callable[[], bytes]] = {
+    "silence_5s.wav": lambda: wav(np.zeros(5 * 16000, np.float32), subtype="PCM_32"),
+    "jfk_8k.wav": lambda: wav(np.clip(resampled(jfk_samples(), 16000, 8000), -1.0, 1.0), 8000),
+    "jfk_44k_stereo.wav": _jfk_44k_stereo,
+}
+"""Clips cheaper to make than to commit (the 44.1 kHz stereo one would be 1.9 MB)."""
+
+CLIP_NAMES = sorted(
+    [p.name for p in DATA.iterdir() if p.suffix in {".wav", ".mp3", ".flac", ".ogg", ".webm", ".m4a"}] + list(MADE)
+)
+"""Every clip by name, committed or made: each decodes, in the container its suffix says."""
+
+
+def clip_bytes(name: str) -> bytes:
+    """A committed clip's bytes, or a made one's."""
+    return MADE[name]() if name in MADE else (DATA / name).read_bytes()
 
 
 def silent_opus(seconds: float, container_format: str) -> bytes:

@@ -19,12 +19,13 @@ from hypothesis import settings as hypothesis_settings
 from app.api.app import create_app
 from app.config import Settings
 from app.model.loader import LoadedModel, load_model
+from tests.audio_fixtures import DATA
 
 # Property tests explore a fixed set of examples: CI must not turn red on a new random draw.
 hypothesis_settings.register_profile("deterministic", derandomize=True, database=None)
 hypothesis_settings.load_profile("deterministic")
 
-AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+AUDIO = DATA  # the committed clips; tests never read outside the repository
 
 
 @pytest.fixture(autouse=True)

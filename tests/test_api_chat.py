@@ -12,6 +12,7 @@ import openai
 import pytest
 import soundfile as sf
 
+from app.model.loader import LoadedModel
 from tests.conftest import AUDIO, assert_openai_error, serve
 
 JFK = base64.b64encode((AUDIO / "jfk.wav").read_bytes()).decode()
@@ -32,6 +33,14 @@ def test_one_audio(client: Any) -> None:
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 375
     assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+def test_every_answer_and_chunk_carries_the_models_fingerprint(client: Any, loaded: LoadedModel) -> None:
+    text = [{"role": "user", "content": "Hi"}]
+    answers = [ask(client, text, max_tokens=2) for _ in range(2)]
+    chunks = list(ask(client, text, max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and len(chunks) >= 3
+    assert {r.system_fingerprint for r in answers + chunks} == {loaded.fingerprint}
 
 
 def test_two_audios_cost_two_audio_windows(client: Any) -> None:

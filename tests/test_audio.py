@@ -20,21 +20,17 @@ from hypothesis.extra import numpy as hnp
 from app import audio
 from app.audio import DECODE_MARGIN_S, SAMPLE_RATE, AudioLimits, decode_audio, encode_wav_float32
 from app.errors import AudioDecodeError, AudioTooLong
-from tests.audio_fixtures import silent_opus, video_only
+from tests.audio_fixtures import CLIP_NAMES, clip_bytes, jfk_samples, silent_opus, video_only
 
-AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 LIMITS = AudioLimits(max_seconds=60)
 JFK_SECONDS = 11.0
-AUDIO_FILES = sorted(p.name for p in AUDIO_DIR.glob("*") if p.suffix not in {".md", ".tsv"})
-
-pytestmark = pytest.mark.skipif(not AUDIO_DIR.is_dir(), reason=f"audio fixtures not found at {AUDIO_DIR}")
 
 
 # --- helpers ----------------------------------------------------------------------------------------
 
 
 def fixture_bytes(name: str) -> bytes:
-    return (AUDIO_DIR / name).read_bytes()
+    return clip_bytes(name)
 
 
 def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
@@ -89,9 +85,7 @@ def assert_model_ready(decoded: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def jfk() -> np.ndarray:
-    samples, rate = sf.read(AUDIO_DIR / "jfk.wav", dtype="float32")
-    assert rate == SAMPLE_RATE
-    return samples
+    return jfk_samples()
 
 
 @pytest.fixture
@@ -114,13 +108,13 @@ def test_jfk_decodes_from_every_container(name: str, jfk: np.ndarray) -> None:
 def expected_seconds(name: str) -> float:
     """What soundfile says, where it can read the file; every jfk.* file is the same 11 s clip."""
     try:
-        return float(sf.info(AUDIO_DIR / name).duration)
+        return float(sf.info(io.BytesIO(fixture_bytes(name))).duration)
     except sf.LibsndfileError:
         assert name.startswith("jfk"), f"add an expected duration for {name}"
         return JFK_SECONDS
 
 
-@pytest.mark.parametrize("name", AUDIO_FILES)
+@pytest.mark.parametrize("name", CLIP_NAMES)
 def test_every_fixture_decodes_with_its_duration(name: str) -> None:
     decoded = decode_audio(fixture_bytes(name), LIMITS, filename=name)
     assert_model_ready(decoded)

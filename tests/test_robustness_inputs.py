@@ -27,8 +27,8 @@ import pytest
 import soundfile as sf
 
 from app.model.loader import LoadedModel
-from tests.audio_fixtures import video_only
-from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve
+from tests.audio_fixtures import clip_bytes, video_only
+from tests.conftest import RunningServer, assert_openai_error, serve
 
 LIMIT_AUDIO_S = 20
 """--max-transcription-audio-s and --max-chat-audio-s of the limited server."""
@@ -92,7 +92,7 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-SILENCE = (AUDIO / "silence_5s.wav").read_bytes()
+SILENCE = clip_bytes("silence_5s.wav")
 
 
 # --- how a case is sent -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Every response format, option and the stream of /v1/audio/transcriptions and /translations,
-through the openai SDK, with bodies held against OpenAI's published schemas."""
+through the openai SDK (raw bodies are held against OpenAI's schemas in test_openapi_conformance)."""
 
 from __future__ import annotations
 
@@ -9,31 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jsonschema
 import openai
 import pytest
-import yaml
 
 from app.api.transcripts import cue_text
+from tests.audio_fixtures import clip_bytes
 from tests.conftest import AUDIO, assert_openai_error
 
-SPEC = AUDIO.parent / "openai-openapi.yaml"
 JFK = AUDIO / "jfk.wav"
 SRT_TIME = r"\d\d:\d\d:\d\d,\d\d\d"
 VTT_TIME = r"\d\d:\d\d:\d\d\.\d\d\d"
-
-
-@pytest.fixture(scope="module")
-def spec() -> dict[str, Any]:
-    with SPEC.open(encoding="utf-8") as f:
-        loaded: dict[str, Any] = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    return loaded
-
-
-def check(spec: dict[str, Any], name: str, instance: Any) -> None:
-    """Validate against components/schemas/<name>, resolving $refs inside the spec."""
-    schema = {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
-    jsonschema.Draft202012Validator(schema).validate(instance)
 
 
 def post(http: httpx.Client, path: str = "transcriptions", name: Path = JFK, **data: Any) -> httpx.Response:
@@ -47,10 +32,9 @@ def transcribe(client: Any, name: Path = JFK, **kwargs: Any) -> Any:
 
 
 # -- formats ---------------------------------------------------------------------------------------
-def test_json_matches_schema(http: httpx.Client, client: Any, spec: dict[str, Any]) -> None:
+def test_json_body(http: httpx.Client, client: Any) -> None:
     r = post(http, response_format="json")
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
-    check(spec, "CreateTranscriptionResponseJson", r.json())
     result = transcribe(client, response_format="json")
     assert result.text == r.json()["text"] and result.usage.type == "tokens"
 
@@ -60,9 +44,8 @@ def test_text_is_plain_text_with_a_newline(client: Any) -> None:
     assert isinstance(text, str) and text.endswith("\n") and text.strip() == transcribe(client).text
 
 
-def test_verbose_json_matches_schema_and_real_times(http: httpx.Client, client: Any, spec: dict[str, Any]) -> None:
+def test_verbose_json_has_real_times(http: httpx.Client, client: Any) -> None:
     body = post(http, response_format="verbose_json", language="en").json()
-    check(spec, "CreateTranscriptionResponseVerboseJson", body)
     assert body["task"] == "transcribe" and body["language"] == "english"
     assert body["duration"] == pytest.approx(11.0, abs=0.01)
     assert body["usage"] == {"type": "duration", "seconds": body["duration"]}
@@ -92,11 +75,12 @@ def test_every_format_gives_the_same_text(http: httpx.Client) -> None:
     assert texts["vtt"].headers["content-type"].startswith("text/vtt")
 
 
-def test_silence_has_no_segments(http: httpx.Client, spec: dict[str, Any]) -> None:
-    body = post(http, name=AUDIO / "silence_5s.wav", response_format="verbose_json").json()
-    check(spec, "CreateTranscriptionResponseVerboseJson", body)
+def test_silence_has_no_segments(http: httpx.Client, tmp_path: Path) -> None:
+    silence = tmp_path / "silence_5s.wav"
+    silence.write_bytes(clip_bytes("silence_5s.wav"))
+    body = post(http, name=silence, response_format="verbose_json").json()
     assert body["segments"] == [] and body["text"] == "" and body["duration"] == pytest.approx(5.0)
-    assert post(http, name=AUDIO / "silence_5s.wav", response_format="srt").text == ""
+    assert post(http, name=silence, response_format="srt").text == ""
 
 
 @pytest.mark.parametrize("fmt", ["json", "text", "srt", "vtt", "verbose_json"])
@@ -181,14 +165,15 @@ def test_stream_parsed_by_the_sdk(client: Any) -> None:
     assert done.usage.type == "tokens" and done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
 
 
-def test_stream_events_match_schema(http: httpx.Client, spec: dict[str, Any]) -> None:
+def test_stream_events(http: httpx.Client) -> None:
     r = post(http, stream="true", response_format="text")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     payloads = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: ")]
     assert "[DONE]" not in r.text
-    for event in payloads[:-1]:
-        check(spec, "TranscriptTextDeltaEvent", event)
-    check(spec, "TranscriptTextDoneEvent", payloads[-1])
+    assert {e["type"] for e in payloads[:-1]} == {"transcript.text.delta"} and payloads[-1][
+        "type"
+    ] == "transcript.text.done"
+    assert payloads[-1]["text"] == "".join(e["delta"] for e in payloads[:-1])
 
 
 @pytest.mark.parametrize("fmt", ["srt", "vtt", "verbose_json"])
@@ -197,11 +182,10 @@ def test_stream_with_timed_formats_is_400(http: httpx.Client, fmt: str) -> None:
 
 
 # -- translation -----------------------------------------------------------------------------------
-def test_translation_formats(http: httpx.Client, client: Any, spec: dict[str, Any]) -> None:
+def test_translation_formats(http: httpx.Client, client: Any) -> None:
     fr = AUDIO / "speech_fr.wav"
-    check(spec, "CreateTranslationResponseJson", post(http, "translations", fr).json())
+    assert isinstance(post(http, "translations", fr).json()["text"], str)
     verbose = post(http, "translations", fr, response_format="verbose_json").json()
-    check(spec, "CreateTranslationResponseVerboseJson", verbose)
     assert verbose["task"] == "translate" and verbose["language"] == "english" and len(verbose["segments"]) == 1
     with fr.open("rb") as f:
         srt = client.audio.translations.create(model="tiny", file=f, response_format="srt")

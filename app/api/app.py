@@ -58,7 +58,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> t
         request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )
-    return engine, ObservedService(settings, engine, prompter, tokenizer)
+    return engine, ObservedService(settings, engine, prompter, tokenizer, loaded.fingerprint)
 
 
 async def warm_up(service: Service) -> None:

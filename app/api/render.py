@@ -14,7 +14,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chat_completion(model: str, output: ChatOutput, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def chat_completion(
+    model: str, fingerprint: str, output: ChatOutput, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": output.content, "refusal": None}
     if output.calls:
         message["tool_calls"] = [tool_call(call) for call in output.calls]
@@ -23,7 +25,7 @@ def chat_completion(model: str, output: ChatOutput, prompt_tokens: int, completi
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": fingerprint,
         "choices": [{"index": 0, "message": message, "finish_reason": output.finish_reason, "logprobs": None}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
@@ -45,14 +47,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def chat_chunk(
-    chunk_id: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None
+    chunk_id: str, model: str, fingerprint: str, created: int, delta: dict[str, Any], finish_reason: str | None
 ) -> dict[str, Any]:
     return {
         "id": chunk_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": fingerprint,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
     }
 

@@ -60,8 +60,11 @@ class TranscriptionRun:
 
 
 class Service:
-    def __init__(self, settings: Settings, engine: Engine, prompter: Prompter, tokenizer: Any) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, prompter: Prompter, tokenizer: Any, fingerprint: str
+    ) -> None:
         self.settings = settings
+        self.fingerprint = fingerprint  # the loaded model's system_fingerprint, for chat answers
         self.engine = engine
         self.prompter = prompter
         self.tokenizer = tokenizer

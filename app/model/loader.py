@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import torch
 
 from app.config import TINY_MODEL, Settings
+from app.model.fingerprint import system_fingerprint
 from app.model.tiny import build_tiny_model, is_tiny
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class LoadedModel:
     path: str
     random_weights: bool
     load_seconds: float
+    fingerprint: str
+    """`system_fingerprint` of every chat answer: files, dtype, attention kernel, device, server version."""
 
 
 def resolve_device(device: str) -> str:
@@ -122,5 +125,7 @@ def load_model(settings: Settings) -> LoadedModel:
         ) from exc
     model.eval()
     first_device = next(model.parameters()).device
+    attention = str(getattr(model.config, "_attn_implementation", settings.attn_implementation))
+    fingerprint = system_fingerprint(path, str(dtype).removeprefix("torch."), attention, first_device.type)
     elapsed = time.perf_counter() - started
-    return LoadedModel(model, processor, first_device, dtype, path, is_tiny(path), elapsed)
+    return LoadedModel(model, processor, first_device, dtype, path, is_tiny(path), elapsed, fingerprint)

@@ -37,7 +37,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         item = service.engine.submit(job.prepared, stream=body.stream)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = ChatStream(job, body.model, include_usage).run(service.engine, item)
+        events = ChatStream(job, body.model, service.fingerprint, include_usage).run(service.engine, item)
         return StoppingStream(events, stop=item.cancel, headers={"Cache-Control": "no-cache"})
     result = await unless_gone(request, service.engine.wait(item))
     if result is None:
@@ -45,7 +45,10 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         return client_closed()
     stops = job.prepared.sampling.stop_strings
     output = chat_output(result.token_ids, result.finish_reason, job.vocab, job.tool_names, stops)
-    return JSONResponse(render.chat_completion(body.model, output, result.prompt_tokens, len(result.token_ids)))
+    answer = render.chat_completion(
+        body.model, service.fingerprint, output, result.prompt_tokens, len(result.token_ids)
+    )
+    return JSONResponse(answer)
 
 
 class ChatStream:
@@ -53,8 +56,8 @@ class ChatStream:
     (tools on) tokens are held and read as calls when the turn ends, each call as one delta chunk, so a
     call is never sent and then taken back; a call that fails to parse is sent as text, as unstreamed."""
 
-    def __init__(self, job: ChatJob, model: str, include_usage: bool) -> None:
-        self.job, self.model, self.include_usage = job, model, include_usage
+    def __init__(self, job: ChatJob, model: str, fingerprint: str, include_usage: bool) -> None:
+        self.job, self.model, self.fingerprint, self.include_usage = job, model, fingerprint, include_usage
         self.id, self.created = render.new_id("chatcmpl"), int(time.time())
         self.stops = job.prepared.sampling.stop_strings
         self.decoder = IncrementalDecoder.from_bytes(job.vocab.bytes_of, self.stops)
@@ -106,10 +109,10 @@ class ChatStream:
                 finish = "stop" if stopped else finish
         yield self._chunk({}, finish)
         if self.include_usage:
-            chunk = render.chat_chunk(self.id, self.model, self.created, {}, None)
+            chunk = render.chat_chunk(self.id, self.model, self.fingerprint, self.created, {}, None)
             chunk["choices"], chunk["usage"] = [], render.usage(self.job.prepared.prompt_tokens, len(self.ids))
             yield render.sse(chunk)
         yield render.sse("[DONE]")
 
     def _chunk(self, delta: dict[str, object], finish: str | None = None) -> bytes:
-        return render.sse(render.chat_chunk(self.id, self.model, self.created, delta, finish))
+        return render.sse(render.chat_chunk(self.id, self.model, self.fingerprint, self.created, delta, finish))

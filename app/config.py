@@ -190,6 +190,34 @@ class Settings(BaseSettings):
         return int(self.max_upload_mb * 1024 * 1024)
 
 
+VLLM_FLAGS: dict[str, str] = {
+    "--api-key": "--api-keys",
+    "--max-num-seqs": "--max-batch-size",
+    "--max-num-batched-tokens": "--max-batch-tokens",
+    "--max-model-len": "--context-length",
+}
+"""vLLM's spellings of flags that mean the same here, so a `vllm serve` command line carries over."""
+VLLM_IGNORED = frozenset({"--tokenizer-mode", "--config-format", "--load-format"})
+"""vLLM flags Voxtral's model card asks for (`mistral` each): this server always reads Mistral's formats."""
+
+
+def cli_args(argv: list[str]) -> list[str]:
+    """`argv` with vLLM's spellings (snake or kebab case, `--flag value` or `--flag=value`) in ours."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name, eq, value = arg.partition("=")
+        vllm = name.replace("_", "-") if name.startswith("--") else name
+        if vllm in VLLM_IGNORED:
+            skip = not eq  # its value is the next argument
+            continue
+        out.append(VLLM_FLAGS.get(vllm, name) + eq + value)
+    return out
+
+
 def settings_markdown() -> str:
     """The README's settings table, generated so it cannot drift from the code (a test compares them)."""
     rows = ["| flag | env var | default | what it does and trades off |", "| --- | --- | --- | --- |"]

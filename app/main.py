@@ -12,13 +12,13 @@ from pydantic import ValidationError
 def _serve(argv: list[str]) -> int:
     from app.api.app import create_app, drain
     from app.api.auth import ApiKeyFileError, load_api_keys
-    from app.config import Settings
+    from app.config import Settings, cli_args
     from app.logs import configure_logging
     from app.model.loader import ModelLoadError, load_model
     from app.server import build_server
 
     try:
-        settings = Settings(_cli_parse_args=argv)  # type: ignore[call-arg]
+        settings = Settings(_cli_parse_args=cli_args(argv))  # type: ignore[call-arg]
         load_api_keys(settings)  # a bad key file fails now, not after minutes of model loading
     except (ValidationError, ApiKeyFileError) as exc:
         print(f"voxtral-server: invalid settings:\n{exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.config import Settings
+from app.config import Settings, cli_args
 from app.model.loader import LoadedModel, load_model
 from app.model.tiny import build_tiny_model
 from tests.conftest import make_settings
@@ -56,6 +56,21 @@ def test_settings_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOXTRAL_API_KEYS", "a,b")
     s = Settings(_cli_parse_args=["--port", "9001", "--served-model-name", "voxtral"])  # type: ignore[call-arg]
     assert (s.max_batch_size, s.port, s.api_keys, s.model_id) == (7, 9001, ["a", "b"], "voxtral")
+
+
+def test_vllm_flag_spellings_carry_over() -> None:
+    """A `vllm serve` command line for Voxtral works here: its spellings map to ours, the Mistral-format
+    flags the model card asks vLLM for are accepted and need nothing."""
+    argv = ["--api-key", "k1", "--max_num_seqs=4", "--max-num-batched-tokens", "2048", "--max-model-len", "8192"]
+    argv += ["--tokenizer_mode", "mistral", "--config-format=mistral", "--load_format", "mistral", "--port", "9"]
+    s = Settings(_cli_parse_args=cli_args(argv))  # type: ignore[call-arg]
+    assert (s.api_keys, s.max_batch_size, s.max_batch_tokens, s.context_length, s.port) == (["k1"], 4, 2048, 8192, 9)
+    assert cli_args(["--max-batch-size", "3", "--log_level", "info"]) == [
+        "--max-batch-size",
+        "3",
+        "--log_level",
+        "info",
+    ]
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:

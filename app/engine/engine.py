@@ -41,7 +41,9 @@ class Engine:
     ) -> None:
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
-        self.queue = RequestQueue(max_queue, on_change=metrics.waiting.set)
+        self._wake: Callable[[], object] | None = None
+        """Set while `drain` waits: wakes it from the worker thread or a queue change."""
+        self.queue = RequestQueue(max_queue, on_change=self._queue_changed)
         self.worker = ModelWorker(
             generator,
             self.queue,
@@ -53,6 +55,7 @@ class Engine:
             metrics=metrics,
             continuous=continuous_batching,
             max_running_tokens=max_running_tokens,
+            on_tick=self._changed,
         )
         self.accepting = False
 
@@ -122,12 +125,32 @@ class Engine:
         return len(self.queue) == 0 and self.worker.held == 0
 
     async def drain(self, timeout_s: float) -> bool:
-        """Stop taking requests; wait until everything accepted is answered. True if it all finished."""
+        """Stop taking requests; wait until everything accepted is answered. True if it all finished.
+        Woken by the worker after each turn of its loop and by the queue, not by polling."""
         self.accepting = False
-        deadline = time.monotonic() + timeout_s
-        while not self.idle and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        loop, changed = asyncio.get_running_loop(), asyncio.Event()
+        self._wake = lambda: loop.call_soon_threadsafe(changed.set)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self.idle:
+                    changed.clear()
+                    if not self.idle:  # cleared before the check: a change in between is not missed
+                        await changed.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._wake = None
         return self.idle
+
+    def _queue_changed(self, depth: int) -> None:
+        self.metrics.waiting.set(depth)
+        self._changed()
+
+    def _changed(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                wake()
 
     def stop(self) -> None:
         self.accepting = False

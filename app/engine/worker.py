@@ -49,6 +49,7 @@ class ModelWorker:
         metrics: Metrics,
         continuous: bool = True,
         max_running_tokens: int | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.generator = generator
         self.queue = queue
@@ -60,6 +61,8 @@ class ModelWorker:
         self.continuous = continuous
         self.max_running_tokens = max_running_tokens
         self.metrics = metrics
+        self.on_tick = on_tick or (lambda: None)
+        """Called after each turn of the loop, once its answers have left (drain waits on it)."""
         self.fault_hook: FaultHook | None = None
         self.sampler = Sampler()
         self._state: BatchState | None = None
@@ -121,6 +124,7 @@ class ModelWorker:
         if self._state is not None:
             self._advance()
         self.metrics.running.set(self.held)
+        self.on_tick()
 
     # -- admission -----------------------------------------------------------------------------
     def _take(self, idle: bool) -> None:

@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from app.model.constrained import Constrainer, FunctionSpec, OutputSpec
 from app.model.kvcache import GrowingCache, gather
 from app.model.row import Row
-from app.model.sampling import TIERS, Sampler, sample
+from app.model.sampling import TIERS, Sampler, sample, unpack, unpack_by_table
 from app.types import SamplingParams
 from tests.test_chat_toolcalls import vocab
 
@@ -184,6 +184,16 @@ def test_a_stale_prefetch_is_never_used() -> None:
     expected = row.constraint.allowed()  # type: ignore[union-attr]
     token = sampler.sample(torch.randn(1, v.size), [row])[0]
     assert isinstance(token, int) and expected[token]
+
+
+def test_both_unpackings_of_a_bitmask_agree() -> None:
+    """numpy's (CPU models) and the table lookup (GPU models) read bit j of word w as token 32w + j."""
+    bits = torch.randint(-(2**31), 2**31 - 1, (5, 9), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    bits[0, 0] = 0b101  # tokens 0 and 2
+    expected = unpack(bits, 9 * 32)
+    assert torch.equal(unpack_by_table(bits), expected)
+    assert expected[0, :4].tolist() == [True, False, True, False]
+    assert unpack(bits, 300).shape == (5, 300) and not unpack(bits, 300)[:, 288:].any()
 
 
 class _DevicesMustMatch(TorchFunctionMode):

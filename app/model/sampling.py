@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from app.model.row import Row
@@ -96,8 +97,8 @@ class Sampler:
                 errors[i] = exc
         if not constrained:
             return scores
-        bits = self._bits([rows[i] for i in constrained]).to(scores.device, non_blocking=True)
-        masked = torch.where(unpack(bits, scores.shape[1]), _take(scores, constrained), float("-inf"))
+        allowed = unpack(self._bits([rows[i] for i in constrained]), scores.shape[1], scores.device)
+        masked = torch.where(allowed, _take(scores, constrained), float("-inf"))
         if len(constrained) == len(rows):
             return masked
         return scores.index_put((torch.tensor(constrained, device=scores.device),), masked)
@@ -142,18 +143,28 @@ def _current(masks: _Masks | None, row: Row) -> bool:
 
 
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
-"""The 8 bits of every byte value, lowest first: unpacking by lookup is one gather (half the time of
-shifting every int32 by 0..31 on CPU)."""
+"""The 8 bits of every byte value, lowest first: on a GPU, unpacking is one gather from this table."""
 
 
-def unpack(bits: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(rows, words) int32 bitmask, bit j of word w for token 32w + j, -> (rows, vocab) bool; ids past the
-    mask's end are not allowed. Little-endian, as llguidance writes it on every machine torch runs on."""
-    as_bytes = bits.contiguous().view(torch.uint8).long()
-    flat = _BYTE_BITS.to(bits.device)[as_bytes].view(bits.shape[0], -1)
+def unpack(bits: torch.Tensor, vocab: int, device: torch.device | None = None) -> torch.Tensor:
+    """(rows, words) int32 bitmask on the host, bit j of word w for token 32w + j, -> (rows, vocab) bool on
+    `device`; ids past the mask's end are not allowed. Little-endian, as llguidance writes it. For a CPU
+    model numpy's unpackbits does it (0.2 ms for 32 x 131,072 where torch ops took 20-60 ms); for a GPU
+    the packed words travel (8x fewer bytes) and a table lookup unpacks them there."""
+    device = device or bits.device
+    if device.type == "cpu":
+        flat = torch.from_numpy(np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")).bool()
+    else:
+        flat = unpack_by_table(bits.to(device, non_blocking=True))
     if flat.shape[1] >= vocab:
         return flat[:, :vocab]
     return torch.nn.functional.pad(flat, (0, vocab - flat.shape[1]), value=False)
+
+
+def unpack_by_table(bits: torch.Tensor) -> torch.Tensor:
+    """The device path of `unpack`, where `bits` already is (tests run it on the CPU against numpy's)."""
+    packed = bits.contiguous().view(torch.uint8).long()
+    return _BYTE_BITS.to(bits.device)[packed].view(bits.shape[0], -1)
 
 
 # -- penalties ---------------------------------------------------------------------------------------

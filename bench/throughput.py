@@ -100,6 +100,7 @@ class Run:
     """Seconds of audio per request: audio-s/s is req/s times this."""
     generated: int | None = None
     """Completion tokens in all, from the answers' usage (constrained answers may end early)."""
+    answers_with_usage: int = 0
     steps: int | None = None
     """Our servers: decode steps the run took (one decoder forward over every running row each)."""
     rows_per_step: float | None = None
@@ -118,8 +119,12 @@ class Run:
             "failures": self.failures,
             "req_per_s": round(self.rps, 2),
             "audio_s_per_s": round(self.rps * self.audio_s, 1),
-            "tokens_per_s": round(self.rps * self.tokens if self.generated is None else self.generated / self.wall_s),
-            "mean_completion_tokens": None if self.generated is None else round(self.generated / self.n, 1),
+            "tokens_per_s": round(
+                self.generated / self.wall_s if self.answers_with_usage == self.n else self.rps * self.tokens
+            ),
+            "mean_completion_tokens": None
+            if self.generated is None
+            else round(self.generated / max(1, self.answers_with_usage), 1),
             "p50_s": round(pct(self.latencies, 0.5), 3),
             "p99_s": round(pct(self.latencies, 0.99), 3),
             "decode_steps": self.steps,
@@ -224,7 +229,7 @@ class Bodies:
         return send
 
 
-async def _load(url: str, send: Send, n: int, concurrency: int) -> tuple[float, list[float], int, int | None]:
+async def _load(url: str, send: Send, n: int, concurrency: int) -> tuple[float, list[float], int, list[int]]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await asyncio.gather(*(send(client, i) for i in range(min(concurrency, 8))))  # warm connections
@@ -246,13 +251,14 @@ async def _load(url: str, send: Send, n: int, concurrency: int) -> tuple[float, 
 
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(n)))
-        return time.perf_counter() - started, latencies, failures, sum(generated) if generated else None
+        return time.perf_counter() - started, latencies, failures, generated
 
 
 def load(label: str, url: str, send: Send, workload: str, args: argparse.Namespace, c: int, round_: int) -> Run:
     before = decode_steps(url) if label != PEER else None
     wall, latencies, failures, generated = asyncio.run(_load(url, send, args.n, c))
-    run = Run(label, workload, c, round_, args.n, wall, latencies, failures, args.tokens, args.seconds, generated)
+    run = Run(label, workload, c, round_, args.n, wall, latencies, failures, args.tokens, args.seconds)
+    run.generated, run.answers_with_usage = (sum(generated), len(generated)) if generated else (None, 0)
     if before is not None:
         rows, steps = (after - b for after, b in zip(decode_steps(url), before, strict=True))
         run.steps, run.rows_per_step = int(steps), rows / max(steps, 1)
@@ -472,7 +478,9 @@ def _against(groups: dict[tuple[str, str, int], list[Run]], bottom: str, title: 
     print("| config | workload | concurrency | req/s ratio | p50 latency ratio | mean completion tokens |")
     print("| --- | --- | --- | --- | --- | --- |")
     for top, below in pairs:
-        tokens = statistics.median(r.generated / r.n if r.generated else float("nan") for r in groups[top])
+        tokens = statistics.median(
+            r.generated / r.answers_with_usage if r.generated else float("nan") for r in groups[top]
+        )
         ratios = [_spread(_ratios(groups, top, below, value)) for value in (_rps, _p50)]
         print(f"| {top[0]} | {top[1]} | {top[2]} | " + " | ".join(ratios) + f" | {tokens:.1f} |")
 

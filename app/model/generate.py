@@ -85,7 +85,8 @@ class BatchGenerator:
         )
         state.cache = out.cache
         state.next_positions = state.next_positions + 1
-        return out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits[:, -1, :].float()
+        return logits
 
     def select(self, state: BatchState, keep: list[int]) -> BatchState:
         """Keep only the rows at `keep`, and drop cache columns no remaining row attends to."""

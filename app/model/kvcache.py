@@ -29,7 +29,7 @@ class GrowingLayer(DynamicLayer):
     """`keys` / `values` are views of the valid part of larger buffers ([batch, heads, capacity, dim])."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # transformers' DynamicLayer is untyped
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._length = 0

@@ -88,7 +88,7 @@ class Connection:
         limits = Limits(settings.realtime_max_utterance_s)
         self.session = Session(service, self.emit, metrics, limits, settings.model_id)
 
-    async def emit(self, event: dict[str, Any]) -> None:
+    async def emit(self, event: dict[str, Any] | None) -> None:
         """Queue a server event; waits while the outbox is full (a slow client), raises once it is gone."""
         if self.closed:
             raise ConnectionGone
@@ -100,9 +100,10 @@ class Connection:
         try:
             await self.session.start()
             code = await self._read()
-            await self.session.close(flush=code != 0)
-            await self.outbox.put(None)
-            await writer
+            if code:  # idle or draining: answer what was committed, then end the writes
+                await self.session.close(flush=True)
+                await self.emit(None)
+                await writer
         except ConnectionGone:
             code = 0
         finally:

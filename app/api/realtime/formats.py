@@ -46,6 +46,13 @@ class InputDecoder:
         samples = self._samples(data)
         return np.asarray(self._resampler.resample_chunk(samples), dtype=np.float32)
 
+    def flush(self) -> np.ndarray:
+        """The samples the resampler still holds (its delay: ~20 ms from 24 kHz, ~65 ms from 8 kHz), so a
+        manual commit keeps the end of the last word; the stream then starts afresh."""
+        tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        self._resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        return np.asarray(tail, dtype=np.float32)
+
     def seconds(self, data: bytes) -> float:
         """Duration of `data` in this format (what a limit on buffered audio counts)."""
         return len(data) / (2 * self.rate if self.format == "audio/pcm" else self.rate)

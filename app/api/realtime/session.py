@@ -101,8 +101,9 @@ class Session:
         samples, probs = await self.service.off_loop(self._ingest, message.audio, message.event_id)
         self.buffer.append(samples)
         if self.config.turn_detection is None:
-            if self.buffer.end - self.buffer.start >= self._max_samples:
-                await self._commit(self.buffer.take(self.buffer.start, self.buffer.end))
+            while self.buffer.end - self.buffer.start >= self._max_samples:  # one big append may hold several
+                start = self.buffer.start
+                await self._commit(self.buffer.take(start, start + self._max_samples))
             return
         for turn in self.detector.feed(probs):
             await self._turn(turn)
@@ -141,14 +142,15 @@ class Session:
 
     async def _cut_if_too_long(self) -> None:
         """An utterance reaching the limit is committed where it is; speech going on starts the next one."""
-        if self.utterance is None or self.detector.position - self.utterance[1] < self._max_samples:
-            return
-        at = self.utterance[1] + self._max_samples
-        await self._stop_and_commit(at)
-        self.detector.restart(speaking=True)
-        await self._started(at)
+        while self.utterance is not None and self.detector.position - self.utterance[1] >= self._max_samples:
+            at = self.utterance[1] + self._max_samples
+            await self._stop_and_commit(at)
+            self.detector.restart(speaking=True)
+            await self._started(at)
 
     async def _commit_by_hand(self, event_id: str | None) -> None:
+        if self.config.turn_detection is None:  # (with VAD the stream goes on; its next samples stay in line)
+            self.buffer.append(self.decoder.flush())
         start = self.utterance[1] if self.utterance is not None else self.buffer.start
         if self.buffer.end - start < MIN_COMMIT_S * SAMPLE_RATE:
             raise EventError(

@@ -135,3 +135,30 @@ def test_upgrades_during_a_drain_are_refused_with_503() -> None:
     start, body = asyncio.run(upgrade())
     assert start["type"] == "websocket.http.response.start" and start["status"] == 503
     assert json.loads(body["body"])["error"]["code"] == "shutting_down"
+
+
+def test_a_failed_transcription_is_a_failed_event_and_the_session_goes_on(limited: RunningServer) -> None:
+    failures: list[int] = []
+
+    def fail_once(stage: str, items: list[Any]) -> None:
+        if stage == "prefill" and not failures:
+            failures.append(len(items))
+            raise RuntimeError("injected model failure")
+
+    raw = open_session(limited.base_url)
+    raw.update(turn_detection=None)
+    speech = encode(sentence()[:12800], "audio/pcm")  # 0.8 s: under this server's 1 s utterance limit
+    limited.engine.worker.fault_hook = fail_once
+    try:
+        raw.append(speech, 4800)
+        raw.send(type="input_audio_buffer.commit")
+        failed = raw.until("conversation.item.input_audio_transcription.failed")[-1]
+        assert failed["error"]["type"] == "server_error" and "Traceback" not in failed["error"]["message"]
+        raw.append(speech, 4800)
+        raw.send(type="input_audio_buffer.commit")
+        assert raw.until(COMPLETED)[-1]["item_id"] != failed["item_id"]
+    finally:
+        limited.engine.worker.fault_hook = None
+    assert failures == [1]
+    raw.ws.close()
+    wait_until(lambda: limited.app.state.realtime_slots.open == 0, "the session is closed")

@@ -65,7 +65,9 @@ async def realtime(websocket: WebSocket) -> None:
     try:
         offered = websocket.scope.get("subprotocols", [])
         await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
-        await Connection(websocket, service, app.state.settings, metrics, app.state.lifecycle).run()
+        connection = Connection(websocket, service, app.state.settings, metrics, app.state.lifecycle)
+        code = await connection.run()
+        log.info("realtime session %s ended (close code %d; 0: the client left)", connection.session.id, code)
     finally:
         slots.open -= 1
         metrics.realtime_sessions.dec()
@@ -94,7 +96,8 @@ class Connection:
             raise ConnectionGone
         await self.outbox.put(event)
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """The session, from session.created to its close code (0: the client left first)."""
         writer = asyncio.create_task(self._write())
         code = 1000
         try:
@@ -113,6 +116,7 @@ class Connection:
             with contextlib.suppress(Exception):
                 if code and self.ws.application_state == WebSocketState.CONNECTED:
                     await self.ws.close(code=code)
+        return code
 
     async def _read(self) -> int:
         """Hand client events to the session until the client leaves (0), goes idle (1000) or a drain starts

@@ -18,12 +18,12 @@ import numpy as np
 from app.api.realtime import protocol as wire
 from app.api.realtime.formats import InputDecoder
 from app.api.realtime.protocol import EventError, SessionConfig
-from app.api.realtime.transcriber import Emit, Transcriber
+from app.api.realtime.transcriber import ConnectionGone, Emit, Transcriber
 from app.api.realtime.turns import AudioBuffer, Turn, TurnDetector
 from app.api.service import Service
 from app.api.transcripts import TranscriptionOptions, check_language
 from app.audio import SAMPLE_RATE
-from app.errors import VoxtralError
+from app.errors import InternalError, VoxtralError
 from app.metrics import Metrics
 from app.vad import VadStream
 
@@ -62,6 +62,11 @@ class Session:
             await self.emit(wire.error_event(exc, exc.event_id))
         except VoxtralError as exc:
             await self.emit(wire.error_event(exc, event_id))
+        except ConnectionGone:
+            raise
+        except Exception:  # a bug must not drop the socket: say so, and go on
+            log.exception("realtime session %s failed on a %r event", self.id, data.get("type"))
+            await self.emit(wire.error_event(InternalError("The server had an internal error."), event_id))
 
     async def _dispatch(self, message: wire.ClientEvent) -> None:
         if isinstance(message, wire.SessionUpdate):

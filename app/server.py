@@ -73,8 +73,8 @@ class HeaderTimeoutProtocol(H11Protocol):
         if self._head_timer is None and self._between_requests():
             self._arm()
         super().data_received(data)
-        if not self._between_requests():
-            self._disarm()
+        if not self._between_requests() or self.transport.get_protocol() is not self:
+            self._disarm()  # a head is in, or the connection became a WebSocket (its own protocol now)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -183,6 +183,9 @@ def main() -> None:
             before = batch_histogram(base)
             outcomes = asyncio.run(run_all(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription", args))
             after = batch_histogram(base)
+        except BaseException:
+            print((Path(tmp) / "server.log").read_text()[-5000:], file=sys.stderr)
+            raise
         finally:
             proc.terminate()
             proc.wait(60)

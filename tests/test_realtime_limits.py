@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,9 +101,11 @@ def test_an_idle_session_is_closed(loaded: LoadedModel, tiny_dir: Path) -> None:
 
 
 def test_a_drain_answers_the_utterance_in_progress_then_closes(loaded: LoadedModel, tiny_dir: Path) -> None:
-    with production(loaded, tiny_dir, drain_timeout_s=30) as running:
+    with production(loaded, tiny_dir, drain_timeout_s=30, header_read_timeout_s=0.3) as running:
         raw = Raw(connect(ws_url(running)))
         assert raw.recv()["type"] == "session.created"
+        opened = time.monotonic()  # the HTTP head deadline must not cut the socket once it is a WebSocket
+        wait_until(lambda: time.monotonic() > opened + 1.0, "the head deadline has long passed")
         raw.append(encode(np.concatenate([gap(0.3), sentence()]), "audio/pcm"), 4800)  # no pause at the end
         raw.until("input_audio_buffer.speech_started")
         running.server.handle_exit(signal.SIGTERM, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app import vad
 from app.api.realtime.formats import ALAW, ULAW, InputDecoder
 from app.api.realtime.protocol import ServerVad
 from app.api.realtime.turns import START_WINDOWS, AudioBuffer, Turn, TurnDetector
@@ -72,3 +73,22 @@ def test_audio_buffer_takes_and_drops_by_position() -> None:
     assert buffer.start == 400
     buffer.clear()
     assert buffer.start == buffer.end == 1000 and buffer.take(1000, 2000).shape == (0,)
+
+
+def test_streams_batched_together_give_what_each_gives_alone() -> None:
+    rng = np.random.default_rng(2)
+    audios = [(rng.standard_normal(16000) * level).astype(np.float32) for level in (0.0, 0.01, 0.3)]
+    alone = []
+    for audio in audios:
+        stream = vad.VadStream()
+        alone.append(np.concatenate([stream.push(audio[at : at + 1000]) for at in range(0, 16000, 1000)]))
+    streams = [vad.VadStream() for _ in audios]
+    sizes = [700, 1000, 1600]  # uneven: rows complete different numbers of windows per batch
+    got: list[list[np.ndarray]] = [[] for _ in audios]
+    for step in range(0, 24):
+        chunks = [audio[step * size : (step + 1) * size] for audio, size in zip(audios, sizes, strict=True)]
+        for row, probs in enumerate(vad.push_many(streams, chunks)):
+            got[row].append(probs)
+    for mine, reference in zip(got, alone, strict=True):
+        joined = np.concatenate(mine)[: reference.shape[0]]
+        assert joined.shape == reference.shape and np.allclose(joined, reference, atol=1e-4)

@@ -21,6 +21,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from app.api.errors import error_response
 from app.api.lifecycle import Lifecycle
 from app.api.realtime import protocol as wire
+from app.api.realtime.detector import SharedDetector
 from app.api.realtime.session import Limits, Session
 from app.api.realtime.transcriber import ConnectionGone
 from app.api.service import Service
@@ -46,6 +47,13 @@ class Slots:
             app.state.realtime_slots = Slots(app.state.settings.realtime_max_sessions)
         slots: Slots = app.state.realtime_slots
         return slots
+
+
+def shared_detector(app: FastAPI, service: Service) -> SharedDetector:
+    if not hasattr(app.state, "realtime_detector"):
+        app.state.realtime_detector = SharedDetector(service.off_loop)
+    detector: SharedDetector = app.state.realtime_detector
+    return detector
 
 
 @router.websocket("/v1/realtime")
@@ -88,7 +96,8 @@ class Connection:
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(settings.realtime_max_pending_events)
         self.closed = False
         limits = Limits(settings.realtime_max_utterance_s)
-        self.session = Session(service, self.emit, metrics, limits, settings.model_id)
+        shared = shared_detector(websocket.app, service)
+        self.session = Session(service, shared, self.emit, metrics, limits, settings.model_id)
 
     async def emit(self, event: dict[str, Any] | None) -> None:
         """Queue a server event; waits while the outbox is full (a slow client), raises once it is gone."""

@@ -1,8 +1,8 @@
 """One transcription session's state machine: client events in, server events out (through `emit`).
 
 It owns the input decoder, the speech detector's stream, the uncommitted audio and the `Transcriber`.
-CPU work (base64, resampling, the detector) runs in the service's prep threads, one append at a time,
-so the event loop never waits on it and a session's events keep their order.
+The speech detector runs in a prep thread, batched with the other sessions' (`SharedDetector`); large
+appends are decoded there too. A session handles one client event at a time, so its events keep their order.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from app.api.realtime import protocol as wire
+from app.api.realtime.detector import SharedDetector
 from app.api.realtime.formats import InputDecoder
 from app.api.realtime.protocol import EventError, SessionConfig
 from app.api.realtime.transcriber import ConnectionGone, Emit, Transcriber
@@ -30,6 +31,9 @@ from app.vad import VadStream
 log = logging.getLogger(__name__)
 MIN_COMMIT_S = 0.1
 """OpenAI refuses to commit less than 100 ms of audio."""
+INLINE_BASE64 = 64 * 1024
+"""Appends up to this much base64 (~0.5 s of 24 kHz PCM) are decoded on the event loop (~0.1 ms); bigger
+ones in a prep thread."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,10 @@ class Limits:
 
 
 class Session:
-    def __init__(self, service: Service, emit: Emit, metrics: Metrics, limits: Limits, model: str) -> None:
-        self.service, self.emit, self.limits = service, emit, limits
+    def __init__(
+        self, service: Service, shared: SharedDetector, emit: Emit, metrics: Metrics, limits: Limits, model: str
+    ) -> None:
+        self.service, self.shared, self.emit, self.limits = service, shared, emit, limits
         self.id = wire.new_id("sess")
         self.config = SessionConfig(model=model)
         self.transcriber = Transcriber(service, emit, metrics)
@@ -103,28 +109,32 @@ class Session:
             raise
 
     async def _append(self, message: wire.Append) -> None:
-        samples, probs = await self.service.off_loop(self._ingest, message.audio, message.event_id)
+        samples = await self._decode(message.audio, message.event_id)
         self.buffer.append(samples)
         if self.config.turn_detection is None:
             while self.buffer.end - self.buffer.start >= self._max_samples:  # one big append may hold several
                 start = self.buffer.start
                 await self._commit(self.buffer.take(start, start + self._max_samples))
             return
+        probs = await self.shared.push(self.stream, samples)
         for turn in self.detector.feed(probs):
             await self._turn(turn)
         await self._cut_if_too_long()
         if self.utterance is None:  # idle: keep only what a coming utterance's prefix padding needs
             self.buffer.drop_before(self.detector.position - self._prefix_samples)
 
-    def _ingest(self, audio: str, event_id: str | None) -> tuple[np.ndarray, np.ndarray]:
-        """Prep thread: base64 -> 16 kHz samples -> the detector's probabilities."""
+    async def _decode(self, audio: str, event_id: str | None) -> np.ndarray:
+        if len(audio) <= INLINE_BASE64:  # a usual 20-100 ms chunk: cheaper here than a hop to a thread
+            return self._ingest(audio, event_id)
+        return await self.service.off_loop(self._ingest, audio, event_id)
+
+    def _ingest(self, audio: str, event_id: str | None) -> np.ndarray:
+        """base64 -> 16 kHz samples."""
         try:
             raw = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError):
             raise EventError("audio is not valid base64.", event_id=event_id, param="audio") from None
-        samples = self.decoder.push(raw)
-        probs = self.stream.push(samples) if self.config.turn_detection else np.zeros(0, np.float32)
-        return samples, probs
+        return self.decoder.push(raw)
 
     async def _turn(self, turn: Turn) -> None:
         if turn.kind == "start":

@@ -2,7 +2,8 @@
 
 Files: `split_at_silences` (what `chunking_strategy` runs in a prep thread) on speech with pauses and
 white noise (tests/data/jfk.wav tiled, 10 dB SNR) of several lengths. Streams: `VadStream.push` fed
-100 ms at a time, as a realtime session feeds it. Each figure is the median of `--rounds` runs, in CPU
+100 ms at a time (the first 60 s), and 32 streams through `push_many` as the realtime sessions' shared
+detector batches them (the first 10 s). Each figure is the median of `--rounds` runs, in CPU
 seconds of this process (`time.process_time`) per second of audio.
 
     python bench/vad.py
@@ -49,6 +50,13 @@ def stream(audio: np.ndarray) -> None:
         detector.push(audio[at : at + 1600])
 
 
+def streams(audio: np.ndarray, count: int = 32) -> None:
+    """`count` realtime sessions through one batched detector (`push_many`), 100 ms each per call."""
+    detectors = [vad.VadStream() for _ in range(count)]
+    for at in range(0, audio.shape[0], 1600):
+        vad.push_many(detectors, [audio[at : at + 1600]] * count)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="10,60,300,1800")
@@ -57,16 +65,19 @@ def main() -> None:
     args = parser.parse_args()
     vad.network()
     rows = [
-        "| audio s | file: CPU s (median) | file: CPU s per audio s | stream: CPU s per audio s |",
-        "| --- | --- | --- | --- |",
+        "| audio s | file: CPU s (median) | file: CPU s per audio s | one stream: per audio s "
+        "| 32 batched streams: per audio s each |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for seconds in [float(x) for x in args.lengths.split(",")]:
         audio = audio_of(seconds)
         files = [cpu(split_at_silences, audio, VadOptions()) for _ in range(args.rounds)]
         streamed = [cpu(stream, audio[: int(min(seconds, 60) * 16000)]) for _ in range(args.rounds)]
         per_stream = statistics.median(streamed) / min(seconds, 60)
+        head = audio[: int(min(seconds, 10) * 16000)]
+        batched = statistics.median([cpu(streams, head) for _ in range(args.rounds)]) / min(seconds, 10) / 32
         file_cpu = statistics.median(files)
-        rows.append(f"| {seconds:g} | {file_cpu:.3f} | {file_cpu / seconds:.4f} | {per_stream:.4f} |")
+        rows.append(f"| {seconds:g} | {file_cpu:.3f} | {file_cpu / seconds:.4f} | {per_stream:.4f} | {batched:.4f} |")
     load = os.getloadavg()[0]
     command = " ".join(["python bench/vad.py", *sys.argv[1:]])
     header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `{command}`, load average {load:.2f}"

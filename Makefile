@@ -17,7 +17,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	# torch alone from the CPU index (no retries: an unreachable index must not stall every lookup);
-	# its own dependencies then come with the project from the default index.
+	# its own dependencies then come with the project from the default index. silero-vad (the speech
+	# detector) is installed without extras: it needs only torch, which this step already satisfies.
 	$(BIN)/python -m pip install --quiet --no-deps --retries 0 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@

@@ -40,6 +40,7 @@ COUNTERS = {
     "voxtral_prompt_tokens_total",
     "voxtral_generation_tokens_total",
     "voxtral_audio_seconds_total",
+    "voxtral_realtime_utterances_total",
 }
 GAUGES = {
     "voxtral_num_requests_waiting",
@@ -47,6 +48,7 @@ GAUGES = {
     "voxtral_model_load_seconds",
     "voxtral_gpu_memory_bytes",
     "voxtral_gpu_memory_peak_bytes",
+    "voxtral_realtime_sessions",
 }
 HISTOGRAMS = {
     "voxtral_e2e_request_latency_seconds",
@@ -55,6 +57,7 @@ HISTOGRAMS = {
     "voxtral_batch_size",
     "voxtral_batch_fill_ratio",
     "voxtral_real_time_factor",
+    "voxtral_realtime_turn_latency_seconds",
 }
 METRICS = COUNTERS | GAUGES | HISTOGRAMS
 QUEUE_METRIC = "voxtral_num_requests_waiting"

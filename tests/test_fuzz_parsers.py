@@ -172,6 +172,9 @@ def test_redecoding_deltas_join_to_the_one_shot_text_cut_at_the_stop(tokenizer: 
 
     full = decode(ids)
     stops = data.draw(stop_strings(full))
+    # A U+FFFD that stands for a character still unfinished at the end is no text a client can stop at:
+    # the stream drops it (below), so a stop string spanning it cannot match there.
+    assume(not any("\ufffd" in stop for stop in stops))
     sizes = data.draw(st.lists(st.integers(0, 4), max_size=20))
     joined = stream(IncrementalDecoder(decode, stops), groups(ids, sizes))
     expected, stopped = trim_at_stop(full, stops)

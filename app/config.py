@@ -107,6 +107,23 @@ class Settings(BaseSettings):
     default_max_tokens: int = 4096
     """max_tokens of a chat request that sets none (capped by what the context leaves)."""
 
+    # --- realtime (WebSocket /v1/realtime) ----------------------------------------------------------
+    realtime_max_sessions: int = 100
+    """Realtime transcription sessions open at once; one more is refused at the upgrade (429 too_many_sessions).
+    Each open session holds a socket, its uncommitted audio (up to realtime_max_utterance_s) and a detector
+    state; their utterances share the queue with HTTP requests."""
+    realtime_max_utterance_s: float = 30.0
+    """Longest utterance: audio buffered this long without a turn end (or a manual commit) is committed where it
+    is and, if speech goes on, the next utterance starts there. 30 s is Voxtral's window: one model call each."""
+    realtime_idle_timeout_s: float = 120.0
+    """A session that sends nothing for this long is closed (its committed utterances are answered first)."""
+    realtime_max_message_mb: float = 1.0
+    """Largest client event. Bigger ones get an error event; over this plus 64 KiB the socket is closed with 1009
+    before the message is read whole. 1 MB of base64 is ~16 s of 24 kHz PCM: clients send 20-100 ms chunks."""
+    realtime_max_pending_events: int = 256
+    """Server events waiting for a slow client. When full, the session stops reading the client (which then
+    cannot send faster than it reads) and decoding for it waits: memory stays bounded whatever the client does."""
+
     # --- engine --------------------------------------------------------------------------------
     max_queue: int = 512
     """Requests waiting for the model. Full means 429 at once: a low limit refuses requests instead of
@@ -177,6 +194,16 @@ class Settings(BaseSettings):
             raise ValueError("drain_timeout_s must not be negative")
         return self
 
+    @model_validator(mode="after")
+    def _check_realtime(self) -> Settings:
+        if self.realtime_max_sessions < 0 or self.realtime_max_pending_events < 1:
+            raise ValueError("realtime_max_sessions must be at least 0 and realtime_max_pending_events at least 1")
+        if not 1.0 <= self.realtime_max_utterance_s <= 30.0:
+            raise ValueError("realtime_max_utterance_s must be between 1 and 30 (Voxtral's window)")
+        if self.realtime_idle_timeout_s <= 0 or self.realtime_max_message_mb <= 0:
+            raise ValueError("realtime_idle_timeout_s and realtime_max_message_mb must be greater than 0")
+        return self
+
     @property
     def env_vars(self) -> list[str]:
         return [f"VOXTRAL_{name.upper()}" for name in type(self).model_fields]
@@ -188,6 +215,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def realtime_max_message_bytes(self) -> int:
+        return int(self.realtime_max_message_mb * 1024 * 1024)
 
 
 VLLM_FLAGS: dict[str, str] = {

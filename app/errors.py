@@ -71,6 +71,12 @@ class QueueFull(VoxtralError):
         self.retry_after_s = retry_after_s
 
 
+class TooManySessions(VoxtralError):
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_sessions"
+
+
 class InternalError(VoxtralError):
     status = 500
     type = "server_error"

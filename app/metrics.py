@@ -71,6 +71,17 @@ class Metrics:
             registry=r,
         )
 
+        self.realtime_sessions = Gauge("voxtral_realtime_sessions", "Realtime (WebSocket) sessions open", registry=r)
+        self.realtime_utterances = Counter(
+            "voxtral_realtime_utterances", "Realtime utterances answered, by outcome", ["outcome"], registry=r
+        )
+        self.realtime_turn_latency = Histogram(
+            "voxtral_realtime_turn_latency_seconds",
+            "Realtime: speech_stopped (or the commit) to the transcription's .completed",
+            buckets=_LATENCY,
+            registry=r,
+        )
+
     def sample_gpu_memory(self) -> None:
         """Called at scrape time: a value read when Prometheus asks is never stale. No GPU: no series."""
         import torch  # already loaded by the model; imported here so this module stays light

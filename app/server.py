@@ -166,6 +166,8 @@ def build_server(app: object, settings: Settings, drain: Drain) -> DrainingServe
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # float works: call_later
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        # Realtime events up to the limit get an error event from the app; far bigger ones are cut here, unread.
+        ws_max_size=settings.realtime_max_message_bytes + 64 * 1024,
         timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
         log_config=None,
         access_log=False,

@@ -18,7 +18,6 @@ import openai
 import pytest
 import soundfile as sf
 
-from app.chunking import frame_levels, silence_line
 from app.model.loader import LoadedModel
 from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve
 
@@ -35,6 +34,10 @@ def long_audio(seconds: float) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, np.concatenate(parts), 16000, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
+
+
+def level_db(audio: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(audio.astype(np.float64) ** 2) + 1e-12))
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +57,10 @@ def test_auto_cuts_at_silences_into_pieces_of_at_most_30_s(http: httpx.Client, e
     assert body["text"] == " ".join(s["text"] for s in segments)
     assert [s["id"] for s in segments] == list(range(len(segments)))
     audio = sf.read(io.BytesIO(data), dtype="float32")[0]
-    line = silence_line(frame_levels(audio), 0.5)
     for a, b in pairwise(segments):
         assert a["end"] <= b["start"]
-        for edge in (a["end"] - 0.1, b["start"]):  # silence on both sides of every cut
-            assert frame_levels(audio[int(edge * 16000) : int((edge + 0.1) * 16000)]).max() < line, (a, b)
+        for edge in (a["end"] - 0.1, b["start"]):  # no voice on either side of a cut (room noise may be)
+            assert level_db(audio[int(edge * 16000) : int((edge + 0.1) * 16000)]) < level_db(audio) - 10, (a, b)
     assert all(0 < s["end"] - s["start"] <= 30.0 and s["seek"] == round(s["start"] * 100) for s in segments)
     assert post(http, data, response_format="json", chunking_strategy="auto").json()["text"] == body["text"]
 
@@ -79,7 +81,7 @@ def test_pieces_decode_as_rows_of_the_same_batch(server: RunningServer, http: ht
         segments = post(http, eighty, response_format="verbose_json").json()["segments"]
     finally:
         worker.fault_hook = None
-    assert max(rows) == len(segments)
+    assert max(rows) == min(len(segments), 16)  # all of them, up to the server fixture's max_batch_size
 
 
 def test_stream_of_pieces_arrives_in_order(client: Any, http: httpx.Client, eighty: bytes) -> None:

@@ -17,10 +17,12 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import Lifespan
 
+from app import vad
 from app.api import errors, openapi
 from app.api.auth import ApiKeyAuth, load_api_keys, warn_if_open
 from app.api.lifecycle import DrainGuard, Lifecycle
 from app.api.middleware import BodyLimits, RequestContext, Route
+from app.api.realtime import route as realtime
 from app.api.routes import audio, chat, health, models
 from app.api.service import Service
 from app.api.usage import ObservedEngine, ObservedService
@@ -67,6 +69,7 @@ async def warm_up(service: Service) -> None:
     request = PreparedRequest(encoded.input_ids, [], SamplingParams(max_new_tokens=2), "chat")
     await service.engine.generate(request)
     await asyncio.to_thread(lambda: service.constrainer)  # the vocabulary pass for constrained decoding
+    await asyncio.to_thread(vad.network)  # the speech detector of chunking and realtime turns
 
 
 def create_app(settings: Settings, loaded: LoadedModel | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -80,6 +83,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, metrics: M
     routers = (audio.router, chat.router, models.router, health.router)
     for router in routers:
         app.include_router(router)
+    app.include_router(realtime.router)
     routes = [(r.path_regex, r.path_format) for router in routers for r in router.routes if isinstance(r, APIRoute)]
     install_middleware(app, settings, metrics, lifecycle, routes)
     return app

@@ -63,8 +63,14 @@ def warn_if_open(settings: Settings, keys: list[str]) -> None:
         )
 
 
+SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
+"""Browsers cannot set headers on a WebSocket: OpenAI's clients send the key as this subprotocol instead."""
+
+
 class ApiKeyAuth:
-    """401 in OpenAI's shape unless `Authorization: Bearer <key>` matches a configured key."""
+    """401 in OpenAI's shape unless `Authorization: Bearer <key>` matches a configured key. A WebSocket upgrade
+    may carry the key as an `openai-insecure-api-key.<key>` subprotocol instead; a refused one gets the 401 as
+    its denial response."""
 
     def __init__(self, app: ASGIApp, keys: list[str], protect_metrics: bool = False) -> None:
         self.app = app
@@ -72,16 +78,19 @@ class ApiKeyAuth:
         self.protect_metrics = protect_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or not self._protected(scope.get("path", "")):
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or not self.keys or not self._protected(scope.get("path", "")):
             return await self.app(scope, receive, send)
         presented = _bearer(dict(scope.get("headers", [])).get(b"authorization"))
+        if presented is None and kind == "websocket":
+            presented = _subprotocol_key(scope.get("subprotocols", []))
         if presented is None:
             error = AuthenticationError("Missing API key: send it as `Authorization: Bearer <key>`.")
         elif not self._valid(presented):
             error = AuthenticationError("Incorrect API key provided.")
         else:
             return await self.app(scope, receive, send)
-        await send_error(send, error, {"www-authenticate": "Bearer"})
+        await send_error(send, error, {"www-authenticate": "Bearer"}, websocket=kind == "websocket")
 
     def _protected(self, path: str) -> bool:
         return path == "/v1" or path.startswith("/v1/") or (self.protect_metrics and path == "/metrics")
@@ -91,6 +100,11 @@ class ApiKeyAuth:
         for key in self.keys:  # every key, every time: no early exit
             matched |= hmac.compare_digest(presented, key)
         return matched
+
+
+def _subprotocol_key(subprotocols: list[str]) -> bytes | None:
+    keys = [p[len(SUBPROTOCOL_PREFIX) :] for p in subprotocols if p.startswith(SUBPROTOCOL_PREFIX)]
+    return keys[0].encode("utf-8") if keys and keys[0] else None
 
 
 def _bearer(header: bytes | None) -> bytes | None:

@@ -30,6 +30,8 @@ class Lifecycle:
         """Admitted /v1 requests whose response has not been fully sent yet."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self.stopping = asyncio.Event()
+        """Set when a drain starts: realtime sessions finish their last utterance and close."""
 
     @property
     def serving(self) -> bool:
@@ -51,6 +53,7 @@ class Lifecycle:
         its audio has not reached the engine yet, and a streaming one is done only when sent.
         """
         self.draining = True
+        self.stopping.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         log.info("draining: %d request(s) in flight, up to %g s", self.in_flight, timeout_s)
@@ -66,7 +69,8 @@ class Lifecycle:
 
 
 class DrainGuard:
-    """Counts admitted /v1 requests; once draining, answers new ones 503 `shutting_down`."""
+    """Counts admitted /v1 requests and WebSocket sessions; once draining, answers new ones 503 `shutting_down`
+    (a WebSocket upgrade is refused with that response)."""
 
     def __init__(self, app: ASGIApp, lifecycle: Lifecycle) -> None:
         self.app = app
@@ -74,11 +78,12 @@ class DrainGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
+        if scope["type"] not in ("http", "websocket") or not (path == "/v1" or path.startswith("/v1/")):
             return await self.app(scope, receive, send)
         if self.lifecycle.draining:
             error = ShuttingDown("The server is shutting down; retry the request on another replica.")
-            return await send_error(send, error, {"connection": "close", "retry-after": "1"})
+            headers = {"connection": "close", "retry-after": "1"}
+            return await send_error(send, error, headers, websocket=scope["type"] == "websocket")
         self.lifecycle.enter()
         try:
             await self.app(scope, receive, send)

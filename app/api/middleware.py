@@ -28,13 +28,17 @@ Route = tuple[Pattern[str], str]
 """A route's path regex and its template (`/v1/models/{model_id}`), for the endpoint label."""
 
 
-async def send_error(send: Send, error: VoxtralError, headers: dict[str, str] | None = None) -> None:
-    """A whole JSON error response in OpenAI's shape, for middleware that answers before the routes."""
+async def send_error(
+    send: Send, error: VoxtralError, headers: dict[str, str] | None = None, *, websocket: bool = False
+) -> None:
+    """A whole JSON error response in OpenAI's shape, for middleware that answers before the routes.
+    `websocket`: the answer to a refused upgrade (ASGI's WebSocket denial response, which uvicorn supports)."""
     body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    prefix = "websocket.http" if websocket else "http"
+    await send({"type": f"{prefix}.response.start", "status": error.status, "headers": raw})
+    await send({"type": f"{prefix}.response.body", "body": body})
 
 
 class _BodyTimeout(VoxtralError):

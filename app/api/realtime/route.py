@@ -1,0 +1,183 @@
+"""`GET /v1/realtime` (WebSocket): admit the session (model, session limit), then pump events between the
+socket and the `Session`: one reader, one writer, a bounded outbox between them.
+
+A refused upgrade is an HTTP answer in OpenAI's error shape (ASGI's WebSocket denial response). A session
+ends when the client leaves (its pending utterances are cancelled), or after the idle timeout or on a drain
+(both answer every committed utterance first, then close cleanly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import MutableMapping
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from app.api.errors import error_response
+from app.api.lifecycle import Lifecycle
+from app.api.realtime import protocol as wire
+from app.api.realtime.session import Limits, Session
+from app.api.realtime.transcriber import ConnectionGone
+from app.api.service import Service
+from app.config import Settings
+from app.errors import InvalidRequest, TooManySessions, VoxtralError
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["realtime"])
+GOING_AWAY = 1001
+"""The close code of a session ended by a drain: the client should reconnect (to another replica)."""
+
+
+class Slots:
+    """Sessions open at once, against `realtime_max_sessions`. Touched only on the event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.open = limit, 0
+
+    @staticmethod
+    def of(app: FastAPI) -> Slots:
+        if not hasattr(app.state, "realtime_slots"):
+            app.state.realtime_slots = Slots(app.state.settings.realtime_max_sessions)
+        slots: Slots = app.state.realtime_slots
+        return slots
+
+
+@router.websocket("/v1/realtime")
+async def realtime(websocket: WebSocket) -> None:
+    app: FastAPI = websocket.app
+    service: Service = app.state.service
+    slots = Slots.of(app)
+    try:
+        service.check_model(websocket.query_params.get("model"))
+        if slots.open >= slots.limit:
+            raise TooManySessions(f"This server holds at most {slots.limit} realtime sessions at once; retry later.")
+    except VoxtralError as exc:
+        return await _deny(websocket, exc)
+    slots.open += 1
+    metrics: Metrics = app.state.metrics
+    metrics.realtime_sessions.inc()
+    try:
+        offered = websocket.scope.get("subprotocols", [])
+        await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
+        connection = Connection(websocket, service, app.state.settings, metrics, app.state.lifecycle)
+        code = await connection.run()
+        log.info("realtime session %s ended (close code %d; 0: the client left)", connection.session.id, code)
+    finally:
+        slots.open -= 1
+        metrics.realtime_sessions.dec()
+
+
+async def _deny(websocket: WebSocket, exc: VoxtralError) -> None:
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(exc))
+    else:  # a server without the denial extension: the close reason is all a client will see
+        await websocket.close(code=1008 if exc.status < 500 else 1013, reason=exc.message[:120])
+
+
+class Connection:
+    def __init__(
+        self, websocket: WebSocket, service: Service, settings: Settings, metrics: Metrics, lifecycle: Lifecycle
+    ) -> None:
+        self.ws, self.settings, self.lifecycle = websocket, settings, lifecycle
+        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(settings.realtime_max_pending_events)
+        self.closed = False
+        limits = Limits(settings.realtime_max_utterance_s)
+        self.session = Session(service, self.emit, metrics, limits, settings.model_id)
+
+    async def emit(self, event: dict[str, Any] | None) -> None:
+        """Queue a server event; waits while the outbox is full (a slow client), raises once it is gone."""
+        if self.closed:
+            raise ConnectionGone
+        await self.outbox.put(event)
+
+    async def run(self) -> int:
+        """The session, from session.created to its close code (0: the client left first)."""
+        writer = asyncio.create_task(self._write())
+        code = 1000
+        try:
+            await self.session.start()
+            code = await self._read()
+            if code:  # idle or draining: answer what was committed, then end the writes
+                await self.session.close(flush=True)
+                await self.emit(None)
+                await writer
+        except ConnectionGone:
+            code = 0
+        finally:
+            if code == 0:
+                self.session.transcriber.cancel()
+            writer.cancel()
+            with contextlib.suppress(Exception):
+                if code and self.ws.application_state == WebSocketState.CONNECTED:
+                    await self.ws.close(code=code)
+        return code
+
+    async def _read(self) -> int:
+        """Hand client events to the session until the client leaves (0), goes idle (1000) or a drain starts
+        (1001). A pending receive is never cancelled while the session goes on: that could lose a message."""
+        stopping = asyncio.ensure_future(self.lifecycle.stopping.wait())
+        receive: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                receive = receive or asyncio.ensure_future(self.ws.receive())
+                idle = self.settings.realtime_idle_timeout_s
+                done, _ = await asyncio.wait({receive, stopping}, timeout=idle, return_when="FIRST_COMPLETED")
+                if stopping in done:
+                    return GOING_AWAY
+                if receive not in done:
+                    if self.session.transcriber.unanswered:  # waiting for its transcriptions is not idle
+                        continue
+                    return await self._idle()
+                message, receive = receive.result(), None
+                if message["type"] == "websocket.disconnect":
+                    return 0
+                await self._handle(message)
+        finally:
+            stopping.cancel()
+            if receive is not None:
+                receive.cancel()
+
+    async def _idle(self) -> int:
+        idle = self.settings.realtime_idle_timeout_s
+        error = InvalidRequest(f"The session sent nothing for {idle:g} s and is closed.", code="idle_timeout")
+        await self.emit(wire.error_event(error))
+        return 1000
+
+    async def _handle(self, message: MutableMapping[str, Any]) -> None:
+        text = message.get("text")
+        if text is None:
+            error = InvalidRequest("Binary messages are not supported: send each event as JSON text.")
+            return await self.emit(wire.error_event(error))
+        if len(text) > self.settings.realtime_max_message_bytes:
+            error = InvalidRequest(
+                f"The event is larger than the {self.settings.realtime_max_message_mb:g} MB limit: send audio in "
+                "smaller chunks.",
+                code="message_too_large",
+            )
+            return await self.emit(wire.error_event(error))
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            error = InvalidRequest("The event is not a JSON object.", code="invalid_json")
+            return await self.emit(wire.error_event(error))
+        await self.session.handle(data)
+
+    async def _write(self) -> None:
+        try:
+            while (event := await self.outbox.get()) is not None:
+                async with asyncio.timeout(self.settings.realtime_idle_timeout_s):  # a reader that never reads
+                    await self.ws.send_text(json.dumps(event, ensure_ascii=False))
+        except (WebSocketDisconnect, RuntimeError, TimeoutError, OSError) as exc:
+            log.info("realtime session %s: client gone while sending (%s)", self.session.id, type(exc).__name__)
+        finally:
+            self.closed = True
+            while not self.outbox.empty():  # wakes anyone waiting to put: they then see `closed`
+                self.outbox.get_nowait()

@@ -1,0 +1,199 @@
+"""One transcription session's state machine: client events in, server events out (through `emit`).
+
+It owns the input decoder, the speech detector's stream, the uncommitted audio and the `Transcriber`.
+CPU work (base64, resampling, the detector) runs in the service's prep threads, one append at a time,
+so the event loop never waits on it and a session's events keep their order.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from app.api.realtime import protocol as wire
+from app.api.realtime.formats import InputDecoder
+from app.api.realtime.protocol import EventError, SessionConfig
+from app.api.realtime.transcriber import ConnectionGone, Emit, Transcriber
+from app.api.realtime.turns import AudioBuffer, Turn, TurnDetector
+from app.api.service import Service
+from app.api.transcripts import TranscriptionOptions, check_language
+from app.audio import SAMPLE_RATE
+from app.errors import InternalError, VoxtralError
+from app.metrics import Metrics
+from app.vad import VadStream
+
+log = logging.getLogger(__name__)
+MIN_COMMIT_S = 0.1
+"""OpenAI refuses to commit less than 100 ms of audio."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_utterance_s: float
+
+
+class Session:
+    def __init__(self, service: Service, emit: Emit, metrics: Metrics, limits: Limits, model: str) -> None:
+        self.service, self.emit, self.limits = service, emit, limits
+        self.id = wire.new_id("sess")
+        self.config = SessionConfig(model=model)
+        self.transcriber = Transcriber(service, emit, metrics)
+        self.buffer = AudioBuffer()
+        self.decoder = InputDecoder(self.config.format)
+        self.stream = VadStream()
+        self.detector = TurnDetector(self.config.turn_detection or wire.ServerVad())
+        self.utterance: tuple[str, int] | None = None  # (item id, start sample) while speech goes on
+        self.last_item: str | None = None
+
+    async def start(self) -> None:
+        await self.emit(wire.event("session.created", session=self.config.wire(self.id)))
+
+    async def handle(self, data: dict[str, Any]) -> None:
+        """One client event; a refused one is answered with an error event naming it."""
+        event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+        try:
+            await self._dispatch(wire.parse(data))
+        except EventError as exc:
+            await self.emit(wire.error_event(exc, exc.event_id))
+        except VoxtralError as exc:
+            await self.emit(wire.error_event(exc, event_id))
+        except ConnectionGone:
+            raise
+        except Exception:  # a bug must not drop the socket: say so, and go on
+            log.exception("realtime session %s failed on a %r event", self.id, data.get("type"))
+            await self.emit(wire.error_event(InternalError("The server had an internal error."), event_id))
+
+    async def _dispatch(self, message: wire.ClientEvent) -> None:
+        if isinstance(message, wire.SessionUpdate):
+            await self._update(message)
+        elif isinstance(message, wire.Append):
+            await self._append(message)
+        elif message.type == "input_audio_buffer.commit":
+            await self._commit_by_hand(message.event_id)
+        else:
+            self.buffer.clear()
+            self.utterance = None
+            self.detector.restart(speaking=False)
+            await self.emit(wire.event("input_audio_buffer.cleared"))
+
+    async def _update(self, message: wire.SessionUpdate) -> None:
+        config = self.config.updated(message.session, self._check_transcription)
+        if config.format != self.config.format:
+            self.decoder = InputDecoder(config.format)
+        position = self.detector.position
+        if config.turn_detection is not None and self.config.turn_detection is None:
+            self.stream, position = VadStream(), self.buffer.end  # the detector was not fed meanwhile
+        if config.turn_detection is None:
+            self.utterance = None  # manual commits from now on: the buffer keeps what was said
+        self.config = config
+        self.detector = TurnDetector(config.turn_detection or wire.ServerVad(), position)
+        await self.emit(wire.event("session.updated", session=config.wire(self.id)))
+
+    def _check_transcription(self, model: str | None, language: str | None) -> str | None:
+        try:
+            self.service.check_model(model)
+            return check_language(language)
+        except VoxtralError as exc:
+            exc.param = f"session.audio.input.transcription.{exc.param}"
+            raise
+
+    async def _append(self, message: wire.Append) -> None:
+        samples, probs = await self.service.off_loop(self._ingest, message.audio, message.event_id)
+        self.buffer.append(samples)
+        if self.config.turn_detection is None:
+            while self.buffer.end - self.buffer.start >= self._max_samples:  # one big append may hold several
+                start = self.buffer.start
+                await self._commit(self.buffer.take(start, start + self._max_samples))
+            return
+        for turn in self.detector.feed(probs):
+            await self._turn(turn)
+        await self._cut_if_too_long()
+        if self.utterance is None:  # idle: keep only what a coming utterance's prefix padding needs
+            self.buffer.drop_before(self.detector.position - self._prefix_samples)
+
+    def _ingest(self, audio: str, event_id: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Prep thread: base64 -> 16 kHz samples -> the detector's probabilities."""
+        try:
+            raw = base64.b64decode(audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise EventError("audio is not valid base64.", event_id=event_id, param="audio") from None
+        samples = self.decoder.push(raw)
+        probs = self.stream.push(samples) if self.config.turn_detection else np.zeros(0, np.float32)
+        return samples, probs
+
+    async def _turn(self, turn: Turn) -> None:
+        if turn.kind == "start":
+            await self._started(max(self.buffer.start, turn.at - self._prefix_samples))
+        elif self.utterance is not None:
+            await self._stop_and_commit(turn.at)
+
+    async def _started(self, start: int) -> None:
+        self.utterance = (wire.new_id("item"), start)
+        await self.emit(
+            wire.event("input_audio_buffer.speech_started", audio_start_ms=_ms(start), item_id=self.utterance[0])
+        )
+
+    async def _stop_and_commit(self, at: int) -> None:
+        assert self.utterance is not None
+        item, start = self.utterance
+        self.utterance = None
+        await self.emit(wire.event("input_audio_buffer.speech_stopped", audio_end_ms=_ms(at), item_id=item))
+        await self._commit(self.buffer.take(start, at), item)
+
+    async def _cut_if_too_long(self) -> None:
+        """An utterance reaching the limit is committed where it is; speech going on starts the next one."""
+        while self.utterance is not None and self.detector.position - self.utterance[1] >= self._max_samples:
+            at = self.utterance[1] + self._max_samples
+            await self._stop_and_commit(at)
+            self.detector.restart(speaking=True)
+            await self._started(at)
+
+    async def _commit_by_hand(self, event_id: str | None) -> None:
+        if self.config.turn_detection is None:  # (with VAD the stream goes on; its next samples stay in line)
+            self.buffer.append(self.decoder.flush())
+        start = self.utterance[1] if self.utterance is not None else self.buffer.start
+        if self.buffer.end - start < MIN_COMMIT_S * SAMPLE_RATE:
+            raise EventError(
+                f"Error committing input audio buffer: buffer too small. Expected at least 100ms of audio, but "
+                f"buffer only has {_ms(max(0, self.buffer.end - start))}ms of audio.",
+                event_id=event_id,
+                code="input_audio_buffer_commit_empty",
+            )
+        item = self.utterance[0] if self.utterance is not None else None
+        self.utterance = None
+        self.detector.restart(speaking=False)
+        await self._commit(self.buffer.take(start, self.buffer.end), item)
+
+    async def _commit(self, audio: np.ndarray, item_id: str | None = None) -> None:
+        item = item_id or wire.new_id("item")
+        await self.emit(wire.event("input_audio_buffer.committed", previous_item_id=self.last_item, item_id=item))
+        self.last_item = item
+        options = TranscriptionOptions("transcribe", self.config.language, self.config.prompt)
+        self.transcriber.add(item, audio, options)
+
+    async def close(self, *, flush: bool) -> None:
+        """`flush`: commit the utterance in progress and deliver every committed one (drain); else drop them."""
+        if flush and self.utterance is not None and self.buffer.end - self.utterance[1] >= MIN_COMMIT_S * SAMPLE_RATE:
+            await self._stop_and_commit(self.buffer.end)
+        if flush:
+            await self.transcriber.finish()
+        else:
+            self.transcriber.cancel()
+
+    @property
+    def _prefix_samples(self) -> int:
+        vad = self.config.turn_detection
+        return int((vad.prefix_padding_ms if vad else 0) * SAMPLE_RATE / 1000)
+
+    @property
+    def _max_samples(self) -> int:
+        return int(self.limits.max_utterance_s * SAMPLE_RATE)
+
+
+def _ms(samples: int) -> int:
+    return samples * 1000 // SAMPLE_RATE

@@ -1,0 +1,200 @@
+"""Realtime load: many transcription sessions at once, each streaming speech in real time.
+
+Starts `python -m app.main serve --model tiny ...` as a subprocess, opens `--sessions` WebSocket sessions
+(server VAD, 24 kHz PCM), and has each stream `--utterances` sentences (tests/data/speech_fr.wav, 2.9 s)
+with `--pause-s` of silence after each, in 100 ms chunks paced at real time; session starts are spread
+over the first second (seeded). It checks that every utterance is committed once and answered
+(`.completed`, none `.failed`, none lost), reads the server's batch-size histogram before and after, and
+reports p50/p95 of the time from `speech_stopped` to `.completed` as the client sees them.
+
+    python bench/realtime.py                           # 32 sessions x 3 utterances
+    python bench/realtime.py --sessions 8 --out ''     # a quick look, nothing written
+
+The tiny model's random weights never stop on their own: a transcription decodes its whole budget, set
+here to 4 + 5 tokens per second of audio (`--tokens-per-s`), about what real speech transcribes to.
+Appends the figures and the exact command to bench/RESULTS.md (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile as sf
+import soxr
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parents[1]
+CHUNK_S = 0.1
+
+
+@dataclass
+class Outcome:
+    committed: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+
+
+def stream_audio(utterances: int, pause_s: float) -> bytes:
+    """The sentence and a pause, `utterances` times, as 24 kHz 16-bit PCM."""
+    sentence = sf.read(ROOT / "tests" / "data" / "speech_fr.wav", dtype="float32")[0]
+    one = np.concatenate([sentence, np.zeros(int(pause_s * 16000), np.float32)])
+    audio = soxr.resample(np.tile(one, utterances), 16000, 24000)
+    return bytes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+async def session(url: str, audio: bytes, delay_s: float, expected: int) -> Outcome:
+    await asyncio.sleep(delay_s)
+    outcome, stopped_at = Outcome(), {}
+    async with connect(url, max_size=None) as ws:
+        vad = {"type": "server_vad", "silence_duration_ms": 500}
+        update = {"type": "transcription", "audio": {"input": {"turn_detection": vad}}}
+        await ws.send(json.dumps({"type": "session.update", "session": update}))
+        sender = asyncio.create_task(send_paced(ws, audio))
+        while len(outcome.completed) + outcome.failed < expected:
+            event = json.loads(await asyncio.wait_for(ws.recv(), timeout=120))
+            record(event, outcome, stopped_at)
+        await sender
+    return outcome
+
+
+async def send_paced(ws: object, audio: bytes) -> None:
+    step = int(24000 * CHUNK_S) * 2
+    start = time.monotonic()
+    for index, at in enumerate(range(0, len(audio), step)):
+        await asyncio.sleep(max(0.0, start + index * CHUNK_S - time.monotonic()))
+        chunk = base64.b64encode(audio[at : at + step]).decode()
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))  # type: ignore[attr-defined]
+
+
+def record(event: dict[str, object], outcome: Outcome, stopped_at: dict[object, float]) -> None:
+    kind, now = event["type"], time.monotonic()
+    if kind == "input_audio_buffer.speech_stopped":
+        stopped_at[event["item_id"]] = now
+    elif kind == "input_audio_buffer.committed":
+        outcome.committed.append(str(event["item_id"]))
+    elif kind == "conversation.item.input_audio_transcription.completed":
+        outcome.completed.append(str(event["item_id"]))
+        outcome.latencies.append(now - stopped_at[event["item_id"]])
+    elif kind == "conversation.item.input_audio_transcription.failed":
+        outcome.failed += 1
+    elif kind == "error":
+        outcome.errors.append(json.dumps(event["error"]))
+
+
+def batch_histogram(base_url: str) -> tuple[float, float, float]:
+    """(decode steps, rows summed over them, steps with one row) from voxtral_batch_size."""
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+    return (
+        values["voxtral_batch_size_count"],
+        values["voxtral_batch_size_sum"],
+        values['voxtral_batch_size_bucket{le="1.0"}'],
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "app.main", "serve", "--model", "tiny", "--port", str(port),
+        "--max-batch-size", str(args.max_batch_size), "--realtime-max-sessions", str(args.sessions),
+        "--transcription-tokens-per-audio-s", str(args.tokens_per_s), "--transcription-min-tokens", "4",
+        "--log-level", "warning",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXTRAL_")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server never ready:\n" + log.read_text())
+
+
+async def run_all(url: str, args: argparse.Namespace) -> list[Outcome]:
+    audio = stream_audio(args.utterances, args.pause_s)
+    rng = random.Random(0)
+    delays = [rng.uniform(0.0, 1.0) for _ in range(args.sessions)]
+    return list(await asyncio.gather(*(session(url, audio, d, args.utterances) for d in delays)))
+
+
+def report(outcomes: list[Outcome], batches: tuple[float, float, float], args: argparse.Namespace) -> str:
+    latencies = sorted(x for o in outcomes for x in o.latencies)
+    expected = args.sessions * args.utterances
+    committed = sum(len(o.committed) for o in outcomes)
+    completed = sum(len(o.completed) for o in outcomes)
+    in_order = all(o.completed == o.committed[: len(o.completed)] for o in outcomes)
+    steps, rows, single = batches
+    p95 = latencies[max(0, round(0.95 * len(latencies)) - 1)] if latencies else float("nan")
+    lines = [
+        f"- utterances: expected {expected}, committed {committed}, completed {completed}, "
+        f"failed {sum(o.failed for o in outcomes)}, error events {sum(len(o.errors) for o in outcomes)}; "
+        f"completed in commit order in every session: {in_order}",
+        f"- decode steps {steps:.0f}: mean rows per step {rows / max(steps, 1):.1f}, "
+        f"steps with one row {single / max(steps, 1):.0%}",
+        f"- speech_stopped -> .completed: p50 {statistics.median(latencies):.3f} s, p95 {p95:.3f} s, "
+        f"max {latencies[-1]:.3f} s (n={len(latencies)})",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=32)
+    parser.add_argument("--utterances", type=int, default=3)
+    parser.add_argument("--pause-s", type=float, default=1.5)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--tokens-per-s", type=float, default=5.0)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    args = parser.parse_args()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = start_server(port, args, Path(tmp) / "server.log")
+        try:
+            before = batch_histogram(base)
+            outcomes = asyncio.run(run_all(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription", args))
+            after = batch_histogram(base)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    load = os.getloadavg()
+    text = report(outcomes, tuple(a - b for a, b in zip(after, before, strict=True)), args)  # type: ignore[arg-type]
+    command = "python bench/realtime.py " + shlex.join(sys.argv[1:])
+    header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `{command.strip()}`, load average before the end {load[0]:.2f}"
+    print(header + "\n" + text)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(f"\n{header}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

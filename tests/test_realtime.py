@@ -1,0 +1,180 @@
+"""/v1/realtime as clients speak it over a raw WebSocket: server VAD and manual commits in every input
+format, error events, keys by header and by subprotocol. Every server event is checked against OpenAI's
+schemas when OPENAI_OPENAPI_SPEC names the spec (see `tests/realtime_client.py`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from app.model.loader import LoadedModel
+from tests.conftest import RunningServer, serve
+from tests.realtime_client import (
+    COMPLETED,
+    Raw,
+    chunk_bytes,
+    encode,
+    open_session,
+    sentence,
+    spec,
+    texts,
+    two_utterances,
+)
+
+KEY = "sk-realtime-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+FORMATS = ["audio/pcm", "audio/pcmu", "audio/pcma"]
+
+
+@pytest.fixture(scope="module")
+def server(loaded: LoadedModel, tiny_dir: Path) -> Iterator[RunningServer]:
+    with serve(loaded, tiny_dir, api_keys=[KEY], max_batch_size=16) as running:
+        yield running
+
+
+def session(server: RunningServer, **kwargs: Any) -> Raw:
+    return open_session(server.base_url, additional_headers=AUTH, **kwargs)
+
+
+def of(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == f"input_audio_buffer.{kind}"]
+
+
+def test_server_events_are_checked_against_openais_schemas() -> None:
+    if spec() is None:
+        pytest.skip("OPENAI_OPENAPI_SPEC is unset: server events are not validated against OpenAI's schemas")
+    assert "RealtimeServerEventError" in spec()["components"]["schemas"]  # type: ignore[index]
+
+
+def test_session_created_then_updated_with_the_effective_configuration(server: RunningServer) -> None:
+    raw = session(server)
+    created = raw.events[0]["session"]
+    assert created["type"] == "transcription" and created["object"] == "realtime.transcription_session"
+    assert created["audio"]["input"]["turn_detection"]["type"] == "server_vad"  # OpenAI's default
+    vad = {"type": "server_vad", "threshold": 0.6, "prefix_padding_ms": 200, "silence_duration_ms": 700}
+    updated = raw.update(format={"type": "audio/pcmu"}, transcription={"model": "tiny", "language": "fr"})
+    assert updated["session"]["id"] == created["id"]
+    after = raw.update(turn_detection=vad)["session"]["audio"]["input"]
+    assert after["format"] == {"type": "audio/pcmu"} and after["turn_detection"] == vad
+    assert after["transcription"] == {"model": "tiny", "language": "fr"}  # kept: not in this update
+    raw.ws.close()
+
+
+@pytest.mark.parametrize("audio_format", FORMATS)
+def test_server_vad_commits_each_utterance_and_answers_in_order(server: RunningServer, audio_format: str) -> None:
+    audio, spans = two_utterances()
+    raw = session(server)
+    fmt = {"type": audio_format} | ({"rate": 24000} if audio_format == "audio/pcm" else {})
+    raw.update(format=fmt, turn_detection={"type": "server_vad", "silence_duration_ms": 500})
+    raw.append(encode(audio, audio_format), chunk_bytes(audio_format))
+    events = raw.until(COMPLETED, 2)
+    started, stopped, committed = of(events, "speech_started"), of(events, "speech_stopped"), of(events, "committed")
+    assert len(started) == len(stopped) == len(committed) == 2, events
+    for (a, b), start, stop, commit in zip(spans, started, stopped, committed, strict=True):
+        assert start["item_id"] == stop["item_id"] == commit["item_id"]
+        assert abs(start["audio_start_ms"] / 1000 - (a - 0.3)) <= 0.5, (a, start)  # prefix_padding_ms: 300
+        assert abs(stop["audio_end_ms"] / 1000 - (b + 0.5)) <= 0.5, (b, stop)  # includes silence_duration_ms
+    assert committed[0]["previous_item_id"] is None and committed[1]["previous_item_id"] == committed[0]["item_id"]
+    answered = list(texts(events))
+    assert [item for item, _, _ in answered] == [c["item_id"] for c in committed]  # in commit order
+    assert all(deltas == transcript for _, deltas, transcript in answered)
+    usage = [e["usage"] for e in events if e["type"] == COMPLETED]
+    assert all(u["type"] == "tokens" and u["input_tokens"] > 0 for u in usage)
+    raw.ws.close()
+
+
+def test_manual_commits_and_clear(server: RunningServer) -> None:
+    raw = session(server)
+    assert (
+        raw.update(format={"type": "audio/pcma"}, turn_detection=None)["session"]["audio"]["input"]["turn_detection"]
+        is None
+    )
+    raw.send(type="input_audio_buffer.commit", event_id="empty")
+    error = raw.until("error")[-1]["error"]
+    assert (error["code"], error["event_id"]) == ("input_audio_buffer_commit_empty", "empty")
+    speech = encode(sentence(), "audio/pcma")
+    raw.append(speech, 800)
+    raw.send(type="input_audio_buffer.clear")
+    raw.until("input_audio_buffer.cleared")
+    for _ in range(2):
+        raw.append(speech, 800)
+        raw.send(type="input_audio_buffer.commit")
+    events = raw.until(COMPLETED, 2)
+    assert not of(events, "speech_started") and len(of(events, "committed")) == 2
+    assert [item for item, _, _ in texts(events)] == [c["item_id"] for c in of(events, "committed")]
+    raw.ws.close()
+
+
+def update(**session: Any) -> dict[str, Any]:
+    return {"type": "session.update", "session": {"type": "transcription", **session}}
+
+
+REFUSED = [
+    ({"type": "response.create"}, "type"),
+    ({"type": "input_audio_buffer.append", "audio": "not base64!"}, "audio"),
+    ({"type": "input_audio_buffer.append"}, "audio"),
+    (update(type="realtime"), "session.type"),
+    (update(audio={"input": {"format": {"type": "audio/wav"}}}), None),
+    (update(audio={"input": {"turn_detection": {"type": "semantic_vad"}}}), None),
+    (update(audio={"input": {"transcription": {"model": "nope"}}}), None),
+    (update(audio={"input": {"transcription": {"language": "xx"}}}), None),
+    (update(include=["item.input_audio_transcription.logprobs"]), "session.include"),
+]
+
+
+def test_refused_events_get_error_events_and_the_session_goes_on(server: RunningServer) -> None:
+    raw = session(server)
+    for index, (event, param) in enumerate(REFUSED):
+        raw.send(**event, event_id=f"bad-{index}")
+        error = raw.until("error")[-1]["error"]
+        assert error["event_id"] == f"bad-{index}" and error["type"] == "invalid_request_error", (event, error)
+        assert error["param"] == param or (param is None and error["param"].startswith("session.audio.input")), error
+    raw.ws.send("{not json")
+    raw.ws.send(b"\x00\x01")
+    assert [raw.until("error")[-1]["error"]["message"] for _ in range(2)]
+    raw.update(turn_detection=None)  # and the session still transcribes
+    raw.append(encode(sentence(), "audio/pcm"), 4800)
+    raw.send(type="input_audio_buffer.commit")
+    assert raw.until(COMPLETED)[-1]["transcript"] is not None
+    raw.ws.close()
+
+
+def test_key_by_header_or_by_subprotocol(server: RunningServer) -> None:
+    url = server.base_url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
+    for kwargs in ({}, {"subprotocols": ["realtime", "openai-insecure-api-key.sk-wrong"]}):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, **kwargs)  # type: ignore[arg-type]
+        assert refused.value.response.status_code == 401
+        assert json.loads(refused.value.response.body or b"")["error"]["code"] == "invalid_api_key"
+    raw = open_session(server.base_url, subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"])  # type: ignore[list-item]
+    assert raw.ws.subprotocol == "realtime"  # the key itself is never echoed back
+    raw.ws.close()
+
+
+def test_unknown_model_is_refused_at_the_upgrade(server: RunningServer) -> None:
+    url = server.base_url.replace("http://", "ws://") + "/v1/realtime?model=nope&intent=transcription"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, additional_headers=AUTH)
+    assert refused.value.response.status_code == 404
+    assert json.loads(refused.value.response.body or b"")["error"]["code"] == "model_not_found"
+
+
+def test_metrics_count_sessions_utterances_and_turn_latency(server: RunningServer) -> None:
+    raw = session(server)
+    raw.update(turn_detection=None)
+    raw.append(encode(sentence(), "audio/pcm"), 4800)
+    raw.send(type="input_audio_buffer.commit")
+    raw.until(COMPLETED)
+    with server.http() as http:
+        lines = http.get("/metrics").text.splitlines()
+    value = {line.split()[0]: float(line.split()[1]) for line in lines if line and not line.startswith("#")}
+    assert value["voxtral_realtime_sessions"] >= 1
+    assert value['voxtral_realtime_utterances_total{outcome="completed"}'] >= 1
+    assert value["voxtral_realtime_turn_latency_seconds_count"] >= 1
+    raw.ws.close()

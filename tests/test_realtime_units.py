@@ -1,0 +1,74 @@
+"""Pure unit tests of the realtime pieces: G.711 tables, streaming input decoding, server-VAD turns on
+given probabilities, and the uncommitted-audio buffer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.api.realtime.formats import ALAW, ULAW, InputDecoder
+from app.api.realtime.protocol import ServerVad
+from app.api.realtime.turns import START_WINDOWS, AudioBuffer, Turn, TurnDetector
+from app.vad import WINDOW
+
+
+def test_g711_tables_are_the_standards() -> None:
+    audioop = pytest.importorskip("audioop")  # Python < 3.13 ships the reference decoder
+    codes = bytes(range(256))
+    assert np.array_equal(np.frombuffer(audioop.ulaw2lin(codes, 2), "<i2") / 32768, ULAW)
+    assert np.array_equal(np.frombuffer(audioop.alaw2lin(codes, 2), "<i2") / 32768, ALAW)
+
+
+def test_g711_tables_are_monotonic_and_symmetric() -> None:
+    for table in (ULAW, ALAW):
+        assert np.array_equal(np.sort(table), -np.sort(table)[::-1])  # as many negative codes as positive
+        assert table.max() == -table.min() and np.abs(table).max() < 1.0
+
+
+@pytest.mark.parametrize(("audio_format", "rate"), [("audio/pcm", 24000), ("audio/pcmu", 8000), ("audio/pcma", 8000)])
+def test_chunked_input_decodes_like_whole_input(audio_format: str, rate: int) -> None:
+    rng = np.random.default_rng(0)
+    data = bytes(rng.integers(0, 256, rate * (2 if audio_format == "audio/pcm" else 1), dtype=np.uint8))  # 1 s
+    whole = InputDecoder(audio_format).push(data)
+    decoder = InputDecoder(audio_format)
+    parts = np.concatenate([decoder.push(data[at : at + 333]) for at in range(0, len(data), 333)])  # odd sizes
+    assert parts.shape[0] == whole.shape[0] and np.allclose(parts, whole, atol=1e-5)
+    assert abs(whole.shape[0] - 16000) < 1200  # 16 kHz out, less the resampler's delay, which flush gives back
+    assert abs(whole.shape[0] + InputDecoder(audio_format).flush().shape[0] - 16000) < 1200
+    decoder = InputDecoder(audio_format)
+    assert abs(decoder.push(data).shape[0] + decoder.flush().shape[0] - 16000) <= 2
+
+
+def windows(*runs: tuple[float, int]) -> np.ndarray:
+    return np.concatenate([np.full(n, p, np.float32) for p, n in runs])
+
+
+def test_turns_start_after_a_few_speech_windows_and_stop_after_the_silence() -> None:
+    vad = ServerVad(threshold=0.5, prefix_padding_ms=300, silence_duration_ms=320)  # 10 windows
+    detector = TurnDetector(vad)
+    turns = detector.feed(windows((0.1, 20), (0.9, 2), (0.1, 5), (0.9, 40), (0.4, 5), (0.2, 9), (0.9, 1), (0.1, 10)))
+    # A 2-window blip starts nothing; 0.4 (between 0.35 and 0.5) is not yet silence; one 0.9 window inside the
+    # silence resets it; then 10 windows under 0.35 stop the turn at the end of the tenth.
+    assert turns == [Turn("start", 27 * WINDOW), Turn("stop", (27 + 40 + 5 + 9 + 1 + 10) * WINDOW)]
+    assert detector.position == 92 * WINDOW and not detector.speaking
+
+
+def test_turns_feed_in_pieces_like_at_once() -> None:
+    vad = ServerVad(silence_duration_ms=200)
+    probs = np.random.default_rng(1).random(500).astype(np.float32)
+    whole = TurnDetector(vad).feed(probs)
+    detector = TurnDetector(vad)
+    pieces = [t for at in range(0, 500, 3) for t in detector.feed(probs[at : at + 3])]
+    assert pieces == whole and START_WINDOWS == 3
+
+
+def test_audio_buffer_takes_and_drops_by_position() -> None:
+    buffer = AudioBuffer()
+    for start in range(0, 1000, 100):
+        buffer.append(np.arange(start, start + 100, dtype=np.float32))
+    buffer.drop_before(250)
+    assert (buffer.start, buffer.end) == (250, 1000)
+    assert np.array_equal(buffer.take(200, 400), np.arange(250, 400, dtype=np.float32))  # clipped to what is held
+    assert buffer.start == 400
+    buffer.clear()
+    assert buffer.start == buffer.end == 1000 and buffer.take(1000, 2000).shape == (0,)

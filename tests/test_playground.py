@@ -1,0 +1,248 @@
+"""The playground at GET /, in a real Chromium: transcribe an upload in every format and a recording from the
+(fake) microphone, ask about the audio, live transcription over the realtime socket, the server's own error
+for a wrong key, and no request off the server's origin. The tiny model's words are noise: the tests check
+that the page shows what the server sent, in the right structure, not what was said."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import expect
+
+from app.model.loader import LoadedModel
+from tests.audio_fixtures import DATA
+from tests.browser import Page, chromium, require_chromium, speech_wav
+from tests.conftest import RunningServer, serve
+
+KEY = "sk-playground-test"
+CLIP = DATA / "jfk.wav"
+MEDIA = {"text": "text/event-stream", "srt": "text/plain", "vtt": "text/vtt", "verbose_json": "application/json"}
+TIMEOUT_MS = 120_000  # a busy 2-core CI machine; Playwright waits on the page's state, this is only the limit
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    require_chromium()
+    with chromium(speech_wav(tmp_path_factory.mktemp("microphone") / "speech.wav")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def keyed(loaded: LoadedModel, tiny_dir: Path) -> Iterator[RunningServer]:
+    with serve(loaded, tiny_dir, api_keys=[KEY], max_batch_size=8) as running:
+        yield running
+
+
+@pytest.fixture
+def page(browser: Any, server: RunningServer) -> Iterator[Page]:
+    tab = Page(browser, server.base_url)
+    expect(tab.page.locator("#server-status")).to_have_text("Model: tiny", timeout=TIMEOUT_MS)
+    yield tab
+    assert tab.foreign == [], "the page asked for something off the server's origin"
+    assert tab.console == [], "the page's script threw"
+    tab.close()
+
+
+def region(tab: Page, name: str) -> Any:
+    return tab.page.get_by_role("region", name=name, exact=True)
+
+
+def choose_clip(tab: Page) -> None:
+    tab.page.get_by_label("Audio file", exact=True).set_input_files(CLIP)
+    expect(tab.page.locator("#audio-info")).to_contain_text("jfk.wav")
+
+
+def run_task(tab: Page, button: str, status: str) -> Any:
+    """Press the task's button and wait for its status to say done; returns the server's response."""
+    path = "/v1/audio/transcriptions" if button == "Transcribe" else "/v1/chat/completions"
+    with tab.page.expect_response(lambda r: r.url.endswith(path), timeout=TIMEOUT_MS) as answer:
+        tab.page.get_by_role("button", name=button, exact=True).click()
+    expect(tab.page.locator(status)).to_contain_text("Done in", timeout=TIMEOUT_MS)
+    return answer.value
+
+
+# -- serving the page ---------------------------------------------------------------------------------------
+
+
+def test_page_and_its_files_load_without_a_key_and_with_their_content_types(keyed: RunningServer) -> None:
+    with keyed.http() as http:
+        page = http.get("/")
+        assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert http.head("/").status_code == 200
+        for name, media in [("app.js", "javascript"), ("pcm-worklet.js", "javascript"), ("style.css", "text/css")]:
+            asset = http.get(f"/playground/{name}")
+            assert asset.status_code == 200 and media in asset.headers["content-type"], name
+        assert http.get("/playground/missing.js").status_code == 404
+        assert http.get("/v1/models").status_code == 401  # the API behind it still needs the key
+    srcs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert srcs and all(s.startswith("/playground/") or s.startswith("data:") for s in srcs), srcs
+
+
+def test_no_playground_turns_it_off(loaded: LoadedModel, tiny_dir: Path) -> None:
+    with serve(loaded, tiny_dir, playground=False) as running, running.http() as http:
+        assert http.get("/").status_code == 404
+        assert http.get("/playground/app.js").status_code == 404
+        assert http.get("/v1/models").status_code == 200
+
+
+# -- the three tasks ----------------------------------------------------------------------------------------
+
+
+def test_transcribe_an_upload_in_every_format(page: Page) -> None:
+    choose_clip(page)
+    page.page.get_by_label("Language", exact=True).select_option("en")
+    out = region(page, "Transcript")
+    for fmt in ["text", "srt", "vtt", "verbose_json"]:
+        page.page.get_by_label("Format", exact=True).select_option(fmt)
+        response = run_task(page, "Transcribe", "#transcribe-status")
+        # Chromium does not expose a multipart body holding a file: what was sent shows in what came back.
+        assert response.status == 200 and response.headers["content-type"].startswith(MEDIA[fmt])
+        body = response.text()
+        if fmt == "text":  # streamed: the page shows the deltas joined, which the done event repeats
+            done = [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:")][-1]
+            assert done["type"] == "transcript.text.done"
+            expect(out.locator("p")).to_have_text(done["text"] or "(no speech recognised)")
+        elif fmt == "verbose_json":
+            verbose = json.loads(body)
+            assert verbose["language"] == "english" and verbose["duration"] == pytest.approx(11.0, abs=0.1)
+            segments = verbose["segments"]
+            expect(out.locator(".segments li")).to_have_count(len(segments))
+            assert len(segments) >= 1
+            first = out.locator(".segments li .time").first.inner_text()
+            assert re.fullmatch(r"\d\d:\d\d\.\d\d – \d\d:\d\d\.\d\d", first), first
+        else:
+            expect(out.locator("pre")).to_have_text(body, use_inner_text=True)
+            assert body.startswith("WEBVTT") if fmt == "vtt" else re.match(r"(1\n\d\d:\d\d:\d\d,\d{3} --> |$)", body)
+        page.screenshot(f"transcribe-{fmt}")
+
+
+def test_record_from_the_microphone_then_transcribe(page: Page) -> None:
+    record = page.page.get_by_role("button", name="Record", exact=True)
+    record.click()
+    expect(record).to_have_attribute("aria-pressed", "true")
+    expect(page.page.locator("#audio-info")).to_contain_text("Recording 2 s", timeout=TIMEOUT_MS)
+    record.click()
+    info = page.page.locator("#audio-info")
+    expect(info).to_contain_text("recording.wav", timeout=TIMEOUT_MS)
+    seconds = float(re.search(r"([\d.]+) s$", info.inner_text()).group(1))  # type: ignore[union-attr]
+    assert seconds >= 1.5, info.inner_text()
+    page.page.get_by_label("Format", exact=True).select_option("verbose_json")
+    response = run_task(page, "Transcribe", "#transcribe-status")
+    assert response.status == 200  # the server decoded the page's WAV to as many seconds as it recorded
+    assert json.loads(response.text())["duration"] == pytest.approx(seconds, abs=0.05)
+    expect(region(page, "Transcript").locator(".segments li").first).to_be_visible()
+    page.screenshot("record")
+
+
+def test_ask_about_the_audio_with_enter(page: Page) -> None:
+    choose_clip(page)
+    page.page.get_by_role("tab", name="Ask").click()
+    question = page.page.get_by_role("textbox", name="Question", exact=True)
+    question.fill("What is said here?")
+    page.page.get_by_label("Max tokens").fill("24")  # the random model never stops by itself
+    with page.page.expect_response(lambda r: r.url.endswith("/v1/chat/completions"), timeout=TIMEOUT_MS) as answer:
+        question.press("Enter")  # the keyboard asks, no click needed
+    expect(page.page.locator("#ask-status")).to_contain_text("Done in", timeout=TIMEOUT_MS)
+    response = answer.value
+    request = json.loads(response.request.post_data)
+    audio, text = request["messages"][0]["content"]
+    assert request["stream"] is True and request["max_completion_tokens"] == 24
+    assert text == {"type": "text", "text": "What is said here?"}
+    assert audio["input_audio"]["format"] == "wav" and base64.b64decode(audio["input_audio"]["data"])[:4] == b"RIFF"
+    chunks = [line[6:] for line in response.text().splitlines() if line.startswith("data: ")]
+    assert chunks[-1] == "[DONE]"
+    said = "".join((json.loads(c)["choices"] or [{}])[0].get("delta", {}).get("content") or "" for c in chunks[:-1])
+    expect(region(page, "Answer").locator("p")).to_have_text(said or "(empty answer)")
+    page.screenshot("ask")
+
+
+def test_live_transcription_of_the_microphone(page: Page) -> None:
+    page.page.get_by_role("tab", name="Live").click()
+    expect(page.page.get_by_label("Audio file", exact=True)).to_be_hidden()
+    frames: list[dict[str, Any]] = []
+    page.page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(json.loads(payload))))
+    page.page.get_by_role("button", name="Start live", exact=True).click()
+    live = region(page, "Live transcript")
+    expect(live.locator(".utterance.completed").first).to_be_attached(timeout=TIMEOUT_MS)
+    page.screenshot("live")
+    page.page.get_by_role("button", name="Stop live", exact=True).click()
+    expect(page.page.get_by_role("button", name="Start live", exact=True)).to_be_enabled(timeout=TIMEOUT_MS)
+    completed = [f for f in frames if f["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert frames[0]["type"] == "session.created" and completed
+    first = live.locator(".utterance.completed").first
+    assert first.get_attribute("data-item-id") == completed[0]["item_id"]
+    expect(first).to_have_text(completed[0]["transcript"] or "(no words)")
+    expect(region(page, "Error")).to_be_hidden()
+
+
+# -- keys, errors and the origin ----------------------------------------------------------------------------
+
+
+def server_message(server: RunningServer, key: str) -> str:
+    response = httpx.get(server.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 401
+    return str(response.json()["error"]["message"])
+
+
+def test_a_wrong_key_shows_the_servers_error_and_the_right_one_is_kept_in_session_storage(
+    browser: Any, keyed: RunningServer
+) -> None:
+    tab = Page(browser, keyed.base_url)
+    page, error = tab.page, region(tab, "Error")
+    expect(page.get_by_label("API key")).to_be_visible()  # asked for at once: the server needs one
+    page.get_by_label("API key").fill("sk-wrong")
+    page.get_by_role("button", name="Use key").click()
+    expect(error).to_have_text(server_message(keyed, "sk-wrong"))
+    choose_clip(tab)
+    page.get_by_role("button", name="Transcribe", exact=True).click()  # the task's own request: the same error
+    expect(page.locator("#transcribe-status")).to_contain_text("Failed")
+    expect(error).to_have_text(server_message(keyed, "sk-wrong"))
+    tab.screenshot("wrong-key")
+    page.get_by_role("tab", name="Live").click()
+    page.get_by_role("button", name="Start live", exact=True).click()  # a refused upgrade, told in words
+    expect(page.locator("#live-status")).to_have_text("Not started.", timeout=TIMEOUT_MS)
+    expect(error).to_have_text(server_message(keyed, "sk-wrong"))
+    page.get_by_label("API key").fill(KEY)
+    page.get_by_role("button", name="Use key").click()
+    expect(page.locator("#server-status")).to_have_text("Model: tiny")
+    expect(error).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('voxtral.apiKey')") == KEY
+    assert page.evaluate("localStorage.length") == 0 and tab.context.cookies() == []
+    assert tab.foreign == []
+    tab.close()
+
+
+def test_every_request_stays_on_the_servers_origin(browser: Any, server: RunningServer) -> None:
+    """All tasks once, with the browser told to refuse anything off the origin (so a stray fetch would also
+    show up as a failure on the page)."""
+    tab = Page(browser, server.base_url)
+    refused: list[str] = []
+
+    def guard(route: Any) -> None:
+        if route.request.url.startswith(server.base_url) or route.request.url.startswith(("blob:", "data:")):
+            return route.continue_()
+        refused.append(route.request.url)
+        return route.abort()
+
+    tab.context.route("**/*", guard)
+    tab.page.reload()
+    choose_clip(tab)
+    run_task(tab, "Transcribe", "#transcribe-status")
+    tab.page.get_by_role("tab", name="Ask").click()
+    tab.page.get_by_label("Max tokens").fill("8")
+    run_task(tab, "Ask", "#ask-status")
+    assert refused == [] and tab.foreign == []
+    assert {urlpath(u) for u in tab.requests} >= {"/", "/playground/app.js", "/v1/models", "/v1/chat/completions"}
+    tab.close()
+
+
+def urlpath(url: str) -> str:
+    return httpx.URL(url).path

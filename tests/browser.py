@@ -93,6 +93,8 @@ class Page:
         for width, (w, h) in WIDTHS.items():
             self.page.set_viewport_size({"width": w, "height": h})
             self.page.screenshot(path=SCREENSHOTS / f"{name}-{width}.png", full_page=True)
+            overflow = self.page.evaluate("document.documentElement.scrollWidth")
+            assert overflow <= w, f"{name}: the page is {overflow} px wide in a {w} px window (sideways scrolling)"
         self.page.set_viewport_size(dict(zip(("width", "height"), WIDTHS["desktop"], strict=True)))
 
     def close(self) -> None:

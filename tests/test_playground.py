@@ -6,8 +6,10 @@ that the page shows what the server sent, in the right structure, not what was s
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,15 @@ def test_page_and_its_files_load_without_a_key_and_with_their_content_types(keye
     assert srcs and all(s.startswith("/playground/") or s.startswith("data:") for s in srcs), srcs
 
 
+def test_every_file_of_the_page_ships_in_the_package() -> None:
+    """setuptools installs only the files package-data names: one it misses would be a 404 once installed."""
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["app"]
+    files = [p.relative_to(root / "app").as_posix() for p in (root / "app" / "playground").iterdir()]
+    assert {"playground/index.html", "playground/app.js", "playground/pcm-worklet.js"} <= set(files)
+    assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
+
+
 def test_no_playground_turns_it_off(loaded: LoadedModel, tiny_dir: Path) -> None:
     with serve(loaded, tiny_dir, playground=False) as running, running.http() as http:
         assert http.get("/").status_code == 404
@@ -100,6 +111,7 @@ def test_transcribe_an_upload_in_every_format(page: Page) -> None:
     choose_clip(page)
     page.page.get_by_label("Language", exact=True).select_option("en")
     out = region(page, "Transcript")
+    before = [out.bounding_box(), page.page.get_by_role("button", name="Transcribe").bounding_box()]
     for fmt in ["text", "srt", "vtt", "verbose_json"]:
         page.page.get_by_label("Format", exact=True).select_option(fmt)
         response = run_task(page, "Transcribe", "#transcribe-status")
@@ -121,6 +133,8 @@ def test_transcribe_an_upload_in_every_format(page: Page) -> None:
         else:
             expect(out.locator("pre")).to_have_text(body, use_inner_text=True)
             assert body.startswith("WEBVTT") if fmt == "vtt" else re.match(r"(1\n\d\d:\d\d:\d\d,\d{3} --> |$)", body)
+        after = [out.bounding_box(), page.page.get_by_role("button", name="Transcribe").bounding_box()]
+        assert after == before, "the transcript moved the page: its region must keep its size and place"
         page.screenshot(f"transcribe-{fmt}")
 
 
@@ -142,14 +156,25 @@ def test_record_from_the_microphone_then_transcribe(page: Page) -> None:
     page.screenshot("record")
 
 
-def test_ask_about_the_audio_with_enter(page: Page) -> None:
+def test_ask_about_the_audio_from_the_keyboard(page: Page) -> None:
     choose_clip(page)
-    page.page.get_by_role("tab", name="Ask").click()
+    keys = page.page.keyboard
+    page.page.get_by_role("tab", name="Transcribe").focus()
+    keys.press("ArrowRight")  # WAI-ARIA tabs: arrows move between them
+    ask_tab = page.page.get_by_role("tab", name="Ask")
+    expect(ask_tab).to_be_focused()
+    expect(ask_tab).to_have_attribute("aria-selected", "true")
     question = page.page.get_by_role("textbox", name="Question", exact=True)
-    question.fill("What is said here?")
+    for _ in range(16):  # Tab walks the audio controls (the player has several), then reaches the question
+        keys.press("Tab")
+        if question.evaluate("e => e === document.activeElement"):
+            break
+    expect(question).to_be_focused()
+    assert question.evaluate("e => getComputedStyle(e).outlineStyle") == "solid"  # a visible focus ring
+    keys.type("What is said here?")
     page.page.get_by_label("Max tokens").fill("24")  # the random model never stops by itself
     with page.page.expect_response(lambda r: r.url.endswith("/v1/chat/completions"), timeout=TIMEOUT_MS) as answer:
-        question.press("Enter")  # the keyboard asks, no click needed
+        question.press("Enter")  # Enter in the question asks
     expect(page.page.locator("#ask-status")).to_contain_text("Done in", timeout=TIMEOUT_MS)
     response = answer.value
     request = json.loads(response.request.post_data)
@@ -180,6 +205,10 @@ def test_live_transcription_of_the_microphone(page: Page) -> None:
     first = live.locator(".utterance.completed").first
     assert first.get_attribute("data-item-id") == completed[0]["item_id"]
     expect(first).to_have_text(completed[0]["transcript"] or "(no words)")
+    started = [f for f in frames if f["type"] == "input_audio_buffer.speech_started"]
+    start_s = next(f["audio_start_ms"] for f in started if f["item_id"] == completed[0]["item_id"]) / 1000
+    minutes = int(start_s // 60)
+    expect(live.locator(".live-row .time").first).to_have_text(f"{minutes:02d}:{start_s - minutes * 60:05.2f}")
     expect(region(page, "Error")).to_be_hidden()
 
 
@@ -218,6 +247,22 @@ def test_a_wrong_key_shows_the_servers_error_and_the_right_one_is_kept_in_sessio
     assert page.evaluate("localStorage.length") == 0 and tab.context.cookies() == []
     assert tab.foreign == []
     tab.close()
+
+
+def test_an_upload_the_server_cannot_decode_shows_its_message(page: Page, server: RunningServer) -> None:
+    junk = b"these are notes, not audio\n" * 40
+    files = {"file": ("notes.wav", junk, "audio/wav")}
+    expected = httpx.post(server.base_url + "/v1/audio/transcriptions", data={"model": "tiny"}, files=files)
+    assert expected.status_code == 400
+    page.page.get_by_label("Audio file", exact=True).set_input_files(
+        {"name": "notes.wav", "mimeType": "audio/wav", "buffer": junk}
+    )
+    page.page.get_by_role("button", name="Transcribe", exact=True).click()
+    expect(region(page, "Error")).to_have_text(expected.json()["error"]["message"], timeout=TIMEOUT_MS)
+    expect(page.page.locator("#transcribe-status")).to_contain_text("Failed")
+    page.page.get_by_role("tab", name="Ask").click()
+    page.page.get_by_role("button", name="Ask", exact=True).click()  # the browser cannot decode it either: said so
+    expect(region(page, "Error")).to_contain_text("cannot decode")
 
 
 def test_every_request_stays_on_the_servers_origin(browser: Any, server: RunningServer) -> None:

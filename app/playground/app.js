@@ -238,7 +238,8 @@ function showSegments(body, out) {
     list.append(item);
   }
   out.append(meta, list);
-  return `${body.segments?.length ?? 0} segments`;
+  const count = body.segments?.length ?? 0;
+  return `${count} segment${count === 1 ? "" : "s"}`;
 }
 
 function clock(seconds) {
@@ -306,12 +307,18 @@ function chatBody(wav, question, maxTokens) {
 
 // --- Live ------------------------------------------------------------------------------------------------
 
-function utteranceLine(itemId) {
+function utteranceLine(itemId, startMs) {
+  const row = document.createElement("div");
+  row.className = "live-row";
+  const time = document.createElement("span");
+  time.className = "time";
+  time.textContent = startMs === undefined ? "" : clock(startMs / 1000);
   const line = document.createElement("p");
   line.className = "utterance pending";
   line.dataset.itemId = itemId;
   line.append(placeholder("…"));
-  $("live-transcript").append(line);
+  row.append(time, line);
+  $("live-transcript").append(row);
   const scroll = () => ($("live-transcript").scrollTop = $("live-transcript").scrollHeight);
   scroll();
   const handle = {

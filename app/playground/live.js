@@ -8,7 +8,7 @@ const RATE = 24000;
 const PREFIX = "conversation.item.input_audio_transcription.";
 
 export class LiveSession {
-  // hooks: utterance(itemId) -> {append(text), done(text), failed(message)}; status(text); level(peak);
+  // hooks: utterance(itemId, startMs) -> {append(text), done(text), failed(message)}; status(text); level(peak);
   // error(message); ended()
   constructor(hooks) {
     this.hooks = hooks;
@@ -65,7 +65,7 @@ export class LiveSession {
     const { type } = event;
     if (type === "input_audio_buffer.speech_started") {
       this.speaking = true;
-      this.utterance(event.item_id);
+      this.utterance(event.item_id, event.audio_start_ms);
       this.hooks.status("Hearing speech…");
     } else if (type === "input_audio_buffer.speech_stopped") {
       this.speaking = false;
@@ -89,8 +89,8 @@ export class LiveSession {
     }
   }
 
-  utterance(itemId) {
-    if (!this.utterances.has(itemId)) this.utterances.set(itemId, this.hooks.utterance(itemId));
+  utterance(itemId, startMs) {
+    if (!this.utterances.has(itemId)) this.utterances.set(itemId, this.hooks.utterance(itemId, startMs));
     return this.utterances.get(itemId);
   }
 

@@ -155,6 +155,7 @@ async function stopRecording(button) {
   button.setAttribute("aria-pressed", "false");
   try {
     const { blob, seconds } = await recorder.stop();
+    $("audio-file").value = ""; // the recording is the current audio now, not the file chosen before
     setAudio(blob, "recording.wav", seconds);
   } catch (error) {
     $("audio-info").textContent = "No audio yet.";
@@ -374,7 +375,7 @@ $("live").addEventListener("click", async () => {
   try {
     await live.start(state.model, $("language").value);
   } catch (error) {
-    await live.stop();
+    await live.release();
     liveEnded();
     $("live-status").textContent = "Not started.";
     showError(error);

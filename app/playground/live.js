@@ -83,6 +83,7 @@ export class LiveSession {
       this.hooks.error(event.error?.message || "The transcription of an utterance failed.");
       this.finishIfStopping();
     } else if (type === "error") {
+      this.errored = true;
       this.hooks.error(event.error?.message || "The server sent an error.");
     } else if (type === "session.updated") {
       this.hooks.status("Listening…");
@@ -97,16 +98,23 @@ export class LiveSession {
   // Stop the microphone; an utterance still being spoken is committed, and the socket closes once every
   // utterance has its transcript (the server answers committed audio in order).
   async stop() {
-    this.node?.disconnect();
-    this.stream?.getTracks().forEach((track) => track.stop());
-    await this.context?.close().catch(() => {});
     this.stopping = true;
+    await this.release();
     if (this.ws?.readyState === WebSocket.OPEN && this.speaking) {
       this.ws.send(JSON.stringify({ type: "input_audio_buffer.commit" }));
       this.speaking = false;
     }
     this.hooks.status("Finishing…");
     this.finishIfStopping();
+    // A commit the server refused (too little audio, say) answers with an error, not a transcript: do not
+    // wait for ever on it.
+    this.giveUp ??= setTimeout(() => this.ws?.close(1000), 30_000);
+  }
+
+  async release() {
+    this.node?.disconnect();
+    this.stream?.getTracks().forEach((track) => track.stop());
+    if (this.context?.state !== "closed") await this.context?.close();
   }
 
   finishIfStopping() {
@@ -114,10 +122,16 @@ export class LiveSession {
     if (this.stopping && !pending && this.ws?.readyState === WebSocket.OPEN) this.ws.close(1000);
   }
 
-  closed(close) {
+  async closed(close) {
+    clearTimeout(this.giveUp);
     for (const utterance of this.utterances.values()) if (!utterance.finished) utterance.failed("connection closed");
-    if (!this.stopping) this.hooks.error(`The realtime session closed (code ${close.code}${close.reason ? `: ${close.reason}` : ""}).`);
-    this.stop();
+    // An error event (idle timeout, say) already said why; otherwise the close code is all there is.
+    if (!this.stopping && !this.errored) {
+      const reason = close.reason ? `: ${close.reason}` : "";
+      this.hooks.error(`The realtime session closed (code ${close.code}${reason}).`);
+    }
+    await this.release();
+    this.hooks.status(this.stopping ? "Stopped." : "The session ended.");
     this.hooks.ended();
   }
 }

@@ -189,6 +189,20 @@ def test_ask_about_the_audio_from_the_keyboard(page: Page) -> None:
     page.screenshot("ask")
 
 
+def test_stop_ends_a_running_answer_and_the_next_one_works(page: Page) -> None:
+    choose_clip(page)
+    page.page.get_by_role("tab", name="Ask").click()
+    page.page.get_by_label("Max tokens").fill("4096")  # minutes of noise from the random model: long enough
+    page.page.get_by_role("button", name="Ask", exact=True).click()
+    expect(region(page, "Answer").locator("p")).not_to_have_text("", timeout=TIMEOUT_MS)  # streaming has begun
+    page.page.get_by_role("button", name="Stop", exact=True).click()
+    expect(page.page.locator("#ask-status")).to_have_text("Stopped.")
+    expect(page.page.get_by_role("button", name="Stop", exact=True)).to_be_hidden()
+    expect(region(page, "Error")).to_be_hidden()
+    page.page.get_by_label("Max tokens").fill("4")
+    run_task(page, "Ask", "#ask-status")
+
+
 def test_live_transcription_of_the_microphone(page: Page) -> None:
     page.page.get_by_role("tab", name="Live").click()
     expect(page.page.get_by_label("Audio file", exact=True)).to_be_hidden()

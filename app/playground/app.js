@@ -80,7 +80,11 @@ async function connect() {
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   apiKey.set($("api-key").value.trim());
-  connect();
+  // A safety net: a failure no task caught still reaches the Error region instead of only the console.
+window.addEventListener("unhandledrejection", (event) => showError(event.reason ?? "Something failed."));
+window.addEventListener("error", (event) => showError(event.error ?? event.message));
+
+connect();
 });
 
 // --- tabs (WAI-ARIA tabs: arrow keys move between them) --------------------------------------------------
@@ -381,5 +385,9 @@ $("live").addEventListener("click", async () => {
     showError(error);
   }
 });
+
+// A safety net: a failure no task caught still reaches the Error region instead of only the console.
+window.addEventListener("unhandledrejection", (event) => showError(event.reason ?? "Something failed."));
+window.addEventListener("error", (event) => showError(event.error ?? event.message));
 
 connect();

@@ -3,6 +3,7 @@
 import { ServerError, apiKey, events, request } from "./api.js";
 import { Recorder, base64, decodeMono, microphoneError, wavBlob } from "./audio.js";
 import { LiveSession } from "./live.js";
+import { placeholder, showSegments, showText, streamTranscript, utteranceLine } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { model: null, audio: null, recorder: null, live: null };
@@ -201,64 +202,6 @@ $("transcribe").addEventListener("click", () =>
   }),
 );
 
-async function streamTranscript(response, out) {
-  const text = document.createElement("p");
-  text.className = "streaming";
-  out.append(text);
-  let usage = null;
-  for await (const event of events(response)) {
-    if (event.type === "transcript.text.delta") text.textContent += event.delta;
-    if (event.type === "transcript.text.done") {
-      text.textContent = event.text;
-      usage = event.usage;
-    }
-    out.scrollTop = out.scrollHeight;
-  }
-  text.classList.remove("streaming");
-  if (!usage) throw new Error("The transcript stream ended before transcript.text.done.");
-  if (!text.textContent) text.append(placeholder("(no speech recognised)"));
-  return `${usage.output_tokens ?? "?"} tokens`;
-}
-
-function showText(body, out) {
-  const pre = document.createElement("pre");
-  pre.textContent = body;
-  out.append(pre);
-}
-
-function showSegments(body, out) {
-  const meta = document.createElement("p");
-  meta.className = "meta";
-  meta.textContent = `language ${body.language ?? "?"} · ${Number(body.duration ?? 0).toFixed(1)} s`;
-  const list = document.createElement("ol");
-  list.className = "segments";
-  for (const segment of body.segments ?? []) {
-    const item = document.createElement("li");
-    const time = document.createElement("span");
-    time.className = "time";
-    time.textContent = `${clock(segment.start)} – ${clock(segment.end)}`;
-    const words = document.createElement("span");
-    words.textContent = segment.text.trim() || "…";
-    item.append(time, words);
-    list.append(item);
-  }
-  out.append(meta, list);
-  const count = body.segments?.length ?? 0;
-  return `${count} segment${count === 1 ? "" : "s"}`;
-}
-
-function clock(seconds) {
-  const m = Math.floor(seconds / 60);
-  return `${String(m).padStart(2, "0")}:${(seconds - m * 60).toFixed(2).padStart(5, "0")}`;
-}
-
-function placeholder(text) {
-  const span = document.createElement("span");
-  span.className = "muted";
-  span.textContent = text;
-  return span;
-}
-
 // --- Ask -------------------------------------------------------------------------------------------------
 
 $("ask-form").addEventListener("submit", (event) => {
@@ -312,43 +255,6 @@ function chatBody(wav, question, maxTokens) {
 
 // --- Live ------------------------------------------------------------------------------------------------
 
-function utteranceLine(itemId, startMs) {
-  const row = document.createElement("div");
-  row.className = "live-row";
-  const time = document.createElement("span");
-  time.className = "time";
-  time.textContent = startMs === undefined ? "" : clock(startMs / 1000);
-  const line = document.createElement("p");
-  line.className = "utterance pending";
-  line.dataset.itemId = itemId;
-  line.append(placeholder("…"));
-  row.append(time, line);
-  $("live-transcript").append(row);
-  const scroll = () => ($("live-transcript").scrollTop = $("live-transcript").scrollHeight);
-  scroll();
-  const handle = {
-    finished: false,
-    append(delta) {
-      if (line.querySelector(".muted")) line.textContent = "";
-      line.textContent += delta;
-      scroll();
-    },
-    done(transcript) {
-      handle.finished = true;
-      line.className = "utterance completed";
-      line.textContent = transcript;
-      if (!transcript) line.append(placeholder("(no words)"));
-      scroll();
-    },
-    failed(message) {
-      handle.finished = true;
-      line.className = "utterance failed";
-      line.textContent = `(failed: ${message})`;
-    },
-  };
-  return handle;
-}
-
 function liveEnded() {
   state.live = null;
   $("live").textContent = "Start live";
@@ -366,7 +272,7 @@ $("live").addEventListener("click", async () => {
   clearError();
   if (!state.model) return showError("Not connected to the server yet.");
   const live = new LiveSession({
-    utterance: utteranceLine,
+    utterance: (itemId, startMs) => utteranceLine($("live-transcript"), itemId, startMs),
     status: (text) => ($("live-status").textContent = text),
     level: (peak) => ($("live-level").firstElementChild.style.transform = `scaleX(${Math.min(1, peak * 2)})`),
     error: showError,

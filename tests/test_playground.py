@@ -27,6 +27,7 @@ KEY = "sk-playground-test"
 CLIP = DATA / "jfk.wav"
 MEDIA = {"text": "text/event-stream", "srt": "text/plain", "vtt": "text/vtt", "verbose_json": "application/json"}
 TIMEOUT_MS = 120_000  # a busy 2-core CI machine; Playwright waits on the page's state, this is only the limit
+expect.set_options(timeout=30_000)  # the default 5 s is short for a page sharing 2 cores with the model
 
 
 @pytest.fixture(scope="module")

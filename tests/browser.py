@@ -77,7 +77,7 @@ class Page:
         self.page.on("websocket", lambda ws: self.requests.append(ws.url))
         self.console: list[str] = []
         self.page.on("pageerror", lambda error: self.console.append(str(error)))
-        self.page.goto("/")
+        self.page.goto(base_url)
 
     @property
     def foreign(self) -> list[str]:

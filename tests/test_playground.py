@@ -18,10 +18,11 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
+from app.api.app import create_app
 from app.model.loader import LoadedModel
 from tests.audio_fixtures import DATA
 from tests.browser import Page, chromium, require_chromium, speech_wav
-from tests.conftest import RunningServer, serve
+from tests.conftest import RunningServer, free_port, make_settings, serve
 
 KEY = "sk-playground-test"
 CLIP = DATA / "jfk.wav"
@@ -83,10 +84,14 @@ def test_page_and_its_files_load_without_a_key_and_with_their_content_types(keye
         for name, media in [("app.js", "javascript"), ("pcm-worklet.js", "javascript"), ("style.css", "text/css")]:
             asset = http.get(f"/playground/{name}")
             assert asset.status_code == 200 and media in asset.headers["content-type"], name
+            assert asset.headers["cache-control"] == "no-cache" and asset.headers["x-content-type-options"] == "nosniff"
+            etag = asset.headers["etag"]  # revalidation is cheap: an unchanged file is a 304
+            assert http.get(f"/playground/{name}", headers={"If-None-Match": etag}).status_code == 304
         assert http.get("/playground/missing.js").status_code == 404
         assert http.get("/v1/models").status_code == 401  # the API behind it still needs the key
     srcs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
-    assert srcs and all(s.startswith("/playground/") or s.startswith("data:") for s in srcs), srcs
+    # Relative URLs only: the page works under a proxy's path prefix as well as at the root.
+    assert srcs and all(s.startswith("playground/") or s.startswith("data:") for s in srcs), srcs
 
 
 def test_every_file_of_the_page_ships_in_the_package() -> None:
@@ -302,6 +307,32 @@ def test_every_request_stays_on_the_servers_origin(browser: Any, server: Running
     assert refused == [] and tab.foreign == []
     assert {urlpath(u) for u in tab.requests} >= {"/", "/playground/app.js", "/v1/models", "/v1/chat/completions"}
     tab.close()
+
+
+def test_the_page_works_under_a_proxys_path_prefix(browser: Any, loaded: LoadedModel, tiny_dir: Path) -> None:
+    """A reverse proxy serving the server at /voxtral/ (stripping the prefix): every URL of the page is relative."""
+    app = create_app(make_settings(tiny_dir), loaded)
+
+    async def proxy(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            assert scope["path"].startswith("/voxtral/"), scope["path"]  # nothing may escape the prefix
+            scope = {**scope, "path": scope["path"][len("/voxtral") :], "raw_path": None}
+        await app(scope, receive, send)
+
+    with RunningServer(proxy, free_port()) as running:
+        tab = Page(browser, running.base_url + "/voxtral/")
+        expect(tab.page.locator("#server-status")).to_have_text("Model: tiny")
+        choose_clip(tab)
+        run_task(tab, "Transcribe", "#transcribe-status")
+        tab.page.get_by_role("tab", name="Live").click()
+        tab.page.get_by_role("button", name="Start live", exact=True).click()
+        live_row = region(tab, "Live transcript").locator(".live-row").first
+        expect(live_row).to_be_attached(timeout=TIMEOUT_MS)  # the session heard speech: its events came back
+        tab.page.get_by_role("button", name="Stop live", exact=True).click()
+        expect(tab.page.get_by_role("button", name="Start live", exact=True)).to_be_enabled(timeout=TIMEOUT_MS)
+        assert any(u.startswith("ws://") and "/voxtral/v1/realtime?" in u for u in tab.requests), tab.requests
+        assert tab.foreign == [] and tab.console == []
+        tab.close()
 
 
 def urlpath(url: str) -> str:

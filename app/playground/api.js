@@ -78,10 +78,13 @@ export async function* events(response) {
   }
 }
 
+// Relative to the page, as every URL here: the playground also works behind a proxy that serves the server
+// under a path prefix (https://host/voxtral/).
 export function realtimeUrl(model) {
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const query = new URLSearchParams({ intent: "transcription", model });
-  return `${scheme}//${location.host}/v1/realtime?${query}`;
+  const url = new URL("v1/realtime", location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  url.search = new URLSearchParams({ intent: "transcription", model }).toString();
+  return url.toString();
 }
 
 // Browsers cannot set headers on a WebSocket: the key travels as a subprotocol, which OpenAI's servers (and

@@ -61,13 +61,13 @@ function askForKey() {
 // own answer) before a key is in; /v1/models then tells whether the key works.
 async function connect() {
   try {
-    const ready = await fetch("/ready").then((r) => r.json());
+    const ready = await fetch("ready").then((r) => r.json());
     state.model = ready.model || state.model;
   } catch {
     // a proxy that exposes only /v1: the model comes from /v1/models below
   }
   try {
-    const models = await (await request("/v1/models")).json();
+    const models = await (await request("v1/models")).json();
     state.model = models.data[0].id;
     $("server-status").textContent = `Model: ${state.model}`;
     $("key-form").hidden = true;
@@ -192,7 +192,7 @@ $("transcribe").addEventListener("click", () =>
     if (stream) form.append("stream", "true");
     out.setAttribute("aria-busy", "true");
     try {
-      const response = await request("/v1/audio/transcriptions", { method: "POST", body: form, signal });
+      const response = await request("v1/audio/transcriptions", { method: "POST", body: form, signal });
       if (stream) return await streamTranscript(response, out);
       if (format === "verbose_json") return showSegments(await response.json(), out);
       showText(await response.text(), out);
@@ -219,7 +219,7 @@ $("ask-form").addEventListener("submit", (event) => {
     out.setAttribute("aria-busy", "true");
     try {
       const body = chatBody(audio.wav, question, Number($("max-tokens").value) || undefined);
-      const response = await request("/v1/chat/completions", { method: "POST", json: body, signal });
+      const response = await request("v1/chat/completions", { method: "POST", json: body, signal });
       let usage = null;
       for await (const chunk of events(response)) {
         text.textContent += chunk.choices?.[0]?.delta?.content ?? "";

@@ -26,7 +26,7 @@ export class LiveSession {
       throw new Error(microphoneError(error));
     }
     this.context = new AudioContext({ sampleRate: RATE });
-    await this.context.audioWorklet.addModule("/playground/pcm-worklet.js");
+    await this.context.audioWorklet.addModule(new URL("pcm-worklet.js", import.meta.url));
     await this.connect(language);
     const source = this.context.createMediaStreamSource(this.stream);
     this.node = new AudioWorkletNode(this.context, "pcm-chunker", { processorOptions: { targetRate: RATE } });
@@ -157,7 +157,7 @@ function sessionUpdate(model, language) {
 // WebSocket. Ask the server the same question over HTTP to show its own message (a wrong key, say).
 async function refusal(close) {
   try {
-    await request("/v1/models");
+    await request("v1/models");
   } catch (error) {
     if (error instanceof ServerError) return error;
   }

@@ -8,9 +8,11 @@ user types (kept in the tab's sessionStorage).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
 FILES = Path(__file__).resolve().parents[2] / "playground"
@@ -25,8 +27,17 @@ HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",  # revalidate: an upgraded server's page never runs against a stale script
+    "Cache-Control": "no-cache",  # revalidate (ETag): after an upgrade no tab runs a stale script
 }
+
+
+class _Files(StaticFiles):
+    """StaticFiles whose answers carry the page's caching and sniffing headers."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update({k: HEADERS[k] for k in ("X-Content-Type-Options", "Cache-Control")})
+        return response
 
 
 def install(app: FastAPI) -> None:
@@ -36,4 +47,4 @@ def install(app: FastAPI) -> None:
         return FileResponse(FILES / "index.html", media_type="text/html; charset=utf-8", headers=HEADERS)
 
     app.add_api_route("/", page, methods=["GET", "HEAD"], include_in_schema=False)
-    app.mount("/playground", StaticFiles(directory=FILES), name="playground")
+    app.mount("/playground", _Files(directory=FILES), name="playground")

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     body_read_timeout_s: float = 120.0
     """A request's whole body must arrive within this of the request starting; slower is a 408 and a closed
     connection. 120 s lets a 25 MB upload through at ~1.7 Mbit/s; lower frees slots from slow clients sooner."""
+    playground: bool = True
+    """Serve the browser playground at GET / (transcribe a file or the microphone, ask about it, live
+    transcription): static files calling /v1/* with the user's key. Off (--no-playground): / is a 404."""
 
     # --- auth ----------------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)

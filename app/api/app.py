@@ -23,7 +23,7 @@ from app.api.auth import ApiKeyAuth, load_api_keys, warn_if_open
 from app.api.lifecycle import DrainGuard, Lifecycle
 from app.api.middleware import BodyLimits, RequestContext, Route
 from app.api.realtime import route as realtime
-from app.api.routes import audio, chat, health, models
+from app.api.routes import audio, chat, health, models, playground
 from app.api.service import Service
 from app.api.usage import ObservedEngine, ObservedService
 from app.config import Settings
@@ -84,6 +84,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, metrics: M
     for router in routers:
         app.include_router(router)
     app.include_router(realtime.router)
+    if settings.playground:
+        playground.install(app)
     routes = [(r.path_regex, r.path_format) for router in routers for r in router.routes if isinstance(r, APIRoute)]
     install_middleware(app, settings, metrics, lifecycle, routes)
     return app

@@ -172,7 +172,7 @@ class Service:
     # -- chat ------------------------------------------------------------------------------------
     async def prepare_chat(self, body: ChatCompletionRequest) -> ChatJob:
         self.check_model(body.model)
-        chat.check_unsupported(body)
+        chat.check_unsupported(body, self.settings.max_batch_size)
         spec = chat.output_spec(body)
         messages = [await self._message(m) for m in body.messages]
         chat.check_chat_audio(messages, self.settings)
@@ -180,6 +180,10 @@ class Service:
         sampling = chat.chat_sampling(body, len(encoded.input_ids), self.settings)
         prepared = self._prepared(encoded, sampling, "chat")
         prepared.constraint_factory = await self._off_loop(self._constraint, spec)
+        if prepared.constraint_factory is not None:
+            shortest = await self._off_loop(self.constrainer.shortest, spec)
+            if shortest is not None and sampling.max_new_tokens < shortest:
+                raise chat.minimum_refused(sampling.max_new_tokens, shortest)
         return ChatJob(prepared, self.constrainer.vocab, chat.tool_names(spec))
 
     @cached_property

@@ -29,6 +29,24 @@ class Logprobs:
     """How many alternatives each of them wants."""
     table: torch.Tensor
     top: int
+    raw: torch.Tensor
+    """Their raw logits: the alternatives are ranked on these, so the first is exactly their argmax."""
+    _best: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def best(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, ids) of the `top` most likely tokens of each asking row, computed once a step."""
+        if self._best is None:
+            ids = self.raw.topk(self.top, dim=-1).indices
+            self._best = self.table.gather(1, ids), ids
+        return self._best
+
+    def argmax(self, greedy: list[int]) -> torch.Tensor | None:
+        """The greedy rows' tokens from the top alternatives, when every one of them asked for some: one
+        `topk` pass then serves both (valid only where the scores are the raw logits, the caller's check)."""
+        if not self.top or not set(greedy) <= set(self.rows):
+            return None
+        index = torch.tensor([self.rows.index(i) for i in greedy], device=self.table.device)
+        return self.best()[1].index_select(0, index)[:, 0]
 
     @classmethod
     def of(cls, logits: torch.Tensor, rows: Sequence[Row], live: Sequence[int]) -> Logprobs | None:
@@ -39,7 +57,7 @@ class Logprobs:
         index = torch.tensor(asking, device=logits.device)
         raw = logits if len(asking) == logits.shape[0] else logits.index_select(0, index)
         asked = [rows[i].sampling.logprobs or 0 for i in asking]
-        return cls(asking, asked, torch.log_softmax(raw.float(), dim=-1), max(asked))
+        return cls(asking, asked, torch.log_softmax(raw.float(), dim=-1), max(asked), raw)
 
     def device_parts(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Chosen log-probs, then the top alternatives' log-probs and ids, flat, as float64: appended to
@@ -47,7 +65,7 @@ class Logprobs:
         chosen = self._gather(tokens.index_select(0, torch.tensor(self.rows, device=tokens.device)))
         parts = [chosen.double()]
         if self.top:
-            values, ids = self.table.topk(self.top, dim=-1)
+            values, ids = self.best()
             parts += [values.flatten().double(), ids.flatten().double()]
         return parts
 

@@ -80,7 +80,7 @@ class Sampler:
         scores = self._masked(_penalised(logits, rows), rows, errors)
         live = [i for i in range(len(rows)) if i not in errors]
         probs = Logprobs.of(logits, rows, live)
-        out, drawn, extra = _choose(scores, rows, live, probs)
+        out, drawn, extra = _choose(scores, rows, live, probs, raw=scores is logits)
         for i, row in enumerate(rows):
             if i not in errors and row.constraint is not None:
                 try:
@@ -200,12 +200,13 @@ def _column(values: Sequence[float], device: torch.device, dtype: torch.dtype = 
 
 # -- choosing ----------------------------------------------------------------------------------------
 def _choose(
-    scores: torch.Tensor, rows: Sequence[Row], live: list[int], probs: Logprobs | None
+    scores: torch.Tensor, rows: Sequence[Row], live: list[int], probs: Logprobs | None, raw: bool = False
 ) -> tuple[list[int], list[int], list[float]]:
     """Greedy rows' argmax and sampled rows' draws, to the host in one transfer with the asked log-probs.
     Rows that `draw` flags are drawn again with more candidates (another transfer, only then).
-    Returns the tokens, the tokens as first drawn, and the log-prob values of that transfer."""
-    tokens, flags, cut, cut_params = _first_draw(scores, rows, live)
+    Returns the tokens, the tokens as first drawn, and the log-prob values of that transfer. `raw`: the
+    scores are the logits themselves (no penalty, no mask in this batch)."""
+    tokens, flags, cut, cut_params = _first_draw(scores, rows, live, probs if raw else None)
     if probs is None:
         host: list[float] = torch.cat([tokens, flags]).tolist()
     else:  # float64 holds every token id exactly: still one tensor, one transfer
@@ -225,13 +226,16 @@ def _choose(
 
 
 def _first_draw(
-    scores: torch.Tensor, rows: Sequence[Row], live: list[int]
+    scores: torch.Tensor, rows: Sequence[Row], live: list[int], probs: Logprobs | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[int], _Params | None]:
-    """On the device: every row's token, and which truncating rows (`cut`) must be drawn again."""
+    """On the device: every row's token, and which truncating rows (`cut`) must be drawn again. Greedy rows
+    that ask for alternatives take the first of them (`probs`, given only when the scores are the raw
+    logits): that `topk` is needed anyway, and an argmax is another pass over 131,072 logits a row."""
     tokens = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
     greedy = [i for i in live if rows[i].sampling.temperature <= 0]
     if greedy:
-        tokens = _put(tokens, greedy, _take(scores, greedy).argmax(-1))
+        best = probs.argmax(greedy) if probs is not None else None
+        tokens = _put(tokens, greedy, best if best is not None else _take(scores, greedy).argmax(-1))
     sampled = [i for i in live if rows[i].sampling.temperature > 0]
     cut = [i for i in sampled if _truncates(rows[i])]
     flags, cut_params = torch.zeros(0, dtype=torch.long, device=scores.device), None

@@ -316,7 +316,9 @@ def ours_and_ceiling(model_dir: Path, bodies: Bodies, args: argparse.Namespace, 
     """(a), (b) and (c) in turns: for each concurrency, `rounds` rounds of a, b (each workload), c;
     with --static, (e) after (b)."""
     rows: list[Run] = []
-    configs: list[tuple[str, int, tuple[str, ...], Path]] = [(OURS, max(args.levels), (), ROOT)]
+    # (a) has a place for every row: `n` choices of one request are n rows of the batch.
+    choices = max(CHAT_KINDS.get(w, {}).get("n", 1) for w in args.workloads)
+    configs: list[tuple[str, int, tuple[str, ...], Path]] = [(OURS, max(args.levels) * choices, (), ROOT)]
     if not args.skip_single:
         configs.append((SINGLE, 1, (), ROOT))
     if args.static:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 from app.model.detok import trim_at_stop
 from app.model.toolcalls import (
-    _CALL_ID,
-    _NAME,
+    CALL_ID_RE,
+    NAME_RE,
     ParsedCall,
     TokenVocab,
-    _json_object,
+    json_object,
     new_call_id,
     parse_calls,
     split_at_calls,
@@ -80,7 +80,7 @@ class CallReader:
     def valid(self, names: Collection[str] | None) -> bool:
         """Every call is complete and well formed: arguments a JSON object, a function that is offered."""
         return bool(self.calls) and all(
-            _NAME.fullmatch(c.name) and (names is None or c.name in names) and _json_object(c.arguments) is not None
+            NAME_RE.fullmatch(c.name) and (names is None or c.name in names) and json_object(c.arguments) is not None
             for c in self.calls
         )
 
@@ -109,7 +109,7 @@ class CallReader:
         draft = self.drafts[-1]
         draft.opened = True
         written = self.vocab.text(draft.call_id).strip() if draft.call_id is not None else ""
-        call_id = written if _CALL_ID.fullmatch(written) else new_call_id()
+        call_id = written if CALL_ID_RE.fullmatch(written) else new_call_id()
         call = ParsedCall(self.vocab.text(draft.head).strip(), "", call_id)
         self.calls.append(call)
         return CallDelta(len(self.calls) - 1, "", call.id, call.name)

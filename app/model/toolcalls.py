@@ -21,8 +21,10 @@ from typing import Any, Literal
 
 Syntax = Literal["json", "v11", "v13"]
 _ALNUM = string.ascii_letters + string.digits
-_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
-_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+CALL_ID_RE = re.compile(r"[a-zA-Z0-9]{9}")
+"""A Mistral call id (also a valid OpenAI one)."""
+NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+"""A function name OpenAI accepts."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def parse_calls(ids: Sequence[int], vocab: TokenVocab, names: Collection[str] | 
         if found is None:
             return None
         calls.extend(found)
-    if not calls or any(not _NAME.fullmatch(c.name) or (names is not None and c.name not in names) for c in calls):
+    if not calls or any(not NAME_RE.fullmatch(c.name) or (names is not None and c.name not in names) for c in calls):
         return None
     return calls
 
@@ -151,7 +153,7 @@ def _marked_call(segment: list[int], vocab: TokenVocab) -> list[ParsedCall] | No
     if any(vocab.is_special(t) for t in head + args):
         return None
     arguments = vocab.text(args)
-    if _json_object(arguments) is None:
+    if json_object(arguments) is None:
         return None
     return [_call(vocab.text(head).strip(), arguments, call_id)]
 
@@ -167,7 +169,7 @@ def _json_calls(segment: list[int], vocab: TokenVocab) -> list[ParsedCall] | Non
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             return None
         raw = item.get("arguments", {})
-        arguments = _json_object(raw) if isinstance(raw, str) else raw
+        arguments = json_object(raw) if isinstance(raw, str) else raw
         if not isinstance(arguments, dict):
             return None
         calls.append(_call(item["name"], json.dumps(arguments, ensure_ascii=False), str(item.get("id", ""))))
@@ -176,7 +178,7 @@ def _json_calls(segment: list[int], vocab: TokenVocab) -> list[ParsedCall] | Non
 
 def _call(name: str, arguments: str, call_id: str) -> ParsedCall:
     """`arguments` as the model wrote them (v11, v13), so streamed fragments join to exactly this text."""
-    valid_id = call_id if _CALL_ID.fullmatch(call_id) else new_call_id()
+    valid_id = call_id if CALL_ID_RE.fullmatch(call_id) else new_call_id()
     return ParsedCall(name, arguments, valid_id)
 
 
@@ -192,7 +194,8 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
+def json_object(text: str) -> dict[str, Any] | None:
+    """The JSON object `text` holds, or None (call arguments must be one)."""
     value = _json_value(text)
     return value if isinstance(value, dict) else None
 
@@ -206,7 +209,7 @@ def new_call_id() -> str:
 def mistral_call_id(openai_id: str) -> str:
     """OpenAI ids ("call_abc...") do not fit Mistral's 9-alphanumeric rule: map them, deterministically,
     so an assistant's call and the tool result answering it keep matching (across requests too)."""
-    if _CALL_ID.fullmatch(openai_id):
+    if CALL_ID_RE.fullmatch(openai_id):
         return openai_id
     number = int.from_bytes(hashlib.sha256(openai_id.encode()).digest()[:8], "big")
     chars = []

@@ -23,6 +23,11 @@ the whole softmax, which needs no order.
 Grammar masks (llguidance) are filled for all constrained rows together by llguidance's parallel
 executor into a packed bitmask, optionally while the model's forward pass runs (`prefetch`), and
 applied on the device.
+
+`step` returns each row's token with its log-probs where the row asks (app/model/logprobs.py: computed on the
+raw logits, brought to the host in the same transfer as the ids). After the draw a constrained row's grammar
+may replace the token with the one that closes it within `max_tokens` (`Constraint.settle`,
+app/model/closing.py); the row's log-prob is then gathered for the token it really takes.
 """
 
 from __future__ import annotations

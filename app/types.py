@@ -32,6 +32,10 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    """None: no log-probs; otherwise each token's log-prob and this many (0..20) most likely alternatives."""
+    choices: int = 1
+    """`n`: rows decoded from one prefill of the prompt, each with seed + its index."""
 
 
 class Constraint(Protocol):
@@ -46,8 +50,12 @@ class Constraint(Protocol):
     def vocab_size(self) -> int:
         """Tokens the matcher's tokenizer knows: the width of its mask."""
 
+    def settle(self, token: int, remaining: int) -> int:
+        """The token to take instead of the sampled `token`, with `remaining` tokens left (EOS included): the
+        same token, or one that steers the output to its end in time (app/model/closing.py)."""
+
     def advance(self, token: int) -> None:
-        """Record the token that was sampled."""
+        """Record the token that was taken."""
 
 
 @dataclass
@@ -68,11 +76,34 @@ class PreparedRequest:
         return len(self.input_ids)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's own distribution (log-softmax of the raw logits: before
+    penalties, grammar masks, temperature and truncation), and the most likely alternatives'."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-prob) of the most likely tokens, most likely first."""
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One row's token of one step; its log-probs when the row asked for them."""
+
+    token: int
+    logprob: TokenLogprob | None = None
+
+
 @dataclass
 class TokenEvent:
     """New tokens for one request, pushed by the worker as it decodes."""
 
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    """One per token id, when the request asked for log-probs."""
+    index: int = 0
+    """Which of the request's `n` choices these tokens belong to."""
 
 
 @dataclass
@@ -85,3 +116,7 @@ class GenerationResult:
     queue_time_s: float = 0.0
     run_time_s: float = 0.0
     time_to_first_token_s: float | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """One per token id, when the request asked for log-probs."""
+    choices: list[GenerationResult] | None = None
+    """With n > 1: every choice's result, in index order (this one's token fields are choice 0's)."""

@@ -169,7 +169,7 @@ def test_streaming_matches_non_streaming(client: Any) -> None:
             },
             "messages",
         ),
-        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
         ({"messages": []}, "messages"),

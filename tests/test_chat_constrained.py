@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.model.callstream import chat_output
 from app.model.constrained import (
     MAX_PARALLEL_CALLS,
     Constrainer,
@@ -23,7 +24,6 @@ from app.model.constrained import (
     TriggeredConstraint,
 )
 from app.model.sampling import unpack
-from app.model.toolcalls import chat_output
 from tests.test_chat_toolcalls import VERSIONS, text_ids, vocab
 
 WEATHER = {

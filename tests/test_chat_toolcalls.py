@@ -16,12 +16,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from app.model.callstream import ChatOutput, chat_output
 from app.model.tiny import build_tekken
 from app.model.toolcalls import (
-    ChatOutput,
     ParsedCall,
     TokenVocab,
-    chat_output,
     mistral_call_id,
     new_call_id,
     parse_calls,
@@ -91,7 +90,8 @@ def test_hand_built_v11_ids_with_and_without_call_id() -> None:
 
 def test_hand_built_v13_and_v7() -> None:
     v13 = [9, *text_ids("v13", "noop"), 32, *text_ids("v13", ' {"a": [1, 2]} ')]
-    assert [c.arguments for c in parse_calls(v13, vocab("v13")) or []] == ['{"a": [1, 2]}']
+    # the arguments as generated (so the streamed fragments join to them), not re-serialised
+    assert [c.arguments for c in parse_calls(v13, vocab("v13")) or []] == [' {"a": [1, 2]} ']
     v7 = [9, *text_ids("v7", '[{"name": "noop", "arguments": {}}, {"name": "get_weather", "arguments": "{}"}]')]
     assert [c.name for c in parse_calls(v7, vocab("v7"), NAMES) or []] == ["noop", "get_weather"]
 
@@ -114,15 +114,19 @@ def test_hand_built_v13_and_v7() -> None:
         ("v7", "[]"),
     ],
 )
-def test_malformed_calls_are_not_calls(version: str, text_after_marker: str) -> None:
+def test_malformed_calls_are_not_calls_and_never_markup(version: str, text_after_marker: str) -> None:
+    """Malformed: not `tool_calls`. v11/v13 calls are reported as generated (what the stream already sent),
+    v7's unparsable JSON as text; either way without a control token in the content."""
     v = vocab(version)
     ids = [9]
     for i, piece in enumerate(text_after_marker.split("[ARGS]")):
         ids += ([32] if i else []) + text_ids(version, piece)
     assert parse_calls(ids, v, NAMES) is None
     output = chat_output(ids, "stop", v, NAMES, ())
-    assert output.calls == () and output.finish_reason == "stop"
-    assert output.content == "[TOOL_CALLS]" + text_after_marker  # returned as text, markers and all
+    assert output.finish_reason == "stop"
+    assert "[TOOL_CALLS]" not in (output.content or "") and "[ARGS]" not in (output.content or "")
+    if version == "v7":
+        assert output.calls == () and output.content == text_after_marker
 
 
 def test_text_that_spells_the_marker_is_never_a_call() -> None:
@@ -139,13 +143,30 @@ def test_chat_output_rules() -> None:
     out = chat_output(before + call, "stop", v, NAMES, ())
     assert out.content == "Let me check. " and out.finish_reason == "tool_calls" and out.calls[0].name == "get_weather"
     assert chat_output(call, "stop", v, NAMES, ()).content is None
-    cut = chat_output(call[:-2], "length", v, NAMES, ())  # max_tokens cut the call short
-    assert cut.calls == () and cut.finish_reason == "length" and cut.content and cut.content.startswith("[TOOL_CALLS]")
-    assert chat_output(call, "length", v, NAMES, ()).calls == ()
+    cut = chat_output(call[:-2], "length", v, NAMES, ())  # max_tokens cut the call short: OpenAI's way
+    (partial,) = cut.calls
+    assert cut.finish_reason == "length" and cut.content is None
+    assert (partial.name, partial.id) == ("get_weather", "abcDEF123")
+    assert json.dumps(WEATHER[1]).startswith(partial.arguments) and partial.arguments != json.dumps(WEATHER[1])
     off = chat_output(call, "stop", v, None, ())  # tools off: markers erased, as plain decoding does
     assert off.calls == () and off.content == v.text(call)
     stopped = chat_output(call, "stop", v, NAMES, ("Par",))  # a stop string ended it, not the model
-    assert stopped.calls == () and stopped.content == '[TOOL_CALLS]get_weather[CALL_ID]abcDEF123[ARGS]{"city": "'
+    assert stopped.finish_reason == "stop" and stopped.calls and stopped.content is None
+
+
+def test_unstreamed_arguments_are_the_generated_text_and_equal_the_streamed_fragments() -> None:
+    from app.model.callstream import CallReader
+
+    v = vocab("v11")
+    ids = encode_calls("v11", [WEATHER, NOOP])
+    whole = chat_output(ids, "stop", v, NAMES, ())
+    reader = CallReader(v)
+    deltas = [d for t in ids for d in reader.push([t])] + reader.finish()
+    joined: dict[int, str] = {}
+    for d in deltas:
+        joined[d.index] = joined.get(d.index, "") + d.arguments
+    assert [joined[i] for i in sorted(joined)] == [c.arguments for c in whole.calls]
+    assert whole.calls[0].arguments == v.text(ids[ids.index(32) + 1 : ids.index(9, 1)])  # the text itself
 
 
 @settings(max_examples=300, deadline=None)

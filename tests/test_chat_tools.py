@@ -131,11 +131,13 @@ def test_auto_lets_the_model_decide_and_a_started_call_is_well_formed(client: An
         assert choice.finish_reason in {"stop", "length"} and isinstance(choice.message.content, str)
 
 
-def test_max_tokens_cutting_a_call_short_is_length_with_the_text(client: Any) -> None:
-    r = create(client, tools=TOOLS, tool_choice=NAMED, max_tokens=4)
-    choice = r.choices[0]
-    assert choice.finish_reason == "length" and not choice.message.tool_calls
-    assert choice.message.content.startswith("[TOOL_CALLS]get")
+def test_max_tokens_below_the_shortest_forced_call_is_a_400_that_states_the_minimum(client: Any) -> None:
+    with pytest.raises(openai.BadRequestError, match=r"at least (\d+) tokens") as refused:
+        create(client, tools=TOOLS, tool_choice=NAMED, max_tokens=4)
+    minimum = int(re.search(r"at least (\d+) tokens", str(refused.value)).group(1))  # type: ignore[union-attr]
+    assert refused.value.body["param"] == "max_tokens"  # type: ignore[index]
+    r = create(client, tools=TOOLS, tool_choice=NAMED, max_tokens=minimum, temperature=1.0, seed=3)
+    assert_valid_calls(r.choices[0], {"get_time"}, most=1)
 
 
 # -- streaming -------------------------------------------------------------------------------------------
@@ -164,11 +166,17 @@ def test_streamed_tool_calls_match_the_unstreamed_ones(client: Any, choice: Any)
     assert not any(c.choices[0].delta.content for c in chunks)
 
 
-def test_streamed_call_cut_by_max_tokens_arrives_as_text(client: Any) -> None:
-    chunks = list(create(client, tools=TOOLS, tool_choice=NAMED, max_tokens=4, stream=True))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert text.startswith("[TOOL_CALLS]get") and not streamed_calls(chunks)
-    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+def test_a_streamed_forced_call_opens_with_id_and_name_then_streams_its_arguments(client: Any) -> None:
+    chunks = list(create(client, tools=TOOLS, tool_choice="required", temperature=1.0, seed=5, stream=True))
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    first = deltas[0]
+    assert first.index == 0 and CALL_ID.match(first.id) and first.type == "function"
+    assert first.function.name in SCHEMAS and first.function.arguments == ""
+    assert len(deltas) > 2, "arguments arrive in fragments, not in one piece"
+    assert all(d.id is None and d.function.name is None for d in deltas if d.index == first.index and d is not first)
+    indexes = [d.index for d in deltas]
+    assert indexes == sorted(indexes)  # parallel calls one after the other, increasing index
+    assert not any(c.choices[0].delta.content for c in chunks)
 
 
 # -- JSON output -----------------------------------------------------------------------------------------
@@ -206,7 +214,10 @@ def test_json_object_content_is_an_object(client: Any) -> None:
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"messages": [*ASK, {"role": "tool", "content": "12:00"}]}, "messages"),
         ({"messages": [{"role": "tool", "tool_call_id": "abcdefghi", "content": "x"}]}, "messages"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"n": 17}, "n"),
+        ({"tools": TOOLS, "tool_choice": "required", "max_tokens": 2}, "max_tokens"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}}, "max_tokens"),
     ],
 )
 def test_bad_tool_and_format_requests_are_400(http: Any, extra: dict[str, Any], param: str) -> None:

@@ -37,6 +37,17 @@ def test_batcher_respects_the_token_budget_but_never_starves_the_oldest() -> Non
     assert select_batch([400, 400, 400, 400], max_rows=8, max_tokens=1000) == [0, 1]
 
 
+def test_batcher_counts_the_n_rows_of_a_request() -> None:
+    """A request with n choices takes n places in the batch and n rows of the running budget; its prompt
+    counts once against the prefill budget."""
+    assert select_batch([100, 100, 100], max_rows=5, max_tokens=10_000, rows=[4, 2, 1]) == [0, 2]
+    assert select_batch([100, 100], max_rows=3, max_tokens=10_000, rows=[4, 1]) == []  # the oldest waits
+    assert select_batch([100, 100], max_rows=8, max_tokens=200, rows=[4, 4]) == [0, 1]
+    running = select_batch([100, 100], 8, 10_000, running=(2, 100), max_running_tokens=700, rows=[4, 1])
+    assert running == [0, 1]
+    assert select_batch([100], 8, 10_000, running=(4, 100), max_running_tokens=700, rows=[4]) == []
+
+
 class Gate:
     """A fault hook that holds the worker until released (no sleeps: events)."""
 

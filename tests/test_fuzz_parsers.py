@@ -247,7 +247,8 @@ def test_json_tool_calls_parse_back_to_what_was_called(vocab: Any, calls: list[d
 def test_any_token_sequence_reads_as_text_or_well_formed_calls(
     vocab: Any, data: st.DataObject, syntax: str, finish: str
 ) -> None:
-    from app.model.toolcalls import chat_output, parse_calls
+    from app.model.callstream import chat_output
+    from app.model.toolcalls import parse_calls
 
     marked = dataclasses.replace(vocab, syntax=syntax)
     markers = [vocab.tool_calls_id, vocab.args_id, vocab.call_id_id]
@@ -259,10 +260,12 @@ def test_any_token_sequence_reads_as_text_or_well_formed_calls(
         assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", call.name)
         assert isinstance(json.loads(call.arguments), dict)
     output = chat_output(flat, finish, marked, names, stops)
-    if output.calls:
-        assert output.finish_reason == "tool_calls" and names is not None and finish == "stop"
-        assert all(call.name in names for call in output.calls)
-    else:
+    specials = set(vocab.special_names.values())
+    assert output.content is None or not any(name in output.content for name in specials if name)
+    if output.finish_reason == "tool_calls":
+        assert names is not None and finish == "stop" and output.calls
+        assert all(call.name in names and isinstance(json.loads(call.arguments), dict) for call in output.calls)
+    elif not output.calls:
         assert isinstance(output.content, str)
 
 

@@ -37,6 +37,15 @@ CHATS = {
             "type": "json_schema",
             "json_schema": {"name": "c", "schema": TOOLS[0]["function"]["parameters"]},
         },
+        "max_tokens": 40,  # below the shortest valid object (17 tokens) is a 400
+    },
+    "logprobs-n": {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 3, "n": 2},
+    "tool-call-logprobs": {
+        "messages": [{"role": "user", "content": "Time?"}],
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "max_tokens": 60,
+        "logprobs": True,
     },
 }
 

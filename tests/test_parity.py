@@ -276,6 +276,9 @@ class _Broken:
     def matcher(self) -> Any:
         raise RuntimeError("a broken constraint")
 
+    def settle(self, token: int, remaining: int) -> int:
+        return token
+
     def advance(self, token: int) -> None:
         pass
 

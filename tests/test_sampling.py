@@ -179,6 +179,8 @@ def test_a_stale_prefetch_is_never_used() -> None:
     first = sampler.sample(torch.zeros(1, v.size), [row])[0]  # [TOOL_CALLS], forced
     row.generated.append(first)  # type: ignore[arg-type]
     sampler.prefetch([row])
+    assert sampler._pending is not None
+    sampler._pending.result()  # a matcher is not to be moved while a fill reads it ("Already borrowed")
     row.constraint.advance(v.encode("get")[0])  # type: ignore[union-attr]
     row.generated.append(v.encode("get")[0])
     expected = row.constraint.allowed()  # type: ignore[union-attr]

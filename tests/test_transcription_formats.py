@@ -133,9 +133,9 @@ def test_temperature(client: Any, http: httpx.Client) -> None:
     assert assert_openai_error(post(http, temperature="1.5"), 400)["param"] == "temperature"
 
 
-def test_logprobs_are_refused(client: Any) -> None:
+def test_logprobs_outside_json_are_refused(client: Any) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        transcribe(client, include=["logprobs"])
+        transcribe(client, include=["logprobs"], response_format="verbose_json")
     assert info.value.body["param"] == "include"  # type: ignore[index]
 
 

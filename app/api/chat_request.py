@@ -16,7 +16,7 @@ from typing import Any
 from app.api.schemas import ChatCompletionRequest, Message, NamedToolChoice
 from app.audio import SAMPLE_RATE
 from app.config import Settings
-from app.errors import AudioDecodeError, AudioTooLong, ContextLengthExceeded, InvalidRequest, UnsupportedFeature
+from app.errors import AudioDecodeError, AudioTooLong, ContextLengthExceeded, InvalidRequest
 from app.model.constrained import MAX_PARALLEL_CALLS, FunctionSpec, GrammarError, OutputSpec
 from app.model.toolcalls import TokenVocab, mistral_call_id
 from app.types import PreparedRequest, SamplingParams
@@ -36,11 +36,25 @@ class ChatJob:
     """The functions the model may call; None: tool calls are off and call-like output stays text."""
 
 
-def check_unsupported(body: ChatCompletionRequest) -> None:
-    if body.n != 1:
-        raise UnsupportedFeature("Only n=1 is supported; send several requests for several choices.", param="n")
-    if body.logprobs or body.top_logprobs:
-        raise UnsupportedFeature("logprobs are not supported by this server.", param="logprobs")
+MAX_CHOICES = 16
+"""Most choices (`n`) of one request: its rows share one prefill and run in one batch."""
+
+
+def check_unsupported(body: ChatCompletionRequest, max_batch_size: int) -> None:
+    most = min(MAX_CHOICES, max_batch_size)
+    if body.n > most:
+        raise InvalidRequest(f"n is {body.n}; this server answers at most {most} choices a request.", param="n")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
+
+
+def minimum_refused(asked: int, minimum: int) -> InvalidRequest:
+    """max_tokens below the shortest output a forced call or format can take: refused before queueing."""
+    return InvalidRequest(
+        f"max_tokens is {asked}, but the forced output (tool call or response_format) needs at least {minimum} "
+        f"tokens to complete; set max_tokens to {minimum} or more.",
+        param="max_tokens",
+    )
 
 
 def chat_sampling(body: ChatCompletionRequest, prompt_tokens: int, settings: Settings) -> SamplingParams:
@@ -67,6 +81,8 @@ def chat_sampling(body: ChatCompletionRequest, prompt_tokens: int, settings: Set
         stop_strings=tuple(body.stop_list()),
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        choices=body.n,
     )
 
 

@@ -7,7 +7,8 @@ import time
 import uuid
 from typing import Any
 
-from app.model.toolcalls import ChatOutput, ParsedCall
+from app.model.callstream import ChatOutput
+from app.model.toolcalls import ParsedCall
 
 
 def new_id(prefix: str) -> str:
@@ -15,20 +16,29 @@ def new_id(prefix: str) -> str:
 
 
 def chat_completion(
-    model: str, fingerprint: str, output: ChatOutput, prompt_tokens: int, completion_tokens: int
+    model: str,
+    fingerprint: str,
+    choices: list[tuple[ChatOutput, dict[str, Any] | None]],
+    prompt_tokens: int,
+    completion_tokens: int,
 ) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": output.content, "refusal": None}
-    if output.calls:
-        message["tool_calls"] = [tool_call(call) for call in output.calls]
+    """`choices`: each choice's output and its `logprobs` (None when not asked), in index order."""
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "message": message, "finish_reason": output.finish_reason, "logprobs": None}],
+        "choices": [_choice(i, output, logprobs) for i, (output, logprobs) in enumerate(choices)],
         "usage": usage(prompt_tokens, completion_tokens),
     }
+
+
+def _choice(index: int, output: ChatOutput, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": output.content, "refusal": None}
+    if output.calls:
+        message["tool_calls"] = [tool_call(call) for call in output.calls]
+    return {"index": index, "message": message, "finish_reason": output.finish_reason, "logprobs": logprobs}
 
 
 def tool_call(call: ParsedCall, index: int | None = None) -> dict[str, Any]:

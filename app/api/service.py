@@ -19,8 +19,10 @@ import numpy as np
 
 from app.api import chat_request as chat
 from app.api.chat_request import ChatJob
+from app.api.logprobs import mean
 from app.api.schemas import AudioUrlPart, ChatCompletionRequest, InputAudioPart, Message
-from app.api.transcripts import PieceResult, TextJoiner, Transcript, TranscriptionOptions, split_language
+from app.api.transcript_logprobs import TextLogprobs, text_logprobs
+from app.api.transcripts import Delta, PieceResult, TextJoiner, Transcript, TranscriptionOptions, split_language
 from app.audio import SAMPLE_RATE, AudioLimits, decode_audio
 from app.chunking import Piece, split_at_silences, whole
 from app.config import Settings
@@ -129,20 +131,29 @@ class Service:
             results = [await self.engine.wait(item) for item in run.items]
         finally:
             run.cancel()
-        return run.transcript([self._piece_result(p, r) for p, r in zip(run.pieces, results, strict=True)])
+        return run.transcript(
+            [self._piece_result(p, r, run.options.include_logprobs) for p, r in zip(run.pieces, results, strict=True)]
+        )
 
-    async def stream_transcription(self, run: TranscriptionRun) -> AsyncIterator[str | Transcript]:
-        """Text deltas in order, then the Transcript: the piece in front token by token, later pieces
-        (decoded in the same batches meanwhile) as soon as those before them are done."""
+    async def stream_transcription(self, run: TranscriptionRun) -> AsyncIterator[Delta | Transcript]:
+        """Text deltas in order (with their tokens' log-probs when asked), then the Transcript: the piece in
+        front token by token, later pieces (decoded in the same batches meanwhile) as soon as those before
+        them are done."""
         joiner, results = TextJoiner(), []
+        asked = run.options.include_logprobs
         try:
             for piece, item in zip(run.pieces, run.items, strict=True):
                 decoder = IncrementalDecoder.from_bytes(self._text_bytes)
+                scores = TextLogprobs(self.constrainer.vocab) if asked else None
                 async for event in self.engine.stream(item):
-                    yield joiner.add(decoder.push(event.token_ids))
-                yield joiner.add(decoder.flush()) + joiner.end_piece()
+                    text = joiner.add(decoder.push(event.token_ids))
+                    if scores is not None:
+                        scores.add(event.logprobs or [])
+                    yield text, scores.release(final=False) if scores is not None else None
+                text = joiner.add(decoder.flush()) + joiner.end_piece()
+                yield text, scores.release(final=True) if scores is not None else None
                 assert item.result is not None
-                results.append(self._piece_result(piece, item.result))
+                results.append(self._piece_result(piece, item.result, asked))
         finally:
             run.cancel()
         yield run.transcript(results)
@@ -160,13 +171,25 @@ class Service:
                 param="file",
             )
         budget = min(self.transcription_budget(audio.shape[0] / SAMPLE_RATE), room)
-        sampling = SamplingParams(temperature=options.temperature, max_new_tokens=budget)
+        logprobs = 0 if options.logprobs else None
+        sampling = SamplingParams(temperature=options.temperature, max_new_tokens=budget, logprobs=logprobs)
         return self._prepared(encoded, sampling, "translation" if options.task == "translate" else "transcription")
 
-    def _piece_result(self, piece: Piece, result: GenerationResult) -> PieceResult:
+    def _piece_result(self, piece: Piece, result: GenerationResult, include_logprobs: bool) -> PieceResult:
         raw = self._text_bytes(result.token_ids).decode("utf-8", errors="replace")
         text, language = split_language(raw) or ("", None)
-        return PieceResult(piece.start_s, piece.end_s, text.strip(), result.token_ids, result.prompt_tokens, language)
+        scores = result.logprobs or []
+        shown = text_logprobs(self.constrainer.vocab, scores) if include_logprobs else None
+        return PieceResult(
+            piece.start_s,
+            piece.end_s,
+            text.strip(),
+            result.token_ids,
+            result.prompt_tokens,
+            language,
+            shown,
+            mean(scores),
+        )
 
     def _text_bytes(self, token_ids: list[int]) -> bytes:
         """UTF-8 of the text tokens, control tokens dropped. Streamed and whole transcripts both decode these
@@ -178,7 +201,7 @@ class Service:
     # -- chat ------------------------------------------------------------------------------------
     async def prepare_chat(self, body: ChatCompletionRequest) -> ChatJob:
         self.check_model(body.model)
-        chat.check_unsupported(body)
+        chat.check_unsupported(body, self.settings.max_batch_size)
         spec = chat.output_spec(body)
         messages = [await self._message(m) for m in body.messages]
         chat.check_chat_audio(messages, self.settings)
@@ -186,6 +209,10 @@ class Service:
         sampling = chat.chat_sampling(body, len(encoded.input_ids), self.settings)
         prepared = self._prepared(encoded, sampling, "chat")
         prepared.constraint_factory = await self.off_loop(self._constraint, spec)
+        if prepared.constraint_factory is not None:
+            shortest = await self.off_loop(self.constrainer.shortest, spec)
+            if shortest is not None and sampling.max_new_tokens < shortest:
+                raise chat.minimum_refused(sampling.max_new_tokens, shortest)
         return ChatJob(prepared, self.constrainer.vocab, chat.tool_names(spec))
 
     @cached_property

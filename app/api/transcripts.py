@@ -2,10 +2,10 @@
 
 json, text, srt, vtt, verbose_json and the SSE events of `stream=true`. Voxtral emits no
 timestamps, so segment times are where the server cut the audio (see `app.chunking`), never
-invented. Fields of OpenAI's `TranscriptionSegment` that Voxtral cannot fill honestly get neutral
-values: `avg_logprob` 0.0 (the engine returns no log-probabilities) and `no_speech_prob` 0.0
-(pieces without speech are dropped before the model sees them); `compression_ratio` is computed
-as Whisper does (UTF-8 length over zlib-compressed length).
+invented. `avg_logprob` is the mean log-prob of the segment's tokens (the model's own distribution).
+`no_speech_prob` is not available: Voxtral has no no-speech token to read it from, and pieces without
+speech are dropped (VAD) before the model sees them, so it is 0.0. `compression_ratio` is computed as
+Whisper does (UTF-8 length over zlib-compressed length).
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ class TranscriptionOptions:
     temperature: float = 0.0
     chunking: VadOptions | None = None
     """None: the whole file is one request; otherwise it is cut at silences with these options."""
+    logprobs: bool = False
+    """Compute the tokens' log-probs (verbose_json's avg_logprob, include[]=logprobs)."""
+    include_logprobs: bool = False
+    """include[]=logprobs: return them (json, and the stream's events)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,9 @@ class PieceResult:
     prompt_tokens: int
     language: str | None = None
     """The language the model announced with a `lang:xx` prefix, if it did."""
+    logprobs: list[dict[str, Any]] | None = None
+    """The text tokens' log-probs in OpenAI's shape, when asked for."""
+    avg_logprob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -168,7 +175,10 @@ class TextJoiner:
 
 # -- bodies --------------------------------------------------------------------------------------
 def json_body(transcript: Transcript) -> dict[str, Any]:
-    return {"text": transcript.text, "usage": transcript.usage()}
+    body: dict[str, Any] = {"text": transcript.text, "usage": transcript.usage()}
+    if transcript.options.include_logprobs:
+        body["logprobs"] = [entry for p in transcript.pieces for entry in p.logprobs or []]
+    return body
 
 
 def verbose_json_body(transcript: Transcript) -> dict[str, Any]:
@@ -192,7 +202,7 @@ def _segment(index: int, piece: PieceResult, temperature: float) -> dict[str, An
         "text": piece.text,
         "tokens": list(piece.token_ids),
         "temperature": temperature,
-        "avg_logprob": 0.0,
+        "avg_logprob": piece.avg_logprob,
         "compression_ratio": compression_ratio(piece.text),
         "no_speech_prob": 0.0,
     }
@@ -246,12 +256,20 @@ def sse(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-def delta_event(delta: str) -> bytes:
-    return sse({"type": "transcript.text.delta", "delta": delta})
+def delta_event(delta: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
+    event: dict[str, Any] = {"type": "transcript.text.delta", "delta": delta}
+    if logprobs is not None:
+        event["logprobs"] = logprobs
+    return sse(event)
 
 
-def done_event(text: str, prompt_tokens: int, completion_tokens: int) -> bytes:
-    return sse({"type": "transcript.text.done", "text": text, "usage": usage(prompt_tokens, completion_tokens)})
+def done_event(transcript: Transcript) -> bytes:
+    counts = transcript.usage()
+    event: dict[str, Any] = {"type": "transcript.text.done", "text": transcript.text}
+    if transcript.options.include_logprobs:
+        event["logprobs"] = [entry for p in transcript.pieces for entry in p.logprobs or []]
+    event["usage"] = usage(counts["input_tokens"], counts["output_tokens"])
+    return sse(event)
 
 
 def error_event(exc: VoxtralError) -> bytes:
@@ -259,21 +277,22 @@ def error_event(exc: VoxtralError) -> bytes:
     return sse(error_body(exc.message, exc.type, exc.param, exc.code))
 
 
-async def sse_stream(events: AsyncIterator[str | Transcript]) -> AsyncIterator[bytes]:
+Delta = tuple[str, list[dict[str, Any]] | None]
+"""Streamed text and the log-probs of the tokens released with it (None unless include[]=logprobs)."""
+
+
+async def sse_stream(events: AsyncIterator[Delta | Transcript]) -> AsyncIterator[bytes]:
     """`transcript.text.delta` events, then `transcript.text.done` whose text is the deltas joined.
 
     No `data: [DONE]`: the SDK's transcription stream ends when the response does. A failure after
     the response started becomes an error event, which the SDK raises as an APIError.
     """
-    text = ""
     try:
         async for event in events:
             if isinstance(event, Transcript):
-                usage_ = event.usage()
-                yield done_event(text, usage_["input_tokens"], usage_["output_tokens"])
-            elif event:
-                text += event
-                yield delta_event(event)
+                yield done_event(event)  # its text is the deltas joined (TextJoiner)
+            elif event[0] or event[1]:
+                yield delta_event(*event)
     except VoxtralError as exc:
         yield error_event(exc)
     except Exception:

@@ -15,6 +15,7 @@ def select_batch(
     max_tokens: int,
     running: tuple[int, int] = (0, 0),
     max_running_tokens: int | None = None,
+    rows: Sequence[int] | None = None,
 ) -> list[int]:
     """Indices (into `lengths`, oldest first) of the requests to prefill together.
 
@@ -25,8 +26,14 @@ def select_batch(
     padded to the widest one, stay within `max_running_tokens`: that is the KV cache every decode
     step reads, and one long prompt would otherwise pad every short row to its length. When the
     oldest request does not fit, nothing joins, so the batch drains and the oldest runs next.
+
+    `rows`: how many rows each request decodes (`n`, from one prefill): they count against `max_rows` and
+    the running budget; the prefill budget counts each prompt once.
     """
     if not lengths or max_rows <= 0:
+        return []
+    weight = list(rows) if rows is not None else [1] * len(lengths)
+    if weight[0] > max_rows:  # the oldest waits for room; nothing overtakes it
         return []
     rows_running, width_running = running
 
@@ -35,17 +42,17 @@ def select_batch(
         return max_running_tokens is None or total <= max_running_tokens
 
     anchor = lengths[0]
-    if rows_running and not fits(1, anchor):
+    if rows_running and not fits(weight[0], anchor):
         return []
     order = sorted(range(1, len(lengths)), key=lambda i: (abs(lengths[i] - anchor), i))
     chosen = [0]
-    longest = anchor
+    longest, taken = anchor, weight[0]
     for i in order:
-        if len(chosen) >= max_rows:
-            break
+        if taken + weight[i] > max_rows:
+            continue
         width = max(longest, lengths[i])
-        if width * (len(chosen) + 1) > max_tokens or not fits(len(chosen) + 1, width):
+        if width * (len(chosen) + 1) > max_tokens or not fits(taken + weight[i], width):
             continue
         chosen.append(i)
-        longest = width
+        longest, taken = width, taken + weight[i]
     return sorted(chosen)

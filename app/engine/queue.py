@@ -91,7 +91,8 @@ class RequestQueue:
             if young and len(self._items) < max_rows:
                 return []
             lengths = [i.request.prompt_tokens for i in self._items]
-            chosen = select_batch(lengths, max_rows, max_tokens, running, max_running_tokens)
+            rows = [i.request.sampling.choices for i in self._items]
+            chosen = select_batch(lengths, max_rows, max_tokens, running, max_running_tokens, rows)
             if not chosen:
                 return []
             batch = [self._items[i] for i in chosen]

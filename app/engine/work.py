@@ -31,6 +31,8 @@ class WorkItem:
     started_at: float | None = None
     first_token_at: float | None = None
     result: GenerationResult | None = None
+    choices: dict[int, GenerationResult] = field(default_factory=dict)
+    """With n > 1: the results of the choices that have finished, by index (the worker's, until the last)."""
     on_cancel: Callable[[WorkItem], None] | None = None
     """Set by the engine: takes the item out of the queue if it is still there, so that an abandoned
     request gives its place back at once instead of when the worker next takes a batch."""

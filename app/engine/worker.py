@@ -17,13 +17,15 @@ from collections.abc import Callable
 import torch
 
 from app.engine.batcher import select_batch
+from app.engine.choices import fan_out
+from app.engine.choices import gather as gather_choices
 from app.engine.queue import RequestQueue
 from app.engine.work import WorkItem
 from app.errors import InternalError, RequestTimeout
 from app.metrics import Metrics
 from app.model.generate import BatchGenerator, BatchState, Row
 from app.model.sampling import Sampler
-from app.types import FinishReason, GenerationResult, TokenEvent
+from app.types import FinishReason, GenerationResult, Sampled, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +161,15 @@ class ModelWorker:
             self._bring_in(rows, "prefill")
 
     def _bring_in(self, rows: list[Row], stage: str | None = None) -> None:
-        """Prefill `rows` and merge them into the batch; a failure fails only them."""
-        self._prefilling = len(rows)
+        """Prefill `rows` and merge them into the batch; a failure fails only them. New requests (`stage`
+        "prefill") with `n` > 1 become their n rows here, after one prefill."""
+        self._prefilling = sum(r.sampling.choices for r in rows) if stage == "prefill" else len(rows)
         try:
             if stage and self.fault_hook:
                 self.fault_hook(stage, [r.owner for r in rows])
             state, logits = self._prefill(rows)
+            if stage == "prefill":
+                state, logits = fan_out(self.generator, state, logits)
         except Exception as exc:
             self._fail([r.owner for r in rows], exc)
         else:
@@ -242,7 +247,7 @@ class ModelWorker:
         state, logits = self._state, self._logits
         assert state is not None and logits is not None
         self.metrics.batch_size.observe(len(state.rows))
-        tokens = self.sampler.sample(logits, state.rows)
+        tokens = self.sampler.step(logits, state.rows)
         keep: list[int] = []
         finished: list[tuple[WorkItem, GenerationResult | BaseException]] = []
         now = time.monotonic()
@@ -254,7 +259,10 @@ class ModelWorker:
                 outcome = self._emit(row, token, now)
             if outcome is None:
                 keep.append(i)
-            else:
+                continue
+            if isinstance(outcome, GenerationResult):  # with n > 1: answered when the last choice ends
+                outcome = gather_choices(row.owner, row.index, outcome)
+            if outcome is not None:
                 finished.append((row.owner, outcome))
         self.metrics.generation_tokens.inc(sum(not isinstance(t, Exception) for t in tokens))
         # The gauge and the state move before any answer leaves, so a client that has its answer never
@@ -273,7 +281,7 @@ class ModelWorker:
             if self.fault_hook:
                 self.fault_hook("step", [r.owner for r in rows])
             self.sampler.prefetch(rows)  # grammar masks fill while the forward pass runs
-            self._logits = self.generator.step(state, torch.tensor([tokens[i] for i in keep]))
+            self._logits = self.generator.step(state, torch.tensor([_token(tokens[i]) for i in keep]))
             self._state = state
         except torch.OutOfMemoryError as exc:
             self._preempt(rows, exc)
@@ -322,10 +330,11 @@ class ModelWorker:
                 alive.append(row)
         return alive
 
-    def _emit(self, row: Row, token: int, now: float) -> GenerationResult | BaseException | None:
+    def _emit(self, row: Row, sampled: Sampled, now: float) -> GenerationResult | BaseException | None:
         """Record one token. Returns the row's outcome if it is done (the caller delivers it)."""
         item: WorkItem = row.owner
-        if item.cancelled or item.expired(now):
+        token = sampled.token
+        if item.cancelled or item.done or item.expired(now):  # done: another of its choices failed
             return RequestTimeout("The request timed out or was cancelled while running.")
         if item.first_token_at is None:
             item.first_token_at = now
@@ -333,7 +342,9 @@ class ModelWorker:
         reason = self._finish_reason(row, token)
         if token not in self.eos and token not in row.sampling.stop_token_ids:
             row.generated.append(token)
-            item.push(TokenEvent([token]))
+            if sampled.logprob is not None:
+                row.logprobs.append(sampled.logprob)
+            item.push(TokenEvent([token], [sampled.logprob] if sampled.logprob else None, row.index))
         return self._result(row, reason, now) if reason is not None else None
 
     def _finish_reason(self, row: Row, token: int) -> FinishReason | None:
@@ -362,6 +373,7 @@ class ModelWorker:
             queue_time_s=started - item.enqueued_at,
             run_time_s=now - started,
             time_to_first_token_s=first - item.enqueued_at,
+            logprobs=list(row.logprobs) if row.sampling.logprobs is not None else None,
         )
 
     # -- failure -------------------------------------------------------------------------------
@@ -384,3 +396,8 @@ class ModelWorker:
         self._fail_running(error)
         for item in self.queue.drain_all():
             item.finish(error)
+
+
+def _token(sampled: Sampled | Exception) -> int:
+    assert isinstance(sampled, Sampled), "only rows that sampled a token go on"
+    return sampled.token

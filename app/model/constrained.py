@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from app.model.closing import Closer, ClosingPolicy
 from app.model.toolcalls import TokenVocab
 from app.types import Constraint
 
@@ -61,9 +62,10 @@ class OutputSpec:
 class GrammarConstraint:
     """One row's matcher: the sampler fills its mask (with every other row's) and applies it."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, closer: Closer | None = None) -> None:
         self._matcher = matcher
         self._size = vocab_size
+        self._closer = closer
 
     @property
     def matcher(self) -> Any:
@@ -78,6 +80,20 @@ class GrammarConstraint:
         its error state (which sampling from its masks cannot reach) allows only EOS, ending the row."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         return torch.from_numpy(np.unpackbits(bits, bitorder="little")[: self._size].astype(np.bool_))
+
+    @property
+    def eos(self) -> int:
+        assert self._closer is not None
+        return self._closer.policy.eos
+
+    def shortest(self) -> int | None:
+        """Tokens (EOS included) the closing walk takes from here."""
+        return self._closer.policy.distance(self._matcher) if self._closer is not None else None
+
+    def settle(self, token: int, remaining: int) -> int:
+        if self._closer is None or self._matcher.is_stopped():
+            return token
+        return self._closer.settle(self._matcher, token, remaining)
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
@@ -107,8 +123,21 @@ class TriggeredConstraint:
     def allowed(self) -> torch.Tensor | None:
         return self._inner.allowed() if self._inner is not None else None
 
+    def settle(self, token: int, remaining: int) -> int:
+        """A call the remaining tokens cannot complete is not started: the turn ends (EOS) instead."""
+        if self._inner is not None:
+            return self._inner.settle(token, remaining)
+        if token != self._trigger:
+            return token
+        inner = self._start()
+        shortest = inner.shortest()
+        if shortest is None or shortest > remaining:
+            return inner.eos
+        self._inner = inner
+        return token
+
     def advance(self, token: int) -> None:
-        if self._inner is None and token == self._trigger:
+        if self._inner is None and token == self._trigger:  # (settle made it already, in the sampler)
             self._inner = self._start()
         if self._inner is not None:
             self._inner.advance(token)
@@ -140,15 +169,31 @@ class Constrainer:
         # auto without a format: free text until a call starts; lenient, as the model decides anyway
         free_text = spec.tool_mode == "auto" and spec.json_schema is None
         template = self._template(build_grammar(spec, self.vocab, lenient=free_text))
-        size = self.vocab.size
+        size, policy = self.vocab.size, self.policy
 
         def start() -> GrammarConstraint:
-            return GrammarConstraint(template.deep_copy(), size)
+            return GrammarConstraint(template.deep_copy(), size, Closer(policy))
 
         trigger = self.vocab.tool_calls_id
         if free_text and trigger is not None:
             return lambda: TriggeredConstraint(trigger, start, size)
         return start
+
+    @cached_property
+    def policy(self) -> ClosingPolicy:
+        return ClosingPolicy(self.vocab)
+
+    def shortest(self, spec: OutputSpec) -> int | None:
+        """Fewest tokens (EOS included) a forced output of `spec` is guaranteed to complete in; None when
+        the output is not forced (free text may end at once). Raises GrammarError as `factory` does."""
+        forced = spec.json_schema is not None or (spec.tool_mode == "required" and bool(spec.functions))
+        factory = self.factory(spec) if forced else None
+        if factory is None:
+            return None
+        constraint = factory()
+        if not isinstance(constraint, GrammarConstraint):
+            return None
+        return self.policy.distance(constraint.matcher)
 
     def _template(self, grammar: str) -> Any:
         with self._lock:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from app.types import Constraint, SamplingParams
+from app.types import Constraint, SamplingParams, TokenLogprob
 
 
 @dataclass(eq=False)
@@ -25,8 +25,12 @@ class Row:
     owner: Any = None
     """The engine's work item this row answers to."""
     constraint: Constraint | None = None
+    index: int = 0
+    """Which of its request's `n` choices this row decodes."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per generated token, when the request asked for log-probs."""
 
     def __post_init__(self) -> None:
         if self.sampling.temperature > 0 and self.rng is None:
-            seed = self.sampling.seed
-            self.rng = random.Random(seed) if seed is not None else random.Random()
+            seed = self.sampling.seed  # choice i of `n` draws with seed + i: independent, reproducible
+            self.rng = random.Random(seed + self.index) if seed is not None else random.Random()

@@ -23,6 +23,11 @@ the whole softmax, which needs no order.
 Grammar masks (llguidance) are filled for all constrained rows together by llguidance's parallel
 executor into a packed bitmask, optionally while the model's forward pass runs (`prefetch`), and
 applied on the device.
+
+`step` returns each row's token with its log-probs where the row asks (app/model/logprobs.py: computed on the
+raw logits, brought to the host in the same transfer as the ids). After the draw a constrained row's grammar
+may replace the token with the one that closes it within `max_tokens` (`Constraint.settle`,
+app/model/closing.py); the row's log-prob is then gathered for the token it really takes.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.model.logprobs import Logprobs
 from app.model.row import Row
+from app.types import Sampled
 
 TIERS = (32, 1024)
 """Candidates for truncation, then for rows whose kept set reached past them, before the whole sorted
@@ -72,18 +79,28 @@ class Sampler:
             constrained = []
         self._pending = self._pool.submit(self._fill, constrained) if constrained else None
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[Row]) -> list[int | Exception]:
-        """One token per row. A row whose constraint fails gets the exception in its place and fails alone."""
+    def step(self, logits: torch.Tensor, rows: Sequence[Row]) -> list[Sampled | Exception]:
+        """One token per row, with its log-probs where the row asks. A row whose constraint fails gets the
+        exception in its place and fails alone."""
         errors: dict[int, Exception] = {}
         scores = self._masked(_penalised(logits, rows), rows, errors)
-        out = _choose(scores, rows, [i for i in range(len(rows)) if i not in errors])
+        live = [i for i in range(len(rows)) if i not in errors]
+        probs = Logprobs.of(logits, rows, live)
+        out, drawn, extra = _choose(scores, rows, live, probs, raw=scores is logits)
         for i, row in enumerate(rows):
             if i not in errors and row.constraint is not None:
                 try:
+                    # The grammar may replace the token with one that closes it in time (app/model/closing.py).
+                    out[i] = row.constraint.settle(out[i], row.sampling.max_new_tokens - len(row.generated))
                     row.constraint.advance(out[i])
                 except Exception as exc:
                     errors[i] = exc
-        return [errors.get(i, token) for i, token in enumerate(out)]
+        found = probs.read(extra, out, drawn) if probs is not None else {}
+        return [errors.get(i) or Sampled(token, found.get(i)) for i, token in enumerate(out)]
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[Row]) -> list[int | Exception]:
+        """`step`'s tokens alone."""
+        return [s.token if isinstance(s, Sampled) else s for s in self.step(logits, rows)]
 
     # -- grammar masks -------------------------------------------------------------------------------
     def _masked(self, scores: torch.Tensor, rows: Sequence[Row], errors: dict[int, Exception]) -> torch.Tensor:
@@ -198,13 +215,43 @@ def _column(values: Sequence[float], device: torch.device, dtype: torch.dtype = 
 
 
 # -- choosing ----------------------------------------------------------------------------------------
-def _choose(scores: torch.Tensor, rows: Sequence[Row], live: list[int]) -> list[int]:
-    """Greedy rows' argmax and sampled rows' draws, to the host in one transfer. Rows that `draw` flags
-    are drawn again with more candidates (another transfer, only then), the last time with all."""
+def _choose(
+    scores: torch.Tensor, rows: Sequence[Row], live: list[int], probs: Logprobs | None, raw: bool = False
+) -> tuple[list[int], list[int], list[float]]:
+    """Greedy rows' argmax and sampled rows' draws, to the host in one transfer with the asked log-probs.
+    Rows that `draw` flags are drawn again with more candidates (another transfer, only then).
+    Returns the tokens, the tokens as first drawn, and the log-prob values of that transfer. `raw`: the
+    scores are the logits themselves (no penalty, no mask in this batch)."""
+    tokens, flags, cut, cut_params = _first_draw(scores, rows, live, probs if raw else None)
+    if probs is None:
+        host: list[float] = torch.cat([tokens, flags]).tolist()
+    else:  # float64 holds every token id exactly: still one tensor, one transfer
+        host = torch.cat([tokens.double(), flags.double(), *probs.device_parts(tokens)]).tolist()
+    out = [int(t) for t in host[: len(rows)]]
+    drawn = list(out)
+    again = [j for j, flag in enumerate(host[len(rows) : len(rows) + len(flags)]) if flag]
+    for candidates in (*TIERS[1:], scores.shape[1]):
+        if not again or cut_params is None:
+            break
+        params = cut_params.select(torch.tensor(again, device=scores.device))
+        tokens_again, flagged = draw(_take(scores, [cut[j] for j in again]), params, candidates)
+        for j, token in zip(again, tokens_again.tolist(), strict=True):
+            out[cut[j]] = int(token)
+        again = [j for j, flag in zip(again, flagged.tolist(), strict=True) if flag]
+    return out, drawn, host[len(rows) + len(flags) :]
+
+
+def _first_draw(
+    scores: torch.Tensor, rows: Sequence[Row], live: list[int], probs: Logprobs | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[int], _Params | None]:
+    """On the device: every row's token, and which truncating rows (`cut`) must be drawn again. Greedy rows
+    that ask for alternatives take the first of them (`probs`, given only when the scores are the raw
+    logits): that `topk` is needed anyway, and an argmax is another pass over 131,072 logits a row."""
     tokens = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
     greedy = [i for i in live if rows[i].sampling.temperature <= 0]
     if greedy:
-        tokens = _put(tokens, greedy, _take(scores, greedy).argmax(-1))
+        best = probs.argmax(greedy) if probs is not None else None
+        tokens = _put(tokens, greedy, best if best is not None else _take(scores, greedy).argmax(-1))
     sampled = [i for i in live if rows[i].sampling.temperature > 0]
     cut = [i for i in sampled if _truncates(rows[i])]
     flags, cut_params = torch.zeros(0, dtype=torch.long, device=scores.device), None
@@ -215,18 +262,7 @@ def _choose(scores: torch.Tensor, rows: Sequence[Row], live: list[int]) -> list[
             tokens = _put(tokens, group, drawn)
             if group is cut:
                 flags, cut_params = flagged.long(), params
-    host = torch.cat([tokens, flags]).tolist()
-    out = [int(t) for t in host[: len(rows)]]
-    again = [j for j, flag in enumerate(host[len(rows) :]) if flag]
-    for candidates in (*TIERS[1:], scores.shape[1]):
-        if not again or cut_params is None:
-            break
-        params = cut_params.select(torch.tensor(again, device=scores.device))
-        drawn, flagged = draw(_take(scores, [cut[j] for j in again]), params, candidates)
-        for j, token in zip(again, drawn.tolist(), strict=True):
-            out[cut[j]] = int(token)
-        again = [j for j, flag in zip(again, flagged.tolist(), strict=True) if flag]
-    return out
+    return tokens, flags, cut, cut_params
 
 
 def _take(scores: torch.Tensor, index: list[int]) -> torch.Tensor:

@@ -19,12 +19,12 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from app.model.detok import trim_at_stop
-
 Syntax = Literal["json", "v11", "v13"]
 _ALNUM = string.ascii_letters + string.digits
-_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
-_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+CALL_ID_RE = re.compile(r"[a-zA-Z0-9]{9}")
+"""A Mistral call id (also a valid OpenAI one)."""
+NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+"""A function name OpenAI accepts."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def parse_calls(ids: Sequence[int], vocab: TokenVocab, names: Collection[str] | 
         if found is None:
             return None
         calls.extend(found)
-    if not calls or any(not _NAME.fullmatch(c.name) or (names is not None and c.name not in names) for c in calls):
+    if not calls or any(not NAME_RE.fullmatch(c.name) or (names is not None and c.name not in names) for c in calls):
         return None
     return calls
 
@@ -152,8 +152,8 @@ def _marked_call(segment: list[int], vocab: TokenVocab) -> list[ParsedCall] | No
         head, call_id = head[:split], vocab.text(head[split + 1 :]).strip()
     if any(vocab.is_special(t) for t in head + args):
         return None
-    arguments = _json_object(vocab.text(args))
-    if arguments is None:
+    arguments = vocab.text(args)
+    if json_object(arguments) is None:
         return None
     return [_call(vocab.text(head).strip(), arguments, call_id)]
 
@@ -169,16 +169,17 @@ def _json_calls(segment: list[int], vocab: TokenVocab) -> list[ParsedCall] | Non
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             return None
         raw = item.get("arguments", {})
-        arguments = _json_object(raw) if isinstance(raw, str) else raw
+        arguments = json_object(raw) if isinstance(raw, str) else raw
         if not isinstance(arguments, dict):
             return None
-        calls.append(_call(item["name"], arguments, str(item.get("id", ""))))
+        calls.append(_call(item["name"], json.dumps(arguments, ensure_ascii=False), str(item.get("id", ""))))
     return calls
 
 
-def _call(name: str, arguments: dict[str, Any], call_id: str) -> ParsedCall:
-    valid_id = call_id if _CALL_ID.fullmatch(call_id) else new_call_id()
-    return ParsedCall(name, json.dumps(arguments, ensure_ascii=False), valid_id)
+def _call(name: str, arguments: str, call_id: str) -> ParsedCall:
+    """`arguments` as the model wrote them (v11, v13), so streamed fragments join to exactly this text."""
+    valid_id = call_id if CALL_ID_RE.fullmatch(call_id) else new_call_id()
+    return ParsedCall(name, arguments, valid_id)
 
 
 def _json_value(text: str) -> Any:
@@ -193,33 +194,10 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
+def json_object(text: str) -> dict[str, Any] | None:
+    """The JSON object `text` holds, or None (call arguments must be one)."""
     value = _json_value(text)
     return value if isinstance(value, dict) else None
-
-
-@dataclass(frozen=True)
-class ChatOutput:
-    """What one generation means to the client: text, or text and tool calls."""
-
-    content: str | None
-    calls: tuple[ParsedCall, ...]
-    finish_reason: str
-
-
-def chat_output(
-    ids: Sequence[int], finish_reason: str, vocab: TokenVocab, names: Collection[str] | None, stops: Sequence[str]
-) -> ChatOutput:
-    """Calls only when tools are on (`names`), the model ended the turn itself (EOS, not a length cut or a
-    stop string) and every call parses; otherwise everything is text, a failed call with its markers."""
-    before, after = split_at_calls(ids, vocab) if names is not None else (list(ids), [])
-    complete = finish_reason == "stop" and not any(s and s in vocab.text(ids) for s in stops)
-    calls = parse_calls(after, vocab, names) if after and complete else None
-    if calls:
-        content = vocab.text(before)
-        return ChatOutput(content if content.strip() else None, tuple(calls), "tool_calls")
-    text, stopped = trim_at_stop(vocab.text(before) + vocab.text(after, keep_special=True), stops)
-    return ChatOutput(text, (), "stop" if stopped else finish_reason)
 
 
 # -- call ids -------------------------------------------------------------------------------------
@@ -231,7 +209,7 @@ def new_call_id() -> str:
 def mistral_call_id(openai_id: str) -> str:
     """OpenAI ids ("call_abc...") do not fit Mistral's 9-alphanumeric rule: map them, deterministically,
     so an assistant's call and the tool result answering it keep matching (across requests too)."""
-    if _CALL_ID.fullmatch(openai_id):
+    if CALL_ID_RE.fullmatch(openai_id):
         return openai_id
     number = int.from_bytes(hashlib.sha256(openai_id.encode()).digest()[:8], "big")
     chars = []

@@ -100,12 +100,16 @@ def _options(form: AudioForm, task: Task, chunking: VadOptions | None) -> Transc
     if not 0.0 <= form.temperature <= 1.0:
         raise InvalidRequest("temperature must be between 0 and 1.", param="temperature")
     _check_granularities(form.timestamp_granularities)
-    if "logprobs" in form.include:
-        raise UnsupportedFeature("include[]=logprobs is not supported by this server.", param="include")
+    include_logprobs = "logprobs" in form.include
+    if include_logprobs and form.response_format != "json":
+        raise InvalidRequest("include[]=logprobs works with response_format json only.", param="include")
     if form.prompt and task == "transcribe":
         log.debug("prompt ignored: Voxtral's transcription format has no prompt")
     language = transcripts.check_language(form.language) if task == "transcribe" else None
-    return TranscriptionOptions(task, language, form.prompt, form.temperature, chunking)
+    scores = include_logprobs or form.response_format == "verbose_json"  # verbose_json: segments' avg_logprob
+    return TranscriptionOptions(
+        task, language, form.prompt, form.temperature, chunking, logprobs=scores, include_logprobs=include_logprobs
+    )
 
 
 def _check_granularities(granularities: tuple[str, ...]) -> None:

@@ -1,0 +1,56 @@
+"""`n` choices of one request: rows that share one prefill, and one answer once they have all finished.
+
+The prompt is prefilled once, as one row; its KV rows are then copied (`BatchGenerator.select` with the
+row repeated), never recomputed, and each copy decodes as its own row with seed + its index. The
+request's item is answered when its last choice finishes, with every choice's result in index order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from app.engine.work import WorkItem
+from app.model.generate import BatchGenerator, BatchState, Row
+from app.types import GenerationResult
+
+
+def fan_out(generator: BatchGenerator, state: BatchState, logits: torch.Tensor) -> tuple[BatchState, torch.Tensor]:
+    """Freshly prefilled rows with `n` > 1 become `n` rows: the same cache and logits, copied."""
+    if all(r.sampling.choices == 1 for r in state.rows):
+        return state, logits
+    keep = [i for i, row in enumerate(state.rows) for _ in range(row.sampling.choices)]
+    copied = generator.select(state, keep)
+    copied.rows = [_choice(state.rows[i], keep[:k].count(i)) for k, i in enumerate(keep)]
+    return copied, logits.index_select(0, torch.tensor(keep, device=logits.device))
+
+
+def _choice(row: Row, index: int) -> Row:
+    """Choice `index` of `row`'s request: its own generator and grammar state."""
+    if index == 0:
+        return row
+    item: WorkItem = row.owner
+    factory = item.request.constraint_factory
+    constraint = factory() if factory else None
+    return Row(row.input_ids, row.audios, row.sampling, owner=item, constraint=constraint, index=index)
+
+
+def gather(item: WorkItem, index: int, result: GenerationResult) -> GenerationResult | None:
+    """Record one choice's result; the request's whole result once every choice has one."""
+    wanted = item.request.sampling.choices
+    if wanted == 1:
+        return result
+    item.choices[index] = result
+    if len(item.choices) < wanted:
+        return None
+    ordered = [item.choices[i] for i in range(wanted)]
+    first = ordered[0]
+    return GenerationResult(
+        token_ids=first.token_ids,
+        finish_reason=first.finish_reason,
+        prompt_tokens=first.prompt_tokens,
+        queue_time_s=first.queue_time_s,
+        run_time_s=max(r.run_time_s for r in ordered),
+        time_to_first_token_s=first.time_to_first_token_s,
+        logprobs=first.logprobs,
+        choices=ordered,
+    )

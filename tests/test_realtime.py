@@ -124,7 +124,7 @@ REFUSED = [
     (update(audio={"input": {"turn_detection": {"type": "semantic_vad"}}}), None),
     (update(audio={"input": {"transcription": {"model": "nope"}}}), None),
     (update(audio={"input": {"transcription": {"language": "xx"}}}), None),
-    (update(include=["item.input_audio_transcription.logprobs"]), "session.include"),
+    (update(include=["item.input_audio_transcription.avg_logprob"]), "session.include"),
 ]
 
 
@@ -142,6 +142,23 @@ def test_refused_events_get_error_events_and_the_session_goes_on(server: Running
     raw.append(encode(sentence(), "audio/pcm"), 4800)
     raw.send(type="input_audio_buffer.commit")
     assert raw.until(COMPLETED)[-1]["transcript"] is not None
+    raw.ws.close()
+
+
+def test_logprobs_when_the_session_includes_them(server: RunningServer) -> None:
+    """Each delta carries its tokens' log-probs, the completion all of them; they are the model's own."""
+    raw = session(server)
+    raw.send(**update(include=["item.input_audio_transcription.logprobs"], audio={"input": {"turn_detection": None}}))
+    assert raw.until("session.updated")[-1]["session"]["include"] == ["item.input_audio_transcription.logprobs"]
+    raw.append(encode(sentence(), "audio/pcm"), 4800)
+    raw.send(type="input_audio_buffer.commit")
+    events = raw.until(COMPLETED)
+    deltas = [e for e in events if e["type"].endswith(".delta")]
+    completed = events[-1]
+    joined = [p for d in deltas for p in d["logprobs"]]
+    assert completed["logprobs"] == joined and joined, completed
+    assert all(p["logprob"] <= 0 and isinstance(p["bytes"], list) for p in joined)
+    assert b"".join(bytes(p["bytes"]) for p in joined).decode("utf-8", "replace").strip() == completed["transcript"]
     raw.ws.close()
 
 

@@ -122,6 +122,8 @@ class SessionConfig:
     language: str | None = None
     prompt: str | None = None
     turn_detection: ServerVad | None = field(default_factory=ServerVad)
+    logprobs: bool = False
+    """include: ["item.input_audio_transcription.logprobs"]: deltas and completions carry their tokens'."""
 
     def updated(self, session: SessionIn, check: Any) -> SessionConfig:
         """This config with the fields `session` sets (absent fields keep their value; null turns VAD off).
@@ -133,13 +135,9 @@ class SessionConfig:
             )
         if session.include and any(item != LOGPROBS for item in session.include):
             raise InvalidRequest(f"session.include may only hold {LOGPROBS!r}.", param="session.include")
-        if session.include:
-            raise UnsupportedFeature(
-                "Log-probabilities are not available from this server yet: leave session.include out.",
-                param="session.include",
-            )
         audio = session.audio.input if session.audio and session.audio.input else InputIn()
-        return self._with_input(audio, check)
+        new = self._with_input(audio, check)
+        return new if session.include is None else replace(new, logprobs=LOGPROBS in session.include)
 
     def _with_input(self, audio: InputIn, check: Any) -> SessionConfig:
         new = self
@@ -163,7 +161,7 @@ class SessionConfig:
             "id": session_id,
             "object": "realtime.transcription_session",
             "expires_at": int(time.time()) + 3600,
-            "include": [],
+            "include": [LOGPROBS] if self.logprobs else [],
             "audio": {
                 "input": {
                     "format": fmt,

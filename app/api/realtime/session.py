@@ -183,7 +183,10 @@ class Session:
         item = item_id or wire.new_id("item")
         await self.emit(wire.event("input_audio_buffer.committed", previous_item_id=self.last_item, item_id=item))
         self.last_item = item
-        options = TranscriptionOptions("transcribe", self.config.language, self.config.prompt)
+        logprobs = self.config.logprobs
+        options = TranscriptionOptions(
+            "transcribe", self.config.language, self.config.prompt, logprobs=logprobs, include_logprobs=logprobs
+        )
         self.transcriber.add(item, audio, options)
 
     async def close(self, *, flush: bool) -> None:

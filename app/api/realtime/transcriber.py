@@ -88,15 +88,19 @@ class Transcriber:
     async def _stream(self, utterance: Utterance) -> None:
         run = await utterance.started
         item = utterance.item_id
-        text = ""
+        text, scores = "", list[dict[str, Any]]()
         async for piece in self.service.stream_transcription(run):
             if isinstance(piece, Transcript):
-                await self.emit(_completed(item, text, piece))
+                await self.emit(_completed(item, text, piece, scores if run.options.include_logprobs else None))
                 self.metrics.realtime_utterances.labels("completed").inc()
                 self.metrics.realtime_turn_latency.observe(asyncio.get_running_loop().time() - utterance.stopped_at)
-            elif piece:
-                text += piece
-                await self.emit(event(_DELTA, item_id=item, content_index=0, delta=piece))
+                continue
+            delta, logprobs = piece
+            scores += logprobs or []
+            if delta or logprobs:
+                text += delta
+                fields = {"logprobs": logprobs} if logprobs is not None else {}
+                await self.emit(event(_DELTA, item_id=item, content_index=0, delta=delta, **fields))
 
     async def _fail(self, utterance: Utterance, exc: VoxtralError) -> None:
         self.unanswered -= 1
@@ -107,8 +111,12 @@ class Transcriber:
 _DELTA = "conversation.item.input_audio_transcription.delta"
 
 
-def _completed(item_id: str, text: str, transcript: Transcript) -> dict[str, Any]:
+def _completed(
+    item_id: str, text: str, transcript: Transcript, logprobs: list[dict[str, Any]] | None
+) -> dict[str, Any]:
     fields: dict[str, Any] = {"item_id": item_id, "content_index": 0, "transcript": text}
+    if logprobs is not None:
+        fields["logprobs"] = logprobs
     if transcript.language:
         fields["languages"] = [{"code": transcript.language}]
     fields["usage"] = transcript.usage()

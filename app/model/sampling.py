@@ -138,7 +138,7 @@ class Sampler:
 
         assert rows[0].constraint is not None
         words = (int(rows[0].constraint.vocab_size) + 31) // 32  # one tokenizer serves every row
-        bits = torch.full((len(rows), words), -1, dtype=torch.int32)
+        bits = torch.from_numpy(np.full((len(rows), words), -1, dtype=np.int32))  # torch.full took 7 ms here
         fill_next_token_bitmask_par(self._llexecutor(), [(_matcher(r), j) for j, r in enumerate(rows)], bits)
         return _Masks({id(r): (j, len(r.generated)) for j, r in enumerate(rows)}, bits)
 
@@ -170,7 +170,8 @@ def unpack(bits: torch.Tensor, vocab: int, device: torch.device | None = None) -
     the packed words travel (8x fewer bytes) and a table lookup unpacks them there."""
     device = device or bits.device
     if device.type == "cpu":
-        flat = torch.from_numpy(np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")).bool()
+        ones = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")  # 0 or 1 per byte
+        flat = torch.from_numpy(ones).view(torch.bool)  # a view, not a 4 MB conversion
     else:
         flat = unpack_by_table(bits.to(device, non_blocking=True))
     if flat.shape[1] >= vocab:

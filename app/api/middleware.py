@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.usage import CURRENT, RequestRecord
+from app.api.record import RequestRecord
 from app.errors import PayloadTooLarge, VoxtralError, error_body
 from app.logs import FIELDS
 from app.metrics import Metrics
@@ -129,9 +129,8 @@ class RequestContext:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers", []))
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
         started, status, record = time.perf_counter(), 500, RequestRecord()
-        token = CURRENT.set(record)
+        scope.setdefault("state", {}).update(request_id=request_id, record=record)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -143,7 +142,6 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            CURRENT.reset(token)
             self._record(scope, request_id, status, time.perf_counter() - started, record)
 
     def _record(self, scope: Scope, request_id: str, status: int, elapsed: float, record: RequestRecord) -> None:

@@ -11,6 +11,7 @@ from app.api import render
 from app.api.chat_stream import ChatStream
 from app.api.disconnect import StoppingStream, client_closed, unless_gone
 from app.api.logprobs import chat_logprobs
+from app.api.record import record_of
 from app.api.schemas import ChatCompletionRequest
 from app.api.service import Service
 from app.model.callstream import chat_output
@@ -26,9 +27,10 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
 @router.post("/chat/completions", response_model=None, responses=_ANSWERS)
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     service: Service = request.app.state.service
-    with service.engine.admission():
-        job = await service.prepare_chat(body)
-        item = service.engine.submit(job.prepared, stream=body.stream)
+    record = record_of(request)
+    with service.engine.admission() as reservation:
+        job = await service.prepare_chat(body, record)
+        item = service.submit_chat(job, stream=body.stream, reservation=reservation, record=record)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = ChatStream(job, body.model, service.fingerprint, include_usage).run(service.engine, item)

@@ -1,27 +1,20 @@
 """What the server did for one HTTP request (audio decoded, engine work), for its log line and metrics.
 
-The access-log middleware opens a `RequestRecord` in a context variable; the engine and the
-service built by `create_app` are thin subclasses that add to it. Route handlers and the
-service's own code stay unaware of logging and metrics, and nothing is threaded through
-their signatures.
+The access-log middleware makes one `RequestRecord` per request and leaves it in the request's
+state; route handlers pass it to the service calls that decode audio or queue work, which add to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from starlette.requests import Request
 
-from app.api.service import Service
 from app.audio import SAMPLE_RATE
-from app.engine.engine import Engine
 from app.engine.work import WorkItem
-from app.types import PreparedRequest
-
-CURRENT: ContextVar[RequestRecord | None] = ContextVar("voxtral_request_record", default=None)
 
 
 @dataclass
@@ -30,6 +23,14 @@ class RequestRecord:
     """Decoded audio (after resampling, before the model's padding to 30 s windows)."""
     items: list[WorkItem] = field(default_factory=list)
     decode: Callable[[list[int]], str] | None = None
+
+    def add_audio(self, audio: np.ndarray) -> None:
+        self.audio_seconds += audio.shape[0] / SAMPLE_RATE
+
+    def add_items(self, items: list[WorkItem], decode: Callable[[list[int]], str]) -> None:
+        """`decode`: token ids -> text without special tokens, for --log-prompts."""
+        self.items.extend(items)
+        self.decode = decode
 
     def summary(self) -> dict[str, Any]:
         """Queue wait, run time and token counts summed over the request's engine work."""
@@ -60,24 +61,7 @@ class RequestRecord:
         return {"prompt": "\n".join(prompts), "output": "\n".join(outputs)}
 
 
-class ObservedEngine(Engine):
-    """Adds every submitted item to the current request's record (none during warm-up)."""
-
-    def submit_many(self, requests: list[PreparedRequest], *, stream: bool = False) -> list[WorkItem]:
-        items = super().submit_many(requests, stream=stream)
-        record = CURRENT.get()
-        if record is not None:
-            record.items.extend(items)
-            record.decode = self.worker.decode
-        return items
-
-
-class ObservedService(Service):
-    """Counts the seconds of every audio the request decodes (uploads and chat audio parts)."""
-
-    async def load_audio(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        audio = await super().load_audio(*args, **kwargs)
-        record = CURRENT.get()
-        if record is not None:
-            record.audio_seconds += audio.shape[0] / SAMPLE_RATE
-        return audio
+def record_of(request: Request) -> RequestRecord | None:
+    """The record `RequestContext` opened for this request (None where no middleware opened one)."""
+    record = getattr(request.state, "record", None)
+    return record if isinstance(record, RequestRecord) else None

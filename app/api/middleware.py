@@ -18,7 +18,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.record import RequestRecord
-from app.errors import PayloadTooLarge, VoxtralError, error_body
+from app.errors import PayloadTooLarge, VoxtralError
 from app.logs import FIELDS
 from app.metrics import Metrics
 
@@ -33,7 +33,7 @@ async def send_error(
 ) -> None:
     """A whole JSON error response in OpenAI's shape, for middleware that answers before the routes.
     `websocket`: the answer to a refused upgrade (ASGI's WebSocket denial response, which uvicorn supports)."""
-    body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
+    body = json.dumps(error.error_body()).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     prefix = "websocket.http" if websocket else "http"

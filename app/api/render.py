@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
@@ -30,7 +29,7 @@ def chat_completion(
         "model": model,
         "system_fingerprint": fingerprint,
         "choices": [_choice(i, output, logprobs) for i, (output, logprobs) in enumerate(choices)],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": chat_usage(prompt_tokens, completion_tokens),
     }
 
 
@@ -48,7 +47,8 @@ def tool_call(call: ParsedCall, index: int | None = None) -> dict[str, Any]:
     return body
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """Chat completions' usage object (the transcription shape is `transcripts.transcription_usage`)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -67,8 +67,3 @@ def chat_chunk(
         "system_fingerprint": fingerprint,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
     }
-
-
-def sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()

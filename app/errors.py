@@ -21,6 +21,12 @@ class VoxtralError(Exception):
         if code is not None:
             self.code = code
 
+    def error_object(self) -> dict[str, object]:
+        return error_object(self.message, self.type, self.param, self.code)
+
+    def error_body(self) -> dict[str, object]:
+        return error_body(self.message, self.type, self.param, self.code)
+
 
 class InvalidRequest(VoxtralError):
     status = 400
@@ -107,6 +113,11 @@ class RequestTimeout(VoxtralError):
     code = "request_timeout"
 
 
+def error_object(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, object]:
+    """OpenAI's error object: message, type, param, code (realtime events carry it bare)."""
+    return {"message": message, "type": type_, "param": param, "code": code}
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, object]:
     """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": error_object(message, type_, param, code)}

@@ -16,7 +16,7 @@ jfk.wav, chat with audio, streamed chat, ~10% bad requests) at a fixed concurren
     python bench/load.py --n 200 --concurrency 32 --out ''
 
 Writes the figures and the exact command to bench/RESULTS_load.md (--out). Exit status 1 if a
-check failed. `tests/test_load.py` runs the same load (smaller) against an in-process server.
+check failed. `tests/production/test_load.py` runs the same load (smaller) against an in-process server.
 """
 
 from __future__ import annotations

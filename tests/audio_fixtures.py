@@ -3,6 +3,7 @@ those clips or from nothing (silence, other rates, Opus bombs), so no test reads
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -11,8 +12,12 @@ import av
 import numpy as np
 import soundfile as sf
 
+from app.audio import AudioLimits, decode_audio
+
 DATA = Path(__file__).resolve().parent / "data"
 """Committed clips: jfk.* in six containers, speech_XX.wav in eight languages, speech_texts.tsv."""
+JFK = decode_audio((DATA / "jfk.wav").read_bytes(), AudioLimits(max_seconds=60))
+"""The JFK clip as the server decodes it: float32 mono 16 kHz."""
 
 
 def wav(samples: np.ndarray, rate: int = 16000, subtype: str = "PCM_16") -> bytes:
@@ -30,6 +35,11 @@ def resampled(samples: np.ndarray, rate_from: int, rate_to: int) -> np.ndarray:
     bins = m // 2 + 1
     spectrum = spectrum[:bins] if bins <= len(spectrum) else np.pad(spectrum, (0, bins - len(spectrum)))
     return (np.fft.irfft(spectrum, m) * (m / n)).astype(np.float32)
+
+
+def wav_b64(audio: np.ndarray) -> str:
+    """Float WAV in base64, as a chat request's audio part carries it."""
+    return base64.b64encode(wav(audio, subtype="FLOAT")).decode()
 
 
 def jfk_samples() -> np.ndarray:

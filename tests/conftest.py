@@ -20,6 +20,7 @@ from app.api.app import create_app
 from app.config import Settings
 from app.model.loader import LoadedModel, load_model
 from tests.audio_fixtures import DATA
+from tests.speech_layout import Layout, make_layout
 
 # Property tests explore a fixed set of examples: CI must not turn red on a new random draw.
 hypothesis_settings.register_profile("deterministic", derandomize=True, database=None)
@@ -48,6 +49,12 @@ def make_settings(cache_dir: Path, **overrides: Any) -> Settings:
 @pytest.fixture(scope="session")
 def loaded(tiny_dir: Path) -> LoadedModel:
     return load_model(make_settings(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def layout() -> Layout:
+    """The 23 s file of speech, silences and a tail (tests/speech_layout.py), for chunking tests."""
+    return make_layout()
 
 
 def free_port() -> int:

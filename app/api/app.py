@@ -25,7 +25,6 @@ from app.api.middleware import BodyLimits, RequestContext, Route
 from app.api.realtime import route as realtime
 from app.api.routes import audio, chat, health, models, playground
 from app.api.service import Service
-from app.api.usage import ObservedEngine, ObservedService
 from app.config import Settings
 from app.engine.engine import Engine
 from app.metrics import Metrics
@@ -47,7 +46,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> t
         frames_per_chunk=loaded.model.config.audio_config.max_source_positions * 2,
         device=next(loaded.model.parameters()).device,
     )
-    engine = ObservedEngine(
+    engine = Engine(
         BatchGenerator(loaded.model, pad_token_id=special.pad_id, log_mel=log_mel),
         eos_token_ids={special.eos_id},
         decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
@@ -60,7 +59,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> t
         request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )
-    return engine, ObservedService(settings, engine, prompter, tokenizer, loaded.fingerprint)
+    return engine, Service(settings, engine, prompter, tokenizer, loaded.fingerprint)
 
 
 async def warm_up(service: Service) -> None:

@@ -16,9 +16,10 @@ from typing import Any
 from app.api import render
 from app.api.chat_request import ChatJob
 from app.api.logprobs import chat_content
+from app.api.sse import sse
 from app.engine.engine import Engine
 from app.engine.work import WorkItem
-from app.errors import VoxtralError, error_body
+from app.errors import VoxtralError
 from app.model.callstream import CallDelta, CallReader
 from app.model.detok import IncrementalDecoder
 from app.model.toolcalls import split_at_calls
@@ -107,8 +108,8 @@ class ChatStream:
                     item.cancel()
                     break
         except VoxtralError as exc:
-            yield render.sse(error_body(exc.message, exc.type, exc.param, exc.code))
-            yield render.sse("[DONE]")
+            yield sse(exc.error_body())
+            yield sse("[DONE]")
             return
         for chunk in self._end(item.result):
             yield chunk
@@ -123,9 +124,9 @@ class ChatStream:
         if self.include_usage:
             chunk = render.chat_chunk(self.id, self.model, self.fingerprint, self.created, {}, None)
             completion = sum(c.tokens for c in self.choices)
-            chunk["choices"], chunk["usage"] = [], render.usage(self.job.prepared.prompt_tokens, completion)
-            yield render.sse(chunk)
-        yield render.sse("[DONE]")
+            chunk["choices"], chunk["usage"] = [], render.chat_usage(self.job.prepared.prompt_tokens, completion)
+            yield sse(chunk)
+        yield sse("[DONE]")
 
     def _chunk(
         self, index: int, delta: dict[str, Any], finish: str | None = None, logprobs: list[dict[str, Any]] | None = None
@@ -135,4 +136,4 @@ class ChatStream:
         choice["index"] = index
         if logprobs is not None:
             choice["logprobs"] = {"content": logprobs, "refusal": None}
-        return render.sse(chunk)
+        return sse(chunk)

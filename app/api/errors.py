@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def error_response(exc: VoxtralError) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
+    return JSONResponse(exc.error_body(), exc.status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

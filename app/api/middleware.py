@@ -17,8 +17,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.usage import CURRENT, RequestRecord
-from app.errors import PayloadTooLarge, VoxtralError, error_body
+from app.api.record import RequestRecord
+from app.errors import PayloadTooLarge, VoxtralError
 from app.logs import FIELDS
 from app.metrics import Metrics
 
@@ -33,7 +33,7 @@ async def send_error(
 ) -> None:
     """A whole JSON error response in OpenAI's shape, for middleware that answers before the routes.
     `websocket`: the answer to a refused upgrade (ASGI's WebSocket denial response, which uvicorn supports)."""
-    body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
+    body = json.dumps(error.error_body()).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     prefix = "websocket.http" if websocket else "http"
@@ -129,9 +129,8 @@ class RequestContext:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers", []))
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
         started, status, record = time.perf_counter(), 500, RequestRecord()
-        token = CURRENT.set(record)
+        scope.setdefault("state", {}).update(request_id=request_id, record=record)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -143,7 +142,6 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            CURRENT.reset(token)
             self._record(scope, request_id, status, time.perf_counter() - started, record)
 
     def _record(self, scope: Scope, request_id: str, status: int, elapsed: float, record: RequestRecord) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
 
-from app.model.callstream import ChatOutput
+from app.api.chat_request import ChatJob
+from app.api.logprobs import chat_logprobs
+from app.model.callstream import ChatOutput, chat_output
 from app.model.toolcalls import ParsedCall
+from app.types import GenerationResult
 
 
 def new_id(prefix: str) -> str:
@@ -30,8 +32,18 @@ def chat_completion(
         "model": model,
         "system_fingerprint": fingerprint,
         "choices": [_choice(i, output, logprobs) for i, (output, logprobs) in enumerate(choices)],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": chat_usage(prompt_tokens, completion_tokens),
     }
+
+
+def chat_answer(job: ChatJob, result: GenerationResult, model: str, fingerprint: str) -> dict[str, Any]:
+    """A whole chat.completion: each of the `n` choices' tokens read as text or tool calls."""
+    stops = job.prepared.sampling.stop_strings
+    results = result.choices or [result]
+    outputs = [chat_output(r.token_ids, r.finish_reason, job.vocab, job.tool_names, stops) for r in results]
+    choices = [(out, chat_logprobs(job.vocab, r.logprobs)) for out, r in zip(outputs, results, strict=True)]
+    completion_tokens = sum(len(r.token_ids) for r in results)  # the prompt counts once, every choice's tokens
+    return chat_completion(model, fingerprint, choices, result.prompt_tokens, completion_tokens)
 
 
 def _choice(index: int, output: ChatOutput, logprobs: dict[str, Any] | None) -> dict[str, Any]:
@@ -48,7 +60,8 @@ def tool_call(call: ParsedCall, index: int | None = None) -> dict[str, Any]:
     return body
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """Chat completions' usage object (the transcription shape is `transcripts.transcription_usage`)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -67,8 +80,3 @@ def chat_chunk(
         "system_fingerprint": fingerprint,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
     }
-
-
-def sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()

@@ -20,13 +20,14 @@ import numpy as np
 from app.api import chat_request as chat
 from app.api.chat_request import ChatJob
 from app.api.logprobs import mean
+from app.api.record import RequestRecord
 from app.api.schemas import AudioUrlPart, ChatCompletionRequest, InputAudioPart, Message
 from app.api.transcript_logprobs import TextLogprobs, text_logprobs
 from app.api.transcripts import Delta, PieceResult, TextJoiner, Transcript, TranscriptionOptions, split_language
 from app.audio import SAMPLE_RATE, AudioLimits, decode_audio
 from app.chunking import Piece, split_at_silences, whole
 from app.config import Settings
-from app.engine.engine import Engine
+from app.engine.engine import Engine, Reservation
 from app.engine.work import WorkItem
 from app.errors import (
     ContextLengthExceeded,
@@ -88,16 +89,24 @@ class Service:
             )
 
     def decode(self, token_ids: list[int]) -> str:
+        """Text without special tokens: what --log-prompts shows of a request's prompt and output."""
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     # -- transcription / translation -------------------------------------------------------------
     async def load_audio(
-        self, data: bytes | Callable[[], bytes], filename: str | None, max_seconds: float
+        self,
+        data: bytes | Callable[[], bytes],
+        filename: str | None,
+        max_seconds: float,
+        record: RequestRecord | None = None,
     ) -> np.ndarray:
         """`data` may be a function that unpacks it (base64 in JSON): it runs in a prep thread with the
         decoding, because unpacking the base64 of a 25 MB file takes ~100 ms that on the event loop
-        would stall every other connection."""
-        return await self.off_loop(self._decode, data, filename, AudioLimits(max_seconds=max_seconds))
+        would stall every other connection. The decoded seconds are added to `record`."""
+        audio = await self.off_loop(self._decode, data, filename, AudioLimits(max_seconds=max_seconds))
+        if record is not None:
+            record.add_audio(audio)
+        return audio
 
     def _decode(self, data: bytes | Callable[[], bytes], filename: str | None, limits: AudioLimits) -> np.ndarray:
         raw = data() if callable(data) else data
@@ -110,10 +119,16 @@ class Service:
         return int(s.transcription_min_tokens + s.transcription_tokens_per_audio_s * seconds)
 
     async def start_transcription(
-        self, audio: np.ndarray, options: TranscriptionOptions, *, stream: bool = False
+        self,
+        audio: np.ndarray,
+        options: TranscriptionOptions,
+        *,
+        stream: bool = False,
+        reservation: Reservation | None = None,
+        record: RequestRecord | None = None,
     ) -> TranscriptionRun:
-        """Prepare every piece off the loop, then queue them all at once so they run as rows of the
-        same batches; if the queue refuses one, those already queued are withdrawn."""
+        """Prepare every piece off the loop, then queue them all at once (in `reservation`'s place, if
+        given) so they run as rows of the same batches; if the queue refuses one, none is queued."""
         # The speech detector costs ~1% of the audio's length in CPU: never on the event loop.
         pieces = (
             whole(audio)
@@ -122,7 +137,9 @@ class Service:
         )
         requests = await asyncio.gather(*(self._piece_request(audio[p.start : p.end], options) for p in pieces))
         run = TranscriptionRun(options, audio.shape[0] / SAMPLE_RATE, pieces, [])
-        run.items.extend(self.engine.submit_many(list(requests), stream=stream))
+        run.items.extend(self.engine.submit_many(list(requests), stream=stream, reservation=reservation))
+        if record is not None:
+            record.add_items(run.items, self.decode)
         log.debug("transcription of %.1f s queued as %d piece(s)", run.duration_s, len(pieces))
         return run
 
@@ -199,11 +216,11 @@ class Service:
         return b"".join(tekken.id_to_byte_piece(i) for i in token_ids if first <= i < end)
 
     # -- chat ------------------------------------------------------------------------------------
-    async def prepare_chat(self, body: ChatCompletionRequest) -> ChatJob:
+    async def prepare_chat(self, body: ChatCompletionRequest, record: RequestRecord | None = None) -> ChatJob:
         self.check_model(body.model)
         chat.check_unsupported(body, self.settings.max_batch_size)
         spec = chat.output_spec(body)
-        messages = [await self._message(m) for m in body.messages]
+        messages = [await self._message(m, record) for m in body.messages]
         chat.check_chat_audio(messages, self.settings)
         encoded = await self.off_loop(self.prompter.chat, messages, chat.prompt_tools(body))
         sampling = chat.chat_sampling(body, len(encoded.input_ids), self.settings)
@@ -214,6 +231,14 @@ class Service:
             if shortest is not None and sampling.max_new_tokens < shortest:
                 raise chat.minimum_refused(sampling.max_new_tokens, shortest)
         return ChatJob(prepared, self.constrainer.vocab, chat.tool_names(spec))
+
+    def submit_chat(
+        self, job: ChatJob, *, stream: bool, reservation: Reservation | None, record: RequestRecord | None
+    ) -> WorkItem:
+        item = self.engine.submit(job.prepared, stream=stream, reservation=reservation)
+        if record is not None:
+            record.add_items([item], self.decode)
+        return item
 
     @cached_property
     def constrainer(self) -> Constrainer:
@@ -230,13 +255,13 @@ class Service:
     def _prepared(self, encoded: Encoded, sampling: SamplingParams, kind: Any) -> PreparedRequest:
         return PreparedRequest(encoded.input_ids, encoded.audios, sampling, kind)
 
-    async def _message(self, message: Message) -> dict[str, Any]:
+    async def _message(self, message: Message, record: RequestRecord | None) -> dict[str, Any]:
         out = chat.message_fields(message)
         if isinstance(message.content, list):
-            out["content"] = [await self._part(p) for p in message.content]
+            out["content"] = [await self._part(p, record) for p in message.content]
         return out
 
-    async def _part(self, part: Any) -> dict[str, Any]:
+    async def _part(self, part: Any, record: RequestRecord | None) -> dict[str, Any]:
         if isinstance(part, InputAudioPart):
             raw = part.input_audio if isinstance(part.input_audio, str) else part.input_audio.data
             unpack = partial(chat.b64_audio, raw)
@@ -245,5 +270,5 @@ class Service:
             unpack = partial(chat.data_url_audio, url)
         else:
             return {"type": "text", "text": part.text}
-        audio = await self.load_audio(unpack, None, self.settings.max_chat_audio_s)
+        audio = await self.load_audio(unpack, None, self.settings.max_chat_audio_s, record)
         return {"type": "input_audio", "audio": audio}

@@ -10,7 +10,6 @@ Whisper does (UTF-8 length over zlib-compressed length).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import zlib
@@ -19,8 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from app.api.sse import sse
 from app.chunking import VadOptions
-from app.errors import InternalError, InvalidRequest, VoxtralError, error_body
+from app.errors import InternalError, InvalidRequest, VoxtralError
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,11 @@ class Transcript:
     def usage(self) -> dict[str, Any]:
         prompt = sum(p.prompt_tokens for p in self.pieces)
         completion = sum(len(p.token_ids) for p in self.pieces)
-        return usage(prompt, completion)
+        return transcription_usage(prompt, completion)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def transcription_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The usage object of transcriptions and realtime transcripts (chat's is `render.chat_usage`)."""
     return {
         "type": "tokens",
         "input_tokens": prompt_tokens,
@@ -252,10 +253,6 @@ def timestamp(seconds: float, decimal: str) -> str:
 
 
 # -- server-sent events --------------------------------------------------------------------------
-def sse(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
-
-
 def delta_event(delta: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
     event: dict[str, Any] = {"type": "transcript.text.delta", "delta": delta}
     if logprobs is not None:
@@ -264,17 +261,16 @@ def delta_event(delta: str, logprobs: list[dict[str, Any]] | None = None) -> byt
 
 
 def done_event(transcript: Transcript) -> bytes:
-    counts = transcript.usage()
     event: dict[str, Any] = {"type": "transcript.text.done", "text": transcript.text}
     if transcript.options.include_logprobs:
         event["logprobs"] = [entry for p in transcript.pieces for entry in p.logprobs or []]
-    event["usage"] = usage(counts["input_tokens"], counts["output_tokens"])
+    event["usage"] = transcript.usage()
     return sse(event)
 
 
 def error_event(exc: VoxtralError) -> bytes:
     """The OpenAI SDK raises an APIError on an event with an `error` key; the stream then ends."""
-    return sse(error_body(exc.message, exc.type, exc.param, exc.code))
+    return sse(exc.error_body())
 
 
 Delta = tuple[str, list[dict[str, Any]] | None]

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextvars import ContextVar
+from dataclasses import dataclass
 
 from app.engine.queue import RequestQueue
 from app.engine.work import WorkItem
@@ -19,8 +19,13 @@ from app.metrics import Metrics
 from app.model.generate import BatchGenerator
 from app.types import GenerationResult, PreparedRequest, TokenEvent
 
-_RESERVED: ContextVar[bool] = ContextVar("voxtral_queue_reserved", default=False)
-"""True inside `Engine.admission()` until a submit takes the reserved place over."""
+
+@dataclass
+class Reservation:
+    """A queue place that `Engine.admission()` holds while a request is prepared; the first submit
+    given it takes the place over, so the prepared request cannot be refused for want of room."""
+
+    held: bool = True
 
 
 class Engine:
@@ -64,25 +69,30 @@ class Engine:
         self.accepting = True
 
     @contextlib.contextmanager
-    def admission(self) -> Iterator[None]:
-        """Hold a queue place while a request is prepared: a full queue is a 429 before any decoding."""
+    def admission(self) -> Iterator[Reservation]:
+        """Hold a queue place while a request is prepared: a full queue is a 429 before any decoding.
+        Pass the reservation to the submit; a place no submit took over is given back on exit."""
         if not self.accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         self.queue.reserve()
-        token = _RESERVED.set(True)
+        reservation = Reservation()
         try:
-            yield
+            yield reservation
         finally:
-            if _RESERVED.get():  # not taken over by a submit
+            if reservation.held:
                 self.queue.release()
-            _RESERVED.reset(token)
 
-    def submit(self, request: PreparedRequest, *, stream: bool = False) -> WorkItem:
+    def submit(
+        self, request: PreparedRequest, *, stream: bool = False, reservation: Reservation | None = None
+    ) -> WorkItem:
         """Enqueue at once or raise QueueFull / ShuttingDown; never blocks."""
-        return self.submit_many([request], stream=stream)[0]
+        return self.submit_many([request], stream=stream, reservation=reservation)[0]
 
-    def submit_many(self, requests: list[PreparedRequest], *, stream: bool = False) -> list[WorkItem]:
-        """Enqueue all or none (one queue lock), so related requests can share their first prefill."""
+    def submit_many(
+        self, requests: list[PreparedRequest], *, stream: bool = False, reservation: Reservation | None = None
+    ) -> list[WorkItem]:
+        """Enqueue all or none (one queue lock), so related requests can share their first prefill.
+        Without a reservation (or with one already taken over) the items need places of their own."""
         if not self.accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         loop = asyncio.get_running_loop()
@@ -91,8 +101,9 @@ class Engine:
             WorkItem(request=r, loop=loop, deadline=deadline, stream=stream, on_cancel=self.queue.discard)
             for r in requests
         ]
-        self.queue.put_many(items, reserved=_RESERVED.get())
-        _RESERVED.set(False)
+        self.queue.put_many(items, reserved=reservation is not None and reservation.held)
+        if reservation is not None:  # only once enqueued: a refused submit leaves the place to admission
+            reservation.held = False
         return items
 
     async def generate(self, request: PreparedRequest) -> GenerationResult:

@@ -188,16 +188,14 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
 
 def error_event(exc: VoxtralError, event_id: str | None = None) -> dict[str, Any]:
     """RealtimeServerEventError: OpenAI's error object plus the client event it answers."""
-    error = {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param, "event_id": event_id}
-    return event("error", error=error)
+    return event("error", error={**exc.error_object(), "event_id": event_id})
 
 
 def failed_event(item_id: str, exc: VoxtralError) -> dict[str, Any]:
     """conversation.item.input_audio_transcription.failed (its error fields are strings, never null)."""
-    error = {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param}
     return event(
         "conversation.item.input_audio_transcription.failed",
         item_id=item_id,
         content_index=0,
-        error={k: v for k, v in error.items() if v is not None},
+        error={k: v for k, v in exc.error_object().items() if v is not None},
     )

@@ -52,8 +52,10 @@ class Transcriber:
         self._pending.put_nowait(Utterance(item_id, started, asyncio.get_running_loop().time()))
 
     async def _start(self, audio: np.ndarray, options: TranscriptionOptions) -> TranscriptionRun:
-        with self.service.engine.admission():  # a full queue refuses here, before the audio is prepared
-            return await self.service.start_transcription(audio, options, stream=True)
+        # A full queue refuses here, before the audio is prepared. A session keeps no request record:
+        # its utterances are counted by the realtime metrics instead.
+        with self.service.engine.admission() as reservation:
+            return await self.service.start_transcription(audio, options, stream=True, reservation=reservation)
 
     async def finish(self) -> None:
         """Deliver every utterance committed so far, then stop."""

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.api import transcripts
 from app.api.disconnect import StoppingStream, client_closed, unless_gone
+from app.api.record import RequestRecord, record_of
 from app.api.service import Service
 from app.api.transcripts import Task, Transcript, TranscriptionOptions
 from app.chunking import VadOptions
@@ -68,9 +69,12 @@ async def _run(request: Request, file: UploadFile, form: AudioForm, task: Task) 
     service = _service(request)
     service.check_model(form.model)
     options = _options(form, task, await _chunking(request, form))
-    with service.engine.admission():
-        audio = await _decode(service, file)
-        run = await service.start_transcription(audio, options, stream=form.stream)
+    record = record_of(request)
+    with service.engine.admission() as reservation:
+        audio = await _decode(service, file, record)
+        run = await service.start_transcription(
+            audio, options, stream=form.stream, reservation=reservation, record=record
+        )
     del audio  # the pieces hold their features now; let a long file's samples go
     if form.stream:
         events = transcripts.sse_stream(service.stream_transcription(run))
@@ -161,7 +165,7 @@ def _parse_json(raw: str | None) -> Any:
         ) from None
 
 
-async def _decode(service: Service, file: UploadFile) -> np.ndarray:
+async def _decode(service: Service, file: UploadFile, record: RequestRecord | None) -> np.ndarray:
     """Read the upload block by block, refusing it (413) as soon as it passes the limit."""
     limit, blocks, size = service.settings.max_upload_bytes, [], 0
     while block := await file.read(_READ_BLOCK):
@@ -169,7 +173,8 @@ async def _decode(service: Service, file: UploadFile) -> np.ndarray:
         if size > limit:
             raise PayloadTooLarge(f"The file is larger than the {service.settings.max_upload_mb:g} MB limit.")
         blocks.append(block)
-    return await service.load_audio(b"".join(blocks), file.filename, service.settings.max_transcription_audio_s)
+    max_seconds = service.settings.max_transcription_audio_s
+    return await service.load_audio(b"".join(blocks), file.filename, max_seconds, record)
 
 
 def _render(transcript: Transcript, response_format: str) -> Response:

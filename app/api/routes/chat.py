@@ -10,10 +10,9 @@ from fastapi.responses import JSONResponse, Response
 from app.api import render
 from app.api.chat_stream import ChatStream
 from app.api.disconnect import StoppingStream, client_closed, unless_gone
-from app.api.logprobs import chat_logprobs
+from app.api.record import record_of
 from app.api.schemas import ChatCompletionRequest
 from app.api.service import Service
-from app.model.callstream import chat_output
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -26,9 +25,10 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
 @router.post("/chat/completions", response_model=None, responses=_ANSWERS)
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     service: Service = request.app.state.service
-    with service.engine.admission():
-        job = await service.prepare_chat(body)
-        item = service.engine.submit(job.prepared, stream=body.stream)
+    record = record_of(request)
+    with service.engine.admission() as reservation:
+        job = await service.prepare_chat(body, record)
+        item = service.submit_chat(job, stream=body.stream, reservation=reservation, record=record)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = ChatStream(job, body.model, service.fingerprint, include_usage).run(service.engine, item)
@@ -37,10 +37,4 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     if result is None:
         item.cancel()  # the worker drops the row before its next step
         return client_closed()
-    stops = job.prepared.sampling.stop_strings
-    results = result.choices or [result]
-    outputs = [chat_output(r.token_ids, r.finish_reason, job.vocab, job.tool_names, stops) for r in results]
-    choices = [(out, chat_logprobs(job.vocab, r.logprobs)) for out, r in zip(outputs, results, strict=True)]
-    completion_tokens = sum(len(r.token_ids) for r in results)  # the prompt counts once, every choice's tokens
-    answer = render.chat_completion(body.model, service.fingerprint, choices, result.prompt_tokens, completion_tokens)
-    return JSONResponse(answer)
+    return JSONResponse(render.chat_answer(job, result, body.model, service.fingerprint))

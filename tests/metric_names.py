@@ -1,0 +1,29 @@
+"""Every metric the server exports, by kind: what dashboards, alerts and tests may name."""
+
+from __future__ import annotations
+
+COUNTERS = {
+    "voxtral_requests_total",
+    "voxtral_prompt_tokens_total",
+    "voxtral_generation_tokens_total",
+    "voxtral_audio_seconds_total",
+    "voxtral_realtime_utterances_total",
+}
+GAUGES = {
+    "voxtral_num_requests_waiting",
+    "voxtral_num_requests_running",
+    "voxtral_model_load_seconds",
+    "voxtral_gpu_memory_bytes",
+    "voxtral_gpu_memory_peak_bytes",
+    "voxtral_realtime_sessions",
+}
+HISTOGRAMS = {
+    "voxtral_e2e_request_latency_seconds",
+    "voxtral_time_to_first_token_seconds",
+    "voxtral_request_queue_time_seconds",
+    "voxtral_batch_size",
+    "voxtral_batch_fill_ratio",
+    "voxtral_real_time_factor",
+    "voxtral_realtime_turn_latency_seconds",
+}
+METRICS = COUNTERS | GAUGES | HISTOGRAMS

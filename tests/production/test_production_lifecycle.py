@@ -1,0 +1,200 @@
+"""Readiness and graceful shutdown: a real `voxtral-server serve` process and a real SIGTERM.
+
+What a client sees during the drain: the socket stays open, so a new /v1 request gets a 503
+`shutting_down` (not "connection refused"); connection refused comes only once the drain is
+over and the process is exiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.api.app import create_app
+from app.model.loader import LoadedModel
+from tests.conftest import AUDIO, assert_openai_error, free_port, make_settings
+from tests.production_server import production, read_response
+
+ROOT = Path(__file__).resolve().parents[2]
+BOUNDARY = "voxtral-test-boundary"
+
+
+def chat_body(max_tokens: int, stream: bool) -> dict[str, Any]:
+    messages = [{"role": "user", "content": "Tell me a long story."}]
+    return {"model": "tiny", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+
+
+def upload_body() -> bytes:
+    form = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\ntiny\r\n--{BOUNDARY}\r\n'
+    form += 'Content-Disposition: form-data; name="file"; filename="jfk.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+    return form.encode() + (AUDIO / "jfk.wav").read_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def start_held_upload(port: int) -> tuple[socket.socket, bytes]:
+    """A transcription whose headers are in and whose body the test sends when it chooses: an accepted
+    request that stays in flight exactly as long as the test needs, however fast the machine is.
+    `Expect: 100-continue` makes the server say when the app has started reading it."""
+    body = upload_body()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\n"
+        + f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
+    assert sock.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    return sock, body
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 120
+        with self.http() as http:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.log.read_text()
+                try:
+                    if http.get("/ready").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        raise AssertionError("never ready:\n" + self.log.read_text())
+
+    def metric(self, name: str) -> float:
+        with self.http() as http:
+            for line in http.get("/metrics").text.splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return 0.0
+
+
+@pytest.fixture
+def process(loaded: LoadedModel, tiny_dir: Path, tmp_path: Path) -> Iterator[Server]:
+    port, log = free_port(), tmp_path / "server.log"
+    args = ["--model", "tiny", "--port", str(port), "--cache-dir", str(tiny_dir), "--drain-timeout-s", "30"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.main", "serve", *args], cwd=ROOT, stdout=out, stderr=out)
+    server = Server(proc, port, log)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+class Stream(threading.Thread):
+    """A streaming chat read in the background; `first` is set once the server has started answering."""
+
+    def __init__(self, server: Server, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.server, self.body = server, chat_body(max_tokens, True)
+        self.first = threading.Event()
+        self.outcome: dict[str, Any] = {}
+
+    def run(self) -> None:
+        with self.server.http() as http, http.stream("POST", "/v1/chat/completions", json=self.body) as response:
+            chunks = []
+            for chunk in response.iter_text():
+                chunks.append(chunk)
+                self.first.set()
+            self.outcome = {"status": response.status_code, "text": "".join(chunks)}
+
+
+def test_sigterm_drains_accepted_requests_and_refuses_new_ones(process: Server) -> None:
+    upload, body = start_held_upload(process.port)
+    stream = Stream(process, 200)
+    stream.start()
+    assert stream.first.wait(60), "the stream never started"
+
+    process.proc.send_signal(signal.SIGTERM)
+    with process.http() as http:
+        while (ready := http.get("/ready")).status_code == 200:
+            time.sleep(0.02)
+        assert (ready.status_code, ready.json()["status"]) == (503, "draining")
+        refused = http.post("/v1/chat/completions", json=chat_body(2, False))
+        assert assert_openai_error(refused, 503)["code"] == "shutting_down"
+        assert refused.headers["connection"] == "close"
+        assert http.get("/health").status_code == 200
+
+    upload.sendall(body)  # the accepted upload finishes during the drain
+    answer = read_response(upload)
+    upload.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert isinstance(json.loads(answer.partition(b"\r\n\r\n")[2])["text"], str)
+    stream.join(60)
+    assert stream.outcome["status"] == 200
+    assert stream.outcome["text"].rstrip().endswith("data: [DONE]")
+    assert '"finish_reason":"length"' in stream.outcome["text"].replace(" ", "")
+
+    assert process.proc.wait(60) == 0
+    with pytest.raises(httpx.ConnectError), process.http() as http:
+        http.get("/health")  # only now: connection refused
+    lines = [json.loads(line) for line in process.log.read_text().splitlines() if line.startswith("{")]
+    assert any(line["message"].startswith("received SIGTERM: draining") for line in lines)
+    refused_line = next(line for line in lines if line.get("status") == 503 and line.get("endpoint"))
+    assert refused_line["endpoint"] == "/v1/chat/completions"
+
+
+def test_drain_timeout_answers_what_is_left_with_503(loaded: LoadedModel, tiny_dir: Path) -> None:
+    """A request that cannot finish within --drain-timeout-s gets a `shutting_down` error, not a cut
+    connection, and the server still exits promptly."""
+    with production(loaded, tiny_dir, drain_timeout_s=1) as running:
+        outcome: dict[str, Any] = {}
+
+        def long_stream() -> None:
+            with running.http() as http, http.stream("POST", "/v1/chat/completions", json=chat_body(30000, True)) as r:
+                outcome["text"] = "".join(r.iter_text())
+
+        client = threading.Thread(target=long_stream, daemon=True)
+        client.start()
+        while running.app.state.engine.worker.running == 0:
+            time.sleep(0.02)
+        started = time.monotonic()
+        running.server.handle_exit(signal.SIGTERM, None)
+        running.thread.join(20)
+        client.join(20)
+        assert not running.thread.is_alive() and time.monotonic() - started < 10
+    assert '"code": "shutting_down"' in outcome["text"].replace('":"', '": "')
+    assert outcome["text"].rstrip().endswith("data: [DONE]")
+
+
+def test_ready_is_503_before_start_up_and_while_draining(loaded: LoadedModel, tiny_dir: Path) -> None:
+    app = create_app(make_settings(tiny_dir), loaded)
+
+    async def ready() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)  # no lifespan: the model is never warmed up
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/ready")
+
+    response = asyncio.run(ready())
+    assert (response.status_code, response.json()["status"]) == (503, "not ready")
+    app.state.lifecycle.ready = True
+    assert asyncio.run(ready()).status_code == 200
+    app.state.lifecycle.draining = True
+    assert asyncio.run(ready()).json()["status"] == "draining"
+
+
+def test_ctrl_c_drains_and_exits_0_too(process: Server) -> None:
+    process.proc.send_signal(signal.SIGINT)
+    assert process.proc.wait(30) == 0
+    with pytest.raises(httpx.ConnectError), process.http() as http:
+        http.get("/health")

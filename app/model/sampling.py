@@ -134,12 +134,13 @@ class Sampler:
         return torch.stack(picked)
 
     def _fill(self, rows: list[Row]) -> _Masks:
-        from llguidance.torch import fill_next_token_bitmask_par
-
         assert rows[0].constraint is not None
         words = (int(rows[0].constraint.vocab_size) + 31) // 32  # one tokenizer serves every row
         bits = torch.from_numpy(np.full((len(rows), words), -1, dtype=np.int32))  # torch.full took 7 ms here
-        fill_next_token_bitmask_par(self._llexecutor(), [(_matcher(r), j) for j, r in enumerate(rows)], bits)
+        # What llguidance.torch.fill_next_token_bitmask_par does, without importing that module: it compiles a
+        # kernel with torch.compile at import, which pulled in torch._dynamo (3 s) on the first constrained row.
+        matchers = [(_matcher(r), j) for j, r in enumerate(rows)]
+        self._llexecutor().unsafe_compute_mask_ptr(matchers, bits.data_ptr(), words * 4, len(rows))
         return _Masks({id(r): (j, len(r.generated)) for j, r in enumerate(rows)}, bits)
 
     def _llexecutor(self) -> Any:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.model.row import Row
+from app.model.row import Row, take_rows
 from app.types import TokenLogprob
 
 
@@ -54,8 +54,7 @@ class Logprobs:
         asking = [i for i in live if rows[i].sampling.logprobs is not None]
         if not asking:
             return None
-        index = torch.tensor(asking, device=logits.device)
-        raw = logits if len(asking) == logits.shape[0] else logits.index_select(0, index)
+        raw = take_rows(logits, asking)
         asked = [rows[i].sampling.logprobs or 0 for i in asking]
         return cls(asking, asked, torch.log_softmax(raw.float(), dim=-1), max(asked), raw)
 

@@ -176,8 +176,11 @@ def test_every_dtype_and_attention_kernel_decodes_as_transformers_does(
     tiny_dir: Path, prompter: Prompter, log_mel: LogMel, dtype: str, attention: str
 ) -> None:
     """float32 with sdpa is the test above. Here the engine must give model.generate's tokens, alone and
-    in a batch of 8: exactly, since it runs the same operations on the same shapes (its logits equal
-    model.generate's bit for bit, near-ties included, whatever kernels the CPU picks for them).
+    in a batch of 8. Alone exactly: it runs the same operations on the same shapes (its logits equal
+    model.generate's bit for bit, near-ties included, whatever kernels the CPU picks for them). In a batch of
+    8 exactly in bfloat16 (same operations); in float32 the engine projects 2-8 rows weight-major on a CPU
+    (app/model/generate.py: logits within ~1e-6 relative of `lm_head`'s), so there the batch must equal
+    model.generate's wherever a row is clear of a near-tie.
 
     Batched against alone, tokens agree only where no near-tie lets kernel choice decide: a padded batch
     takes other GEMM and attention kernels than a lone row (with sdpa in bfloat16 its logits move by one
@@ -192,9 +195,12 @@ def test_every_dtype_and_attention_kernel_decodes_as_transformers_does(
     alone, margins = _decode_alone(gen, requests, 8)
     batched = _decode(gen, [Row(r.input_ids, r.audios, SamplingParams()) for r in requests], 8)
     assert alone == [_reference(model, log_mel, [r], 8)[0] for r in requests]
-    assert batched == _reference(model, log_mel, requests, 8)
     if dtype == "float32":
+        assert gen.weight_major  # the batch below takes the weight-major projection
+        assert_equal_where_decided(batched, _reference(model, log_mel, requests, 8), margins, TIE_TOL)
         assert_equal_where_decided(batched, alone, margins, TIE_TOL)
+    else:
+        assert batched == _reference(model, log_mel, requests, 8)
     assert len({tuple(a) for a in alone}) > 2
 
 

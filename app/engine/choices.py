@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from app.engine.work import WorkItem
+from app.engine.item import WorkItem
 from app.model.generate import BatchGenerator, BatchState, Row
 from app.types import GenerationResult
 

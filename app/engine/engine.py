@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from app.engine.queue import RequestQueue
-from app.engine.work import WorkItem
+from app.engine.item import WorkItem
 from app.engine.worker import ModelWorker
 from app.errors import RequestTimeout, ShuttingDown
 from app.metrics import Metrics

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from app.engine.batcher import select_batch
-from app.engine.work import WorkItem
+from app.engine.item import WorkItem
 from app.errors import QueueFull, RequestTimeout, ShuttingDown
 
 

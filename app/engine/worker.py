@@ -20,7 +20,7 @@ from app.engine.batcher import select_batch
 from app.engine.choices import fan_out
 from app.engine.choices import gather as gather_choices
 from app.engine.queue import RequestQueue
-from app.engine.work import WorkItem
+from app.engine.item import WorkItem
 from app.errors import InternalError, RequestTimeout
 from app.metrics import Metrics
 from app.model.generate import BatchGenerator, BatchState, Row

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from app.engine.work import WorkItem
+from app.engine.item import WorkItem
 from app.model.loader import LoadedModel
 from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve, wait_until
 

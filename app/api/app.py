@@ -26,6 +26,7 @@ from app.api.realtime import route as realtime
 from app.api.routes import audio, chat, health, models, playground
 from app.api.service import Service
 from app.config import Settings
+from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.metrics import Metrics
 from app.model.features import LogMel
@@ -48,15 +49,9 @@ def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> t
     )
     engine = Engine(
         BatchGenerator(loaded.model, pad_token_id=special.pad_id, log_mel=log_mel),
+        EngineConfig.from_settings(settings),
         eos_token_ids={special.eos_id},
         decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
-        max_queue=settings.max_queue,
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_wait_ms=settings.max_wait_ms,
-        continuous_batching=settings.continuous_batching,
-        max_running_tokens=settings.max_running_tokens,
-        request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )
     return engine, Service(settings, engine, prompter, tokenizer, loaded.fingerprint)

@@ -11,8 +11,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from app.engine.queue import RequestQueue
+from app.engine.config import EngineConfig
 from app.engine.item import WorkItem
+from app.engine.queue import RequestQueue
 from app.engine.worker import ModelWorker
 from app.errors import RequestTimeout, ShuttingDown
 from app.metrics import Metrics
@@ -32,34 +33,25 @@ class Engine:
     def __init__(
         self,
         generator: BatchGenerator,
+        config: EngineConfig,
         *,
         eos_token_ids: set[int],
         decode: Callable[[list[int]], str],
-        max_queue: int,
-        max_batch_size: int,
-        max_batch_tokens: int,
-        max_wait_ms: float,
-        request_timeout_s: float,
         metrics: Metrics,
-        continuous_batching: bool = True,
-        max_running_tokens: int | None = None,
     ) -> None:
         self.metrics = metrics
-        self.request_timeout_s = request_timeout_s
+        self.config = config
+        self.request_timeout_s = config.request_timeout_s
         self._wake: Callable[[], object] | None = None
         """Set while `drain` waits: wakes it from the worker thread or a queue change."""
-        self.queue = RequestQueue(max_queue, on_change=self._queue_changed)
+        self.queue = RequestQueue(config.max_queue, on_change=self._queue_changed)
         self.worker = ModelWorker(
             generator,
             self.queue,
+            config,
             eos_token_ids=eos_token_ids,
             decode=decode,
-            max_batch_size=max_batch_size,
-            max_batch_tokens=max_batch_tokens,
-            max_wait_s=max_wait_ms / 1000.0,
             metrics=metrics,
-            continuous=continuous_batching,
-            max_running_tokens=max_running_tokens,
             on_tick=self._changed,
         )
         self.accepting = False

@@ -19,8 +19,9 @@ import torch
 from app.engine.batcher import select_batch
 from app.engine.choices import fan_out
 from app.engine.choices import gather as gather_choices
-from app.engine.queue import RequestQueue
+from app.engine.config import EngineConfig
 from app.engine.item import WorkItem
+from app.engine.queue import RequestQueue
 from app.errors import InternalError, RequestTimeout
 from app.metrics import Metrics
 from app.model.generate import BatchGenerator, BatchState, Row
@@ -42,26 +43,22 @@ class ModelWorker:
         self,
         generator: BatchGenerator,
         queue: RequestQueue,
+        config: EngineConfig,
         *,
         eos_token_ids: set[int],
         decode: Callable[[list[int]], str],
-        max_batch_size: int,
-        max_batch_tokens: int,
-        max_wait_s: float,
         metrics: Metrics,
-        continuous: bool = True,
-        max_running_tokens: int | None = None,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.generator = generator
         self.queue = queue
         self.eos = eos_token_ids
         self.decode = decode
-        self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
-        self.max_wait_s = max_wait_s
-        self.continuous = continuous
-        self.max_running_tokens = max_running_tokens
+        self.max_batch_size = config.max_batch_size
+        self.max_batch_tokens = config.max_batch_tokens
+        self.max_wait_s = config.max_wait_s
+        self.continuous = config.continuous_batching
+        self.max_running_tokens = config.max_running_tokens
         self.metrics = metrics
         self.on_tick = on_tick or (lambda: None)
         """Called after each turn of the loop, once its answers have left (drain waits on it)."""

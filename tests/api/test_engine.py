@@ -283,24 +283,6 @@ def test_continuous_batching_admits_between_steps_and_static_batching_does_not(
     assert steps[:39] == ([1] + [2] * 38 if continuous else [1] * 39)
 
 
-def test_a_row_cap_after_out_of_memory_stops_the_batch_growing_straight_back() -> None:
-    """The cap halves on each OOM and relaxes one row per 64 clean steps, up to no cap at all."""
-    from app.engine.worker import _CAP_STEPS, ModelWorker
-
-    worker = ModelWorker.__new__(ModelWorker)
-    worker.max_batch_size, worker._row_cap, worker._clean_steps = 8, None, 0
-    worker._cap(4)
-    assert worker._limit == 4
-    worker._cap(6)  # a later, larger OOM never raises the cap
-    assert worker._limit == 4
-    for _ in range(_CAP_STEPS):
-        worker._relax_cap()
-    assert worker._limit == 5
-    for _ in range(3 * _CAP_STEPS):
-        worker._relax_cap()
-    assert worker._row_cap is None and worker._limit == 8
-
-
 class OomWhileWide:
     """CUDA's out-of-memory error on every decode step of 4 rows or more: only a batch that stays
     smaller after the first one gets through."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from app.engine.item import WorkItem
-from app.model.generate import BatchGenerator, BatchState, Row
+from app.engine.runner import ModelRunner
+from app.model.generate import BatchState, Row
 from app.types import GenerationResult
 
 
-def fan_out(generator: BatchGenerator, state: BatchState, logits: torch.Tensor) -> tuple[BatchState, torch.Tensor]:
+def fan_out(generator: ModelRunner, state: BatchState, logits: torch.Tensor) -> tuple[BatchState, torch.Tensor]:
     """Freshly prefilled rows with `n` > 1 become `n` rows: the same cache and logits, copied."""
     if all(r.sampling.choices == 1 for r in state.rows):
         return state, logits

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from app.engine.config import EngineConfig
 from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
+from app.engine.runner import ModelRunner
 from app.engine.worker import ModelWorker
 from app.errors import RequestTimeout, ShuttingDown
 from app.metrics import Metrics
-from app.model.generate import BatchGenerator
 from app.types import GenerationResult, PreparedRequest, TokenEvent
 
 
@@ -32,7 +32,7 @@ class Reservation:
 class Engine:
     def __init__(
         self,
-        generator: BatchGenerator,
+        generator: ModelRunner,
         config: EngineConfig,
         *,
         eos_token_ids: set[int],

@@ -21,18 +21,16 @@ from app.engine.choices import gather as gather_choices
 from app.engine.config import EngineConfig
 from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
+from app.engine.runner import ModelRunner
 from app.engine.scheduler import Scheduler, Shape
 from app.engine.stopping import StopRules, result
 from app.errors import InternalError, RequestTimeout
 from app.metrics import Metrics
-from app.model.generate import BatchGenerator, BatchState, Row
+from app.model.generate import BatchState, Row
 from app.model.sampling import Sampler
 from app.types import GenerationResult, Sampled, TokenEvent
 
 log = logging.getLogger(__name__)
-
-FaultHook = Callable[[str, list[WorkItem]], None]
-"""Test-only: called with ("prefill" | "join" | "step", items) before the model runs; may raise."""
 
 _FAILED = "The model failed while running this request."
 _GONE = "The request timed out or was cancelled while running."
@@ -42,7 +40,7 @@ Outcome = GenerationResult | BaseException
 class ModelWorker:
     def __init__(
         self,
-        generator: BatchGenerator,
+        generator: ModelRunner,
         queue: RequestQueue,
         config: EngineConfig,
         *,
@@ -57,7 +55,6 @@ class ModelWorker:
         self.metrics = metrics
         self.on_tick = on_tick or (lambda: None)
         """Called after each turn of the loop, once its answers have left (drain waits on it)."""
-        self.fault_hook: FaultHook | None = None
         self.scheduler = Scheduler(config)
         self.stopping = StopRules(eos_token_ids, decode)
         self.sampler = Sampler()
@@ -134,17 +131,15 @@ class ModelWorker:
             self.metrics.queue_time.observe(now - item.enqueued_at)
         rows = self._rows(items)
         if rows:
-            self._bring_in(rows, "prefill")
+            self._bring_in(rows, new=True)
 
-    def _bring_in(self, rows: list[Row], stage: str | None = None) -> None:
-        """Prefill `rows` and merge them into the batch; a failure fails only them. New requests (`stage`
-        "prefill") with `n` > 1 become their n rows here, after one prefill."""
-        self._prefilling = sum(r.sampling.choices for r in rows) if stage == "prefill" else len(rows)
+    def _bring_in(self, rows: list[Row], new: bool = False) -> None:
+        """Prefill `rows` and merge them into the batch; a failure fails only them. New requests (`new`,
+        not parked rows) with `n` > 1 become their n rows here, after one prefill."""
+        self._prefilling = sum(r.sampling.choices for r in rows) if new else len(rows)
         try:
-            if stage and self.fault_hook:
-                self.fault_hook(stage, [r.owner for r in rows])
             state, logits = self._prefill(rows)
-            if stage == "prefill":
+            if new:
                 state, logits = fan_out(self.generator, state, logits)
         except Exception as exc:
             self._fail([r.owner for r in rows], exc)
@@ -181,8 +176,6 @@ class ModelWorker:
             return
         assert self._logits is not None
         try:
-            if self.fault_hook:
-                self.fault_hook("join", [r.owner for r in state.rows])
             merged = self.generator.merge(self._state, state)
             merged_logits = torch.cat([self._logits, logits])
         except torch.OutOfMemoryError:
@@ -259,8 +252,6 @@ class ModelWorker:
         try:
             if len(rows) < len(state.rows):
                 state = self.generator.select(state, keep)
-            if self.fault_hook:
-                self.fault_hook("step", [r.owner for r in rows])
             self.sampler.prefetch(rows)  # grammar masks fill while the forward pass runs
             self._logits = self.generator.step(state, torch.tensor(tokens))
             self._state = state

@@ -49,7 +49,7 @@ def test_batcher_counts_the_n_rows_of_a_request() -> None:
 
 
 class Gate:
-    """A fault hook that holds the worker until released (no sleeps: events)."""
+    """A fault (tests/faults.py) that holds the worker in a prefill until released (no sleeps: events)."""
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -71,7 +71,7 @@ def _give_up(base_url: str, after_s: float) -> None:
 def test_full_queue_is_429_and_abandoned_requests_give_their_places_back(loaded: LoadedModel, tiny_dir: Path) -> None:
     with serve(loaded, tiny_dir, max_queue=2, max_batch_size=1) as server, ThreadPoolExecutor(8) as pool:
         gate = Gate()
-        server.engine.worker.fault_hook = gate
+        server.generator.fault = gate
         with server.http() as http:
             held = pool.submit(http.post, "/v1/chat/completions", json=CHAT)
             assert gate.entered.wait(10)
@@ -87,18 +87,18 @@ def test_full_queue_is_429_and_abandoned_requests_give_their_places_back(loaded:
             queued = [pool.submit(http.post, "/v1/chat/completions", json=CHAT) for _ in range(2)]
             wait_until(lambda: len(server.engine.queue) == 2, "the new requests are queued")
             gate.release.set()
-            server.engine.worker.fault_hook = None
+            server.generator.fault = None
             assert [f.result().status_code for f in [held, *queued]] == [200, 200, 200]
 
 
 def test_timeout_is_504_and_the_server_recovers(loaded: LoadedModel, tiny_dir: Path) -> None:
     with serve(loaded, tiny_dir, request_timeout_s=2.0) as server:  # recovery must fit it on a busy CI
         gate = Gate()
-        server.engine.worker.fault_hook = gate
+        server.generator.fault = gate
         with server.http() as http:
             error = assert_openai_error(http.post("/v1/chat/completions", json=CHAT), 504)
             assert error["code"] == "request_timeout"
-            server.engine.worker.fault_hook = None
+            server.generator.fault = None
             gate.release.set()
             assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
@@ -115,7 +115,7 @@ class FailOnce:
 
 @pytest.mark.parametrize("stage", ["prefill", "step"])
 def test_a_failing_batch_is_500_and_the_worker_goes_on(server: Any, stage: str) -> None:
-    server.engine.worker.fault_hook = FailOnce(stage)
+    server.generator.fault = FailOnce(stage)
     try:
         with server.http() as http:
             error = assert_openai_error(http.post("/v1/chat/completions", json=CHAT), 500)
@@ -124,7 +124,7 @@ def test_a_failing_batch_is_500_and_the_worker_goes_on(server: Any, stage: str) 
                 codes = list(pool.map(lambda _: http.post("/v1/chat/completions", json=CHAT).status_code, range(8)))
             assert codes == [200] * 8
     finally:
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
 
 
 def test_health_answers_fast_while_a_long_batch_runs(server: Any) -> None:
@@ -234,7 +234,7 @@ def test_out_of_memory_mid_decode_recomputes_rows_and_changes_no_output(loaded: 
                 for r in pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies)
             ]
         hook = OomOnce(server.engine.queue, len(bodies))
-        server.engine.worker.fault_hook = hook
+        server.generator.fault = hook
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
         assert hook.fired
@@ -262,13 +262,13 @@ def _steps_of_two_overlapping_requests(loaded: LoadedModel, tiny_dir: Path, **se
     with serve(loaded, tiny_dir, **settings) as server, server.http() as http:
         wait_until(lambda: server.engine.idle, "the warm-up is over")  # so `running` below is the first
         recorder = StepRecorder(server.engine.queue)
-        server.engine.worker.fault_hook = recorder
+        server.generator.fault = recorder
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(http.post, "/v1/chat/completions", json=long)
             wait_until(lambda: recorder.steps or server.engine.worker.running, "the first request runs")
             second = pool.submit(http.post, "/v1/chat/completions", json=long)
             assert [first.result().status_code, second.result().status_code] == [200, 200]
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
     return recorder.steps
 
 
@@ -308,10 +308,10 @@ def test_after_out_of_memory_the_batch_stays_small_and_outputs_do_not_change(
         with ThreadPoolExecutor(6) as pool:
             clean = [r.json() for r in pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies)]
         hook = OomWhileWide(server.engine.queue, len(bodies))
-        server.engine.worker.fault_hook = hook
+        server.generator.fault = hook
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
     assert [r.status_code for r in responses] == [200] * 6
     assert [r.json()["choices"][0]["message"] for r in responses] == [c["choices"][0]["message"] for c in clean]
     # 6 rows fail once; halves of 3 then run under the cap. Without it the parked half rejoins at
@@ -333,7 +333,7 @@ class FailJoin:
             self.steps += 1
             if self.steps == 1:
                 wait_until(lambda: len(self.queue) >= 1, "the second request is queued")
-        if stage == "join" and not self.fired:
+        if stage == "merge" and not self.fired:
             self.fired = True
             raise self.error
 
@@ -349,13 +349,13 @@ def test_a_failing_merge_answers_the_new_rows_and_spares_the_running_ones(
         wait_until(lambda: server.engine.idle, "the clean runs are over")  # so `running` below is the first
         error = torch.OutOfMemoryError("injected") if oom else RuntimeError("injected")
         hook = FailJoin(server.engine.queue, error)
-        server.engine.worker.fault_hook = hook
+        server.generator.fault = hook
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(http.post, "/v1/chat/completions", json=first)
             wait_until(lambda: server.engine.worker.running, "the first request runs")
             joining = pool.submit(http.post, "/v1/chat/completions", json=second)
             answers = [running.result(timeout=60), joining.result(timeout=60)]
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
         assert hook.fired
         assert answers[0].status_code == 200
         assert answers[0].json()["choices"][0]["message"] == clean[0]
@@ -405,13 +405,13 @@ def test_out_of_memory_with_one_row_abandoned_recomputes_the_other(loaded: Loade
         clean = http.post("/v1/chat/completions", json=bodies[0]).json()["choices"][0]["message"]
         wait_until(lambda: server.engine.idle, "the clean run is over")
         hook = CancelThenOom(server.engine.queue)
-        server.engine.worker.fault_hook = hook
+        server.generator.fault = hook
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(http.post, "/v1/chat/completions", json=bodies[0])
             wait_until(lambda: hook.held, "the first request is prefilling")
             second = pool.submit(http.post, "/v1/chat/completions", json=bodies[1])
             answers = [first.result(timeout=60), second.result(timeout=60)]
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
     assert hook.fired
     assert answers[0].status_code == 200 and answers[0].json()["choices"][0]["message"] == clean
     assert answers[1].status_code == 504  # abandoned: answered, nobody reads it

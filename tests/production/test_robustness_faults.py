@@ -54,7 +54,7 @@ def fhttp(faulty: RunningServer) -> Iterator[httpx.Client]:
 
 
 def engine_idle(server: RunningServer) -> bool:
-    return len(server.engine.queue) == 0 and server.engine.worker.running == 0
+    return server.engine.waiting == 0 and server.engine.running == 0
 
 
 def marked(items: list[WorkItem]) -> bool:
@@ -210,16 +210,16 @@ def read_stream(http: httpx.Client, body: dict[str, Any]) -> list[Any]:
 
 def test_client_leaving_mid_stream_takes_its_row_out_of_the_batch(server: RunningServer) -> None:
     """On the shared server (10-minute request timeout): only noticing the disconnect can free the row."""
-    worker = server.engine.worker
+    engine = server.engine
     for _ in range(3):  # a new connection closed each time; the server must notice every one
         body = chat_body(20_000, stream=True)
         with server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             first = list(itertools.islice(sse_events(response.iter_lines()), 4))
             assert any(e["choices"][0]["delta"].get("content") for e in first), first
-            assert worker.running == 1
-        wait_until(lambda: worker.running == 0, "the abandoned row leaves the batch", timeout_s=10)
-        assert len(server.engine.queue) == 0
+            assert engine.running == 1
+        wait_until(lambda: engine.running == 0, "the abandoned row leaves the batch", timeout_s=10)
+        assert server.engine.waiting == 0
     with server.http() as http:
         assert_recovered(server, http)
 
@@ -305,7 +305,7 @@ def test_a_bad_seed_is_refused_before_it_can_fail_a_batch(faulty: RunningServer,
             for seed in (2**63, -(2**63) - 1, 2**80):
                 bad = fhttp.post("/v1/chat/completions", json=chat_body(4, temperature=0.5, seed=seed))
                 assert assert_openai_error(bad, 400)["param"] == "seed"
-            wait_until(lambda: len(faulty.engine.queue) == 1, "the good request is queued")
+            wait_until(lambda: faulty.engine.waiting == 1, "the good request is queued")
             release.set()
             assert blocker.result(timeout=30).status_code == 200
             assert good.result(timeout=30).status_code == 200
@@ -342,7 +342,7 @@ def test_a_full_queue_refuses_before_decoding_audio(
                 running = pool.submit(http.post, "/v1/chat/completions", json=chat_body(MARK))
                 assert entered.wait(10)
                 queued = pool.submit(normal_chat, http)
-                wait_until(lambda: len(small.engine.queue) == 1, "the queue is full")
+                wait_until(lambda: small.engine.waiting == 1, "the queue is full")
                 refused = transcribe(http)
                 assert_openai_error(refused, 429)
                 assert decoded == [], "the refused upload was decoded first"

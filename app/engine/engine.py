@@ -139,7 +139,8 @@ class Engine:
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests; wait until everything accepted is answered. True if it all finished.
-        Woken by the worker after each turn of its loop and by the queue, not by polling."""
+        Woken by the worker after each turn of its loop and by the queue, not by polling. The engine's
+        part of a drain: HTTP's part (`Lifecycle.drain`) waits first (docs/ARCHITECTURE.md)."""
         self._accepting = False
         loop, changed = asyncio.get_running_loop(), asyncio.Event()
         self._wake = lambda: loop.call_soon_threadsafe(changed.set)

@@ -25,14 +25,15 @@ def fan_out(generator: ModelRunner, state: BatchState, logits: torch.Tensor) -> 
     return copied, logits.index_select(0, torch.tensor(keep, device=logits.device))
 
 
+def row_of(item: WorkItem, index: int = 0) -> Row:
+    """The row of choice `index` of `item`'s request (the first by default): its own generator and grammar state."""
+    request = item.request
+    constraint = request.constraint_factory() if request.constraint_factory else None
+    return Row(request.input_ids, request.audios, request.sampling, owner=item, constraint=constraint, index=index)
+
+
 def _choice(row: Row, index: int) -> Row:
-    """Choice `index` of `row`'s request: its own generator and grammar state."""
-    if index == 0:
-        return row
-    item: WorkItem = row.owner
-    factory = item.request.constraint_factory
-    constraint = factory() if factory else None
-    return Row(row.input_ids, row.audios, row.sampling, owner=item, constraint=constraint, index=index)
+    return row if index == 0 else row_of(row.owner, index)
 
 
 def gather(item: WorkItem, index: int, result: GenerationResult) -> GenerationResult | None:

@@ -1,15 +1,18 @@
 """When a row stops and what it answers: the stop rules applied to each sampled token, and the result.
 
-A row stops on an end-of-sequence or stop token (left out of the answer), at its token limit, or when
-its text comes to contain a stop string. Plain inputs (a row, a token): the worker calls these for
-every token it samples; tests call them with rows they build.
+A row stops on an end-of-sequence or stop token (left out of the answer), at its token limit, or when its
+text comes to contain a stop string; and whenever its client went away or its deadline passed. Plain
+inputs (a row, a token): the worker calls these for every token it samples; tests call them with rows
+they build.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from app.engine.item import WorkItem
+from app.errors import RequestTimeout
 from app.model.row import Row
 from app.types import FinishReason, GenerationResult, Sampled
 
@@ -63,3 +66,25 @@ def result(row: Row, reason: FinishReason, now: float) -> GenerationResult:
         time_to_first_token_s=first - item.enqueued_at,
         logprobs=list(row.logprobs) if row.sampling.logprobs is not None else None,
     )
+
+
+def abandoned(item: WorkItem, now: float) -> bool:
+    """Its client went away or its deadline passed: its rows stop before the next step."""
+    return item.cancelled or item.expired(now)
+
+
+def gone() -> RequestTimeout:
+    """The answer of an abandoned request (nobody may read it)."""
+    return RequestTimeout("The request timed out or was cancelled while running.")
+
+
+def still_wanted(rows: list[Row]) -> list[Row]:
+    """Rows whose client still waits; the others are answered and dropped."""
+    now = time.monotonic()
+    wanted = []
+    for row in rows:
+        if abandoned(row.owner, now):
+            row.owner.finish(gone())
+        else:
+            wanted.append(row)
+    return wanted

@@ -16,15 +16,15 @@ from collections.abc import Callable
 
 import torch
 
-from app.engine.choices import fan_out
+from app.engine.choices import fan_out, row_of
 from app.engine.choices import gather as gather_choices
 from app.engine.config import EngineConfig
 from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import Scheduler, Shape
-from app.engine.stopping import StopRules, result
-from app.errors import InternalError, RequestTimeout
+from app.engine.stopping import StopRules, abandoned, gone, result, still_wanted
+from app.errors import InternalError
 from app.metrics import Metrics
 from app.model.generate import BatchState, Row
 from app.model.sampling import Sampler
@@ -33,7 +33,6 @@ from app.types import GenerationResult, Sampled, TokenEvent
 log = logging.getLogger(__name__)
 
 _FAILED = "The model failed while running this request."
-_GONE = "The request timed out or was cancelled while running."
 Outcome = GenerationResult | BaseException
 
 
@@ -101,7 +100,7 @@ class ModelWorker:
         if idle:
             self.scheduler.cap.reset()
         if self._preempted:
-            self._preempted = self._alive(self._preempted)  # an abandoned parked row frees its place now
+            self._preempted = still_wanted(self._preempted)  # an abandoned parked row frees its place now
             self._readmit()
         if self.scheduler.takes_new(idle):
             self._take(idle)
@@ -153,7 +152,7 @@ class ModelWorker:
         rows = []
         for item in items:
             try:
-                rows.append(self._row(item))
+                rows.append(row_of(item))
             except Exception as exc:
                 self._fail([item], exc)
         return rows
@@ -203,12 +202,6 @@ class ModelWorker:
             a, la = self._prefill(rows[:half])
             b, lb = self._prefill(rows[half:])
             return self.generator.merge(a, b), torch.cat([la, lb])
-
-    @staticmethod
-    def _row(item: WorkItem) -> Row:
-        request = item.request
-        constraint = request.constraint_factory() if request.constraint_factory else None
-        return Row(request.input_ids, request.audios, request.sampling, owner=item, constraint=constraint)
 
     # -- decoding ------------------------------------------------------------------------------
     def _advance(self) -> None:
@@ -270,7 +263,7 @@ class ModelWorker:
         torch.cuda.empty_cache()
         if len(rows) == 1:  # one row alone does not fit: nothing to split
             return self._fail([rows[0].owner], exc)
-        rows = self._alive(rows)
+        rows = still_wanted(rows)
         if not rows:
             return
         half = max(1, len(rows) // 2)
@@ -279,25 +272,14 @@ class ModelWorker:
         self._preempted = rows[half:] + self._preempted
         self._bring_in(rows[:half])
 
-    def _alive(self, rows: list[Row]) -> list[Row]:
-        """Rows whose client still waits; the others are answered (nobody reads it) and dropped."""
-        now = time.monotonic()
-        alive = []
-        for row in rows:
-            if row.owner.cancelled or row.owner.expired(now):
-                row.owner.finish(RequestTimeout(_GONE))
-            else:
-                alive.append(row)
-        return alive
-
     def _emit(self, row: Row, sampled: Sampled | Exception, now: float) -> Outcome | None:
         """Record one token. Returns the row's outcome if it is done (the caller delivers it)."""
         if isinstance(sampled, Exception):
             log.error("sampling failed for one row", exc_info=sampled)
             return InternalError(_FAILED)
         item: WorkItem = row.owner
-        if item.cancelled or item.done or item.expired(now):  # done: another of its choices failed
-            return RequestTimeout(_GONE)
+        if abandoned(item, now) or item.done:  # done: another of its choices failed
+            return gone()
         if item.first_token_at is None:
             item.first_token_at = now
             self.metrics.ttft.observe(now - item.enqueued_at)

@@ -1,5 +1,5 @@
 """The worker's decisions on plain inputs, no model and no thread: the out-of-memory row cap, what the
-scheduler takes each turn, and the stop rules and result of a row."""
+scheduler takes each turn, the stop rules and result of a row, and the rows of abandoned requests."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from app.engine.config import EngineConfig
 from app.engine.item import WorkItem
 from app.engine.oom import CLEAN_STEPS, RowCap
 from app.engine.scheduler import IDLE_POLL_S, Scheduler, Take
-from app.engine.stopping import StopRules, result
+from app.engine.stopping import StopRules, abandoned, result, still_wanted
+from app.errors import RequestTimeout
 from app.model.row import Row
 from app.types import PreparedRequest, Sampled, SamplingParams, TokenLogprob
 
@@ -204,3 +205,14 @@ def test_a_result_without_log_probs_asked_has_none(loop: asyncio.AbstractEventLo
     done = result(r, "stop", now=10.0)  # never started: every time measured up to now
     assert done.logprobs is None and done.token_ids == []
     assert (done.queue_time_s, done.run_time_s, done.time_to_first_token_s) == (0.0, 0.0, 0.0)
+
+
+def test_rows_of_abandoned_requests_are_answered_and_dropped(loop: asyncio.AbstractEventLoop) -> None:
+    waiting, cancelled, expired = row(loop), row(loop), row(loop)
+    cancelled.owner.cancel()
+    expired.owner.deadline = 0.0
+    assert [abandoned(r.owner, now=1.0) for r in (waiting, cancelled, expired)] == [False, True, True]
+    assert still_wanted([waiting, cancelled, expired]) == [waiting]
+    assert cancelled.owner.done and expired.owner.done and not waiting.owner.done
+    with pytest.raises(RequestTimeout, match="cancelled while running"):
+        loop.run_until_complete(expired.owner.wait())

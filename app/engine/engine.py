@@ -1,6 +1,7 @@
-"""The engine's small interface to the HTTP layer: submit, wait or stream, cancel, health.
+"""The engine's small interface to the HTTP layer: admission, submit, wait or stream, cancel, drain, and what
+it holds (`waiting`, `running`, `idle`).
 
-Route handlers see only this; the queue, the batcher and the worker thread stay behind it.
+Callers see only this; the queue, the scheduler and the worker thread stay private behind it.
 """
 
 from __future__ import annotations

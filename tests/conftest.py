@@ -20,6 +20,7 @@ from app.api.app import create_app
 from app.config import Settings
 from app.model.loader import LoadedModel, load_model
 from tests.audio_fixtures import DATA
+from tests.faults import FaultyGenerator
 from tests.speech_layout import Layout, make_layout
 
 # Property tests explore a fixed set of examples: CI must not turn red on a new random draw.
@@ -64,8 +65,11 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, app: Any, port: int) -> None:
+    def __init__(self, app: Any, port: int, generator: FaultyGenerator | None = None) -> None:
         self.app = app
+        self.generator = generator
+        """What its engine calls for the model (servers made by `serve`): set `generator.fault` to inject
+        faults (tests/faults.py)."""
         self.base_url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -98,8 +102,9 @@ class RunningServer:
 
 @contextmanager
 def serve(loaded: LoadedModel, cache_dir: Path, **overrides: Any) -> Iterator[RunningServer]:
-    app = create_app(make_settings(cache_dir, **overrides), loaded)
-    with RunningServer(app, free_port()) as server:
+    generator = FaultyGenerator()
+    app = create_app(make_settings(cache_dir, **overrides), loaded, wrap_generator=generator.wrap)
+    with RunningServer(app, free_port(), generator) as server:
         yield server
 
 

@@ -26,7 +26,9 @@ from app.api.realtime import route as realtime
 from app.api.routes import audio, chat, health, models, playground
 from app.api.service import Service
 from app.config import Settings
+from app.engine.config import EngineConfig
 from app.engine.engine import Engine
+from app.engine.runner import Wrap, as_is
 from app.metrics import Metrics
 from app.model.features import LogMel
 from app.model.generate import BatchGenerator
@@ -37,7 +39,9 @@ from app.types import PreparedRequest, SamplingParams
 log = logging.getLogger(__name__)
 
 
-def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> tuple[Engine, Service]:
+def build_engine(
+    settings: Settings, loaded: LoadedModel, metrics: Metrics, wrap_generator: Wrap = as_is
+) -> tuple[Engine, Service]:
     tokenizer = loaded.processor.tokenizer
     special = tokenizer.tokenizer.instruct_tokenizer.tokenizer
     prompter = Prompter(loaded.processor, settings.model_id)
@@ -47,16 +51,10 @@ def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> t
         device=next(loaded.model.parameters()).device,
     )
     engine = Engine(
-        BatchGenerator(loaded.model, pad_token_id=special.pad_id, log_mel=log_mel),
+        wrap_generator(BatchGenerator(loaded.model, pad_token_id=special.pad_id, log_mel=log_mel)),
+        EngineConfig.from_settings(settings),
         eos_token_ids={special.eos_id},
         decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
-        max_queue=settings.max_queue,
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_wait_ms=settings.max_wait_ms,
-        continuous_batching=settings.continuous_batching,
-        max_running_tokens=settings.max_running_tokens,
-        request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )
     return engine, Service(settings, engine, prompter, tokenizer, loaded.fingerprint)
@@ -71,10 +69,18 @@ async def warm_up(service: Service) -> None:
     await asyncio.to_thread(vad.network)  # the speech detector of chunking and realtime turns
 
 
-def create_app(settings: Settings, loaded: LoadedModel | None = None, metrics: Metrics | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    loaded: LoadedModel | None = None,
+    metrics: Metrics | None = None,
+    wrap_generator: Wrap = as_is,
+) -> FastAPI:
+    """`wrap_generator`: what the engine calls instead of the model's generator (tests wrap it to inject faults)."""
     metrics = metrics or Metrics()
     lifecycle = Lifecycle()
-    app = FastAPI(title="voxtral-server", version="0.1.0", lifespan=make_lifespan(settings, loaded, metrics))
+    app = FastAPI(
+        title="voxtral-server", version="0.1.0", lifespan=make_lifespan(settings, loaded, metrics, wrap_generator)
+    )
     app.state.settings, app.state.metrics, app.state.lifecycle = settings, metrics, lifecycle
     app.state.created = int(time.time())
     errors.install(app)
@@ -90,7 +96,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, metrics: M
     return app
 
 
-def make_lifespan(settings: Settings, loaded: LoadedModel | None, metrics: Metrics) -> Lifespan[FastAPI]:
+def make_lifespan(
+    settings: Settings, loaded: LoadedModel | None, metrics: Metrics, wrap_generator: Wrap = as_is
+) -> Lifespan[FastAPI]:
     """Load (unless given), start the engine, warm up, then ready; on exit stop the engine."""
 
     @asynccontextmanager
@@ -104,7 +112,7 @@ def make_lifespan(settings: Settings, loaded: LoadedModel | None, metrics: Metri
                 "Use --model mistralai/Voxtral-Mini-3B-2507 for real transcription.",
                 model.path,
             )
-        engine, service = build_engine(settings, model, metrics)
+        engine, service = build_engine(settings, model, metrics, wrap_generator)
         app.state.service, app.state.engine = service, engine
         engine.start()
         await warm_up(service)

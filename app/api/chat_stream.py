@@ -18,7 +18,7 @@ from app.api.chat_request import ChatJob
 from app.api.logprobs import chat_content
 from app.api.sse import sse
 from app.engine.engine import Engine
-from app.engine.work import WorkItem
+from app.engine.item import WorkItem
 from app.errors import VoxtralError
 from app.model.callstream import CallDelta, CallReader
 from app.model.detok import IncrementalDecoder

@@ -14,7 +14,7 @@ import numpy as np
 from starlette.requests import Request
 
 from app.audio import SAMPLE_RATE
-from app.engine.work import WorkItem
+from app.engine.item import WorkItem
 
 
 @dataclass

@@ -28,7 +28,7 @@ from app.audio import SAMPLE_RATE, AudioLimits, decode_audio
 from app.chunking import Piece, split_at_silences, whole
 from app.config import Settings
 from app.engine.engine import Engine, Reservation
-from app.engine.work import WorkItem
+from app.engine.item import WorkItem
 from app.errors import (
     ContextLengthExceeded,
     ModelNotFound,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from app.engine.work import WorkItem
-from app.model.generate import BatchGenerator, BatchState, Row
+from app.engine.item import WorkItem
+from app.engine.runner import ModelRunner
+from app.model.generate import BatchState, Row
 from app.types import GenerationResult
 
 
-def fan_out(generator: BatchGenerator, state: BatchState, logits: torch.Tensor) -> tuple[BatchState, torch.Tensor]:
+def fan_out(generator: ModelRunner, state: BatchState, logits: torch.Tensor) -> tuple[BatchState, torch.Tensor]:
     """Freshly prefilled rows with `n` > 1 become `n` rows: the same cache and logits, copied."""
     if all(r.sampling.choices == 1 for r in state.rows):
         return state, logits
@@ -24,14 +25,15 @@ def fan_out(generator: BatchGenerator, state: BatchState, logits: torch.Tensor) 
     return copied, logits.index_select(0, torch.tensor(keep, device=logits.device))
 
 
+def row_of(item: WorkItem, index: int = 0) -> Row:
+    """The row of choice `index` of `item`'s request (the first by default): its own generator and grammar state."""
+    request = item.request
+    constraint = request.constraint_factory() if request.constraint_factory else None
+    return Row(request.input_ids, request.audios, request.sampling, owner=item, constraint=constraint, index=index)
+
+
 def _choice(row: Row, index: int) -> Row:
-    """Choice `index` of `row`'s request: its own generator and grammar state."""
-    if index == 0:
-        return row
-    item: WorkItem = row.owner
-    factory = item.request.constraint_factory
-    constraint = factory() if factory else None
-    return Row(row.input_ids, row.audios, row.sampling, owner=item, constraint=constraint, index=index)
+    return row if index == 0 else row_of(row.owner, index)
 
 
 def gather(item: WorkItem, index: int, result: GenerationResult) -> GenerationResult | None:

@@ -1,6 +1,7 @@
-"""The engine's small interface to the HTTP layer: submit, wait or stream, cancel, health.
+"""The engine's small interface to the HTTP layer: admission, submit, wait or stream, cancel, drain, and what
+it holds (`waiting`, `running`, `idle`).
 
-Route handlers see only this; the queue, the batcher and the worker thread stay behind it.
+Callers see only this; the queue, the scheduler and the worker thread stay private behind it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+from app.engine.config import EngineConfig
+from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
-from app.engine.work import WorkItem
+from app.engine.runner import ModelRunner
 from app.engine.worker import ModelWorker
 from app.errors import RequestTimeout, ShuttingDown
 from app.metrics import Metrics
-from app.model.generate import BatchGenerator
 from app.types import GenerationResult, PreparedRequest, TokenEvent
 
 
@@ -31,56 +33,46 @@ class Reservation:
 class Engine:
     def __init__(
         self,
-        generator: BatchGenerator,
+        generator: ModelRunner,
+        config: EngineConfig,
         *,
         eos_token_ids: set[int],
         decode: Callable[[list[int]], str],
-        max_queue: int,
-        max_batch_size: int,
-        max_batch_tokens: int,
-        max_wait_ms: float,
-        request_timeout_s: float,
         metrics: Metrics,
-        continuous_batching: bool = True,
-        max_running_tokens: int | None = None,
     ) -> None:
-        self.metrics = metrics
-        self.request_timeout_s = request_timeout_s
+        self.config = config
+        self._metrics = metrics
         self._wake: Callable[[], object] | None = None
         """Set while `drain` waits: wakes it from the worker thread or a queue change."""
-        self.queue = RequestQueue(max_queue, on_change=self._queue_changed)
-        self.worker = ModelWorker(
+        self._queue = RequestQueue(config.max_queue, on_change=self._queue_changed)
+        self._worker = ModelWorker(
             generator,
-            self.queue,
+            self._queue,
+            config,
             eos_token_ids=eos_token_ids,
             decode=decode,
-            max_batch_size=max_batch_size,
-            max_batch_tokens=max_batch_tokens,
-            max_wait_s=max_wait_ms / 1000.0,
             metrics=metrics,
-            continuous=continuous_batching,
-            max_running_tokens=max_running_tokens,
             on_tick=self._changed,
         )
-        self.accepting = False
+        self._accepting = False
 
     def start(self) -> None:
-        self.worker.start()
-        self.accepting = True
+        self._worker.start()
+        self._accepting = True
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[Reservation]:
         """Hold a queue place while a request is prepared: a full queue is a 429 before any decoding.
         Pass the reservation to the submit; a place no submit took over is given back on exit."""
-        if not self.accepting:
+        if not self._accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
-        self.queue.reserve()
+        self._queue.reserve()
         reservation = Reservation()
         try:
             yield reservation
         finally:
             if reservation.held:
-                self.queue.release()
+                self._queue.release()
 
     def submit(
         self, request: PreparedRequest, *, stream: bool = False, reservation: Reservation | None = None
@@ -93,15 +85,15 @@ class Engine:
     ) -> list[WorkItem]:
         """Enqueue all or none (one queue lock), so related requests can share their first prefill.
         Without a reservation (or with one already taken over) the items need places of their own."""
-        if not self.accepting:
+        if not self._accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + self.request_timeout_s
+        deadline = time.monotonic() + self.config.request_timeout_s
         items = [
-            WorkItem(request=r, loop=loop, deadline=deadline, stream=stream, on_cancel=self.queue.discard)
+            WorkItem(request=r, loop=loop, deadline=deadline, stream=stream, on_cancel=self._queue.discard)
             for r in requests
         ]
-        self.queue.put_many(items, reserved=reservation is not None and reservation.held)
+        self._queue.put_many(items, reserved=reservation is not None and reservation.held)
         if reservation is not None:  # only once enqueued: a refused submit leaves the place to admission
             reservation.held = False
         return items
@@ -114,7 +106,7 @@ class Engine:
         try:
             return await asyncio.wait_for(item.wait(), timeout=self._remaining(item))
         except TimeoutError:
-            raise RequestTimeout(f"The request did not finish within {self.request_timeout_s:g} s.") from None
+            raise RequestTimeout(f"The request did not finish within {self.config.request_timeout_s:g} s.") from None
         finally:
             item.cancel()  # no-op when finished; stops the row if the client went away
 
@@ -124,7 +116,7 @@ class Engine:
                 async for event in item.events():
                     yield event
         except TimeoutError:
-            raise RequestTimeout(f"The request did not finish within {self.request_timeout_s:g} s.") from None
+            raise RequestTimeout(f"The request did not finish within {self.config.request_timeout_s:g} s.") from None
         finally:
             item.cancel()
 
@@ -132,13 +124,25 @@ class Engine:
         return max(0.0, item.deadline - time.monotonic()) + 0.5
 
     @property
+    def waiting(self) -> int:
+        """Requests queued, not yet taken by the worker."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Rows in the batch being decoded."""
+        return self._worker.running
+
+    @property
     def idle(self) -> bool:
-        return len(self.queue) == 0 and self.worker.held == 0
+        """Nothing queued and nothing the worker still owes an answer (running, prefilling or parked)."""
+        return self.waiting == 0 and self._worker.held == 0
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests; wait until everything accepted is answered. True if it all finished.
-        Woken by the worker after each turn of its loop and by the queue, not by polling."""
-        self.accepting = False
+        Woken by the worker after each turn of its loop and by the queue, not by polling. The engine's
+        part of a drain: HTTP's part (`Lifecycle.drain`) waits first (docs/ARCHITECTURE.md)."""
+        self._accepting = False
         loop, changed = asyncio.get_running_loop(), asyncio.Event()
         self._wake = lambda: loop.call_soon_threadsafe(changed.set)
         try:
@@ -154,7 +158,7 @@ class Engine:
         return self.idle
 
     def _queue_changed(self, depth: int) -> None:
-        self.metrics.waiting.set(depth)
+        self._metrics.waiting.set(depth)
         self._changed()
 
     def _changed(self) -> None:
@@ -164,8 +168,8 @@ class Engine:
                 wake()
 
     def stop(self) -> None:
-        self.accepting = False
-        self.queue.close()
-        self.worker.stop()
+        self._accepting = False
+        self._queue.close()
+        self._worker.stop()
         with contextlib.suppress(Exception):
-            self.worker.fail_all(ShuttingDown("The server shut down before this request ran."))
+            self._worker.fail_all(ShuttingDown("The server shut down before this request ran."))

@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 
 from app.engine.batcher import select_batch
-from app.engine.work import WorkItem
+from app.engine.item import WorkItem
+from app.engine.scheduler import Take
 from app.errors import QueueFull, RequestTimeout, ShuttingDown
 
 
@@ -66,33 +67,25 @@ class RequestQueue:
         with self._cond:
             self._cond.notify_all()
 
-    def take(
-        self,
-        max_rows: int,
-        max_tokens: int,
-        timeout: float | None,
-        min_age_s: float = 0.0,
-        running: tuple[int, int] = (0, 0),
-        max_running_tokens: int | None = None,
-    ) -> list[WorkItem]:
-        """Up to `max_rows` items within the token budgets (see `select_batch`); waits up to `timeout`
-        for the first one.
+    def take(self, want: Take) -> list[WorkItem]:
+        """Up to `want.max_rows` items within the token budgets (see `select_batch`); waits up to
+        `want.timeout` for the first one.
 
-        `min_age_s` lets a busy worker wait for stragglers so they prefill together, unless enough
+        `want.min_age_s` lets a busy worker wait for stragglers so they prefill together, unless enough
         items to fill every free row are already here.
         """
         with self._cond:
-            if timeout is not None and not self._items:
-                self._cond.wait(timeout)
+            if want.timeout is not None and not self._items:
+                self._cond.wait(want.timeout)
             self._drop_dead()
-            if not self._items or max_rows <= 0:
+            if not self._items or want.max_rows <= 0:
                 return []
-            young = time.monotonic() - self._items[0].enqueued_at < min_age_s
-            if young and len(self._items) < max_rows:
+            young = time.monotonic() - self._items[0].enqueued_at < want.min_age_s
+            if young and len(self._items) < want.max_rows:
                 return []
             lengths = [i.request.prompt_tokens for i in self._items]
             rows = [i.request.sampling.choices for i in self._items]
-            chosen = select_batch(lengths, max_rows, max_tokens, running, max_running_tokens, rows)
+            chosen = select_batch(lengths, want.max_rows, want.max_tokens, want.running, want.max_running_tokens, rows)
             if not chosen:
                 return []
             batch = [self._items[i] for i in chosen]

@@ -3,8 +3,8 @@
 Iteration-level batching: between two decode steps, waiting requests are prefilled and
 merged into the running batch, and finished or abandoned rows leave it, so a short request
 never waits for a long one. A failure fails only the rows it touched; the loop goes on.
-`continuous=False` keeps each batch closed until its last row finishes (static batching), which
-the benchmark measures against.
+What joins when is the scheduler's decision (scheduler.py, with the out-of-memory row cap of
+oom.py), when a row ends is the stop rules' (stopping.py): this thread applies them.
 """
 
 from __future__ import annotations
@@ -16,65 +16,51 @@ from collections.abc import Callable
 
 import torch
 
-from app.engine.batcher import select_batch
-from app.engine.choices import fan_out
+from app.engine.choices import fan_out, row_of
 from app.engine.choices import gather as gather_choices
+from app.engine.config import EngineConfig
+from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
-from app.engine.work import WorkItem
-from app.errors import InternalError, RequestTimeout
+from app.engine.runner import ModelRunner
+from app.engine.scheduler import Scheduler, Shape
+from app.engine.stopping import StopRules, abandoned, gone, result, still_wanted
+from app.errors import InternalError
 from app.metrics import Metrics
-from app.model.generate import BatchGenerator, BatchState, Row
+from app.model.generate import BatchState, Row
 from app.model.sampling import Sampler
-from app.types import FinishReason, GenerationResult, Sampled, TokenEvent
+from app.types import GenerationResult, Sampled, TokenEvent
 
 log = logging.getLogger(__name__)
 
-FaultHook = Callable[[str, list[WorkItem]], None]
-"""Test-only: called with ("prefill" | "join" | "step", items) before the model runs; may raise."""
-
 _FAILED = "The model failed while running this request."
-_CAP_STEPS = 64
-"""Clean decode steps after which an out-of-memory row cap lets one more row in."""
+Outcome = GenerationResult | BaseException
 
 
 class ModelWorker:
     def __init__(
         self,
-        generator: BatchGenerator,
+        generator: ModelRunner,
         queue: RequestQueue,
+        config: EngineConfig,
         *,
         eos_token_ids: set[int],
         decode: Callable[[list[int]], str],
-        max_batch_size: int,
-        max_batch_tokens: int,
-        max_wait_s: float,
         metrics: Metrics,
-        continuous: bool = True,
-        max_running_tokens: int | None = None,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.generator = generator
         self.queue = queue
-        self.eos = eos_token_ids
-        self.decode = decode
-        self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
-        self.max_wait_s = max_wait_s
-        self.continuous = continuous
-        self.max_running_tokens = max_running_tokens
+        self.config = config
         self.metrics = metrics
         self.on_tick = on_tick or (lambda: None)
         """Called after each turn of the loop, once its answers have left (drain waits on it)."""
-        self.fault_hook: FaultHook | None = None
+        self.scheduler = Scheduler(config)
+        self.stopping = StopRules(eos_token_ids, decode)
         self.sampler = Sampler()
         self._state: BatchState | None = None
         self._logits: torch.Tensor | None = None
         self._preempted: list[Row] = []
         """Rows pushed out of the batch by an out-of-memory step or merge; re-prefilled first."""
-        self._row_cap: int | None = None
-        """After an out-of-memory error: the most rows that may run, so the batch does not grow straight
-        back to the size that failed. One more row is allowed every `_CAP_STEPS` clean steps."""
-        self._clean_steps = 0
         self._prefilling = 0
         """Rows out of the queue (or the parked list) and not yet in the batch: still held, for drain."""
         self._stop = threading.Event()
@@ -90,13 +76,8 @@ class ModelWorker:
         return self.running + len(self._preempted) + self._prefilling
 
     @property
-    def _shape(self) -> tuple[int, int]:
-        """(rows, width) of the running batch: what the running-token budget is checked against."""
+    def _shape(self) -> Shape:
         return (self.running, self._state.attention_mask.shape[1]) if self._state is not None else (0, 0)
-
-    @property
-    def _limit(self) -> int:
-        return min(self.max_batch_size, self._row_cap or self.max_batch_size)
 
     def start(self) -> None:
         self._thread.start()
@@ -117,11 +98,11 @@ class ModelWorker:
     def _tick(self) -> None:
         idle = self._state is None and not self._preempted
         if idle:
-            self._row_cap = None  # nothing runs: whatever ran out of memory is gone
+            self.scheduler.cap.reset()
         if self._preempted:
-            self._preempted = self._alive(self._preempted)  # an abandoned parked row frees its place now
-            self._readmit(self._limit - self.running)
-        if idle or self.continuous:
+            self._preempted = still_wanted(self._preempted)  # an abandoned parked row frees its place now
+            self._readmit()
+        if self.scheduler.takes_new(idle):
             self._take(idle)
         if self._state is not None:
             self._advance()
@@ -130,26 +111,17 @@ class ModelWorker:
 
     # -- admission -----------------------------------------------------------------------------
     def _take(self, idle: bool) -> None:
-        """Prefill what is waiting, one token budget at a time. Busy: one group, so running rows
-        stall for one prefill at most. Static batching: fill every place before decoding starts."""
-        wait = 0.0 if idle else self.max_wait_s
-        timeout = 0.2 if idle else None
+        """Prefill what is waiting, one token budget at a time, as the scheduler says."""
+        first = True
         while True:
             # With no free place this still drops cancelled and expired entries from the queue.
-            new = self.queue.take(
-                self._limit - self.held,
-                self.max_batch_tokens,
-                timeout=timeout,
-                min_age_s=wait,
-                running=self._shape,
-                max_running_tokens=self.max_running_tokens,
-            )
+            new = self.queue.take(self.scheduler.take(idle=idle, first=first, held=self.held, running=self._shape))
             if not new:
                 return
             self._admit(new)
-            if self.continuous:
+            if not self.scheduler.fills_before_decoding():
                 return
-            timeout = None
+            first = False
 
     def _admit(self, items: list[WorkItem]) -> None:
         now = time.monotonic()
@@ -158,17 +130,15 @@ class ModelWorker:
             self.metrics.queue_time.observe(now - item.enqueued_at)
         rows = self._rows(items)
         if rows:
-            self._bring_in(rows, "prefill")
+            self._bring_in(rows, new=True)
 
-    def _bring_in(self, rows: list[Row], stage: str | None = None) -> None:
-        """Prefill `rows` and merge them into the batch; a failure fails only them. New requests (`stage`
-        "prefill") with `n` > 1 become their n rows here, after one prefill."""
-        self._prefilling = sum(r.sampling.choices for r in rows) if stage == "prefill" else len(rows)
+    def _bring_in(self, rows: list[Row], new: bool = False) -> None:
+        """Prefill `rows` and merge them into the batch; a failure fails only them. New requests (`new`,
+        not parked rows) with `n` > 1 become their n rows here, after one prefill."""
+        self._prefilling = sum(r.sampling.choices for r in rows) if new else len(rows)
         try:
-            if stage and self.fault_hook:
-                self.fault_hook(stage, [r.owner for r in rows])
             state, logits = self._prefill(rows)
-            if stage == "prefill":
+            if new:
                 state, logits = fan_out(self.generator, state, logits)
         except Exception as exc:
             self._fail([r.owner for r in rows], exc)
@@ -182,16 +152,15 @@ class ModelWorker:
         rows = []
         for item in items:
             try:
-                rows.append(self._row(item))
+                rows.append(row_of(item))
             except Exception as exc:
                 self._fail([item], exc)
         return rows
 
-    def _readmit(self, free: int) -> None:
-        """Parked rows before any new request, chosen as the queue chooses: oldest first, within the free
-        places and both token budgets (a parked row comes back as its prompt plus what it generated)."""
+    def _readmit(self) -> None:
+        """Parked rows before any new request (a parked row comes back as its prompt plus what it generated)."""
         lengths = [len(r.input_ids) + len(r.generated) for r in self._preempted]
-        chosen = set(select_batch(lengths, free, self.max_batch_tokens, self._shape, self.max_running_tokens))
+        chosen = set(self.scheduler.readmit(lengths, self._shape))
         if chosen:
             rows = [r for i, r in enumerate(self._preempted) if i in chosen]
             self._preempted = [r for i, r in enumerate(self._preempted) if i not in chosen]
@@ -206,14 +175,12 @@ class ModelWorker:
             return
         assert self._logits is not None
         try:
-            if self.fault_hook:
-                self.fault_hook("join", [r.owner for r in state.rows])
             merged = self.generator.merge(self._state, state)
             merged_logits = torch.cat([self._logits, logits])
         except torch.OutOfMemoryError:
             # Their cache goes when this returns; they are prefilled again when there is room.
             self._preempted = state.rows + self._preempted
-            self._cap(self.running)
+            self.scheduler.cap.on_oom(self.running)
             log.warning("out of memory merging rows: %d rows wait for room", len(self._preempted))
             return
         except Exception as exc:
@@ -223,7 +190,7 @@ class ModelWorker:
     def _prefill(self, rows: list[Row]) -> tuple[BatchState, torch.Tensor]:
         tokens = sum(len(r.input_ids) + len(r.generated) for r in rows)
         self.metrics.prompt_tokens.inc(tokens)
-        self.metrics.batch_fill.observe(min(1.0, tokens / self.max_batch_tokens))
+        self.metrics.batch_fill.observe(min(1.0, tokens / self.config.max_batch_tokens))
         try:
             return self.generator.prefill(rows)
         except torch.OutOfMemoryError:
@@ -236,27 +203,33 @@ class ModelWorker:
             b, lb = self._prefill(rows[half:])
             return self.generator.merge(a, b), torch.cat([la, lb])
 
-    @staticmethod
-    def _row(item: WorkItem) -> Row:
-        request = item.request
-        constraint = request.constraint_factory() if request.constraint_factory else None
-        return Row(request.input_ids, request.audios, request.sampling, owner=item, constraint=constraint)
-
     # -- decoding ------------------------------------------------------------------------------
     def _advance(self) -> None:
         state, logits = self._state, self._logits
         assert state is not None and logits is not None
         self.metrics.batch_size.observe(len(state.rows))
         tokens = self.sampler.step(logits, state.rows)
+        keep, finished = self._retire(state.rows, tokens)
+        self.metrics.generation_tokens.inc(sum(not isinstance(t, Exception) for t in tokens))
+        # The gauge and the state move before any answer leaves, so a client that has its answer never
+        # sees its row still running (in /metrics, or in the engine's idle that drain waits for).
+        self.metrics.running.set(len(keep) + len(self._preempted))
+        if not keep:
+            self._state = self._logits = None
+        for item, outcome in finished:
+            item.finish(outcome)
+        if keep:
+            self._step(state, keep, [_token(tokens[i]) for i in keep])
+
+    def _retire(
+        self, rows: list[Row], tokens: list[Sampled | Exception]
+    ) -> tuple[list[int], list[tuple[WorkItem, Outcome]]]:
+        """Record this step's tokens: the indices of the rows that go on, and the answers of requests done."""
         keep: list[int] = []
-        finished: list[tuple[WorkItem, GenerationResult | BaseException]] = []
+        finished: list[tuple[WorkItem, Outcome]] = []
         now = time.monotonic()
-        for i, (row, token) in enumerate(zip(state.rows, tokens, strict=True)):
-            if isinstance(token, Exception):
-                log.error("sampling failed for one row", exc_info=token)
-                outcome: GenerationResult | BaseException | None = InternalError(_FAILED)
-            else:
-                outcome = self._emit(row, token, now)
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            outcome = self._emit(row, token, now)
             if outcome is None:
                 keep.append(i)
                 continue
@@ -264,24 +237,16 @@ class ModelWorker:
                 outcome = gather_choices(row.owner, row.index, outcome)
             if outcome is not None:
                 finished.append((row.owner, outcome))
-        self.metrics.generation_tokens.inc(sum(not isinstance(t, Exception) for t in tokens))
-        # The gauge and the state move before any answer leaves, so a client that has its answer never
-        # sees its row still running (in /metrics, or in the engine's idle that drain waits for).
-        self.metrics.running.set(len(keep) + len(self._preempted))
+        return keep, finished
+
+    def _step(self, state: BatchState, keep: list[int], tokens: list[int]) -> None:
+        """One forward pass of the rows at `keep` with their new tokens; out of memory recomputes them."""
         rows = [state.rows[i] for i in keep]
-        if not rows:
-            self._state = self._logits = None
-        for item, result in finished:
-            item.finish(result)
-        if not rows:
-            return
         try:
             if len(rows) < len(state.rows):
                 state = self.generator.select(state, keep)
-            if self.fault_hook:
-                self.fault_hook("step", [r.owner for r in rows])
             self.sampler.prefetch(rows)  # grammar masks fill while the forward pass runs
-            self._logits = self.generator.step(state, torch.tensor([_token(tokens[i]) for i in keep]))
+            self._logits = self.generator.step(state, torch.tensor(tokens))
             self._state = state
         except torch.OutOfMemoryError as exc:
             self._preempt(rows, exc)
@@ -289,7 +254,7 @@ class ModelWorker:
             self._state = self._logits = None
             self._fail([r.owner for r in rows], exc)
         else:
-            self._relax_cap()
+            self.scheduler.cap.on_clean_step()
 
     def _preempt(self, rows: list[Row], exc: BaseException) -> None:
         """Out of memory mid-decode: drop the cache, re-prefill half the rows now and the rest as room
@@ -298,83 +263,30 @@ class ModelWorker:
         torch.cuda.empty_cache()
         if len(rows) == 1:  # one row alone does not fit: nothing to split
             return self._fail([rows[0].owner], exc)
-        rows = self._alive(rows)
+        rows = still_wanted(rows)
         if not rows:
             return
         half = max(1, len(rows) // 2)
-        self._cap(half)
+        self.scheduler.cap.on_oom(half)
         log.warning("out of memory decoding %d rows: recomputing them, at most %d at a time", len(rows), half)
         self._preempted = rows[half:] + self._preempted
         self._bring_in(rows[:half])
 
-    def _cap(self, rows: int) -> None:
-        self._row_cap = max(1, min(rows, self._row_cap or rows))
-        self._clean_steps = 0
-
-    def _relax_cap(self) -> None:
-        if self._row_cap is None:
-            return
-        self._clean_steps += 1
-        if self._clean_steps >= _CAP_STEPS:
-            self._clean_steps = 0
-            self._row_cap = None if self._row_cap + 1 >= self.max_batch_size else self._row_cap + 1
-
-    def _alive(self, rows: list[Row]) -> list[Row]:
-        """Rows whose client still waits; the others are answered (nobody reads it) and dropped."""
-        now = time.monotonic()
-        alive = []
-        for row in rows:
-            if row.owner.cancelled or row.owner.expired(now):
-                row.owner.finish(RequestTimeout("The request timed out or was cancelled while running."))
-            else:
-                alive.append(row)
-        return alive
-
-    def _emit(self, row: Row, sampled: Sampled, now: float) -> GenerationResult | BaseException | None:
+    def _emit(self, row: Row, sampled: Sampled | Exception, now: float) -> Outcome | None:
         """Record one token. Returns the row's outcome if it is done (the caller delivers it)."""
+        if isinstance(sampled, Exception):
+            log.error("sampling failed for one row", exc_info=sampled)
+            return InternalError(_FAILED)
         item: WorkItem = row.owner
-        token = sampled.token
-        if item.cancelled or item.done or item.expired(now):  # done: another of its choices failed
-            return RequestTimeout("The request timed out or was cancelled while running.")
+        if abandoned(item, now) or item.done:  # done: another of its choices failed
+            return gone()
         if item.first_token_at is None:
             item.first_token_at = now
             self.metrics.ttft.observe(now - item.enqueued_at)
-        reason = self._finish_reason(row, token)
-        if token not in self.eos and token not in row.sampling.stop_token_ids:
-            row.generated.append(token)
-            if sampled.logprob is not None:
-                row.logprobs.append(sampled.logprob)
-            item.push(TokenEvent([token], [sampled.logprob] if sampled.logprob else None, row.index))
-        return self._result(row, reason, now) if reason is not None else None
-
-    def _finish_reason(self, row: Row, token: int) -> FinishReason | None:
-        s = row.sampling
-        if token in self.eos or token in s.stop_token_ids:
-            return "stop"
-        if len(row.generated) + 1 >= s.max_new_tokens:
-            return "length"
-        if s.stop_strings:
-            # A stop that ends at this token lies within its last few tokens (a token yields at least
-            # a quarter of a character): decode those only, not the whole answer at every step.
-            window = 4 * max(len(stop) for stop in s.stop_strings) + 8
-            text = self.decode([*row.generated[-window:], token])
-            if any(stop in text for stop in s.stop_strings):
-                return "stop"
-        return None
-
-    def _result(self, row: Row, reason: FinishReason, now: float) -> GenerationResult:
-        item: WorkItem = row.owner
-        started = item.started_at or now
-        first = item.first_token_at or now
-        return GenerationResult(
-            token_ids=list(row.generated),
-            finish_reason=reason,
-            prompt_tokens=len(row.input_ids),
-            queue_time_s=started - item.enqueued_at,
-            run_time_s=now - started,
-            time_to_first_token_s=first - item.enqueued_at,
-            logprobs=list(row.logprobs) if row.sampling.logprobs is not None else None,
-        )
+        reason = self.stopping.reason(row, sampled.token)
+        if self.stopping.record(row, sampled):
+            item.push(TokenEvent([sampled.token], [sampled.logprob] if sampled.logprob else None, row.index))
+        return result(row, reason, now) if reason is not None else None
 
     # -- failure -------------------------------------------------------------------------------
     def _fail(self, items: list[WorkItem], exc: BaseException) -> None:

@@ -246,7 +246,7 @@ def test_an_error_mid_stream_arrives_as_an_error_event(loaded: Any, tiny_dir: An
                 raise RuntimeError("simulated device failure")
 
     with serve(loaded, tiny_dir) as running:
-        running.engine.worker.fault_hook = fail_on_third_step
+        running.generator.fault = fail_on_third_step
         stream = running.client().chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=50, stream=True
         )

@@ -49,7 +49,7 @@ def test_batcher_counts_the_n_rows_of_a_request() -> None:
 
 
 class Gate:
-    """A fault hook that holds the worker until released (no sleeps: events)."""
+    """A fault (tests/faults.py) that holds the worker in a prefill until released (no sleeps: events)."""
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -71,34 +71,34 @@ def _give_up(base_url: str, after_s: float) -> None:
 def test_full_queue_is_429_and_abandoned_requests_give_their_places_back(loaded: LoadedModel, tiny_dir: Path) -> None:
     with serve(loaded, tiny_dir, max_queue=2, max_batch_size=1) as server, ThreadPoolExecutor(8) as pool:
         gate = Gate()
-        server.engine.worker.fault_hook = gate
+        server.generator.fault = gate
         with server.http() as http:
             held = pool.submit(http.post, "/v1/chat/completions", json=CHAT)
             assert gate.entered.wait(10)
             impatient = [pool.submit(_give_up, server.base_url, 2.0) for _ in range(2)]
-            wait_until(lambda: len(server.engine.queue) == 2, "the queue is full")
+            wait_until(lambda: server.engine.waiting == 2, "the queue is full")
             refused = http.post("/v1/chat/completions", json=CHAT)
             error = assert_openai_error(refused, 429)
             assert error["type"] == "rate_limit_error" and refused.headers["retry-after"].isdigit()
             for gone in impatient:
                 gone.result()
             # Both clients left while queued and the worker is still held, yet their places are free.
-            wait_until(lambda: len(server.engine.queue) == 0, "abandoned requests leave the queue")
+            wait_until(lambda: server.engine.waiting == 0, "abandoned requests leave the queue")
             queued = [pool.submit(http.post, "/v1/chat/completions", json=CHAT) for _ in range(2)]
-            wait_until(lambda: len(server.engine.queue) == 2, "the new requests are queued")
+            wait_until(lambda: server.engine.waiting == 2, "the new requests are queued")
             gate.release.set()
-            server.engine.worker.fault_hook = None
+            server.generator.fault = None
             assert [f.result().status_code for f in [held, *queued]] == [200, 200, 200]
 
 
 def test_timeout_is_504_and_the_server_recovers(loaded: LoadedModel, tiny_dir: Path) -> None:
     with serve(loaded, tiny_dir, request_timeout_s=2.0) as server:  # recovery must fit it on a busy CI
         gate = Gate()
-        server.engine.worker.fault_hook = gate
+        server.generator.fault = gate
         with server.http() as http:
             error = assert_openai_error(http.post("/v1/chat/completions", json=CHAT), 504)
             assert error["code"] == "request_timeout"
-            server.engine.worker.fault_hook = None
+            server.generator.fault = None
             gate.release.set()
             assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
@@ -115,7 +115,7 @@ class FailOnce:
 
 @pytest.mark.parametrize("stage", ["prefill", "step"])
 def test_a_failing_batch_is_500_and_the_worker_goes_on(server: Any, stage: str) -> None:
-    server.engine.worker.fault_hook = FailOnce(stage)
+    server.generator.fault = FailOnce(stage)
     try:
         with server.http() as http:
             error = assert_openai_error(http.post("/v1/chat/completions", json=CHAT), 500)
@@ -124,17 +124,17 @@ def test_a_failing_batch_is_500_and_the_worker_goes_on(server: Any, stage: str) 
                 codes = list(pool.map(lambda _: http.post("/v1/chat/completions", json=CHAT).status_code, range(8)))
             assert codes == [200] * 8
     finally:
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
 
 
 def test_health_answers_fast_while_a_long_batch_runs(server: Any) -> None:
     long = {**CHAT, "max_tokens": 400}
     with server.http() as http, ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(http.post, "/v1/chat/completions", json=long) for _ in range(16)]
-        while server.engine.worker.running == 0:
+        while server.engine.running == 0:
             time.sleep(0.005)
         latencies = []
-        while server.engine.worker.running and len(latencies) < 20:
+        while server.engine.running and len(latencies) < 20:
             started = time.perf_counter()
             assert http.get("/health").status_code == 200
             latencies.append(time.perf_counter() - started)
@@ -170,13 +170,13 @@ def test_a_client_that_disconnects_mid_stream_stops_its_row(server: Any) -> None
     with httpx.Client(base_url=server.base_url, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             for _ in response.iter_lines():
-                if server.engine.worker.running:
+                if server.engine.running:
                     break
         # The connection is closed here: the row must leave the batch long before 3000 tokens.
         deadline = time.monotonic() + 10
-        while server.engine.worker.running and time.monotonic() < deadline:
+        while server.engine.running and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert server.engine.worker.running == 0
+        assert server.engine.running == 0
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
@@ -200,7 +200,7 @@ def test_a_client_that_disconnects_before_a_plain_answer_stops_its_row(
         with httpx.Client(base_url=server.base_url, timeout=timeout) as http, pytest.raises(httpx.ReadTimeout):
             call(http)
         # The client closed its connection on the read timeout, after the row had run for a second.
-        wait_until(lambda: server.engine.worker.running == 0, "the abandoned row leaves the batch", timeout_s=10)
+        wait_until(lambda: server.engine.running == 0, "the abandoned row leaves the batch", timeout_s=10)
         with server.http() as http:
             assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
@@ -210,14 +210,14 @@ class OomOnce:
     waits until all the requests are in, so that they do decode together however fast the first
     ones would otherwise finish alone."""
 
-    def __init__(self, queue: Any, requests: int) -> None:
-        self.queue, self.requests = queue, requests
+    def __init__(self, engine: Any, requests: int) -> None:
+        self.engine, self.requests = engine, requests
         self.held = self.fired = False
 
     def __call__(self, stage: str, items: list[Any]) -> None:
         if stage == "prefill" and not self.held:
             self.held = True
-            wait_until(lambda: len(items) + len(self.queue) >= self.requests, "the other requests are queued")
+            wait_until(lambda: len(items) + self.engine.waiting >= self.requests, "the other requests are queued")
         if stage == "step" and len(items) >= 4 and not self.fired:
             self.fired = True
             raise torch.OutOfMemoryError("injected CUDA out of memory")
@@ -233,8 +233,8 @@ def test_out_of_memory_mid_decode_recomputes_rows_and_changes_no_output(loaded: 
                 r.json()["choices"][0]["message"]["content"]
                 for r in pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies)
             ]
-        hook = OomOnce(server.engine.queue, len(bodies))
-        server.engine.worker.fault_hook = hook
+        hook = OomOnce(server.engine, len(bodies))
+        server.generator.fault = hook
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
         assert hook.fired
@@ -245,14 +245,14 @@ def test_out_of_memory_mid_decode_recomputes_rows_and_changes_no_output(loaded: 
 class StepRecorder:
     """Holds the first decode step until a second request is queued; records each step's rows."""
 
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
         self.steps: list[int] = []
 
     def __call__(self, stage: str, items: list[Any]) -> None:
         if stage == "step":
             if not self.steps:
-                wait_until(lambda: len(self.queue) >= 1, "the second request is queued")
+                wait_until(lambda: self.engine.waiting >= 1, "the second request is queued")
             self.steps.append(len(items))
 
 
@@ -261,14 +261,14 @@ def _steps_of_two_overlapping_requests(loaded: LoadedModel, tiny_dir: Path, **se
     long = {**CHAT, "max_tokens": 40}
     with serve(loaded, tiny_dir, **settings) as server, server.http() as http:
         wait_until(lambda: server.engine.idle, "the warm-up is over")  # so `running` below is the first
-        recorder = StepRecorder(server.engine.queue)
-        server.engine.worker.fault_hook = recorder
+        recorder = StepRecorder(server.engine)
+        server.generator.fault = recorder
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(http.post, "/v1/chat/completions", json=long)
-            wait_until(lambda: recorder.steps or server.engine.worker.running, "the first request runs")
+            wait_until(lambda: recorder.steps or server.engine.running, "the first request runs")
             second = pool.submit(http.post, "/v1/chat/completions", json=long)
             assert [first.result().status_code, second.result().status_code] == [200, 200]
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
     return recorder.steps
 
 
@@ -283,36 +283,18 @@ def test_continuous_batching_admits_between_steps_and_static_batching_does_not(
     assert steps[:39] == ([1] + [2] * 38 if continuous else [1] * 39)
 
 
-def test_a_row_cap_after_out_of_memory_stops_the_batch_growing_straight_back() -> None:
-    """The cap halves on each OOM and relaxes one row per 64 clean steps, up to no cap at all."""
-    from app.engine.worker import _CAP_STEPS, ModelWorker
-
-    worker = ModelWorker.__new__(ModelWorker)
-    worker.max_batch_size, worker._row_cap, worker._clean_steps = 8, None, 0
-    worker._cap(4)
-    assert worker._limit == 4
-    worker._cap(6)  # a later, larger OOM never raises the cap
-    assert worker._limit == 4
-    for _ in range(_CAP_STEPS):
-        worker._relax_cap()
-    assert worker._limit == 5
-    for _ in range(3 * _CAP_STEPS):
-        worker._relax_cap()
-    assert worker._row_cap is None and worker._limit == 8
-
-
 class OomWhileWide:
     """CUDA's out-of-memory error on every decode step of 4 rows or more: only a batch that stays
     smaller after the first one gets through."""
 
-    def __init__(self, queue: Any, requests: int) -> None:
-        self.queue, self.requests = queue, requests
+    def __init__(self, engine: Any, requests: int) -> None:
+        self.engine, self.requests = engine, requests
         self.held, self.fired = False, 0
 
     def __call__(self, stage: str, items: list[Any]) -> None:
         if stage == "prefill" and not self.held:
             self.held = True
-            wait_until(lambda: len(items) + len(self.queue) >= self.requests, "the other requests are queued")
+            wait_until(lambda: len(items) + self.engine.waiting >= self.requests, "the other requests are queued")
         if stage == "step" and len(items) >= 4:
             self.fired += 1
             raise torch.OutOfMemoryError("injected CUDA out of memory")
@@ -325,11 +307,11 @@ def test_after_out_of_memory_the_batch_stays_small_and_outputs_do_not_change(
     with serve(loaded, tiny_dir, max_batch_size=8) as server, server.http() as http:
         with ThreadPoolExecutor(6) as pool:
             clean = [r.json() for r in pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies)]
-        hook = OomWhileWide(server.engine.queue, len(bodies))
-        server.engine.worker.fault_hook = hook
+        hook = OomWhileWide(server.engine, len(bodies))
+        server.generator.fault = hook
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
     assert [r.status_code for r in responses] == [200] * 6
     assert [r.json()["choices"][0]["message"] for r in responses] == [c["choices"][0]["message"] for c in clean]
     # 6 rows fail once; halves of 3 then run under the cap. Without it the parked half rejoins at
@@ -341,8 +323,8 @@ class FailJoin:
     """Holds the first decode step until the second request is queued, then fails (or runs out of
     memory) merging that request's prefilled row into the running batch, once."""
 
-    def __init__(self, queue: Any, error: BaseException) -> None:
-        self.queue, self.error = queue, error
+    def __init__(self, engine: Any, error: BaseException) -> None:
+        self.engine, self.error = engine, error
         self.steps = 0
         self.fired = False
 
@@ -350,8 +332,8 @@ class FailJoin:
         if stage == "step":
             self.steps += 1
             if self.steps == 1:
-                wait_until(lambda: len(self.queue) >= 1, "the second request is queued")
-        if stage == "join" and not self.fired:
+                wait_until(lambda: self.engine.waiting >= 1, "the second request is queued")
+        if stage == "merge" and not self.fired:
             self.fired = True
             raise self.error
 
@@ -366,14 +348,14 @@ def test_a_failing_merge_answers_the_new_rows_and_spares_the_running_ones(
         clean = [http.post("/v1/chat/completions", json=b).json()["choices"][0]["message"] for b in (first, second)]
         wait_until(lambda: server.engine.idle, "the clean runs are over")  # so `running` below is the first
         error = torch.OutOfMemoryError("injected") if oom else RuntimeError("injected")
-        hook = FailJoin(server.engine.queue, error)
-        server.engine.worker.fault_hook = hook
+        hook = FailJoin(server.engine, error)
+        server.generator.fault = hook
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(http.post, "/v1/chat/completions", json=first)
-            wait_until(lambda: server.engine.worker.running, "the first request runs")
+            wait_until(lambda: server.engine.running, "the first request runs")
             joining = pool.submit(http.post, "/v1/chat/completions", json=second)
             answers = [running.result(timeout=60), joining.result(timeout=60)]
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
         assert hook.fired
         assert answers[0].status_code == 200
         assert answers[0].json()["choices"][0]["message"] == clean[0]
@@ -403,14 +385,14 @@ class CancelThenOom:
     """Both requests prefill together; in their first decode step one is abandoned and the step runs out
     of memory. The other must be recomputed, not failed for being alone now."""
 
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
         self.held = self.fired = False
 
     def __call__(self, stage: str, items: list[Any]) -> None:
         if stage == "prefill" and not self.held:
             self.held = True
-            wait_until(lambda: len(items) + len(self.queue) >= 2, "both requests are queued")
+            wait_until(lambda: len(items) + self.engine.waiting >= 2, "both requests are queued")
         if stage == "step" and len(items) == 2 and not self.fired:
             self.fired = True
             items[1].cancel()
@@ -422,14 +404,14 @@ def test_out_of_memory_with_one_row_abandoned_recomputes_the_other(loaded: Loade
     with serve(loaded, tiny_dir) as server, server.http() as http:
         clean = http.post("/v1/chat/completions", json=bodies[0]).json()["choices"][0]["message"]
         wait_until(lambda: server.engine.idle, "the clean run is over")
-        hook = CancelThenOom(server.engine.queue)
-        server.engine.worker.fault_hook = hook
+        hook = CancelThenOom(server.engine)
+        server.generator.fault = hook
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(http.post, "/v1/chat/completions", json=bodies[0])
             wait_until(lambda: hook.held, "the first request is prefilling")
             second = pool.submit(http.post, "/v1/chat/completions", json=bodies[1])
             answers = [first.result(timeout=60), second.result(timeout=60)]
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
     assert hook.fired
     assert answers[0].status_code == 200 and answers[0].json()["choices"][0]["message"] == clean
     assert answers[1].status_code == 504  # abandoned: answered, nobody reads it

@@ -75,12 +75,12 @@ def test_unset_chunking_is_one_request_over_every_window(http: httpx.Client, eig
 
 def test_pieces_decode_as_rows_of_the_same_batch(server: RunningServer, http: httpx.Client, eighty: bytes) -> None:
     rows: list[int] = []
-    worker = server.engine.worker
-    worker.fault_hook = lambda stage, items: rows.append(len(items)) if stage == "step" else None
+    generator = server.generator
+    generator.fault = lambda stage, items: rows.append(len(items)) if stage == "step" else None
     try:
         segments = post(http, eighty, response_format="verbose_json").json()["segments"]
     finally:
-        worker.fault_hook = None
+        generator.fault = None
     assert max(rows) == min(len(segments), 16)  # all of them, up to the server fixture's max_batch_size
 
 
@@ -129,14 +129,14 @@ def test_longer_than_the_limit_is_400_stating_it(small_server: RunningServer, ei
 
 def test_queue_refusing_a_piece_withdraws_the_others(small_server: RunningServer) -> None:
     data = long_audio(50.0)  # two pieces, one queue slot
-    worker, entered, release = small_server.engine.worker, threading.Event(), threading.Event()
+    generator, entered, release = small_server.generator, threading.Event(), threading.Event()
 
     def hold(stage: str, items: list[Any]) -> None:
         if stage == "prefill" and not release.is_set():
             entered.set()
             release.wait(30)
 
-    worker.fault_hook = hold
+    generator.fault = hold
     with small_server.http() as http:
         blocker = threading.Thread(target=post, args=(http, (AUDIO / "jfk.wav").read_bytes()))
         blocker.start()
@@ -146,8 +146,8 @@ def test_queue_refusing_a_piece_withdraws_the_others(small_server: RunningServer
         finally:
             release.set()
             blocker.join(30)
-            worker.fault_hook = None
-        assert len(small_server.engine.queue) == 0
+            generator.fault = None
+        assert small_server.engine.waiting == 0
         assert post(http, (AUDIO / "jfk.wav").read_bytes()).status_code == 200
 
 
@@ -160,8 +160,8 @@ def endless_server(loaded: LoadedModel, tiny_dir: Path) -> Iterator[RunningServe
 @pytest.mark.parametrize("stream", ["false", "true"])
 def test_a_client_that_goes_away_stops_its_pieces(endless_server: RunningServer, stream: str) -> None:
     decoding = threading.Event()
-    worker = endless_server.engine.worker
-    worker.fault_hook = lambda stage, items: decoding.set() if stage == "step" else None
+    generator = endless_server.generator
+    generator.fault = lambda stage, items: decoding.set() if stage == "step" else None
     url = httpx.URL(endless_server.base_url + "/v1/audio/transcriptions")
     request = httpx.Request(
         "POST",
@@ -179,4 +179,4 @@ def test_a_client_that_goes_away_stops_its_pieces(endless_server: RunningServer,
             time.sleep(0.02)
         assert endless_server.engine.idle, "the rows of a request nobody waits for still decode"
     finally:
-        worker.fault_hook = None
+        generator.fault = None

@@ -43,7 +43,7 @@ def test_every_request_gets_exactly_one_answer(
     overrides: dict[str, Any] = {"transcription_tokens_per_audio_s": 1, "transcription_min_tokens": 8}
     with serve(loaded, tiny_dir, max_queue=max_queue, max_batch_size=16, **overrides) as server:
         tally = asyncio.run(load.run_load(server.base_url, load.plan(N), CONCURRENCY))
-        assert len(server.engine.queue) == 0
+        assert server.engine.waiting == 0
     assert tally.sent == N
     assert tally.check(expect_429) == [], (tally.problems, tally.statuses)
     valid = sum(n for (kind, status), n in tally.statuses.items() if kind in load.VALID and status == 200)

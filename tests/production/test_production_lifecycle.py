@@ -166,7 +166,7 @@ def test_drain_timeout_answers_what_is_left_with_503(loaded: LoadedModel, tiny_d
 
         client = threading.Thread(target=long_stream, daemon=True)
         client.start()
-        while running.app.state.engine.worker.running == 0:
+        while running.app.state.engine.running == 0:
             time.sleep(0.02)
         started = time.monotonic()
         running.server.handle_exit(signal.SIGTERM, None)

@@ -151,7 +151,7 @@ def test_a_failed_transcription_is_a_failed_event_and_the_session_goes_on(limite
     raw = open_session(limited.base_url)
     raw.update(turn_detection=None)
     speech = encode(sentence()[:12800], "audio/pcm")  # 0.8 s: under this server's 1 s utterance limit
-    limited.engine.worker.fault_hook = fail_once
+    limited.generator.fault = fail_once
     try:
         raw.append(speech, 4800)
         raw.send(type="input_audio_buffer.commit")
@@ -161,7 +161,7 @@ def test_a_failed_transcription_is_a_failed_event_and_the_session_goes_on(limite
         raw.send(type="input_audio_buffer.commit")
         assert raw.until(COMPLETED)[-1]["item_id"] != failed["item_id"]
     finally:
-        limited.engine.worker.fault_hook = None
+        limited.generator.fault = None
     assert failures == [1]
     raw.ws.close()
     wait_until(lambda: limited.app.state.realtime_slots.open == 0, "the session is closed")

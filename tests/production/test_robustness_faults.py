@@ -2,9 +2,9 @@
 mid-stream, a client that reads slowly. Each time every request still gets exactly one answer, the
 queue drains, the batch empties and /ready stays 200.
 
-Faults are injected with the worker's test hook (`engine.worker.fault_hook(stage, items)`, called
-before each prefill and each decode step), on a server of this module's own, so a hung or failing
-worker never touches the session's shared server.
+Faults are injected by wrapping the model's generator (`server.generator.fault(stage, items)`, called
+before each prefill, merge and decode step: tests/faults.py), on a server of this module's own, so a
+hung or failing worker never touches the session's shared server.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from app.engine.work import WorkItem
+from app.engine.item import WorkItem
 from app.model.loader import LoadedModel
 from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve, wait_until
 
 TIMEOUT_S = 2.0
 """--request-timeout-s of this module's server: a hung model is answered 504 after this."""
 MARK = 7
-"""max_tokens that marks the request a fault hook targets (no other request here asks for 7)."""
+"""max_tokens that marks the request a fault targets (no other request here asks for 7)."""
 JFK = (AUDIO / "jfk.wav").read_bytes()
 
 
@@ -43,10 +43,10 @@ def faulty(loaded: LoadedModel, tiny_dir: Path) -> Iterator[RunningServer]:
 
 @pytest.fixture
 def fhttp(faulty: RunningServer) -> Iterator[httpx.Client]:
-    """A client of the faulty server; after the test the hook is gone and the engine has drained."""
+    """A client of the faulty server; after the test the fault is gone and the engine has drained."""
     with faulty.http() as client:
         yield client
-    faulty.engine.worker.fault_hook = None
+    faulty.generator.fault = None
     wait_until(lambda: engine_idle(faulty), "the engine drains after the test")
 
 
@@ -54,7 +54,7 @@ def fhttp(faulty: RunningServer) -> Iterator[httpx.Client]:
 
 
 def engine_idle(server: RunningServer) -> bool:
-    return len(server.engine.queue) == 0 and server.engine.worker.running == 0
+    return server.engine.waiting == 0 and server.engine.running == 0
 
 
 def marked(items: list[WorkItem]) -> bool:
@@ -62,7 +62,7 @@ def marked(items: list[WorkItem]) -> bool:
 
 
 class HoldMarked:
-    """A fault hook that holds the worker inside the marked request's prefill until released."""
+    """A fault that holds the worker inside the marked request's prefill until released."""
 
     def __init__(self, wait_s: float = 30) -> None:
         self.entered, self.release, self.wait_s = threading.Event(), threading.Event(), wait_s
@@ -123,7 +123,7 @@ def test_model_exception_fails_its_batch_with_a_500_and_the_server_recovers(
             calls += 1
             raise RuntimeError("injected model failure: CUDA error: device-side assert triggered")
 
-    faulty.engine.worker.fault_hook = hook
+    faulty.generator.fault = hook
     bad = lambda: fhttp.post("/v1/chat/completions", json=chat_body(MARK))  # noqa: E731
     others = [lambda: normal_chat(fhttp), lambda: transcribe(fhttp)] * 4
     responses = answer_all([bad, *others])
@@ -154,7 +154,7 @@ def test_model_exception_mid_stream_ends_the_stream_with_an_error_event(
             if steps == 3:
                 raise RuntimeError("injected failure on the third decode step")
 
-    faulty.engine.worker.fault_hook = hook
+    faulty.generator.fault = hook
     # Greedy: the tiny model's first tokens are then fixed, and they decode to text.
     body = chat_body(MARK, stream=True, temperature=0)
     with fhttp.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -175,7 +175,7 @@ def test_hung_model_is_answered_504_and_the_server_recovers_when_it_returns(
     hook = HoldMarked()
     entered, release = hook.entered, hook.release
 
-    faulty.engine.worker.fault_hook = hook
+    faulty.generator.fault = hook
     with ThreadPoolExecutor(4) as pool:
         try:
             hung = pool.submit(fhttp.post, "/v1/chat/completions", json=chat_body(MARK))
@@ -210,16 +210,16 @@ def read_stream(http: httpx.Client, body: dict[str, Any]) -> list[Any]:
 
 def test_client_leaving_mid_stream_takes_its_row_out_of_the_batch(server: RunningServer) -> None:
     """On the shared server (10-minute request timeout): only noticing the disconnect can free the row."""
-    worker = server.engine.worker
+    engine = server.engine
     for _ in range(3):  # a new connection closed each time; the server must notice every one
         body = chat_body(20_000, stream=True)
         with server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             first = list(itertools.islice(sse_events(response.iter_lines()), 4))
             assert any(e["choices"][0]["delta"].get("content") for e in first), first
-            assert worker.running == 1
-        wait_until(lambda: worker.running == 0, "the abandoned row leaves the batch", timeout_s=10)
-        assert len(server.engine.queue) == 0
+            assert engine.running == 1
+        wait_until(lambda: engine.running == 0, "the abandoned row leaves the batch", timeout_s=10)
+        assert server.engine.waiting == 0
     with server.http() as http:
         assert_recovered(server, http)
 
@@ -235,7 +235,7 @@ def test_client_leaving_a_transcription_stream_takes_its_rows_out(server: Runnin
     speech = sf.read(io.BytesIO(JFK), dtype="float32")[0]  # the speech detector cuts speech, not tones
     many_pieces = np.tile(np.concatenate([speech, np.zeros(32000, np.float32)]), 6)  # 78 s: 6 pieces
     data = {"model": "tiny", "stream": "true", "chunking_strategy": "auto"}
-    server.engine.worker.fault_hook = count_steps
+    server.generator.fault = count_steps
     try:
         with server.http() as http:
             files = {"file": ("a.wav", wav(many_pieces))}
@@ -244,7 +244,7 @@ def test_client_leaving_a_transcription_stream_takes_its_rows_out(server: Runnin
                 assert next(sse_events(response.iter_lines()))["type"] == "transcript.text.delta"
         wait_until(lambda: engine_idle(server), "the transcription's rows leave the batch", timeout_s=10)
     finally:
-        server.engine.worker.fault_hook = None
+        server.generator.fault = None
     assert steps  # pieces still queued when the client left were dropped before they reached the model
     for item, count in steps.items():
         assert item.cancelled and count < item.request.sampling.max_new_tokens // 2, (count, item.request.sampling)
@@ -296,7 +296,7 @@ def test_a_bad_seed_is_refused_before_it_can_fail_a_batch(faulty: RunningServer,
     hook = HoldMarked(10)
     entered, release = hook.entered, hook.release
 
-    faulty.engine.worker.fault_hook = hook
+    faulty.generator.fault = hook
     with ThreadPoolExecutor(3) as pool:
         try:
             blocker = pool.submit(fhttp.post, "/v1/chat/completions", json=chat_body(MARK, temperature=0))
@@ -305,7 +305,7 @@ def test_a_bad_seed_is_refused_before_it_can_fail_a_batch(faulty: RunningServer,
             for seed in (2**63, -(2**63) - 1, 2**80):
                 bad = fhttp.post("/v1/chat/completions", json=chat_body(4, temperature=0.5, seed=seed))
                 assert assert_openai_error(bad, 400)["param"] == "seed"
-            wait_until(lambda: len(faulty.engine.queue) == 1, "the good request is queued")
+            wait_until(lambda: faulty.engine.waiting == 1, "the good request is queued")
             release.set()
             assert blocker.result(timeout=30).status_code == 200
             assert good.result(timeout=30).status_code == 200
@@ -336,13 +336,13 @@ def test_a_full_queue_refuses_before_decoding_audio(
     entered, release = hook.entered, hook.release
 
     with serve(loaded, tiny_dir, max_queue=1, max_batch_size=1) as small, small.http() as http:
-        small.engine.worker.fault_hook = hook
+        small.generator.fault = hook
         with ThreadPoolExecutor(2) as pool:
             try:
                 running = pool.submit(http.post, "/v1/chat/completions", json=chat_body(MARK))
                 assert entered.wait(10)
                 queued = pool.submit(normal_chat, http)
-                wait_until(lambda: len(small.engine.queue) == 1, "the queue is full")
+                wait_until(lambda: small.engine.waiting == 1, "the queue is full")
                 refused = transcribe(http)
                 assert_openai_error(refused, 429)
                 assert decoded == [], "the refused upload was decoded first"

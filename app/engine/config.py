@@ -1,0 +1,41 @@
+"""The engine's configuration: one frozen object, read from the settings once and handed down.
+
+The engine and its worker read it; neither forwards settings one keyword at a time, and nothing changes
+it while they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.config import Settings
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the queue, the scheduler and the worker need; each field means what its setting says."""
+
+    max_queue: int
+    max_batch_size: int
+    max_batch_tokens: int
+    max_wait_ms: float
+    request_timeout_s: float
+    continuous_batching: bool = True
+    max_running_tokens: int | None = None
+    """None: no budget on the running batch's KV cache (the settings always give one)."""
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineConfig:
+        return cls(
+            max_queue=settings.max_queue,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_ms=settings.max_wait_ms,
+            request_timeout_s=settings.request_timeout_s,
+            continuous_batching=settings.continuous_batching,
+            max_running_tokens=settings.max_running_tokens,
+        )

@@ -1,0 +1,90 @@
+"""When a row stops and what it answers: the stop rules applied to each sampled token, and the result.
+
+A row stops on an end-of-sequence or stop token (left out of the answer), at its token limit, or when its
+text comes to contain a stop string; and whenever its client went away or its deadline passed. Plain
+inputs (a row, a token): the worker calls these for every token it samples; tests call them with rows
+they build.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from app.engine.item import WorkItem
+from app.errors import RequestTimeout
+from app.model.row import Row
+from app.types import FinishReason, GenerationResult, Sampled
+
+
+class StopRules:
+    def __init__(self, eos_token_ids: set[int], decode: Callable[[list[int]], str]) -> None:
+        self.eos = eos_token_ids
+        self.decode = decode
+
+    def is_stop_token(self, row: Row, token: int) -> bool:
+        """End of sequence or one of the request's stop tokens: it ends the row and is not part of the answer."""
+        return token in self.eos or token in row.sampling.stop_token_ids
+
+    def reason(self, row: Row, token: int) -> FinishReason | None:
+        """Why `row` ends with `token`, about to be appended; None if it goes on."""
+        s = row.sampling
+        if self.is_stop_token(row, token):
+            return "stop"
+        if len(row.generated) + 1 >= s.max_new_tokens:
+            return "length"
+        if s.stop_strings:
+            # A stop that ends at this token lies within its last few tokens (a token yields at least
+            # a quarter of a character): decode those only, not the whole answer at every step.
+            window = 4 * max(len(stop) for stop in s.stop_strings) + 8
+            text = self.decode([*row.generated[-window:], token])
+            if any(stop in text for stop in s.stop_strings):
+                return "stop"
+        return None
+
+    def record(self, row: Row, sampled: Sampled) -> bool:
+        """Append `sampled` to the row's answer unless it is a stop token; True if appended."""
+        if self.is_stop_token(row, sampled.token):
+            return False
+        row.generated.append(sampled.token)
+        if sampled.logprob is not None:
+            row.logprobs.append(sampled.logprob)
+        return True
+
+
+def result(row: Row, reason: FinishReason, now: float) -> GenerationResult:
+    """The finished row's answer, timed from its work item (queued, started, first token) to `now`."""
+    item: WorkItem = row.owner
+    started = item.started_at or now
+    first = item.first_token_at or now
+    return GenerationResult(
+        token_ids=list(row.generated),
+        finish_reason=reason,
+        prompt_tokens=len(row.input_ids),
+        queue_time_s=started - item.enqueued_at,
+        run_time_s=now - started,
+        time_to_first_token_s=first - item.enqueued_at,
+        logprobs=list(row.logprobs) if row.sampling.logprobs is not None else None,
+    )
+
+
+def abandoned(item: WorkItem, now: float) -> bool:
+    """Its client went away or its deadline passed: its rows stop before the next step."""
+    return item.cancelled or item.expired(now)
+
+
+def gone() -> RequestTimeout:
+    """The answer of an abandoned request (nobody may read it)."""
+    return RequestTimeout("The request timed out or was cancelled while running.")
+
+
+def still_wanted(rows: list[Row]) -> list[Row]:
+    """Rows whose client still waits; the others are answered and dropped."""
+    now = time.monotonic()
+    wanted = []
+    for row in rows:
+        if abandoned(row.owner, now):
+            row.owner.finish(gone())
+        else:
+            wanted.append(row)
+    return wanted

@@ -106,7 +106,8 @@ class BatchGenerator:
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of each row's last hidden state ([rows, hidden] -> [rows, vocab])."""
         if self.weight_major and 1 < hidden.shape[0] <= WEIGHT_MAJOR_ROWS:
-            return (self.model.lm_head.weight @ hidden.T).T
+            weight: torch.Tensor = self.model.lm_head.weight
+            return (weight @ hidden.T).T
         logits: torch.Tensor = self.model.lm_head(hidden)
         return logits.float()
 

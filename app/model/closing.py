@@ -13,7 +13,9 @@ longest bytes (through a pattern or an enum the fastest). It is a heuristic, not
 but it is the walk the row follows, so a request is refused (400) only when even it does not fit.
 
 Cost: the distance is measured only near the end (remaining <= 2 x the last distance + 16 tokens), one
-mask per walked token; most steps of a long answer pay nothing.
+mask per walked token, read bit by bit (no unpacking); most steps of a long answer pay nothing. A walk is
+kept, so a row that follows it (closing mode) knows its distance and its next closing token without
+walking again. The decisions are those of walking every time: only the work is saved.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ WALK_LIMIT = 4096
 """Tokens after which a walk gives up: a grammar that long to close is treated as unclosable."""
 _REMEASURE = 16
 """Far from the end, the distance is measured again after this many tokens."""
+_LONGEST_SIZE = 1024
+"""Masks whose longest token is remembered (16 KB each at 131,072 tokens)."""
 _STRING_CLOSERS = (b'"}', b'"]', b'"', b'"}]')
 _CLOSERS = (b"}]", b"}", b"]")
 _SHORT_VALUES = (b'""', b"0", b"null", b"true", b"false", b"[]", b"{}", b'"')
@@ -49,79 +53,154 @@ class ClosingPolicy:
         self._other = markers + _ids(by_bytes, _CLOSERS + _SHORT_VALUES)
         lengths = [len(vocab.special_names[i]) if vocab.is_special(i) else len(p) for i, p in enumerate(vocab.pieces)]
         self._lengths = np.array(lengths, dtype=np.int64)
+        self._longests: dict[bytes, int] = {}
 
     def next(self, matcher: Any) -> int | None:
         """The walk's token from this state; None when the grammar allows nothing (an error state)."""
         forced = matcher.compute_ff_tokens()
-        if forced:
-            return int(forced[0])
-        allowed = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = allowed[: self.size].astype(bool)
-        if not allowed.any():
+        return int(forced[0]) if forced else self._choose(matcher)
+
+    def _choose(self, matcher: Any) -> int | None:
+        """`next` where nothing is forced. Reads single bits of the packed mask: unpacking 131,072 of them
+        for each walked token was half the walk's cost; only the last resort (the longest token) needs all."""
+        mask = matcher.compute_bitmask()
+        if not _any(mask, self.size):
             return None
-        if allowed[self.eos] and matcher.is_accepting():
+        if _has(mask, self.eos) and matcher.is_accepting():
             return self.eos
         # Inside a string almost anything goes, "}" included; outside one a letter never does.
-        in_string = all(t is not None and allowed[t] for t in self._in_string)
+        in_string = all(t is not None and _has(mask, t) for t in self._in_string)
         for token in (*self._string, *self._other) if in_string else self._other:
-            if allowed[token]:
+            if _has(mask, token):
                 return token
-        return int(np.where(allowed, self._lengths, -1).argmax())
+        return self._longest(mask)
+
+    def _longest(self, mask: bytes) -> int:
+        """The allowed token with the longest bytes (the first of them). Remembered by mask: walks meet the
+        same few states again and again (after `": ` in JSON, every value must start with a space)."""
+        token = self._longests.get(mask)
+        if token is None:
+            ids = _allowed_ids(mask, self.size)  # ascending: argmax takes the first longest, as over the whole mask
+            if len(self._longests) >= _LONGEST_SIZE:
+                self._longests.clear()  # one call, safe beside the API thread's walks (`Constrainer.shortest`)
+            token = self._longests[mask] = int(ids[self._lengths[ids].argmax()])
+        return token
 
     def distance(self, matcher: Any, limit: int = WALK_LIMIT) -> int | None:
         """Tokens (EOS included) the walk takes from this state to the end; None past `limit`."""
-        walk = matcher.deep_copy()
+        path = self.walk(matcher.deep_copy(), limit)
+        return None if path is None else _steps(path)
+
+    def walk(self, walk: Any, limit: int) -> list[tuple[int, ...]] | None:
+        """The walk from `walk`'s state (the matcher is moved along), as its steps: forced tokens together,
+        then one chosen token a step, EOS last; None past `limit` tokens or on a refusal."""
+        path: list[tuple[int, ...]] = []
         steps = 0
         while steps < limit:
             forced = walk.compute_ff_tokens()
             if forced:
+                path.append(tuple(int(t) for t in forced))
                 steps += len(forced)
                 if not walk.consume_tokens(forced):
                     return None
                 continue
-            token = self.next(walk)
+            token = self._choose(walk)
             if token is None:
                 return None
+            path.append((token,))
             steps += 1
             if token == self.eos:
-                return steps
+                return path
             if not walk.consume_token(token):
                 return None
         return None
 
-    def after(self, matcher: Any, token: int, limit: int) -> int | None:
-        """Tokens to the end if `token` is taken now (it counts as one); None past `limit`."""
+    def after(self, matcher: Any, token: int, limit: int) -> list[tuple[int, ...]] | None:
+        """The walk if `token` is taken now: `token` first, then the walk from there (its length in tokens
+        is the distance to the end); None past `limit` tokens."""
         if token == self.eos:
-            return 1 if matcher.is_accepting() else None
+            return [(token,)] if matcher.is_accepting() else None
         walk = matcher.deep_copy()
         if not walk.consume_token(token):
             return None
-        rest = self.distance(walk, limit - 1)
-        return None if rest is None else rest + 1
+        rest = self.walk(walk, limit - 1)
+        return None if rest is None else [(token,), *rest]
 
 
 class Closer:
-    """One row's closing state: the last distance measured, so it measures only near the end."""
+    """One row's closing state: the last distance measured, so it measures only near the end, and the walk
+    from the row's state when one is known. Along a walk the next steps are known: the state after its
+    first token (when that token is a step alone) is where the rest of the walk starts, so a row that takes
+    it needs no new walk to know its distance or its closing token."""
 
     def __init__(self, policy: ClosingPolicy) -> None:
         self.policy = policy
         self.last: int | None = None
         self.unmeasured = 0
         """Tokens since the last measure: a token that opens a nested object can lengthen the way out."""
+        self.path: list[tuple[int, ...]] | None = None
+        """The walk from the row's current state, when known."""
 
     def settle(self, matcher: Any, token: int, remaining: int) -> int:
         """`token`, unless taking it would leave too few of the `remaining` tokens to close; then the walk's."""
         self.unmeasured += 1
         if self.last is not None and remaining > 2 * self.last + 16 and self.unmeasured < _REMEASURE:
-            return token
+            return self._take(token, self.path)
         self.unmeasured = 0
-        after = self.policy.after(matcher, token, remaining)
-        if after is not None and after <= remaining:
-            self.last = after
-            return token
-        closing = self.policy.next(matcher)
-        self.last = self.policy.distance(matcher)
-        return closing if closing is not None else token
+        known = self.path
+        after = known if known and known[0] == (token,) else self.policy.after(matcher, token, remaining)
+        if after is not None and _steps(after) <= remaining:
+            self.last = _steps(after)
+            return self._take(token, after)
+        path = known if known is not None else self.policy.walk(matcher.deep_copy(), WALK_LIMIT)
+        if path is None:  # no way out within the limit: still the walk's first token, if any
+            self.last = self.path = None
+            closing = self.policy.next(matcher)
+            return closing if closing is not None else token
+        self.last = _steps(path)
+        return self._take(path[0][0], path)
+
+    def _take(self, token: int, path: list[tuple[int, ...]] | None) -> int:
+        """The row takes `token`; the walk from its next state is `path`'s rest, when `path` (from its
+        current state) starts with `token` as a step alone."""
+        self.path = path[1:] if path and path[0] == (token,) and len(path) > 1 else None
+        return token
+
+    def forget(self) -> None:
+        """The row's state moved some other way (a refused token): the known walk no longer starts there."""
+        self.path = None
+
+
+def _steps(path: list[tuple[int, ...]]) -> int:
+    return sum(len(step) for step in path)
+
+
+def _has(mask: bytes, token: int) -> bool:
+    """Bit `token` of a packed little-endian mask."""
+    return bool(mask[token >> 3] >> (token & 7) & 1)
+
+
+def _allowed_ids(mask: bytes, size: int) -> np.ndarray:
+    """The ids a packed mask allows, ascending, from its nonzero bytes only (a few dozen, where the walk
+    falls back to them, against 16,384 bytes at 131,072 tokens)."""
+    packed = np.frombuffer(mask, dtype=np.uint8)[: (size + 7) // 8]
+    if len(packed) % 8 == 0:  # 8 bytes at once: the scan for nonzero bytes is the cost
+        wide = np.flatnonzero(packed.view(np.uint64))
+        where = (wide[:, None] * 8 + np.arange(8)).ravel()
+        where = where[packed[where] != 0]
+    else:
+        where = np.flatnonzero(packed)
+    bits = np.unpackbits(packed[where], bitorder="little").reshape(-1, 8).astype(bool)
+    ids: np.ndarray = ((where * 8)[:, None] + np.arange(8))[bits]
+    return ids[ids < size]
+
+
+def _any(mask: bytes, size: int) -> bool:
+    """Whether any of the first `size` bits is set."""
+    whole, rest = divmod(size, 8)
+    if any(mask[:whole]):
+        return True
+    return bool(rest) and whole < len(mask) and bool(mask[whole] & ((1 << rest) - 1))
 
 
 def _ids(by_bytes: dict[bytes, int], pieces: tuple[bytes, ...]) -> list[int]:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_PARALLEL_CALLS = 8
 """Most calls in one turn when parallel calls are allowed; bounds a model that would call forever."""
 _CACHE_SIZE = 64
+_ENCODED_SIZE = 4096
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """Python's json.dumps layout, which Mistral's tokenizer renders arguments with: in distribution."""
 _OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf")
@@ -97,6 +98,8 @@ class GrammarConstraint:
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
+            if self._closer is not None:
+                self._closer.forget()
             log.warning("constrained row took a token its grammar refuses: %s", _first_line(self._matcher.get_error()))
 
 
@@ -228,9 +231,17 @@ class _Wrapper:
         ]
         self.special_token_ids = sorted(vocab.special_names)
         self._encode = vocab.encode
+        self._encoded: OrderedDict[str | bytes, tuple[int, ...]] = OrderedDict()
 
     def __call__(self, text: str | bytes) -> list[int]:
-        return self._encode(text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text)
+        """Remembered: llguidance tokenizes the same forced bytes (`"}`, `, "`) at every closing walk's step."""
+        ids = self._encoded.get(text)
+        if ids is None:
+            ids = tuple(self._encode(text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text))
+            self._encoded[text] = ids
+            if len(self._encoded) > _ENCODED_SIZE:
+                self._encoded.popitem(last=False)
+        return list(ids)
 
 
 # -- grammars ----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from app.model.constrained import (
     OutputSpec,
     TriggeredConstraint,
 )
-from app.model.sampling import unpack
+from app.model.masks import unpack
 from tests.tekken_vocab import VERSIONS, text_ids, vocab
 
 WEATHER = {

@@ -14,8 +14,9 @@ from torch.overrides import TorchFunctionMode
 
 from app.model.constrained import Constrainer, FunctionSpec, OutputSpec
 from app.model.kvcache import GrowingCache, gather
+from app.model.masks import unpack, unpack_by_table
 from app.model.row import Row
-from app.model.sampling import TIERS, Sampler, sample, unpack, unpack_by_table
+from app.model.sampling import TIERS, Sampler, sample
 from app.types import SamplingParams
 from tests.tekken_vocab import vocab
 

@@ -81,6 +81,9 @@ CHAT_KINDS: dict[str, dict[str, Any]] = {
     },
 }
 """Chat workloads: what each adds to the request body (64 tokens of chat with the audio and a question)."""
+CHAT_KINDS["chat_tools_auto"] = {**CHAT_KINDS["chat_tools"], "tool_choice": "auto"}
+"""The same 491-token prompt as chat_tools (the tool adds 106 tokens to chat's 385), unconstrained until a call
+starts: what the longer prompt costs apart from the grammar."""
 VARIED_TOKENS = (8, 120, 16, 112, 32, 96, 48, 80)
 """max_tokens of the chat_varied requests, in turn: 64 on average, like every other workload."""
 

@@ -17,7 +17,6 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import Lifespan
 
-from app import vad
 from app.api import errors, openapi
 from app.api.auth import ApiKeyAuth, load_api_keys, warn_if_open
 from app.api.lifecycle import DrainGuard, Lifecycle
@@ -28,28 +27,17 @@ from app.api.service import Service
 from app.config import Settings
 from app.engine.engine import Engine
 from app.metrics import Metrics
-from app.model.features import LogMel
-from app.model.generate import BatchGenerator
 from app.model.loader import LoadedModel, load_model
-from app.model.prompts import Prompter
-from app.types import PreparedRequest, SamplingParams
+from app.model.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> tuple[Engine, Service]:
-    tokenizer = loaded.processor.tokenizer
-    special = tokenizer.tokenizer.instruct_tokenizer.tokenizer
-    prompter = Prompter(loaded.processor, settings.model_id)
-    log_mel = LogMel(
-        loaded.processor.feature_extractor,
-        frames_per_chunk=loaded.model.config.audio_config.max_source_positions * 2,
-        device=next(loaded.model.parameters()).device,
-    )
+def build_engine(settings: Settings, runtime: ModelRuntime, metrics: Metrics) -> tuple[Engine, Service]:
     engine = Engine(
-        BatchGenerator(loaded.model, pad_token_id=special.pad_id, log_mel=log_mel),
-        eos_token_ids={special.eos_id},
-        decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
+        runtime.generator,
+        eos_token_ids={runtime.eos_id},
+        decode=runtime.text,
         max_queue=settings.max_queue,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
@@ -59,16 +47,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics) -> t
         request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )
-    return engine, Service(settings, engine, prompter, tokenizer, loaded.fingerprint)
-
-
-async def warm_up(service: Service) -> None:
-    """One tiny generation so the first real request pays no one-time cost."""
-    encoded = service.prompter.chat([{"role": "user", "content": "Hi"}])
-    request = PreparedRequest(encoded.input_ids, [], SamplingParams(max_new_tokens=2), "chat")
-    await service.engine.generate(request)
-    await asyncio.to_thread(lambda: service.constrainer)  # the vocabulary pass for constrained decoding
-    await asyncio.to_thread(vad.network)  # the speech detector of chunking and realtime turns
+    return engine, Service(settings, engine, runtime)
 
 
 def create_app(settings: Settings, loaded: LoadedModel | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -104,10 +83,11 @@ def make_lifespan(settings: Settings, loaded: LoadedModel | None, metrics: Metri
                 "Use --model mistralai/Voxtral-Mini-3B-2507 for real transcription.",
                 model.path,
             )
-        engine, service = build_engine(settings, model, metrics)
+        runtime = await asyncio.to_thread(ModelRuntime.of, model, settings.model_id)
+        engine, service = build_engine(settings, runtime, metrics)
         app.state.service, app.state.engine = service, engine
         engine.start()
-        await warm_up(service)
+        await service.warm_up()
         lifecycle.ready = True
         try:
             yield

@@ -12,11 +12,12 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
 
+from app import vad
 from app.api import chat_request as chat
 from app.api.chat_request import ChatJob
 from app.api.logprobs import mean
@@ -36,8 +37,8 @@ from app.errors import (
 )
 from app.model.constrained import Constrainer, GrammarError, OutputSpec
 from app.model.detok import IncrementalDecoder
-from app.model.prompts import Encoded, Prompter
-from app.model.toolcalls import TokenVocab
+from app.model.prompts import Encoded
+from app.model.runtime import ModelRuntime
 from app.types import Constraint, GenerationResult, PreparedRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -63,14 +64,12 @@ class TranscriptionRun:
 
 
 class Service:
-    def __init__(
-        self, settings: Settings, engine: Engine, prompter: Prompter, tokenizer: Any, fingerprint: str
-    ) -> None:
+    def __init__(self, settings: Settings, engine: Engine, runtime: ModelRuntime) -> None:
         self.settings = settings
-        self.fingerprint = fingerprint  # the loaded model's system_fingerprint, for chat answers
+        self.fingerprint = runtime.fingerprint  # the loaded model's system_fingerprint, for chat answers
         self.engine = engine
-        self.prompter = prompter
-        self.tokenizer = tokenizer
+        self.runtime = runtime
+        self.prompter = runtime.prompter
         self.model_ids = {settings.model_id, settings.model, *settings.model_aliases}
         self._pool = ThreadPoolExecutor(max_workers=settings.prep_threads, thread_name_prefix="voxtral-prep")
 
@@ -88,9 +87,12 @@ class Service:
                 param="model",
             )
 
-    def decode(self, token_ids: list[int]) -> str:
-        """Text without special tokens: what --log-prompts shows of a request's prompt and output."""
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+    async def warm_up(self) -> None:
+        """One tiny generation so the first real request pays no one-time cost."""
+        encoded = self.prompter.chat([{"role": "user", "content": "Hi"}])
+        request = PreparedRequest(encoded.input_ids, [], SamplingParams(max_new_tokens=2), "chat")
+        await self.engine.generate(request)
+        await asyncio.to_thread(vad.network)  # the speech detector of chunking and realtime turns
 
     # -- transcription / translation -------------------------------------------------------------
     async def load_audio(
@@ -139,7 +141,7 @@ class Service:
         run = TranscriptionRun(options, audio.shape[0] / SAMPLE_RATE, pieces, [])
         run.items.extend(self.engine.submit_many(list(requests), stream=stream, reservation=reservation))
         if record is not None:
-            record.add_items(run.items, self.decode)
+            record.add_items(run.items, self.runtime.text)
         log.debug("transcription of %.1f s queued as %d piece(s)", run.duration_s, len(pieces))
         return run
 
@@ -160,7 +162,7 @@ class Service:
         asked = run.options.include_logprobs
         try:
             for piece, item in zip(run.pieces, run.items, strict=True):
-                decoder = IncrementalDecoder.from_bytes(self._text_bytes)
+                decoder = IncrementalDecoder.from_bytes(self.runtime.text_bytes)
                 scores = TextLogprobs(self.constrainer.vocab) if asked else None
                 async for event in self.engine.stream(item):
                     text = joiner.add(decoder.push(event.token_ids))
@@ -193,7 +195,7 @@ class Service:
         return self._prepared(encoded, sampling, "translation" if options.task == "translate" else "transcription")
 
     def _piece_result(self, piece: Piece, result: GenerationResult, include_logprobs: bool) -> PieceResult:
-        raw = self._text_bytes(result.token_ids).decode("utf-8", errors="replace")
+        raw = self.runtime.text(result.token_ids)
         text, language = split_language(raw) or ("", None)
         scores = result.logprobs or []
         shown = text_logprobs(self.constrainer.vocab, scores) if include_logprobs else None
@@ -207,13 +209,6 @@ class Service:
             shown,
             mean(scores),
         )
-
-    def _text_bytes(self, token_ids: list[int]) -> bytes:
-        """UTF-8 of the text tokens, control tokens dropped. Streamed and whole transcripts both decode these
-        bytes, so they are the same text, and a stream costs O(1) per token instead of re-decoding it all."""
-        tekken = self.prompter.mistral.instruct_tokenizer.tokenizer
-        first, end = tekken.num_special_tokens, tekken.n_words
-        return b"".join(tekken.id_to_byte_piece(i) for i in token_ids if first <= i < end)
 
     # -- chat ------------------------------------------------------------------------------------
     async def prepare_chat(self, body: ChatCompletionRequest, record: RequestRecord | None = None) -> ChatJob:
@@ -237,14 +232,12 @@ class Service:
     ) -> WorkItem:
         item = self.engine.submit(job.prepared, stream=stream, reservation=reservation)
         if record is not None:
-            record.add_items([item], self.decode)
+            record.add_items([item], self.runtime.text)
         return item
 
-    @cached_property
+    @property
     def constrainer(self) -> Constrainer:
-        """Built on first use (a pass over the vocabulary), in a prep thread."""
-        tekken = self.prompter.mistral.instruct_tokenizer.tokenizer
-        return Constrainer(TokenVocab.from_tekken(tekken))
+        return self.runtime.constrainer
 
     def _constraint(self, spec: OutputSpec) -> Callable[[], Constraint] | None:
         try:

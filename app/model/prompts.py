@@ -35,6 +35,11 @@ class Prompter:
         self.model_id = model_id
         self.mistral = processor.tokenizer.tokenizer
 
+    @property
+    def tekken(self) -> Any:
+        """mistral-common's tekken tokenizer: token bytes and special ids (read by `ModelRuntime`)."""
+        return self.mistral.instruct_tokenizer.tokenizer
+
     # -- requests ----------------------------------------------------------------------------
     def transcription(self, audio: np.ndarray, language: str | None) -> Encoded:
         """Mistral's transcription format: the audio, then `lang:xx` when the language is known, then

@@ -23,17 +23,17 @@ from app.api.lifecycle import DrainGuard, Lifecycle
 from app.api.middleware import BodyLimits, RequestContext, Route
 from app.api.realtime import route as realtime
 from app.api.routes import audio, chat, health, models, playground
-from app.api.service import Service
 from app.config import Settings
 from app.engine.engine import Engine
 from app.metrics import Metrics
 from app.model.loader import LoadedModel, load_model
 from app.model.runtime import ModelRuntime
+from app.serving.service import Serving
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(settings: Settings, runtime: ModelRuntime, metrics: Metrics) -> tuple[Engine, Service]:
+def build_engine(settings: Settings, runtime: ModelRuntime, metrics: Metrics) -> tuple[Engine, Serving]:
     engine = Engine(
         runtime.generator,
         eos_token_ids={runtime.eos_id},
@@ -47,7 +47,7 @@ def build_engine(settings: Settings, runtime: ModelRuntime, metrics: Metrics) ->
         request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )
-    return engine, Service(settings, engine, runtime)
+    return engine, Serving(settings, engine, runtime)
 
 
 def create_app(settings: Settings, loaded: LoadedModel | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -84,17 +84,18 @@ def make_lifespan(settings: Settings, loaded: LoadedModel | None, metrics: Metri
                 model.path,
             )
         runtime = await asyncio.to_thread(ModelRuntime.of, model, settings.model_id)
-        engine, service = build_engine(settings, runtime, metrics)
-        app.state.service, app.state.engine = service, engine
+        engine, serving = build_engine(settings, runtime, metrics)
+        app.state.serving, app.state.engine = serving, engine
+        realtime.start(app, serving)
         engine.start()
-        await service.warm_up()
+        await serving.warm_up()
         lifecycle.ready = True
         try:
             yield
         finally:
             lifecycle.ready, lifecycle.draining = False, True
             engine.stop()
-            service.close()
+            serving.close()
 
     return lifespan
 

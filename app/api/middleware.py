@@ -17,10 +17,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.record import RequestRecord
 from app.errors import PayloadTooLarge, VoxtralError
 from app.logs import FIELDS
 from app.metrics import Metrics
+from app.serving.record import RequestRecord
 
 log = logging.getLogger("voxtral.access")
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from app.audio import encode_wav_float32
-from app.errors import InvalidRequest, UnsupportedFeature
+from app.errors import InvalidRequest, UnsupportedFeature, first_line
 
 TRANSLATE_INSTRUCTION = "Translate this audio into English. Answer with the translation only."
 
@@ -51,7 +51,7 @@ class Prompter:
                 {"model": self.model_id, "audio": encode_wav_float32(audio), "language": language}
             )
         except ValueError as exc:
-            raise InvalidRequest(f"Invalid transcription request: {_first_line(exc)}", param="language") from exc
+            raise InvalidRequest(f"Invalid transcription request: {first_line(exc)}", param="language") from exc
         tokenized = self.mistral.encode_transcription(request)
         return self._encoded(tokenized)
 
@@ -95,17 +95,13 @@ def _to_mistral_message(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": parts}
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def _prompt_error(exc: Exception) -> InvalidRequest:
     """mistral-common's refusal as a 400 that says what to change.
 
     The v7/v11 tokenizers refuse a system message next to audio (Voxtral's model card: no system
     prompts); text-only conversations may carry one.
     """
-    text = _first_line(exc)
+    text = first_line(exc)
     if "System messages are not yet allowed" in text:
         return UnsupportedFeature(
             "Voxtral does not accept a system message in a conversation with audio (the model card: system "

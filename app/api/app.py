@@ -33,8 +33,14 @@ from app.serving.service import Serving
 log = logging.getLogger(__name__)
 
 
-def build_engine(settings: Settings, runtime: ModelRuntime, metrics: Metrics) -> tuple[Engine, Serving]:
-    engine = Engine(
+async def build_serving(settings: Settings, model: LoadedModel, metrics: Metrics) -> Serving:
+    """The model facade (a pass over the vocabulary: off the loop), the engine on it, the serving layer."""
+    runtime = await asyncio.to_thread(ModelRuntime.of, model, settings.model_id)
+    return Serving(settings, build_engine(settings, runtime, metrics), runtime)
+
+
+def build_engine(settings: Settings, runtime: ModelRuntime, metrics: Metrics) -> Engine:
+    return Engine(
         runtime.generator,
         eos_token_ids={runtime.eos_id},
         decode=runtime.text,
@@ -47,7 +53,6 @@ def build_engine(settings: Settings, runtime: ModelRuntime, metrics: Metrics) ->
         request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )
-    return engine, Serving(settings, engine, runtime)
 
 
 def create_app(settings: Settings, loaded: LoadedModel | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -77,14 +82,9 @@ def make_lifespan(settings: Settings, loaded: LoadedModel | None, metrics: Metri
         lifecycle: Lifecycle = app.state.lifecycle
         model = loaded if loaded is not None else await asyncio.to_thread(load_model, settings)
         metrics.model_load_seconds.set(model.load_seconds)
-        if model.random_weights:
-            log.warning(
-                "Serving the built-in TINY model from %s with RANDOM weights: its output is noise (demo/tests only). "
-                "Use --model mistralai/Voxtral-Mini-3B-2507 for real transcription.",
-                model.path,
-            )
-        runtime = await asyncio.to_thread(ModelRuntime.of, model, settings.model_id)
-        engine, serving = build_engine(settings, runtime, metrics)
+        _warn_if_random(model)
+        serving = await build_serving(settings, model, metrics)
+        engine = serving.engine
         app.state.serving, app.state.engine = serving, engine
         realtime.start(app, serving)
         engine.start()
@@ -98,6 +98,15 @@ def make_lifespan(settings: Settings, loaded: LoadedModel | None, metrics: Metri
             serving.close()
 
     return lifespan
+
+
+def _warn_if_random(model: LoadedModel) -> None:
+    if model.random_weights:
+        log.warning(
+            "Serving the built-in TINY model from %s with RANDOM weights: its output is noise (demo/tests only). "
+            "Use --model mistralai/Voxtral-Mini-3B-2507 for real transcription.",
+            model.path,
+        )
 
 
 def install_middleware(

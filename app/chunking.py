@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app import vad
-
-SAMPLE_RATE = 16000
+from app.audio import SAMPLE_RATE
 
 MAX_PIECE_S = 30.0
 """Voxtral's window: a longer piece would pay for a second, mostly padded, 375-token window."""

@@ -121,3 +121,10 @@ def error_object(message: str, type_: str, param: str | None = None, code: str |
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, object]:
     """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
     return {"error": error_object(message, type_, param, code)}
+
+
+def first_line(error: object, default: str | None = None) -> str:
+    """The first line of a library's error text: what follows (parser state, a whole grammar) is not for a
+    client. Without text: `default`, else the error's type name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else default or type(error).__name__

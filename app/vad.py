@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
+from app.audio import SAMPLE_RATE
+
 WINDOW = 512
 """Samples per decision (32 ms): the only window Silero's 16 kHz network takes."""
 CONTEXT = 64

@@ -17,56 +17,40 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import Lifespan
 
-from app import vad
 from app.api import errors, openapi
 from app.api.auth import ApiKeyAuth, load_api_keys, warn_if_open
 from app.api.lifecycle import DrainGuard, Lifecycle
 from app.api.middleware import BodyLimits, RequestContext, Route
 from app.api.realtime import route as realtime
 from app.api.routes import audio, chat, health, models, playground
-from app.api.service import Service
 from app.config import Settings
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.runner import Wrap, as_is
 from app.metrics import Metrics
-from app.model.features import LogMel
-from app.model.generate import BatchGenerator
 from app.model.loader import LoadedModel, load_model
-from app.model.prompts import Prompter
-from app.types import PreparedRequest, SamplingParams
+from app.model.runtime import ModelRuntime
+from app.serving.service import Serving
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(
-    settings: Settings, loaded: LoadedModel, metrics: Metrics, wrap_generator: Wrap = as_is
-) -> tuple[Engine, Service]:
-    tokenizer = loaded.processor.tokenizer
-    special = tokenizer.tokenizer.instruct_tokenizer.tokenizer
-    prompter = Prompter(loaded.processor, settings.model_id)
-    log_mel = LogMel(
-        loaded.processor.feature_extractor,
-        frames_per_chunk=loaded.model.config.audio_config.max_source_positions * 2,
-        device=next(loaded.model.parameters()).device,
-    )
-    engine = Engine(
-        wrap_generator(BatchGenerator(loaded.model, pad_token_id=special.pad_id, log_mel=log_mel)),
+async def build_serving(
+    settings: Settings, model: LoadedModel, metrics: Metrics, wrap_generator: Wrap = as_is
+) -> Serving:
+    """The model facade (a pass over the vocabulary: off the loop), the engine on it, the serving layer."""
+    runtime = await asyncio.to_thread(ModelRuntime.of, model, settings.model_id)
+    return Serving(settings, build_engine(settings, runtime, metrics, wrap_generator), runtime)
+
+
+def build_engine(settings: Settings, runtime: ModelRuntime, metrics: Metrics, wrap_generator: Wrap = as_is) -> Engine:
+    return Engine(
+        wrap_generator(runtime.generator),
         EngineConfig.from_settings(settings),
-        eos_token_ids={special.eos_id},
-        decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
+        eos_token_ids={runtime.eos_id},
+        decode=runtime.text,
         metrics=metrics,
     )
-    return engine, Service(settings, engine, prompter, tokenizer, loaded.fingerprint)
-
-
-async def warm_up(service: Service) -> None:
-    """One tiny generation so the first real request pays no one-time cost."""
-    encoded = service.prompter.chat([{"role": "user", "content": "Hi"}])
-    request = PreparedRequest(encoded.input_ids, [], SamplingParams(max_new_tokens=2), "chat")
-    await service.engine.generate(request)
-    await asyncio.to_thread(lambda: service.constrainer)  # the vocabulary pass for constrained decoding
-    await asyncio.to_thread(vad.network)  # the speech detector of chunking and realtime turns
 
 
 def create_app(
@@ -106,25 +90,31 @@ def make_lifespan(
         lifecycle: Lifecycle = app.state.lifecycle
         model = loaded if loaded is not None else await asyncio.to_thread(load_model, settings)
         metrics.model_load_seconds.set(model.load_seconds)
-        if model.random_weights:
-            log.warning(
-                "Serving the built-in TINY model from %s with RANDOM weights: its output is noise (demo/tests only). "
-                "Use --model mistralai/Voxtral-Mini-3B-2507 for real transcription.",
-                model.path,
-            )
-        engine, service = build_engine(settings, model, metrics, wrap_generator)
-        app.state.service, app.state.engine = service, engine
+        _warn_if_random(model)
+        serving = await build_serving(settings, model, metrics, wrap_generator)
+        engine = serving.engine
+        app.state.serving, app.state.engine = serving, engine
+        realtime.start(app, serving)
         engine.start()
-        await warm_up(service)
+        await serving.warm_up()
         lifecycle.ready = True
         try:
             yield
         finally:
             lifecycle.ready, lifecycle.draining = False, True
             engine.stop()
-            service.close()
+            serving.close()
 
     return lifespan
+
+
+def _warn_if_random(model: LoadedModel) -> None:
+    if model.random_weights:
+        log.warning(
+            "Serving the built-in TINY model from %s with RANDOM weights: its output is noise (demo/tests only). "
+            "Use --model mistralai/Voxtral-Mini-3B-2507 for real transcription.",
+            model.path,
+        )
 
 
 def install_middleware(

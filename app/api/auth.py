@@ -15,7 +15,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.middleware import send_error
+from app.api.middleware import is_api_path, send_error
 from app.config import Settings
 from app.errors import AuthenticationError
 
@@ -93,7 +93,7 @@ class ApiKeyAuth:
         await send_error(send, error, {"www-authenticate": "Bearer"}, websocket=kind == "websocket")
 
     def _protected(self, path: str) -> bool:
-        return path == "/v1" or path.startswith("/v1/") or (self.protect_metrics and path == "/metrics")
+        return is_api_path(path) or (self.protect_metrics and path == "/metrics")
 
     def _valid(self, presented: bytes) -> bool:
         matched = False

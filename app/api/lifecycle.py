@@ -12,7 +12,7 @@ import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.middleware import send_error
+from app.api.middleware import is_api_path, send_error
 from app.engine.engine import Engine
 from app.errors import ShuttingDown
 
@@ -78,7 +78,7 @@ class DrainGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] not in ("http", "websocket") or not (path == "/v1" or path.startswith("/v1/")):
+        if scope["type"] not in ("http", "websocket") or not is_api_path(path):
             return await self.app(scope, receive, send)
         if self.lifecycle.draining:
             error = ShuttingDown("The server is shutting down; retry the request on another replica.")

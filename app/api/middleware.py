@@ -17,10 +17,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.record import RequestRecord
 from app.errors import PayloadTooLarge, VoxtralError
 from app.logs import FIELDS
 from app.metrics import Metrics
+from app.serving.record import RequestRecord
 
 log = logging.getLogger("voxtral.access")
 
@@ -172,12 +172,17 @@ class RequestContext:
             self.metrics.rtf.observe(elapsed / record.audio_seconds)
 
 
+def is_api_path(path: str) -> bool:
+    """`/v1` and below: the paths that key checks, draining and per-endpoint metrics apply to."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
 def endpoint_label(path: str, routes: Sequence[Route]) -> str | None:
     """The route template of a /v1 request (bounded label values), `unmatched` for no route; None off /v1.
 
     Matched here rather than read from the router's scope, so requests answered by a middleware
     (401, 503) before routing still get their endpoint.
     """
-    if not (path == "/v1" or path.startswith("/v1/")):
+    if not is_api_path(path):
         return None
     return next((template for pattern, template in routes if pattern.match(path)), "unmatched")

@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from app.api.middleware import is_api_path
+
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
@@ -44,7 +46,7 @@ def install(app: FastAPI) -> None:
             schema.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = ERROR_SCHEMA
             for path, operations in schema["paths"].items():
                 for operation in operations.values():
-                    _declare_errors(operation["responses"], path.startswith("/v1/"))
+                    _declare_errors(operation["responses"], is_api_path(path))
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -1,4 +1,4 @@
-"""Results -> the exact bodies OpenAI clients parse (JSON objects, plain text, SSE lines)."""
+"""Results -> the exact bodies OpenAI clients parse: chat JSON objects and chunks, log-prob entries."""
 
 from __future__ import annotations
 
@@ -6,51 +6,37 @@ import time
 import uuid
 from typing import Any
 
-from app.api.chat_request import ChatJob
-from app.api.logprobs import chat_logprobs
-from app.model.callstream import ChatOutput, chat_output
-from app.model.toolcalls import ParsedCall
-from app.types import GenerationResult
+from app.serving.chat import ChatResult, ChoiceResult, ParsedCall
+from app.serving.logprobs import TokenScore
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chat_completion(
-    model: str,
-    fingerprint: str,
-    choices: list[tuple[ChatOutput, dict[str, Any] | None]],
-    prompt_tokens: int,
-    completion_tokens: int,
-) -> dict[str, Any]:
-    """`choices`: each choice's output and its `logprobs` (None when not asked), in index order."""
+def chat_completion(result: ChatResult, model: str, fingerprint: str) -> dict[str, Any]:
+    """A whole chat.completion: each of the `n` choices, in index order."""
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [_choice(i, output, logprobs) for i, (output, logprobs) in enumerate(choices)],
-        "usage": chat_usage(prompt_tokens, completion_tokens),
+        "choices": [_choice(i, choice) for i, choice in enumerate(result.choices)],
+        "usage": chat_usage(result.prompt_tokens, result.completion_tokens),
     }
 
 
-def chat_answer(job: ChatJob, result: GenerationResult, model: str, fingerprint: str) -> dict[str, Any]:
-    """A whole chat.completion: each of the `n` choices' tokens read as text or tool calls."""
-    stops = job.prepared.sampling.stop_strings
-    results = result.choices or [result]
-    outputs = [chat_output(r.token_ids, r.finish_reason, job.vocab, job.tool_names, stops) for r in results]
-    choices = [(out, chat_logprobs(job.vocab, r.logprobs)) for out, r in zip(outputs, results, strict=True)]
-    completion_tokens = sum(len(r.token_ids) for r in results)  # the prompt counts once, every choice's tokens
-    return chat_completion(model, fingerprint, choices, result.prompt_tokens, completion_tokens)
-
-
-def _choice(index: int, output: ChatOutput, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": output.content, "refusal": None}
-    if output.calls:
-        message["tool_calls"] = [tool_call(call) for call in output.calls]
-    return {"index": index, "message": message, "finish_reason": output.finish_reason, "logprobs": logprobs}
+def _choice(index: int, choice: ChoiceResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.content, "refusal": None}
+    if choice.calls:
+        message["tool_calls"] = [tool_call(call) for call in choice.calls]
+    return {
+        "index": index,
+        "message": message,
+        "finish_reason": choice.finish_reason,
+        "logprobs": chat_logprobs(choice.logprobs),
+    }
 
 
 def tool_call(call: ParsedCall, index: int | None = None) -> dict[str, Any]:
@@ -61,12 +47,29 @@ def tool_call(call: ParsedCall, index: int | None = None) -> dict[str, Any]:
 
 
 def chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """Chat completions' usage object (the transcription shape is `transcripts.transcription_usage`)."""
+    """Chat completions' usage object (the transcription shape is `transcripts.usage`)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def chat_logprobs(scores: list[TokenScore] | None) -> dict[str, Any] | None:
+    """A choice's `logprobs`: None when the request did not ask."""
+    return None if scores is None else {"content": logprob_entries(scores), "refusal": None}
+
+
+def logprob_entries(scores: list[TokenScore]) -> list[dict[str, Any]]:
+    """OpenAI's log-prob entries: token, logprob, bytes, and (chat) `top_logprobs`."""
+    return [_entry(score) for score in scores]
+
+
+def _entry(score: TokenScore) -> dict[str, Any]:
+    entry: dict[str, Any] = {"token": score.token, "logprob": score.logprob, "bytes": list(score.raw)}
+    if score.top is not None:
+        entry["top_logprobs"] = [_entry(alternative) for alternative in score.top]
+    return entry
 
 
 def chat_chunk(

@@ -1,11 +1,10 @@
-"""Transcripts: what a transcription produced, and the bodies OpenAI clients parse from it.
+"""Transcripts -> the bodies OpenAI clients parse: json, text, srt, vtt, verbose_json, and the SSE events
+of `stream=true`.
 
-json, text, srt, vtt, verbose_json and the SSE events of `stream=true`. Voxtral emits no
-timestamps, so segment times are where the server cut the audio (see `app.chunking`), never
-invented. `avg_logprob` is the mean log-prob of the segment's tokens (the model's own distribution).
-`no_speech_prob` is not available: Voxtral has no no-speech token to read it from, and pieces without
-speech are dropped (VAD) before the model sees them, so it is 0.0. `compression_ratio` is computed as
-Whisper does (UTF-8 length over zlib-compressed length).
+Segment times are where the server cut the audio (see `app.chunking`). `no_speech_prob` is not
+available: Voxtral has no no-speech token to read it from, and pieces without speech are dropped (VAD)
+before the model sees them, so it is 0.0. `compression_ratio` is computed as Whisper does (UTF-8 length
+over zlib-compressed length).
 """
 
 from __future__ import annotations
@@ -13,172 +12,30 @@ from __future__ import annotations
 import logging
 import re
 import zlib
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from fastapi.responses import JSONResponse, Response
+
+from app.api.render import logprob_entries
 from app.api.sse import sse
-from app.chunking import VadOptions
-from app.errors import InternalError, InvalidRequest, VoxtralError
+from app.errors import InternalError, VoxtralError
+from app.serving.transcripts import LANGUAGES, PieceResult, Transcript, TranscriptDelta
 
 log = logging.getLogger(__name__)
-
-LANGUAGES = {
-    "en": "english",
-    "es": "spanish",
-    "fr": "french",
-    "pt": "portuguese",
-    "hi": "hindi",
-    "de": "german",
-    "nl": "dutch",
-    "it": "italian",
-}
-"""The languages Voxtral's model card supports: the only `language` values accepted. Other codes,
-even valid ISO-639-1 ones mistral-common would take, are refused rather than passed as a `lang:xx`
-hint the model was not trained on; leaving `language` out lets the model detect it."""
-
-_LANG_PREFIX = re.compile(r"\s*lang:([a-z]{2,3})(?![a-z])\s*")
 _ARROW = re.compile(r"-{2,}>")
-_MAYBE_PREFIX = re.compile(r"\s*(l|la|lan|lang|lang:[a-z]{0,3})\s*")
-
-Task = Literal["transcribe", "translate"]
 
 
-def check_language(code: str | None) -> str | None:
-    """The normalised ISO-639-1 code, or None to let the model detect it; 400 if unsupported."""
-    if code is None or not code.strip():
-        return None
-    normalised = code.strip().lower()
-    if normalised not in LANGUAGES:
-        raise InvalidRequest(
-            f"language {code!r} is not supported. Voxtral supports these ISO-639-1 codes: "
-            f"{', '.join(LANGUAGES)}. Leave language out to let the model detect it.",
-            param="language",
-            code="unsupported_language",
-        )
-    return normalised
-
-
-@dataclass(frozen=True)
-class TranscriptionOptions:
-    """A validated transcription or translation request, minus its audio."""
-
-    task: Task = "transcribe"
-    language: str | None = None
-    prompt: str | None = None
-    temperature: float = 0.0
-    chunking: VadOptions | None = None
-    """None: the whole file is one request; otherwise it is cut at silences with these options."""
-    logprobs: bool = False
-    """Compute the tokens' log-probs (verbose_json's avg_logprob, include[]=logprobs)."""
-    include_logprobs: bool = False
-    """include[]=logprobs: return them (json, and the stream's events)."""
-
-
-@dataclass(frozen=True)
-class PieceResult:
-    """One transcribed piece of the audio, at its real place in the file."""
-
-    start_s: float
-    end_s: float
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    language: str | None = None
-    """The language the model announced with a `lang:xx` prefix, if it did."""
-    logprobs: list[dict[str, Any]] | None = None
-    """The text tokens' log-probs in OpenAI's shape, when asked for."""
-    avg_logprob: float = 0.0
-
-
-@dataclass(frozen=True)
-class Transcript:
-    options: TranscriptionOptions
-    duration_s: float
-    pieces: list[PieceResult] = field(default_factory=list)
-
-    @property
-    def segments(self) -> list[PieceResult]:
-        return [p for p in self.pieces if p.text]
-
-    @property
-    def text(self) -> str:
-        return " ".join(p.text for p in self.segments)
-
-    @property
-    def language(self) -> str | None:
-        """The language asked for, else the one the model announced most often, else None."""
-        if self.options.task == "translate":
-            return "en"
-        detected = Counter(p.language for p in self.pieces if p.language)
-        return self.options.language or (detected.most_common(1)[0][0] if detected else None)
-
-    def usage(self) -> dict[str, Any]:
-        prompt = sum(p.prompt_tokens for p in self.pieces)
-        completion = sum(len(p.token_ids) for p in self.pieces)
-        return transcription_usage(prompt, completion)
-
-
-def transcription_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage(transcript: Transcript) -> dict[str, Any]:
     """The usage object of transcriptions and realtime transcripts (chat's is `render.chat_usage`)."""
-    return {
-        "type": "tokens",
-        "input_tokens": prompt_tokens,
-        "output_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+    prompt, completion = transcript.prompt_tokens, transcript.completion_tokens
+    return {"type": "tokens", "input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion}
 
 
-def split_language(text: str, final: bool = True) -> tuple[str, str | None] | None:
-    """`text` without a leading `lang:xx` and the code it named; None while that cannot be told yet."""
-    match = _LANG_PREFIX.match(text)
-    if match and (final or match.end() < len(text)):
-        return text[match.end() :], match.group(1)
-    if not final and _MAYBE_PREFIX.fullmatch(text) is not None:
-        return None
-    return text, None
-
-
-class TextJoiner:
-    """Streams the pieces' text, in order, as exactly the text the non-streamed answer has.
-
-    Each piece loses its `lang:xx` prefix and surrounding whitespace (trailing whitespace is held
-    back until more text follows), and non-empty pieces are joined by one space.
-    """
-
-    def __init__(self) -> None:
-        self.text = ""
-        self._raw = ""
-        self._sent = 0
-
-    def add(self, delta: str) -> str:
-        self._raw += delta
-        return self._release(final=False)
-
-    def end_piece(self) -> str:
-        out = self._release(final=True)
-        self._raw, self._sent = "", 0
-        return out
-
-    def _release(self, final: bool) -> str:
-        split = split_language(self._raw, final)
-        if split is None:
-            return ""
-        body = split[0].strip()
-        new = body[self._sent :]
-        if new and self._sent == 0 and self.text:
-            new = " " + new
-        self._sent = len(body)
-        self.text += new
-        return new
-
-
-# -- bodies --------------------------------------------------------------------------------------
 def json_body(transcript: Transcript) -> dict[str, Any]:
-    body: dict[str, Any] = {"text": transcript.text, "usage": transcript.usage()}
+    body: dict[str, Any] = {"text": transcript.text, "usage": usage(transcript)}
     if transcript.options.include_logprobs:
-        body["logprobs"] = [entry for p in transcript.pieces for entry in p.logprobs or []]
+        body["logprobs"] = logprob_entries(transcript.logprobs)
     return body
 
 
@@ -253,18 +110,18 @@ def timestamp(seconds: float, decimal: str) -> str:
 
 
 # -- server-sent events --------------------------------------------------------------------------
-def delta_event(delta: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
-    event: dict[str, Any] = {"type": "transcript.text.delta", "delta": delta}
-    if logprobs is not None:
-        event["logprobs"] = logprobs
+def delta_event(delta: TranscriptDelta) -> bytes:
+    event: dict[str, Any] = {"type": "transcript.text.delta", "delta": delta.text}
+    if delta.logprobs is not None:
+        event["logprobs"] = logprob_entries(delta.logprobs)
     return sse(event)
 
 
 def done_event(transcript: Transcript) -> bytes:
     event: dict[str, Any] = {"type": "transcript.text.done", "text": transcript.text}
     if transcript.options.include_logprobs:
-        event["logprobs"] = [entry for p in transcript.pieces for entry in p.logprobs or []]
-    event["usage"] = transcript.usage()
+        event["logprobs"] = logprob_entries(transcript.logprobs)
+    event["usage"] = usage(transcript)
     return sse(event)
 
 
@@ -273,11 +130,7 @@ def error_event(exc: VoxtralError) -> bytes:
     return sse(exc.error_body())
 
 
-Delta = tuple[str, list[dict[str, Any]] | None]
-"""Streamed text and the log-probs of the tokens released with it (None unless include[]=logprobs)."""
-
-
-async def sse_stream(events: AsyncIterator[Delta | Transcript]) -> AsyncIterator[bytes]:
+async def sse_stream(events: AsyncIterator[TranscriptDelta | Transcript]) -> AsyncIterator[bytes]:
     """`transcript.text.delta` events, then `transcript.text.done` whose text is the deltas joined.
 
     No `data: [DONE]`: the SDK's transcription stream ends when the response does. A failure after
@@ -287,8 +140,8 @@ async def sse_stream(events: AsyncIterator[Delta | Transcript]) -> AsyncIterator
         async for event in events:
             if isinstance(event, Transcript):
                 yield done_event(event)  # its text is the deltas joined (TextJoiner)
-            elif event[0] or event[1]:
-                yield delta_event(*event)
+            elif event.text or event.logprobs:
+                yield delta_event(event)
     except VoxtralError as exc:
         yield error_event(exc)
     except Exception:
@@ -304,3 +157,9 @@ RENDERERS: dict[str, tuple[Callable[[Transcript], Any], str]] = {
     "vtt": (vtt_body, "text/vtt; charset=utf-8"),
 }
 """response_format -> (body, media type). The JSON ones return dicts; the others text."""
+
+
+def response(transcript: Transcript, response_format: str) -> Response:
+    body, media_type = RENDERERS[response_format]
+    content = body(transcript)
+    return JSONResponse(content) if isinstance(content, dict) else Response(content, media_type=media_type)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from app.audio import encode_wav_float32
-from app.errors import InvalidRequest, UnsupportedFeature
+from app.errors import InvalidRequest, UnsupportedFeature, first_line
 
 TRANSLATE_INSTRUCTION = "Translate this audio into English. Answer with the translation only."
 
@@ -35,6 +35,11 @@ class Prompter:
         self.model_id = model_id
         self.mistral = processor.tokenizer.tokenizer
 
+    @property
+    def tekken(self) -> Any:
+        """mistral-common's tekken tokenizer: token bytes and special ids (read by `ModelRuntime`)."""
+        return self.mistral.instruct_tokenizer.tokenizer
+
     # -- requests ----------------------------------------------------------------------------
     def transcription(self, audio: np.ndarray, language: str | None) -> Encoded:
         """Mistral's transcription format: the audio, then `lang:xx` when the language is known, then
@@ -46,7 +51,7 @@ class Prompter:
                 {"model": self.model_id, "audio": encode_wav_float32(audio), "language": language}
             )
         except ValueError as exc:
-            raise InvalidRequest(f"Invalid transcription request: {_first_line(exc)}", param="language") from exc
+            raise InvalidRequest(f"Invalid transcription request: {first_line(exc)}", param="language") from exc
         tokenized = self.mistral.encode_transcription(request)
         return self._encoded(tokenized)
 
@@ -90,17 +95,13 @@ def _to_mistral_message(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": parts}
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def _prompt_error(exc: Exception) -> InvalidRequest:
     """mistral-common's refusal as a 400 that says what to change.
 
     The v7/v11 tokenizers refuse a system message next to audio (Voxtral's model card: no system
     prompts); text-only conversations may carry one.
     """
-    text = _first_line(exc)
+    text = first_line(exc)
     if "System messages are not yet allowed" in text:
         return UnsupportedFeature(
             "Voxtral does not accept a system message in a conversation with audio (the model card: system "

@@ -14,11 +14,11 @@ import jsonschema
 import openai
 import pytest
 
-from app.api.schemas import ChatCompletionRequest
 from app.config import Settings
 from app.model.loader import load_model
 from app.model.tiny import build_tiny_model
 from app.model.toolcalls import mistral_call_id
+from app.serving.schemas import ChatCompletionRequest
 from tests.conftest import RunningServer, assert_openai_error, serve
 from tests.tool_fixtures import CALL_ID, CLOCK, NAMED, SCHEMAS, TOOLS, WEATHER, assert_valid_calls, streamed_calls
 
@@ -33,8 +33,8 @@ def create(client: Any, **kw: Any) -> Any:
 
 def prompt_of(server: RunningServer, body: dict[str, Any]) -> str:
     """The prompt the server would run, special tokens written out."""
-    service = server.app.state.service
-    job = asyncio.run(service.prepare_chat(ChatCompletionRequest.model_validate({"model": "tiny", **body})))
+    serving = server.app.state.serving
+    job = asyncio.run(serving.chats.prepare(ChatCompletionRequest.model_validate({"model": "tiny", **body})))
     return job.vocab.text(job.prepared.input_ids, keep_special=True)
 
 

@@ -146,7 +146,7 @@ def test_health_answers_fast_while_a_long_batch_runs(server: Any) -> None:
 def test_base64_audio_is_unpacked_off_the_event_loop(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding the base64 of a 25 MB upload takes ~100 ms: on the event loop it would stall every
     connection (the /health test above covers the model; this covers request preparation)."""
-    from app.api import chat_request
+    from app.serving import chat_request
     from tests.audio_fixtures import JFK, wav_b64
 
     threads: list[str] = []

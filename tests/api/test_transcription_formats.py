@@ -12,13 +12,20 @@ import httpx
 import openai
 import pytest
 
-from app.api.transcripts import cue_text, timestamp
+from app.api.transcripts import RENDERERS, cue_text, timestamp
+from app.serving.transcription_request import FORMATS, STREAM_FORMATS, TIMED_FORMATS
 from tests.audio_fixtures import clip_bytes
 from tests.conftest import AUDIO, assert_openai_error
 
 JFK = AUDIO / "jfk.wav"
 SRT_TIME = r"\d\d:\d\d:\d\d,\d\d\d"
 VTT_TIME = r"\d\d:\d\d:\d\d\.\d\d\d"
+
+
+def test_every_accepted_format_has_a_renderer() -> None:
+    """The serving layer validates response_format, app/api renders it: the two lists must agree."""
+    assert tuple(RENDERERS) == FORMATS
+    assert set(FORMATS) == STREAM_FORMATS | TIMED_FORMATS
 
 
 def post(http: httpx.Client, path: str = "transcriptions", name: Path = JFK, **data: Any) -> httpx.Response:

@@ -26,6 +26,7 @@ from app.audio import SAMPLE_RATE, AudioLimits, decode_audio
 from app.errors import AudioDecodeError, AudioTooLong
 from app.model.detok import IncrementalDecoder, trim_at_stop
 from app.model.loader import LoadedModel
+from app.serving import transcripts as served
 from tests.conftest import AUDIO
 
 FUZZ = settings(
@@ -296,7 +297,7 @@ CUE_TEXT = st.lists(
 def transcript_pieces(draw: st.DrawFn) -> list[Any]:
     bounds = sorted(draw(st.lists(st.floats(0, 4 * 3600, allow_nan=False), min_size=2, max_size=12)))
     texts = draw(st.lists(CUE_TEXT, min_size=len(bounds) // 2, max_size=len(bounds) // 2))
-    return [transcripts.PieceResult(bounds[2 * i], bounds[2 * i + 1], text, [1, 2], 10) for i, text in enumerate(texts)]
+    return [served.PieceResult(bounds[2 * i], bounds[2 * i + 1], text, [1, 2], 10) for i, text in enumerate(texts)]
 
 
 TIMING = r"(\d{2,}):(\d{2}):(\d{2})[,.](\d{3}) --> (\d{2,}):(\d{2}):(\d{2})[,.](\d{3})"
@@ -328,7 +329,7 @@ def parse_cues(body: str, srt: bool) -> list[tuple[float, float, list[str]]]:
 @FUZZ
 @given(pieces=transcript_pieces(), srt=st.booleans())
 def test_srt_and_vtt_read_back_as_one_cue_per_segment_at_its_times(pieces: list[Any], srt: bool) -> None:
-    transcript = transcripts.Transcript(transcripts.TranscriptionOptions(), 4 * 3600, pieces)
+    transcript = served.Transcript(served.TranscriptionOptions(), 4 * 3600, pieces)
     body = transcripts.srt_body(transcript) if srt else transcripts.vtt_body(transcript)
     cues = parse_cues(body, srt)
     assume(all(re.sub(r"\s", "", p.text) for p in transcript.segments))  # whitespace-only text has no cue line
@@ -355,12 +356,12 @@ RAW_PIECE = st.lists(
 @FUZZ
 @given(raws=st.lists(RAW_PIECE, min_size=1, max_size=4), data=st.data())
 def test_streamed_transcript_text_is_exactly_the_non_streamed_text(raws: list[str], data: st.DataObject) -> None:
-    joiner, streamed = transcripts.TextJoiner(), ""
+    joiner, streamed = served.TextJoiner(), ""
     for raw in raws:
         cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=4)))
         parts = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
         streamed += "".join(joiner.add(part) for part in parts) + joiner.end_piece()
-    texts = [(transcripts.split_language(raw) or ("", None))[0].strip() for raw in raws]
+    texts = [(served.split_language(raw) or ("", None))[0].strip() for raw in raws]
     assert streamed == " ".join(t for t in texts if t)
 
 

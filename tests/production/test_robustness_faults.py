@@ -322,7 +322,7 @@ def test_a_bad_seed_is_refused_before_it_can_fail_a_batch(faulty: RunningServer,
 def test_a_full_queue_refuses_before_decoding_audio(
     loaded: LoadedModel, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.api.service as service_module
+    import app.serving.prep as service_module
 
     decoded: list[int] = []
     real_decode = service_module.decode_audio

@@ -10,21 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.api.transcripts import (
+from app.api.transcripts import compression_ratio, cue_text, srt_body, timestamp, vtt_body
+from app.chunking import Piece, VadOptions, pieces_from, split_at_silences, whole
+from app.errors import InvalidRequest
+from app.serving.transcripts import (
     PieceResult,
     TextJoiner,
     Transcript,
     TranscriptionOptions,
     check_language,
-    compression_ratio,
-    cue_text,
     split_language,
-    srt_body,
-    timestamp,
-    vtt_body,
 )
-from app.chunking import Piece, VadOptions, pieces_from, split_at_silences, whole
-from app.errors import InvalidRequest
 from app.vad import WINDOW
 from tests.speech_layout import SAMPLE_RATE, Layout, clip, gap, with_noise
 

@@ -24,10 +24,10 @@ from app.api.realtime import protocol as wire
 from app.api.realtime.detector import SharedDetector
 from app.api.realtime.session import Limits, Session
 from app.api.realtime.transcriber import ConnectionGone
-from app.api.service import Service
 from app.config import Settings
 from app.errors import InvalidRequest, TooManySessions, VoxtralError
 from app.metrics import Metrics
+from app.serving.service import Serving
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["realtime"])
@@ -41,28 +41,20 @@ class Slots:
     def __init__(self, limit: int) -> None:
         self.limit, self.open = limit, 0
 
-    @staticmethod
-    def of(app: FastAPI) -> Slots:
-        if not hasattr(app.state, "realtime_slots"):
-            app.state.realtime_slots = Slots(app.state.settings.realtime_max_sessions)
-        slots: Slots = app.state.realtime_slots
-        return slots
 
-
-def shared_detector(app: FastAPI, service: Service) -> SharedDetector:
-    if not hasattr(app.state, "realtime_detector"):
-        app.state.realtime_detector = SharedDetector(service.off_loop)
-    detector: SharedDetector = app.state.realtime_detector
-    return detector
+def start(app: FastAPI, serving: Serving) -> None:
+    """At start-up: the session slots and the speech detector all sessions share."""
+    app.state.realtime_slots = Slots(app.state.settings.realtime_max_sessions)
+    app.state.realtime_detector = SharedDetector(serving.off_loop)
 
 
 @router.websocket("/v1/realtime")
 async def realtime(websocket: WebSocket) -> None:
     app: FastAPI = websocket.app
-    service: Service = app.state.service
-    slots = Slots.of(app)
+    serving: Serving = app.state.serving
+    slots: Slots = app.state.realtime_slots
     try:
-        service.check_model(websocket.query_params.get("model"))
+        serving.check_model(websocket.query_params.get("model"))
         if slots.open >= slots.limit:
             raise TooManySessions(f"This server holds at most {slots.limit} realtime sessions at once; retry later.")
     except VoxtralError as exc:
@@ -73,7 +65,7 @@ async def realtime(websocket: WebSocket) -> None:
     try:
         offered = websocket.scope.get("subprotocols", [])
         await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
-        connection = Connection(websocket, service, app.state.settings, metrics, app.state.lifecycle)
+        connection = Connection(websocket, serving, app.state.settings, metrics, app.state.lifecycle)
         code = await connection.run()
         log.info("realtime session %s ended (close code %d; 0: the client left)", connection.session.id, code)
     finally:
@@ -90,14 +82,14 @@ async def _deny(websocket: WebSocket, exc: VoxtralError) -> None:
 
 class Connection:
     def __init__(
-        self, websocket: WebSocket, service: Service, settings: Settings, metrics: Metrics, lifecycle: Lifecycle
+        self, websocket: WebSocket, serving: Serving, settings: Settings, metrics: Metrics, lifecycle: Lifecycle
     ) -> None:
         self.ws, self.settings, self.lifecycle = websocket, settings, lifecycle
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(settings.realtime_max_pending_events)
         self.closed = False
         limits = Limits(settings.realtime_max_utterance_s)
-        shared = shared_detector(websocket.app, service)
-        self.session = Session(service, shared, self.emit, metrics, limits, settings.model_id)
+        shared: SharedDetector = websocket.app.state.realtime_detector
+        self.session = Session(serving, shared, self.emit, metrics, limits, settings.model_id)
 
     async def emit(self, event: dict[str, Any] | None) -> None:
         """Queue a server event; waits while the outbox is full (a slow client), raises once it is gone."""

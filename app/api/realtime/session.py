@@ -21,11 +21,11 @@ from app.api.realtime.formats import InputDecoder
 from app.api.realtime.protocol import EventError, SessionConfig
 from app.api.realtime.transcriber import ConnectionGone, Emit, Transcriber
 from app.api.realtime.turns import AudioBuffer, Turn, TurnDetector
-from app.api.service import Service
-from app.api.transcripts import TranscriptionOptions, check_language
 from app.audio import SAMPLE_RATE
 from app.errors import InternalError, VoxtralError
 from app.metrics import Metrics
+from app.serving.service import Serving
+from app.serving.transcripts import TranscriptionOptions, check_language
 from app.vad import VadStream
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,12 @@ class Limits:
 
 class Session:
     def __init__(
-        self, service: Service, shared: SharedDetector, emit: Emit, metrics: Metrics, limits: Limits, model: str
+        self, serving: Serving, shared: SharedDetector, emit: Emit, metrics: Metrics, limits: Limits, model: str
     ) -> None:
-        self.service, self.shared, self.emit, self.limits = service, shared, emit, limits
+        self.serving, self.shared, self.emit, self.limits = serving, shared, emit, limits
         self.id = wire.new_id("sess")
         self.config = SessionConfig(model=model)
-        self.transcriber = Transcriber(service, emit, metrics)
+        self.transcriber = Transcriber(serving, emit, metrics)
         self.buffer = AudioBuffer()
         self.decoder = InputDecoder(self.config.format)
         self.stream = VadStream()
@@ -102,7 +102,7 @@ class Session:
 
     def _check_transcription(self, model: str | None, language: str | None) -> str | None:
         try:
-            self.service.check_model(model)
+            self.serving.check_model(model)
             return check_language(language)
         except VoxtralError as exc:
             exc.param = f"session.audio.input.transcription.{exc.param}"
@@ -126,7 +126,7 @@ class Session:
     async def _decode(self, audio: str, event_id: str | None) -> np.ndarray:
         if len(audio) <= INLINE_BASE64:  # a usual 20-100 ms chunk: cheaper here than a hop to a thread
             return self._ingest(audio, event_id)
-        return await self.service.off_loop(self._ingest, audio, event_id)
+        return await self.serving.off_loop(self._ingest, audio, event_id)
 
     def _ingest(self, audio: str, event_id: str | None) -> np.ndarray:
         """base64 -> 16 kHz samples."""

@@ -1,7 +1,7 @@
 """Committed utterances of one session -> transcription events, in commit order.
 
 Each utterance is prepared and queued in the engine the moment it is committed, through the same
-`Service` path (and so the same queue and batcher) as an HTTP transcription, so utterances of many
+serving path (and so the same queue and batcher) as an HTTP transcription, so utterances of many
 sessions decode as rows of the same batches. One task per session then streams their text out in
 order: `.delta` events as tokens arrive, `.completed` (the deltas joined, and usage) or `.failed`.
 """
@@ -17,10 +17,13 @@ from typing import Any
 import numpy as np
 
 from app.api.realtime.protocol import event, failed_event
-from app.api.service import Service, TranscriptionRun
-from app.api.transcripts import Transcript, TranscriptionOptions
+from app.api.render import logprob_entries
+from app.api.transcripts import usage
 from app.errors import InternalError, VoxtralError
 from app.metrics import Metrics
+from app.serving.service import Serving
+from app.serving.transcription import TranscriptionRun
+from app.serving.transcripts import Transcript, TranscriptionOptions
 
 log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
@@ -39,8 +42,8 @@ class Utterance:
 
 
 class Transcriber:
-    def __init__(self, service: Service, emit: Emit, metrics: Metrics) -> None:
-        self.service, self.emit, self.metrics = service, emit, metrics
+    def __init__(self, serving: Serving, emit: Emit, metrics: Metrics) -> None:
+        self.serving, self.emit, self.metrics = serving, emit, metrics
         self._pending: asyncio.Queue[Utterance | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._deliver())
         self.unanswered = 0
@@ -52,10 +55,8 @@ class Transcriber:
         self._pending.put_nowait(Utterance(item_id, started, asyncio.get_running_loop().time()))
 
     async def _start(self, audio: np.ndarray, options: TranscriptionOptions) -> TranscriptionRun:
-        # A full queue refuses here, before the audio is prepared. A session keeps no request record:
-        # its utterances are counted by the realtime metrics instead.
-        with self.service.engine.admission() as reservation:
-            return await self.service.start_transcription(audio, options, stream=True, reservation=reservation)
+        # A session keeps no request record: its utterances are counted by the realtime metrics instead.
+        return await self.serving.utterance(audio, options)
 
     async def finish(self) -> None:
         """Deliver every utterance committed so far, then stop."""
@@ -91,18 +92,18 @@ class Transcriber:
         run = await utterance.started
         item = utterance.item_id
         text, scores = "", list[dict[str, Any]]()
-        async for piece in self.service.stream_transcription(run):
+        async for piece in run.deltas():
             if isinstance(piece, Transcript):
                 await self.emit(_completed(item, text, piece, scores if run.options.include_logprobs else None))
                 self.metrics.realtime_utterances.labels("completed").inc()
                 self.metrics.realtime_turn_latency.observe(asyncio.get_running_loop().time() - utterance.stopped_at)
                 continue
-            delta, logprobs = piece
+            logprobs = logprob_entries(piece.logprobs) if piece.logprobs is not None else None
             scores += logprobs or []
-            if delta or logprobs:
-                text += delta
+            if piece.text or logprobs:
+                text += piece.text
                 fields = {"logprobs": logprobs} if logprobs is not None else {}
-                await self.emit(event(_DELTA, item_id=item, content_index=0, delta=delta, **fields))
+                await self.emit(event(_DELTA, item_id=item, content_index=0, delta=piece.text, **fields))
 
     async def _fail(self, utterance: Utterance, exc: VoxtralError) -> None:
         self.unanswered -= 1
@@ -121,7 +122,7 @@ def _completed(
         fields["logprobs"] = logprobs
     if transcript.language:
         fields["languages"] = [{"code": transcript.language}]
-    fields["usage"] = transcript.usage()
+    fields["usage"] = usage(transcript)
     return event("conversation.item.input_audio_transcription.completed", **fields)
 
 

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.api import render
-from app.api.chat_stream import ChatStream
+from app.api.chat_events import ChatEvents
 from app.api.disconnect import StoppingStream, client_closed, unless_gone
 from app.api.record import record_of
-from app.api.schemas import ChatCompletionRequest
-from app.api.service import Service
+from app.serving.schemas import ChatCompletionRequest
+from app.serving.service import Serving
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -24,17 +24,13 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
 
 @router.post("/chat/completions", response_model=None, responses=_ANSWERS)
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-    service: Service = request.app.state.service
-    record = record_of(request)
-    with service.engine.admission() as reservation:
-        job = await service.prepare_chat(body, record)
-        item = service.submit_chat(job, stream=body.stream, reservation=reservation, record=record)
+    serving: Serving = request.app.state.serving
+    answer = await serving.chat(body, record_of(request))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = ChatStream(job, body.model, service.fingerprint, include_usage).run(service.engine, item)
-        return StoppingStream(events, stop=item.cancel, headers={"Cache-Control": "no-cache"})
-    result = await unless_gone(request, service.engine.wait(item))
+        events = ChatEvents(body.model, serving.fingerprint, include_usage).render(answer.deltas())
+        return StoppingStream(events, stop=answer.cancel, headers={"Cache-Control": "no-cache"})
+    result = await unless_gone(request, answer.result())  # a client gone cancels the work at once
     if result is None:
-        item.cancel()  # the worker drops the row before its next step
         return client_closed()
-    return JSONResponse(render.chat_answer(job, result, body.model, service.fingerprint))
+    return JSONResponse(render.chat_completion(result, body.model, serving.fingerprint))

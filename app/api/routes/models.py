@@ -17,7 +17,7 @@ def _model(model_id: str, created: int) -> dict[str, Any]:
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    ids = request.app.state.service.model_ids
+    ids = request.app.state.serving.model_ids
     created = request.app.state.created
     primary = request.app.state.settings.model_id
     ordered = [primary, *sorted(i for i in ids if i != primary)]
@@ -26,6 +26,6 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.get("/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
-    if model_id not in request.app.state.service.model_ids:
+    if model_id not in request.app.state.serving.model_ids:
         raise ModelNotFound(f"The model {model_id!r} does not exist.", param="model")
     return _model(model_id, request.app.state.created)

@@ -8,11 +8,10 @@ body carry them all, the same list either way.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from app.api.logprobs import token_bytes, transcript_logprobs
-from app.api.transcripts import split_language
 from app.model.toolcalls import TokenVocab
+from app.serving.logprobs import TokenScore, token_bytes, transcript_logprobs
+from app.serving.transcripts import split_language
 from app.types import TokenLogprob
 
 
@@ -32,7 +31,7 @@ class TextLogprobs:
                 self.raw += token_bytes(self.vocab, entry.token)
                 self.entries.append((len(self.raw), entry))
 
-    def release(self, final: bool) -> list[dict[str, Any]]:
+    def release(self, final: bool) -> list[TokenScore]:
         """Entries not released yet, past the `lang:xx` prefix; none while the prefix is undecided."""
         text = self.raw.decode("utf-8", errors="replace")
         split = split_language(text, final)
@@ -44,7 +43,7 @@ class TextLogprobs:
         return transcript_logprobs(self.vocab, fresh)
 
 
-def text_logprobs(vocab: TokenVocab, entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+def text_logprobs(vocab: TokenVocab, entries: Sequence[TokenLogprob]) -> list[TokenScore]:
     """A whole piece's entries at once: what the stream releases, joined."""
     reader = TextLogprobs(vocab)
     reader.add(entries)

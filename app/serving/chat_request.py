@@ -1,7 +1,7 @@
 """A chat request, read: messages in Mistral's shape (call ids mapped), what the output must look like
 (tool_choice, response_format), sampling, and the limits checked before anything is queued.
 
-Pure functions of the wire model and the settings; the Service runs them and does the slow parts
+Pure functions of the wire model and the settings; the chat use case (chat.py) runs them and does the slow parts
 (audio decoding, prompt building, grammar compiling) off the event loop.
 """
 
@@ -13,12 +13,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from app.api.schemas import ChatCompletionRequest, Message, NamedToolChoice
 from app.audio import SAMPLE_RATE
 from app.config import Settings
 from app.errors import AudioDecodeError, AudioTooLong, ContextLengthExceeded, InvalidRequest
 from app.model.constrained import MAX_PARALLEL_CALLS, FunctionSpec, GrammarError, OutputSpec
 from app.model.toolcalls import TokenVocab, mistral_call_id
+from app.serving.schemas import ChatCompletionRequest, Message, NamedToolChoice
 from app.types import PreparedRequest, SamplingParams
 
 _DATA_URL = re.compile(r"^data:([^;,]*)(;base64)?,(.*)$", re.DOTALL)

@@ -1,0 +1,121 @@
+"""The chat use case: admit, read the messages (audio decoded, tools and formats compiled), build the prompt,
+queue it, then answer whole (`ChatResult`) or as typed deltas."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from app.engine.engine import Engine
+from app.engine.item import WorkItem
+from app.model.callstream import chat_output
+from app.model.constrained import GrammarError, OutputSpec
+from app.model.toolcalls import ParsedCall as ParsedCall
+from app.serving import chat_request as chat
+from app.serving.chat_request import ChatJob
+from app.serving.chat_stream import chat_deltas
+from app.serving.deltas import ChatDelta
+from app.serving.logprobs import TokenScore, chat_content
+from app.serving.prep import Prep
+from app.serving.record import RequestRecord
+from app.serving.schemas import AudioUrlPart, ChatCompletionRequest, InputAudioPart, Message
+from app.types import Constraint, PreparedRequest
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    content: str | None
+    calls: tuple[ParsedCall, ...]
+    finish_reason: str
+    logprobs: list[TokenScore] | None
+    """None when the request did not ask for them."""
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    choices: list[ChoiceResult]
+    prompt_tokens: int
+    completion_tokens: int
+    """Every choice's tokens (the prompt counts once)."""
+
+
+class ChatAnswer:
+    """A queued chat request: wait for its `result()`, or stream its `deltas()`; `cancel()` stops it."""
+
+    def __init__(self, engine: Engine, job: ChatJob, item: WorkItem) -> None:
+        self._engine, self._job, self._item = engine, job, item
+
+    async def result(self) -> ChatResult:
+        """Each of the `n` choices' tokens read as text or tool calls."""
+        result = await self._engine.wait(self._item)  # cancels its item however it ends
+        job, results = self._job, result.choices or [result]
+        stops = job.prepared.sampling.stop_strings
+        choices = []
+        for r in results:
+            out = chat_output(r.token_ids, r.finish_reason, job.vocab, job.tool_names, stops)
+            scores = chat_content(job.vocab, r.logprobs) if r.logprobs is not None else None
+            choices.append(ChoiceResult(out.content, out.calls, out.finish_reason, scores))
+        return ChatResult(choices, result.prompt_tokens, sum(len(r.token_ids) for r in results))
+
+    def deltas(self) -> AsyncIterator[ChatDelta]:
+        return chat_deltas(self._engine, self._job, self._item)
+
+    def cancel(self) -> None:
+        self._item.cancel()
+
+
+class ChatServing:
+    def __init__(self, prep: Prep, engine: Engine) -> None:
+        self.prep, self.engine = prep, engine
+
+    async def start(self, body: ChatCompletionRequest, record: RequestRecord | None) -> ChatAnswer:
+        """Hold a queue place while the request is prepared (a full queue refuses before any decoding)."""
+        with self.engine.admission() as reservation:
+            job = await self.prepare(body, record)
+            item = self.engine.submit(job.prepared, stream=body.stream, reservation=reservation)
+        if record is not None:
+            record.add_items([item], self.prep.runtime.text)
+        return ChatAnswer(self.engine, job, item)
+
+    async def prepare(self, body: ChatCompletionRequest, record: RequestRecord | None = None) -> ChatJob:
+        settings, runtime = self.prep.settings, self.prep.runtime
+        self.prep.check_model(body.model)
+        chat.check_unsupported(body, settings.max_batch_size)
+        spec = chat.output_spec(body)
+        messages = [await self._message(m, record) for m in body.messages]
+        chat.check_chat_audio(messages, settings)
+        encoded = await self.prep.run(runtime.prompter.chat, messages, chat.prompt_tools(body))
+        sampling = chat.chat_sampling(body, len(encoded.input_ids), settings)
+        prepared = PreparedRequest(encoded.input_ids, encoded.audios, sampling, "chat")
+        prepared.constraint_factory = await self.prep.run(self._constraint, spec)
+        if prepared.constraint_factory is not None:
+            shortest = await self.prep.run(runtime.constrainer.shortest, spec)
+            if shortest is not None and sampling.max_new_tokens < shortest:
+                raise chat.minimum_refused(sampling.max_new_tokens, shortest)
+        return ChatJob(prepared, runtime.vocab, chat.tool_names(spec))
+
+    def _constraint(self, spec: OutputSpec) -> Callable[[], Constraint] | None:
+        try:
+            return self.prep.runtime.constrainer.factory(spec)
+        except GrammarError as exc:
+            raise chat.grammar_refused(spec, exc) from exc
+
+    async def _message(self, message: Message, record: RequestRecord | None) -> dict[str, Any]:
+        out = chat.message_fields(message)
+        if isinstance(message.content, list):
+            out["content"] = [await self._part(p, record) for p in message.content]
+        return out
+
+    async def _part(self, part: Any, record: RequestRecord | None) -> dict[str, Any]:
+        if isinstance(part, InputAudioPart):
+            raw = part.input_audio if isinstance(part.input_audio, str) else part.input_audio.data
+            unpack = partial(chat.b64_audio, raw)
+        elif isinstance(part, AudioUrlPart):
+            url = part.audio_url if isinstance(part.audio_url, str) else part.audio_url.url
+            unpack = partial(chat.data_url_audio, url)
+        else:
+            return {"type": "text", "text": part.text}
+        audio = await self.prep.audio(unpack, None, self.prep.settings.max_chat_audio_s, record)
+        return {"type": "input_audio", "audio": audio}

@@ -1,0 +1,99 @@
+"""One streamed chat answer as typed deltas: each of its `n` choices' content, tool-call fragments and
+log-probs as tokens come, interleaved by `index`.
+
+Content goes out as it decodes (never half a character, never the start of a stop string that may still
+complete). From a choice's first [TOOL_CALLS] on (tools on), its tokens are read as calls: a first delta
+per call with its id and name, then argument fragments (app/model/callstream.py). A delta's log-probs are
+those of the tokens it carries; tokens held back (half a character) send theirs with the next delta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+
+from app.engine.engine import Engine
+from app.engine.item import WorkItem
+from app.model.callstream import CallReader
+from app.model.detok import IncrementalDecoder
+from app.model.toolcalls import split_at_calls
+from app.serving.chat_request import ChatJob
+from app.serving.deltas import ChatDelta, ChoiceEnd, ChoiceStart, ContentDelta, Scores, ToolCallDelta, Usage
+from app.serving.logprobs import TokenScore, chat_content
+from app.types import GenerationResult, TokenEvent
+
+Piece = ContentDelta | ToolCallDelta
+
+
+class ChoiceStream:
+    """One choice of a streamed answer: what its tokens mean to the client so far."""
+
+    def __init__(self, job: ChatJob, index: int) -> None:
+        self.job, self.index = job, index
+        self.decoder = IncrementalDecoder.from_bytes(job.vocab.bytes_of, job.prepared.sampling.stop_strings)
+        self.tokens = 0
+        self.reader: CallReader | None = None
+        self.pending: list[TokenScore] = []
+        self.asks_logprobs = job.prepared.sampling.logprobs is not None
+
+    def push(self, event: TokenEvent) -> list[Piece]:
+        self.tokens += len(event.token_ids)
+        if event.logprobs:
+            self.pending += chat_content(self.job.vocab, event.logprobs)
+        ids, after = event.token_ids, list[int]()
+        if self.reader is None and self.job.tool_names is not None:
+            ids, after = split_at_calls(ids, self.job.vocab)
+            self.reader = CallReader(self.job.vocab) if after else None
+        elif self.reader is not None:
+            ids, after = [], ids
+        deltas: list[Piece] = [ContentDelta(self.index, text) for text in [self.decoder.push(ids)] if text]
+        if self.reader is not None:
+            deltas += [ToolCallDelta(self.index, d) for d in self.reader.push(after)]
+        return self._with_logprobs(deltas)
+
+    def end(self, result: GenerationResult | None) -> list[Piece | ChoiceEnd]:
+        """The last deltas, then the choice's end with its finish reason."""
+        deltas: list[Piece] = [ContentDelta(self.index, text) for text in [self.decoder.flush()] if text]
+        finish = "stop" if self.decoder.stopped or result is None else result.finish_reason
+        if self.reader is not None:
+            deltas += [ToolCallDelta(self.index, d) for d in self.reader.finish()]
+            if not self.reader.calls:  # v7 calls that did not parse: their JSON, as text
+                text = self.job.vocab.text(self.reader.held)
+                deltas += [ContentDelta(self.index, text)] if text else []
+            elif finish == "stop" and self.reader.valid(self.job.tool_names):
+                finish = "tool_calls"
+        out: list[Piece | ChoiceEnd] = [*self._with_logprobs(deltas)]
+        out.append(ChoiceEnd(self.index, finish, (self._leftover() or None) if self.asks_logprobs else None))
+        return out
+
+    def _leftover(self) -> list[TokenScore]:
+        pending, self.pending = self.pending, []
+        return pending
+
+    def _with_logprobs(self, deltas: list[Piece]) -> list[Piece]:
+        if deltas and self.asks_logprobs:
+            scores: Scores = self._leftover()
+            deltas[0] = replace(deltas[0], logprobs=scores)
+        return deltas
+
+
+async def chat_deltas(engine: Engine, job: ChatJob, item: WorkItem) -> AsyncIterator[ChatDelta]:
+    """Every choice's start, its deltas as tokens come, its end; then the usage. Errors propagate."""
+    choices = [ChoiceStream(job, i) for i in range(job.prepared.sampling.choices)]
+    for choice in choices:
+        yield ChoiceStart(choice.index)
+    async for event in engine.stream(item):
+        for delta in choices[event.index].push(event):
+            yield delta
+        if all(c.decoder.stopped for c in choices):
+            item.cancel()  # every choice hit a stop string: the rows stop before their next step
+            break
+    for last in _ends(choices, item.result):
+        yield last
+    yield Usage(job.prepared.prompt_tokens, sum(c.tokens for c in choices))
+
+
+def _ends(choices: list[ChoiceStream], result: GenerationResult | None) -> Iterator[ChatDelta]:
+    results = (result.choices or [result]) if result is not None else [None] * len(choices)
+    for choice, outcome in zip(choices, results, strict=True):
+        yield from choice.end(outcome)

@@ -15,7 +15,6 @@ import httpx
 import pytest
 import torch
 
-from app.engine.batcher import select_batch
 from app.model.loader import LoadedModel
 from tests.conftest import AUDIO, assert_openai_error, serve, wait_until
 
@@ -25,27 +24,6 @@ CHAT = {
     "max_tokens": 4,
     "temperature": 0,
 }
-
-
-def test_batcher_takes_oldest_then_similar_lengths() -> None:
-    assert select_batch([100, 900, 110, 95, 2000], max_rows=3, max_tokens=10_000) == [0, 2, 3]
-    assert select_batch([], 4, 100) == []
-
-
-def test_batcher_respects_the_token_budget_but_never_starves_the_oldest() -> None:
-    assert select_batch([5000, 100, 100], max_rows=8, max_tokens=1000) == [0]
-    assert select_batch([400, 400, 400, 400], max_rows=8, max_tokens=1000) == [0, 1]
-
-
-def test_batcher_counts_the_n_rows_of_a_request() -> None:
-    """A request with n choices takes n places in the batch and n rows of the running budget; its prompt
-    counts once against the prefill budget."""
-    assert select_batch([100, 100, 100], max_rows=5, max_tokens=10_000, rows=[4, 2, 1]) == [0, 2]
-    assert select_batch([100, 100], max_rows=3, max_tokens=10_000, rows=[4, 1]) == []  # the oldest waits
-    assert select_batch([100, 100], max_rows=8, max_tokens=200, rows=[4, 4]) == [0, 1]
-    running = select_batch([100, 100], 8, 10_000, running=(2, 100), max_running_tokens=700, rows=[4, 1])
-    assert running == [0, 1]
-    assert select_batch([100], 8, 10_000, running=(4, 100), max_running_tokens=700, rows=[4]) == []
 
 
 class Gate:
@@ -370,15 +348,6 @@ def test_a_failing_merge_answers_the_new_rows_and_spares_the_running_ones(
 def test_a_request_over_the_running_token_budget_waits_for_the_batch(loaded: LoadedModel, tiny_dir: Path) -> None:
     """With room for one row's KV cache only, the second request cannot join: it runs after the first."""
     assert max(_steps_of_two_overlapping_requests(loaded, tiny_dir, max_running_tokens=1)) == 1
-
-
-def test_batcher_keeps_the_running_batch_within_its_token_budget() -> None:
-    # 4 rows of width 100 run; budget 1000: two short ones fit (6 x 100), a 300-wide one does not (5 x 300).
-    assert select_batch([100, 90, 80], 8, 10_000, running=(4, 100), max_running_tokens=1000) == [0, 1, 2]
-    assert select_batch([300, 90], 8, 10_000, running=(4, 100), max_running_tokens=1000) == []
-    # The oldest blocks the others, so the batch drains and it runs next; when nothing runs it goes.
-    assert select_batch([300, 90], 8, 10_000, running=(0, 0), max_running_tokens=100) == [0]
-    assert select_batch([100] * 12, 8, 10_000, running=(4, 100), max_running_tokens=1000) == list(range(6))
 
 
 class CancelThenOom:

@@ -13,7 +13,7 @@ import torch
 
 from app.model.closing import Closer, ClosingPolicy, _allowed_ids
 from app.model.constrained import Constrainer, FunctionSpec, OutputSpec
-from app.model.masks import few_ids, greedy_masked, unpack
+from app.model.masks import few_ids, greedy_masked, host_argmax, unpack
 from app.model.row import Row
 from app.model.sampling import Sampler
 from app.model.toolcalls import TokenVocab
@@ -71,6 +71,34 @@ def test_the_sparse_greedy_path_is_the_full_masked_argmax(vocab_size: int, ties:
         assert greedy_masked(scores, bits, index, plain.tolist()) == expected
         refused += sum(not allowed[i, t] for i, t in enumerate(plain.tolist()))
     assert refused >= 6, "the cases must include argmax the mask refuses"
+
+
+def test_the_host_argmax_is_torch_argmax() -> None:
+    """numpy's argmax where torch's was: the first maximum, ties and rows of -inf included; and no answer
+    for a dtype numpy lacks (the caller keeps torch's)."""
+    rng = np.random.default_rng(11)
+    scores = torch.from_numpy(rng.standard_normal((8, 131_072)).astype(np.float32)).round().clamp(-1, 1)
+    scores[3] = float("-inf")
+    scores[5, 1000:] = float("-inf")
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        for index in ([0, 1, 2, 3, 4, 5, 6, 7], [5, 3, 0]):
+            found = host_argmax(scores.to(dtype), index)
+            assert found is not None and found.tolist() == scores.to(dtype)[index].argmax(-1).tolist()
+    assert host_argmax(scores.to(torch.bfloat16), [0]) is None
+
+
+def test_a_row_that_allows_only_minus_infinity_answers_as_the_full_path() -> None:
+    scores = torch.zeros(2, 4096)
+    scores[0, 100:] = float("-inf")  # allowed: 100 on, all -inf; refused: 0-99
+    scores[1, :] = float("-inf")
+    scores[1, 7] = 1.0
+    allowed = np.ones((2, 4096), dtype=bool)
+    allowed[0, :100] = False
+    allowed[1, 7] = False
+    bits = pack(allowed)
+    expected = torch.where(unpack(bits, 4096), scores, float("-inf")).argmax(-1).tolist()
+    assert expected == [0, 0]
+    assert greedy_masked(scores, bits, [0, 1], scores.argmax(-1).tolist()) == expected
 
 
 def test_rows_of_a_larger_batch_are_read_at_their_own_positions() -> None:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from app.errors import first_line
 from app.model.closing import Closer, ClosingPolicy
 from app.model.toolcalls import TokenVocab
 from app.types import Constraint
@@ -100,7 +101,10 @@ class GrammarConstraint:
         if not self._matcher.consume_token(token):
             if self._closer is not None:
                 self._closer.forget()
-            log.warning("constrained row took a token its grammar refuses: %s", _first_line(self._matcher.get_error()))
+            log.warning(
+                "constrained row took a token its grammar refuses: %s",
+                first_line(self._matcher.get_error(), "unknown error"),
+            )
 
 
 class TriggeredConstraint:
@@ -212,7 +216,9 @@ class Constrainer:
         except (ValueError, RuntimeError) as exc:
             is_error, messages = True, [str(exc)]
         if template is None or is_error:
-            raise GrammarError(_first_line(messages[0]) if messages else "the schema could not be compiled")
+            raise GrammarError(
+                first_line(messages[0], "unknown error") if messages else "the schema could not be compiled"
+            )
         with self._lock:
             self._templates[grammar] = template
             while len(self._templates) > _CACHE_SIZE:
@@ -302,8 +308,3 @@ def _styled(schema: dict[str, Any], lenient: bool) -> dict[str, Any]:
         styled["additionalProperties"] = False
     styled["x-guidance"] = {**_JSON_STYLE, "lenient": lenient}
     return styled
-
-
-def _first_line(text: str) -> str:
-    """llguidance's errors go on with the parser state and the whole grammar: not for a log line."""
-    return text.strip().splitlines()[0] if text.strip() else "unknown error"

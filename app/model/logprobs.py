@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from app.model.row import Row, take_rows
+from app.model.topk import topk
 from app.types import TokenLogprob
 
 
@@ -36,7 +37,7 @@ class Logprobs:
     def best(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, ids) of the `top` most likely tokens of each asking row, computed once a step."""
         if self._best is None:
-            ids = self.raw.topk(self.top, dim=-1).indices
+            ids = topk(self.raw, self.top)[1]
             self._best = self.table.gather(1, ids), ids
         return self._best
 

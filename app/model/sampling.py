@@ -48,6 +48,7 @@ import torch
 from app.model.logprobs import Logprobs
 from app.model.masks import MaskFiller, apply, greedy_masked, host_argmax, matcher
 from app.model.row import Row, take_rows
+from app.model.topk import topk
 from app.types import Sampled
 
 TIERS = (32, 1024)
@@ -271,7 +272,7 @@ def draw(scores: torch.Tensor, params: _Params, candidates: int) -> tuple[torch.
         probs = torch.softmax(scores / params.temperature, dim=-1)  # masked tokens get exactly 0
         return _invert(probs.cumsum(-1), params.uniform), torch.zeros_like(params.uniform.squeeze(1), dtype=torch.bool)
     k = min(vocab, max(candidates, params.most_k))
-    values, ids = scores.topk(k, dim=-1)  # temperature keeps the order
+    values, ids = topk(scores, k)  # temperature keeps the order
     best = values[:, :1]
     probs = ((values - best) / params.temperature).exp() / _weight(scores, best, params.temperature)
     keep = probs >= params.min_p * probs[:, :1]

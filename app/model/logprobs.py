@@ -2,10 +2,19 @@
 
 What they are: the model's own distribution, `log_softmax` of the raw logits, before penalties, grammar
 masks, temperature and truncation (OpenAI's and vLLM's default), so they read the same whatever the
-request's sampling settings. One `log_softmax` over the asking rows, a `topk` of it for the alternatives,
-and a gather of the chosen tokens; the results join the chosen ids in the sampler's single transfer to the
-host (as float64, which holds every token id exactly). A row whose token changes after that transfer (a
-re-draw from more candidates, a grammar's closing token) has its log-prob gathered again, only then.
+request's sampling settings.
+
+How: a token's log-prob is its raw logit minus its row's log-normaliser `log(sum(exp(logits)))`, so a step
+needs one number per asking row, not a table: a `log_softmax` of 32 x 131,072 float32 logits writes 16 MB
+(3.5-6.5 ms of one core of the dev machine), while the normaliser is one `exp` and a sum (2.2 ms; `exp` alone
+is 1.5 of it). On a CPU the exponentials are taken unshifted: a float32 row overflows only if a logit is
+above ~76 (88, less the log of the vocabulary) and loses precision only when every logit is below ~-58, and
+both show in the sum (not finite, or tiny), so those rows alone are computed again shifted by their maximum.
+On a GPU `torch.logsumexp` does it in a few kernels. The alternatives are a `topk` of the raw logits (ranked
+there, so the first is exactly the argmax) less the normaliser; the chosen tokens' logits are gathered; all of
+it joins the chosen ids in the sampler's single transfer to the host (as float64, which holds every token id
+exactly), and the subtraction is done there in float64. A row whose token changes after that transfer (a
+re-draw from more candidates, a grammar's closing token) has its logit gathered again, only then.
 """
 
 from __future__ import annotations
@@ -19,26 +28,45 @@ from app.model.row import Row, take_rows
 from app.model.topk import topk
 from app.types import TokenLogprob
 
+SAFE_SUM = 1e-20
+"""Rows whose unshifted sum is below this are summed again shifted by their maximum. Above it the row's maximum
+is at least -58 (ln 1e-20 less ln 131,072), so every logit within 29 of it has a normal float32 exponential and
+the ones that flush to zero weigh less than float32's precision (131,072 x e^-29 = 3e-8 of the sum). A sum
+that overflowed (inf; a logit near 76 or above) is taken again the same way."""
+
+
+def log_normalizers(raw: torch.Tensor) -> torch.Tensor:
+    """`log(sum(exp(row)))` of each row of `raw` (rows, vocab), in float64: what `log_softmax` subtracts."""
+    scores = raw.float()
+    if not scores.is_cpu:
+        return torch.logsumexp(scores, dim=-1).double()
+    sums = scores.exp().sum(-1).double()
+    out = sums.log()
+    unsafe = (~torch.isfinite(sums) | (sums < SAFE_SUM)).nonzero().flatten()
+    if unsafe.numel():
+        out[unsafe] = torch.logsumexp(scores.index_select(0, unsafe).double(), dim=-1)
+    return out
+
 
 @dataclass
 class Logprobs:
-    """The log-softmax of the asking rows, and how many alternatives the most demanding one wants."""
+    """The asking rows' raw logits and log-normalisers, and how many alternatives the most demanding wants."""
 
     rows: list[int]
     """Their positions in the batch."""
     asked: list[int]
     """How many alternatives each of them wants."""
-    table: torch.Tensor
-    top: int
     raw: torch.Tensor
     """Their raw logits: the alternatives are ranked on these, so the first is exactly their argmax."""
+    normalizers: torch.Tensor
+    """float64, one per asking row."""
+    top: int
     _best: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def best(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, ids) of the `top` most likely tokens of each asking row, computed once a step."""
+        """(raw logits, ids) of the `top` most likely tokens of each asking row, computed once a step."""
         if self._best is None:
-            ids = topk(self.raw, self.top)[1]
-            self._best = self.table.gather(1, ids), ids
+            self._best = topk(self.raw, self.top)
         return self._best
 
     def argmax(self, greedy: list[int]) -> torch.Tensor | None:
@@ -46,7 +74,7 @@ class Logprobs:
         `topk` pass then serves both (valid only where the scores are the raw logits, the caller's check)."""
         if not self.top or not set(greedy) <= set(self.rows):
             return None
-        index = torch.tensor([self.rows.index(i) for i in greedy], device=self.table.device)
+        index = torch.tensor([self.rows.index(i) for i in greedy], device=self.raw.device)
         return self.best()[1].index_select(0, index)[:, 0]
 
     @classmethod
@@ -57,13 +85,13 @@ class Logprobs:
             return None
         raw = take_rows(logits, asking)
         asked = [rows[i].sampling.logprobs or 0 for i in asking]
-        return cls(asking, asked, torch.log_softmax(raw.float(), dim=-1), max(asked), raw)
+        return cls(asking, asked, raw, log_normalizers(raw), max(asked))
 
     def device_parts(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Chosen log-probs, then the top alternatives' log-probs and ids, flat, as float64: appended to
-        the tokens' transfer."""
+        """Normalisers, chosen tokens' logits, then the top alternatives' logits and ids, flat, as float64:
+        appended to the tokens' transfer."""
         chosen = self._gather(tokens.index_select(0, torch.tensor(self.rows, device=tokens.device)))
-        parts = [chosen.double()]
+        parts = [self.normalizers, chosen.double()]
         if self.top:
             values, ids = self.best()
             parts += [values.flatten().double(), ids.flatten().double()]
@@ -71,22 +99,23 @@ class Logprobs:
 
     def read(self, host: Sequence[float], tokens: Sequence[int], drawn: Sequence[int]) -> dict[int, TokenLogprob]:
         """Per batch position: its TokenLogprob, from the transferred `host` values. `drawn` are the tokens
-        as the device chose them; where `tokens` (the final ones) differ, the log-prob is gathered again."""
+        as the device chose them; where `tokens` (the final ones) differ, the logit is gathered again."""
         n, k = len(self.rows), self.top
-        chosen = list(host[:n])
+        norms, chosen = host[:n], list(host[n : 2 * n])
         changed = [j for j, i in enumerate(self.rows) if tokens[i] != drawn[i]]
         if changed:
-            again = torch.tensor([tokens[self.rows[j]] for j in changed], device=self.table.device)
-            fresh = self._gather(again, torch.tensor(changed, device=self.table.device)).tolist()
+            again = torch.tensor([tokens[self.rows[j]] for j in changed], device=self.raw.device)
+            fresh = self._gather(again, torch.tensor(changed, device=self.raw.device)).tolist()
             for j, value in zip(changed, fresh, strict=True):
                 chosen[j] = value
-        values, ids = host[n : n + n * k], host[n + n * k : n + 2 * n * k]
+        values, ids = host[2 * n : 2 * n + n * k], host[2 * n + n * k : 2 * n + 2 * n * k]
         out = {}
         for j, i in enumerate(self.rows):
-            top = tuple((int(ids[m]), float(values[m])) for m in range(j * k, j * k + self.asked[j]))
-            out[i] = TokenLogprob(tokens[i], float(chosen[j]), top)
+            norm = norms[j]
+            top = tuple((int(ids[m]), values[m] - norm) for m in range(j * k, j * k + self.asked[j]))
+            out[i] = TokenLogprob(tokens[i], chosen[j] - norm, top)
         return out
 
     def _gather(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        table = self.table if rows is None else self.table.index_select(0, rows)
-        return table.gather(1, tokens.view(-1, 1).to(table.device)).squeeze(1)
+        raw = self.raw if rows is None else self.raw.index_select(0, rows)
+        return raw.gather(1, tokens.view(-1, 1).to(raw.device)).squeeze(1).double()

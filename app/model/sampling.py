@@ -201,7 +201,9 @@ def _first_draw(
     tokens = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
     greedy = [i for i in live if rows[i].sampling.temperature <= 0]
     if greedy:
-        best = probs.argmax(greedy) if probs is not None else host_argmax(scores, greedy)
+        best = probs.argmax(greedy) if probs is not None else None
+        if best is None:
+            best = host_argmax(scores, greedy)
         tokens = _put(tokens, greedy, best if best is not None else take_rows(scores, greedy).argmax(-1))
     sampled = [i for i in live if rows[i].sampling.temperature > 0]
     cut = [i for i in sampled if _truncates(rows[i])]

@@ -1,0 +1,64 @@
+"""Log-probs from a per-row log-normaliser equal a float64 `log_softmax` of the same logits at the real
+vocabulary size: ordinary rows, rows whose unshifted exponentials overflow or underflow float32 (summed again
+shifted), through the sampler's one transfer, for greedy and sampled rows, with and without alternatives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.model.generate import Row
+from app.model.logprobs import SAFE_SUM, log_normalizers
+from app.model.sampling import Sampler
+from app.types import Sampled, SamplingParams
+
+VOCAB = 131_072
+TOL = 1e-4
+"""float32 logits, float32 exponentials summed by torch, against float64: 1e-6 seen for logits of scale 4; a
+wrong row is off by > 1, an overflowed sum by inf."""
+
+
+def _logits() -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randn(6, VOCAB, generator=g) * 4
+    scores[1] += 90  # every unshifted exponential overflows
+    scores[2] -= 120  # every one underflows
+    scores[3, 1234] = 85.0  # one overflows alone
+    scores[4] -= 60  # near the edge: the sum is below SAFE_SUM or its precision holds
+    scores[5] = scores[5] * 0.01  # nearly flat
+    return scores.contiguous()
+
+
+def test_normalisers_equal_float64_logsumexp_on_every_kind_of_row() -> None:
+    scores = _logits()
+    expected = torch.logsumexp(scores.double(), dim=-1)
+    found = log_normalizers(scores)
+    assert found.dtype == torch.float64
+    assert torch.allclose(found, expected, rtol=0, atol=TOL), (found - expected).abs().max()
+    assert log_normalizers(scores.bfloat16()).sub(torch.logsumexp(scores.bfloat16().double(), -1)).abs().max() < TOL
+    assert SAFE_SUM > 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(logprobs=5),
+        SamplingParams(logprobs=0),  # greedy, no alternatives: its token is still the plain argmax
+        SamplingParams(temperature=0.8, top_p=0.9, seed=3, logprobs=2),
+        SamplingParams(temperature=0.8, seed=4, logprobs=0),
+    ],
+)
+def test_sampler_logprobs_are_the_log_softmax_of_the_logits(params: SamplingParams) -> None:
+    scores = _logits()
+    reference = torch.log_softmax(scores.double(), dim=-1)
+    rows = [Row([1], [], params) for _ in range(scores.shape[0])]
+    step = Sampler().step(scores, rows)
+    for i, got in enumerate(step):
+        assert isinstance(got, Sampled) and got.logprob is not None
+        if params.temperature == 0:
+            assert got.token == int(scores[i].argmax())
+        assert abs(got.logprob.logprob - float(reference[i, got.token])) < TOL
+        asked = params.logprobs or 0
+        assert [t for t, _ in got.logprob.top] == reference[i].topk(asked).indices.tolist()
+        for token, value in got.logprob.top:
+            assert abs(value - float(reference[i, token])) < TOL

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from app.api.jsonbody import dumps
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
+    data = payload.encode() if isinstance(payload, str) else dumps(payload)
+    return b"data: " + data + b"\n\n"

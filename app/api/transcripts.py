@@ -15,8 +15,9 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
+from app.api.jsonbody import JSONBody
 from app.api.render import logprob_entries
 from app.api.sse import sse
 from app.errors import InternalError, VoxtralError
@@ -162,4 +163,4 @@ RENDERERS: dict[str, tuple[Callable[[Transcript], Any], str]] = {
 def response(transcript: Transcript, response_format: str) -> Response:
     body, media_type = RENDERERS[response_format]
     content = body(transcript)
-    return JSONResponse(content) if isinstance(content, dict) else Response(content, media_type=media_type)
+    return JSONBody(content) if isinstance(content, dict) else Response(content, media_type=media_type)

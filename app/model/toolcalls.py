@@ -78,6 +78,10 @@ class TokenVocab:
         """Like the tokenizer's decode; `keep_special` writes markers as their names ("[TOOL_CALLS]")."""
         return self.bytes_of(ids, keep_special).decode("utf-8", errors="replace")
 
+    def piece(self, token: int) -> bytes:
+        """One token's bytes; a marker's name ("[TOOL_CALLS]") for a special token."""
+        return self._bytes(token, True)
+
     def bytes_of(self, ids: Sequence[int], keep_special: bool = False) -> bytes:
         return b"".join(self._bytes(t, keep_special) for t in ids)
 

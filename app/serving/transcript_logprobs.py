@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from app.model.toolcalls import TokenVocab
-from app.serving.logprobs import TokenScore, token_bytes, transcript_logprobs
+from app.serving.logprobs import TokenScore, transcript_logprobs
 from app.serving.transcripts import split_language
 from app.types import TokenLogprob
 
@@ -28,7 +28,7 @@ class TextLogprobs:
     def add(self, entries: Sequence[TokenLogprob]) -> None:
         for entry in entries:
             if not self.vocab.is_special(entry.token):
-                self.raw += token_bytes(self.vocab, entry.token)
+                self.raw += self.vocab.piece(entry.token)
                 self.entries.append((len(self.raw), entry))
 
     def release(self, final: bool) -> list[TokenScore]:

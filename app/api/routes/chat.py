@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from app.api import render
 from app.api.chat_events import ChatEvents
 from app.api.disconnect import StoppingStream, client_closed, unless_gone
+from app.api.jsonbody import JSONBody
 from app.api.record import record_of
 from app.serving.schemas import ChatCompletionRequest
 from app.serving.service import Serving
@@ -33,4 +34,4 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     result = await unless_gone(request, answer.result())  # a client gone cancels the work at once
     if result is None:
         return client_closed()
-    return JSONResponse(render.chat_completion(result, body.model, serving.fingerprint))
+    return JSONBody(render.chat_completion(result, body.model, serving.fingerprint))

@@ -37,6 +37,7 @@ import asyncio
 import base64
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -332,8 +333,9 @@ def ours_and_ceiling(model_dir: Path, bodies: Bodies, args: argparse.Namespace, 
         configs.append((SINGLE, 1, (), ROOT))
     if args.static:
         configs.append((STATIC, max(args.levels), ("--no-continuous-batching",), ROOT))
-    if args.baseline_src:
-        configs.append((BASELINE, max(args.levels), (), args.baseline_src.resolve()))
+    if args.baseline_src or args.baseline_flags:
+        flags = tuple(shlex.split(args.baseline_flags or ""))
+        configs.append((BASELINE, max(args.levels) * choices, flags, (args.baseline_src or ROOT).resolve()))
     with ExitStack() as stack:
         servers = {
             label: our_server(
@@ -466,7 +468,12 @@ def summarise(rows: list[Run], levels: list[int]) -> None:
             cells.append(f"{occupancy[0]:.1f}, {occupancy[1]:.1f}")
             print(f"| {workload} | {c} | " + " | ".join(cells) + " |")
     _against(groups, "chat", "Chat workloads against greedy `chat`, within each round: req/s ratio.", OURS)
-    _against(groups, BASELINE, "This tree (a) against --baseline-src (f), within each round: req/s ratio.", None)
+    _against(
+        groups,
+        BASELINE,
+        "This tree (a) against --baseline-src/--baseline-flags (f), within each round: req/s ratio.",
+        None,
+    )
     for run in rows:
         if run.workload == "probe":
             print(f"\npeer probe: {run.label}")
@@ -540,6 +547,11 @@ def main() -> None:
     parser.add_argument("--skip-ceiling", action="store_true", help="leave (c) out")
     parser.add_argument("--skip-single", action="store_true", help="leave (b) out")
     parser.add_argument("--baseline-src", type=Path, default=None, help="also (f): our server from this tree")
+    parser.add_argument(
+        "--baseline-flags",
+        default=None,
+        help="also (f), or (f) from --baseline-src, with these server flags, e.g. '--omp-wait-policy active'",
+    )
     parser.add_argument(
         "--full-vocab", action="store_true", help="the tiny model with the real 131,072-token vocabulary"
     )

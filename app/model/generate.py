@@ -7,20 +7,25 @@ rows and merge freshly prefilled ones in between steps. Left padding with zeroed
 keeps every row's output identical to running it alone.
 
 The output projection (hidden -> vocabulary logits) is taken here, after the decoder, so that on a CPU a
-few rows can use the weight-major product `W @ h.T`. `F.linear(h, W)` (what `lm_head` runs) packs the whole
-[vocab, hidden] weight on every call with more than one row. At 131,072 tokens x 64 (the tiny full-vocabulary
-model; one thread, CPU time, median of 30): 1.7 ms for one row, 7.1 ms for 4, 6.2 for 8, 14.1 for 32;
-weight-major 4.2 ms for 4 and 5.5 for 8. Its result is the transpose of a [vocab, rows] product (column-major
-logits): reductions along the vocabulary stay cheap for a few rows (an argmax over 4 rows 0.6 ms against 0.4)
-but not for many (26 ms at 32 rows), so it is used for 2 to `WEIGHT_MAJOR_ROWS` rows: `n` choices of one request
-and low concurrency, where a batch's per-row cost shows most. One row keeps `lm_head` (bit-equal to
-`model.generate`). Float32 only: its logits differ from `F.linear`'s by ~1e-6 relative, far inside the gaps the
-parity tests decide on; bfloat16 keeps `lm_head`, whose near-ties are one bfloat16 step apart and whose kernels
-differ between CPUs. On a GPU, `lm_head` as it is.
+few rows can use the weight-major product `W @ h.T` where that CPU's kernels make it pay. On one dev machine
+(AVX2 kernels) `F.linear(h, W)` (what `lm_head` runs) packed the whole [vocab, hidden] weight on every call
+with more than one row: at 131,072 tokens x 64 (the tiny full-vocabulary model; one thread, CPU time, median
+of 30) 1.7 ms for one row, 7.1 ms for 4, 6.2 for 8, 14.1 for 32, against 4.2 ms for 4 and 5.5 for 8
+weight-major. On another (AVX-512 and AMX, one thread, best of 7) it is the other way round: `F.linear` 1.7 ms
+for 2 rows and 3.2 for 4, weight-major 6.3 and 5.2. So which one a CPU model uses is measured when it loads
+(`weight_major_pays`: both, for 4 rows, with the argmax the sampler then takes; weight-major only if it is
+clearly faster). Its result is the transpose of a [vocab, rows] product (column-major logits): reductions along
+the vocabulary stay cheap for a few rows (an argmax over 4 rows 0.6 ms against 0.4 on the first machine, 0.5
+against 0.1 on the second) but not for many (26 ms at 32 rows), so it is used for 2 to `WEIGHT_MAJOR_ROWS`
+rows: `n` choices of one request and low concurrency, where a batch's per-row cost shows most. One row keeps
+`lm_head` (bit-equal to `model.generate`). Float32 only: its logits differ from `F.linear`'s by ~1e-6
+relative, far inside the gaps the parity tests decide on; bfloat16 keeps `lm_head`, whose near-ties are one
+bfloat16 step apart and whose kernels differ between CPUs. On a GPU, `lm_head` as it is.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +41,32 @@ __all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
 
 WEIGHT_MAJOR_ROWS = 8
 """The most rows projected weight-major on a CPU (module docstring)."""
+WEIGHT_MAJOR_GAIN = 0.8
+"""Weight-major is taken only if it costs at most this fraction of `F.linear` when measured at load: where the
+two are close, `lm_head` (the model's own call) is kept, and timing noise cannot flip the choice."""
+
+
+def weight_major_pays(weight: torch.Tensor, rows: int = 4, repeats: int = 5) -> bool:
+    """Whether, on this CPU, `rows` rows project with `W @ h.T` (and a host argmax of each row, as the sampler
+    takes it) clearly faster than with `F.linear`: the best of `repeats` timings of each, taking turns."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    hidden = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+
+    def linear() -> None:
+        [row.argmax() for row in torch.nn.functional.linear(hidden, weight).numpy()]
+
+    def major() -> None:
+        [row.argmax() for row in (weight @ hidden.T).T.numpy()]
+
+    best = {linear: float("inf"), major: float("inf")}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for way in best:
+                started = time.perf_counter()
+                way()
+                best[way] = min(best[way], time.perf_counter() - started)
+    return best[major] <= WEIGHT_MAJOR_GAIN * best[linear]
 
 
 @dataclass
@@ -51,15 +82,17 @@ class BatchState:
 class BatchGenerator:
     """Stateless over requests: owns the model and turns rows into logits."""
 
-    def __init__(self, model: Any, pad_token_id: int, log_mel: LogMel) -> None:
+    def __init__(self, model: Any, pad_token_id: int, log_mel: LogMel, weight_major: bool | None = None) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self.text_config = model.config.text_config
         self.num_layers = int(self.text_config.num_hidden_layers)
         self.log_mel = log_mel
-        self.weight_major = self.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
-        """2 to WEIGHT_MAJOR_ROWS rows project with `W @ h.T` (see the module docstring)."""
+        if weight_major is None:
+            weight_major = weight_major_pays(model.lm_head.weight)
+        self.weight_major = weight_major and self.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
+        """2 to WEIGHT_MAJOR_ROWS rows project with `W @ h.T` (see the module docstring); None: measured here."""
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[Row]) -> tuple[BatchState, torch.Tensor]:

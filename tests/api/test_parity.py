@@ -190,7 +190,7 @@ def test_every_dtype_and_attention_kernel_decodes_as_transformers_does(
     against alone is checked in float32 only."""
     model = load_model(make_settings(tiny_dir, dtype=dtype, attn_implementation=attention)).model
     assert model.dtype == getattr(torch, dtype)
-    gen = BatchGenerator(model, pad_token_id=11, log_mel=log_mel)
+    gen = BatchGenerator(model, pad_token_id=11, log_mel=log_mel, weight_major=True)  # forced: the path under test
     requests = _mixed_requests(prompter, 8)
     alone, margins = _decode_alone(gen, requests, 8)
     batched = _decode(gen, [Row(r.input_ids, r.audios, SamplingParams()) for r in requests], 8)

@@ -13,8 +13,9 @@ change to "no slower than before" in the same rounds.
 Per-token work (sampling, grammar masks) is measured on the real 131,072-token vocabulary
 (--full-vocab) with the chat workloads `chat` (greedy), `chat_default` (no temperature: the model
 card's 0.2 / top_p 0.95), `chat_json` (response_format json_object, greedy), `chat_json_default`
-and `chat_tools` (tool_choice required, greedy), `chat_logprobs` (greedy, logprobs with top_logprobs 5) and
-`chat_n4` (greedy, n=4: four rows from one prefill); each is compared with `chat` in the same round:
+and `chat_tools` (tool_choice required, greedy), `chat_logprobs` (greedy, logprobs with top_logprobs 5),
+`chat_logprobs_only` (greedy, logprobs without alternatives) and `chat_n4` (greedy, n=4: four rows
+from one prefill); each is compared with `chat` in the same round:
 
     python bench/throughput.py --full-vocab --workloads chat,chat_default,chat_json,chat_tools \
         --concurrency 32 --n 64 --rounds 3 --skip-ceiling --skip-peer --skip-single
@@ -62,6 +63,7 @@ CHAT_KINDS: dict[str, dict[str, Any]] = {
     "chat_json": {"temperature": 0, "response_format": {"type": "json_object"}},
     "chat_json_default": {"response_format": {"type": "json_object"}},
     "chat_logprobs": {"temperature": 0, "logprobs": True, "top_logprobs": 5},
+    "chat_logprobs_only": {"temperature": 0, "logprobs": True},
     "chat_n4": {"temperature": 0, "n": 4},
     "chat_tools": {
         "temperature": 0,

@@ -4,17 +4,19 @@ What they are: the model's own distribution, `log_softmax` of the raw logits, be
 masks, temperature and truncation (OpenAI's and vLLM's default), so they read the same whatever the
 request's sampling settings.
 
-How: a token's log-prob is its raw logit minus its row's log-normaliser `log(sum(exp(logits)))`, so a step
-needs one number per asking row, not a table: a `log_softmax` of 32 x 131,072 float32 logits writes 16 MB
-(3.5-6.5 ms of one core of the dev machine), while the normaliser is one `exp` and a sum (2.2 ms; `exp` alone
-is 1.5 of it). On a CPU the exponentials are taken unshifted: a float32 row overflows only if a logit is
-above ~76 (88, less the log of the vocabulary) and loses precision only when every logit is below ~-58, and
-both show in the sum (not finite, or tiny), so those rows alone are computed again shifted by their maximum.
-On a GPU `torch.logsumexp` does it in a few kernels. The alternatives are a `topk` of the raw logits (ranked
-there, so the first is exactly the argmax) less the normaliser; the chosen tokens' logits are gathered; all of
-it joins the chosen ids in the sampler's single transfer to the host (as float64, which holds every token id
-exactly), and the subtraction is done there in float64. A row whose token changes after that transfer (a
-re-draw from more candidates, a grammar's closing token) has its logit gathered again, only then.
+How: a token's log-prob is its raw logit minus its row's log-normaliser `log(sum(exp(logits)))`, so a step needs
+one number per asking row, not a table: a `log_softmax` of 32 x 131,072 float32 logits writes 16 MB (3.5-6.5 ms
+of one core of the dev machine), while the normaliser is one `exp` and a sum (2.2 ms; `exp` alone is 1.5 of it).
+On a CPU the exponentials are taken unshifted: a float32 row overflows only if a logit is above ~76 (88, less
+the log of the vocabulary) and loses precision only when every logit is below ~-58, and both show in the sum
+(not finite, or tiny), so those rows alone are computed again shifted by their maximum. On a GPU it is shifted
+by the row's maximum, a few kernels, the log taken in float64. The alternatives are a `topk` of the raw logits
+(ranked there, so the first is exactly the argmax) less the normaliser; the chosen tokens' logits are gathered;
+all of it joins the chosen ids in the sampler's single transfer to the host (as float64, which holds every token
+id exactly), and the subtraction is done there in float64, capped at 0: an unshifted float32 `exp` is within an
+ulp, so a near-certain token's logit can exceed its normaliser by ~1e-7, and a probability above 1 is never
+sent. A row whose token changes after that transfer (a re-draw from more candidates, a grammar's closing token)
+has its logit gathered again, only then.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ that overflowed (inf; a logit near 76 or above) is taken again the same way."""
 def log_normalizers(raw: torch.Tensor) -> torch.Tensor:
     """`log(sum(exp(row)))` of each row of `raw` (rows, vocab), in float64: what `log_softmax` subtracts."""
     scores = raw.float()
-    if not scores.is_cpu:
-        return torch.logsumexp(scores, dim=-1).double()
+    if not scores.is_cpu:  # shifted, and the log taken in float64: a few kernels on a GPU
+        peak = scores.amax(-1, keepdim=True)
+        return peak.squeeze(1).double() + (scores - peak).exp().sum(-1).double().log()
     sums = scores.exp().sum(-1).double()
     out = sums.log()
     unsafe = (~torch.isfinite(sums) | (sums < SAFE_SUM)).nonzero().flatten()
@@ -112,8 +115,8 @@ class Logprobs:
         out = {}
         for j, i in enumerate(self.rows):
             norm = norms[j]
-            top = tuple((int(ids[m]), values[m] - norm) for m in range(j * k, j * k + self.asked[j]))
-            out[i] = TokenLogprob(tokens[i], chosen[j] - norm, top)
+            top = tuple((int(ids[m]), min(values[m] - norm, 0.0)) for m in range(j * k, j * k + self.asked[j]))
+            out[i] = TokenLogprob(tokens[i], min(chosen[j] - norm, 0.0), top)
         return out
 
     def _gather(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

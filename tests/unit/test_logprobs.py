@@ -62,3 +62,15 @@ def test_sampler_logprobs_are_the_log_softmax_of_the_logits(params: SamplingPara
         assert [t for t, _ in got.logprob.top] == reference[i].topk(asked).indices.tolist()
         for token, value in got.logprob.top:
             assert abs(value - float(reference[i, token])) < TOL
+
+
+def test_a_near_certain_token_never_gets_a_logprob_above_zero() -> None:
+    """Unshifted float32 exponentials are within an ulp: a dominant logit may exceed its row's normaliser by
+    ~1e-7, which would read as a probability above 1; OpenAI never sends one."""
+    g = torch.Generator().manual_seed(11)
+    scores = torch.randn(64, VOCAB, generator=g)
+    scores[torch.arange(64), torch.arange(64) * 17] = torch.linspace(5, 45, 64)
+    step = Sampler().step(scores, [Row([1], [], SamplingParams(logprobs=3)) for _ in range(64)])
+    for i, got in enumerate(step):
+        assert isinstance(got, Sampled) and got.logprob is not None and got.token == i * 17
+        assert got.logprob.logprob <= 0.0 and all(value <= 0.0 for _, value in got.logprob.top)

@@ -41,6 +41,8 @@ __all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
 
 WEIGHT_MAJOR_ROWS = 8
 """The most rows projected weight-major on a CPU (module docstring)."""
+WEIGHT_MAJOR = "weight-major"
+"""The variant a weight-major CPU model adds to its `system_fingerprint` (app/model/fingerprint.py)."""
 WEIGHT_MAJOR_GAIN = 0.8
 """Weight-major is taken only if it costs at most this fraction of `F.linear` when measured at load: where the
 two are close, `lm_head` (the model's own call) is kept, and timing noise cannot flip the choice."""
@@ -51,7 +53,7 @@ def weight_major_pays(weight: torch.Tensor, rows: int = 4, repeats: int = 5) -> 
     takes it) clearly faster than with `F.linear`: the best of `repeats` timings of each, taking turns."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return False
-    hidden = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0), dtype=weight.dtype)
 
     def linear() -> None:
         [row.argmax() for row in torch.nn.functional.linear(hidden, weight).numpy()]

@@ -14,7 +14,8 @@ from functools import cached_property
 
 from app.model.constrained import Constrainer
 from app.model.features import LogMel
-from app.model.generate import BatchGenerator
+from app.model.fingerprint import with_variant
+from app.model.generate import WEIGHT_MAJOR, BatchGenerator
 from app.model.loader import LoadedModel
 from app.model.prompts import Prompter
 from app.model.toolcalls import TokenVocab
@@ -29,7 +30,7 @@ class ModelRuntime:
     vocab: TokenVocab
     pad_id: int
     fingerprint: str
-    """`system_fingerprint` of every chat answer."""
+    """`system_fingerprint` of every chat answer: the loaded model's, and the projection chosen on this CPU."""
 
     @classmethod
     def of(cls, loaded: LoadedModel, model_id: str) -> ModelRuntime:
@@ -43,9 +44,11 @@ class ModelRuntime:
         )
         pad_id = int(tekken.pad_id)
         generator = BatchGenerator(loaded.model, pad_token_id=pad_id, log_mel=log_mel)
+        fingerprint = loaded.fingerprint
         if generator.weight_major:
             log.info("a few rows project weight-major: measured faster than lm_head on this CPU")
-        return cls(prompter, generator, TokenVocab.from_tekken(tekken), pad_id, loaded.fingerprint)
+            fingerprint = with_variant(fingerprint, WEIGHT_MAJOR)
+        return cls(prompter, generator, TokenVocab.from_tekken(tekken), pad_id, fingerprint)
 
     @property
     def eos_id(self) -> int:

@@ -19,6 +19,7 @@ from fastapi import APIRouter, FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from app.api.errors import error_response
+from app.api.jsonbody import dumps
 from app.api.lifecycle import Lifecycle
 from app.api.realtime import protocol as wire
 from app.api.realtime.detector import SharedDetector
@@ -175,7 +176,7 @@ class Connection:
         try:
             while (event := await self.outbox.get()) is not None:
                 async with asyncio.timeout(self.settings.realtime_idle_timeout_s):  # a reader that never reads
-                    await self.ws.send_text(json.dumps(event, ensure_ascii=False))
+                    await self.ws.send_text(dumps(event).decode())
         except (WebSocketDisconnect, RuntimeError, TimeoutError, OSError) as exc:
             log.info("realtime session %s: client gone while sending (%s)", self.session.id, type(exc).__name__)
         finally:

@@ -212,8 +212,9 @@ class EngineSettings(BaseSettings):
     """Rows decoded together. Larger raises throughput until the GPU is saturated, at some latency cost."""
     max_batch_tokens: int = 32768
     """Prompt tokens (audio tokens included) prefilled in one step; bounds activation memory. Running rows
-    take a decode step between prefills, so a smaller budget also shortens their stalls. On CPU about 3200
-    (8 rows of 30 s audio) is fastest: larger prefills run the audio encoder out of cache."""
+    take a decode step between prefills, so a smaller budget also shortens their stalls. On a CPU a few rows of
+    audio a prefill (3200: 8 rows of 30 s) beat larger budgets, whose prefills run the audio encoder out of
+    cache (docs/PERF.md)."""
     max_running_tokens: int = 131072
     """Rows x longest row (prompt, audio and output so far) the running batch may hold when a request joins
     it: the KV cache each decode step reads, padding included (each row then grows by a token a step). When
@@ -235,8 +236,7 @@ class EngineSettings(BaseSettings):
     uploads; on a small CPU they compete with the model worker for cores."""
     torch_threads: int = 0
     """torch intra-op CPU threads (0: torch's default, one per core). Fewer leave cores to HTTP and audio work
-    but slow the model more: on 2 cores, 1 thread made the batched engine a third slower. GPU serving hardly uses
-    them."""
+    but slow the model more (docs/PERF.md, "Settings defaults"). GPU serving hardly uses them."""
 
     @model_validator(mode="after")
     def _check_engine(self) -> Self:

@@ -1,32 +1,39 @@
 """All settings in one place: CLI flags (`--max-batch-size`) and `VOXTRAL_*` environment variables.
 
 Read once at start-up and injected into `create_app(settings)`; no other module reads the
-environment. Each field's docstring is what `--help` and the README show, including the
-trade-off it makes.
+environment. Settings are grouped by concern, one class each (`ModelSettings`, `ServerSettings`,
+`LimitSettings`, `RealtimeSettings`, `EngineSettings`), composed into the flat `Settings` that every
+reader uses (`settings.max_batch_size`). Each field's docstring is what `--help` and the README show,
+including the trade-off it makes; each group's validators check its own fields.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
 
+_GROUP = SettingsConfigDict(env_prefix="VOXTRAL_", extra="ignore", use_attribute_docstrings=True)
+"""Each group alone reads the same environment as `Settings`; attribute docstrings are its help."""
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="VOXTRAL_",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        cli_prog_name="voxtral-server serve",
-        extra="ignore",
-        use_attribute_docstrings=True,
-    )
 
-    # --- model -------------------------------------------------------------------------------
+def _split_csv(value: object) -> object:
+    """A comma-separated string (how an environment variable spells a list) as that list."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class ModelSettings(BaseSettings):
+    """Model: which checkpoint is served, on what device, and how long a request may be."""
+
+    model_config = _GROUP
+
     model: str = TINY_MODEL
     """Checkpoint to serve: a local directory, a Hugging Face hub id (e.g. mistralai/Voxtral-Mini-3B-2507),
     or `tiny` for the built-in random demo model (tests and `make serve`)."""
@@ -48,7 +55,22 @@ class Settings(BaseSettings):
     context_length: int = 32768
     """Prompt (audio tokens included) + max_tokens must fit in this; larger requests get a 400."""
 
-    # --- HTTP ----------------------------------------------------------------------------------
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _split_aliases(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model
+
+
+class ServerSettings(BaseSettings):
+    """Server: the HTTP listener and its connection limits, authentication, shutdown and logging."""
+
+    model_config = _GROUP
+
+    # HTTP
     host: str = "127.0.0.1"
     """Address to bind. 0.0.0.0 listens on every interface (containers); with no API key that logs a warning."""
     port: int = 8000
@@ -69,7 +91,7 @@ class Settings(BaseSettings):
     """Serve the browser playground at GET / (transcribe a file or the microphone, ask about it, live
     transcription): static files calling /v1/* with the user's key. Off (--no-playground): / is a 404."""
 
-    # --- auth ----------------------------------------------------------------------------------
+    # auth
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     """Bearer keys accepted on /v1/* (comma-separated in VOXTRAL_API_KEYS). None here or in --api-key-file:
     no authentication. Prefer the file: flags and env vars show up in `ps` and `docker inspect`."""
@@ -79,12 +101,12 @@ class Settings(BaseSettings):
     metrics_require_key: bool = False
     """Also require a key on /metrics. Off: Prometheus scrapes without credentials (keep the port private)."""
 
-    # --- lifecycle -----------------------------------------------------------------------------
+    # lifecycle
     drain_timeout_s: float = 30.0
     """After SIGTERM, how long accepted requests get to finish (new ones get 503 meanwhile) before the rest are
     cut off. Longer lets long transcriptions finish; the orchestrator's grace period must exceed it."""
 
-    # --- logging -------------------------------------------------------------------------------
+    # logging
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Least severe level logged. info logs one line per request."""
     log_format: Literal["json", "text"] = "json"
@@ -93,7 +115,34 @@ class Settings(BaseSettings):
     """Add each request's prompt and output text to its log line. Debugging only: it puts user content in logs
     (audio never is)."""
 
-    # --- limits --------------------------------------------------------------------------------
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_server(self) -> Self:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        timeouts = ("keep_alive_timeout_s", "header_read_timeout_s", "body_read_timeout_s")
+        for name in timeouts:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be greater than 0")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must not be negative")
+        return self
+
+
+class LimitSettings(BaseSettings):
+    """Limits: the most one request may upload, carry as audio and generate."""
+
+    model_config = _GROUP
+
     max_upload_mb: float = 25.0
     """Largest upload or JSON body, checked while reading: bigger is a 413 before it is all in memory."""
     max_transcription_audio_s: float = 1800.0
@@ -110,7 +159,16 @@ class Settings(BaseSettings):
     default_max_tokens: int = 4096
     """max_tokens of a chat request that sets none (capped by what the context leaves)."""
 
-    # --- realtime (WebSocket /v1/realtime) ----------------------------------------------------------
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class RealtimeSettings(BaseSettings):
+    """Realtime: transcription sessions over the WebSocket at /v1/realtime."""
+
+    model_config = _GROUP
+
     realtime_max_sessions: int = 100
     """Realtime transcription sessions open at once; one more is refused at the upgrade (429 too_many_sessions).
     Each open session holds a socket, its uncommitted audio (up to realtime_max_utterance_s) and a detector
@@ -127,7 +185,26 @@ class Settings(BaseSettings):
     """Server events waiting for a slow client. When full, the session stops reading the client (which then
     cannot send faster than it reads) and decoding for it waits: memory stays bounded whatever the client does."""
 
-    # --- engine --------------------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _check_realtime(self) -> Self:
+        if self.realtime_max_sessions < 0 or self.realtime_max_pending_events < 1:
+            raise ValueError("realtime_max_sessions must be at least 0 and realtime_max_pending_events at least 1")
+        if not 1.0 <= self.realtime_max_utterance_s <= 30.0:
+            raise ValueError("realtime_max_utterance_s must be between 1 and 30 (Voxtral's window)")
+        if self.realtime_idle_timeout_s <= 0 or self.realtime_max_message_mb <= 0:
+            raise ValueError("realtime_idle_timeout_s and realtime_max_message_mb must be greater than 0")
+        return self
+
+    @property
+    def realtime_max_message_bytes(self) -> int:
+        return int(self.realtime_max_message_mb * 1024 * 1024)
+
+
+class EngineSettings(BaseSettings):
+    """Engine: the queue, how rows are batched, and the threads the work runs on."""
+
+    model_config = _GROUP
+
     max_queue: int = 512
     """Requests waiting for the model. Full means 429 at once: a low limit refuses requests instead of
     making them wait too long."""
@@ -135,8 +212,9 @@ class Settings(BaseSettings):
     """Rows decoded together. Larger raises throughput until the GPU is saturated, at some latency cost."""
     max_batch_tokens: int = 32768
     """Prompt tokens (audio tokens included) prefilled in one step; bounds activation memory. Running rows
-    take a decode step between prefills, so a smaller budget also shortens their stalls. On CPU about 3200
-    (8 rows of 30 s audio) is fastest: larger prefills run the audio encoder out of cache."""
+    take a decode step between prefills, so a smaller budget also shortens their stalls. On a CPU a few rows of
+    audio a prefill (3200: 8 rows of 30 s) beat larger budgets, whose prefills run the audio encoder out of
+    cache (docs/PERF.md)."""
     max_running_tokens: int = 131072
     """Rows x longest row (prompt, audio and output so far) the running batch may hold when a request joins
     it: the KV cache each decode step reads, padding included (each row then grows by a token a step). When
@@ -158,18 +236,10 @@ class Settings(BaseSettings):
     uploads; on a small CPU they compete with the model worker for cores."""
     torch_threads: int = 0
     """torch intra-op CPU threads (0: torch's default, one per core). Fewer leave cores to HTTP and audio work
-    but slow the model more: on 2 cores, 1 thread made the batched engine a third slower. GPU serving hardly uses
-    them."""
-
-    @field_validator("api_keys", "model_aliases", mode="before")
-    @classmethod
-    def _split_csv(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+    but slow the model more (docs/PERF.md, "Settings defaults"). GPU serving hardly uses them."""
 
     @model_validator(mode="after")
-    def _check(self) -> Settings:
+    def _check_engine(self) -> Self:
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if self.max_queue < 1:
@@ -180,48 +250,33 @@ class Settings(BaseSettings):
             raise ValueError("prep_threads must be at least 1 and torch_threads at least 0")
         return self
 
-    @field_validator("log_level", "log_format", mode="before")
-    @classmethod
-    def _lower(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
 
-    @model_validator(mode="after")
-    def _check_http(self) -> Settings:
-        if self.max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
-        timeouts = ("keep_alive_timeout_s", "header_read_timeout_s", "body_read_timeout_s")
-        for name in timeouts:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be greater than 0")
-        if self.drain_timeout_s < 0:
-            raise ValueError("drain_timeout_s must not be negative")
-        return self
+GROUPS: tuple[type[BaseSettings], ...] = (
+    ModelSettings,
+    ServerSettings,
+    LimitSettings,
+    RealtimeSettings,
+    EngineSettings,
+)
+"""The groups in the order `--help` and the README list them."""
 
-    @model_validator(mode="after")
-    def _check_realtime(self) -> Settings:
-        if self.realtime_max_sessions < 0 or self.realtime_max_pending_events < 1:
-            raise ValueError("realtime_max_sessions must be at least 0 and realtime_max_pending_events at least 1")
-        if not 1.0 <= self.realtime_max_utterance_s <= 30.0:
-            raise ValueError("realtime_max_utterance_s must be between 1 and 30 (Voxtral's window)")
-        if self.realtime_idle_timeout_s <= 0 or self.realtime_max_message_mb <= 0:
-            raise ValueError("realtime_idle_timeout_s and realtime_max_message_mb must be greater than 0")
-        return self
+
+# Every setting, flat: `settings.<field>` whatever its group, and every group's validators run. The bases
+# are listed in reverse of `GROUPS` because pydantic collects fields from the last base first. No
+# docstring: pydantic-settings would print it at the top of `serve --help`.
+class Settings(EngineSettings, RealtimeSettings, LimitSettings, ServerSettings, ModelSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VOXTRAL_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="voxtral-server serve",
+        extra="ignore",
+        use_attribute_docstrings=True,
+    )
 
     @property
     def env_vars(self) -> list[str]:
         return [f"VOXTRAL_{name.upper()}" for name in type(self).model_fields]
-
-    @property
-    def model_id(self) -> str:
-        return self.served_model_name or self.model
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-    @property
-    def realtime_max_message_bytes(self) -> int:
-        return int(self.realtime_max_message_mb * 1024 * 1024)
 
 
 VLLM_FLAGS: dict[str, str] = {
@@ -253,15 +308,25 @@ def cli_args(argv: list[str]) -> list[str]:
 
 
 def settings_markdown() -> str:
-    """The README's settings table, generated so it cannot drift from the code (a test compares them)."""
-    rows = ["| flag | env var | default | what it does and trades off |", "| --- | --- | --- | --- |"]
-    for name, field in Settings.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
-        shown = "none" if default in (None, []) else str(default).replace(str(Path.home()), "~")
-        text = " ".join((field.description or "").split())
-        flag, env = "--" + name.replace("_", "-"), f"VOXTRAL_{name.upper()}"
-        rows.append(f"| `{flag}` | `{env}` | `{shown}` | {text} |")
+    """The README's settings tables, one per group, generated so they cannot drift from the code (a test
+    compares them)."""
+    return "\n\n".join(_group_markdown(group) for group in GROUPS)
+
+
+def _group_markdown(group: type[BaseSettings]) -> str:
+    title, _, about = (group.__doc__ or "").partition(": ")
+    rows = [f"### {title}", "", about[:1].upper() + about[1:].strip(), ""]
+    rows += ["| flag | env var | default | what it does and trades off |", "| --- | --- | --- | --- |"]
+    rows += [_field_row(name, field) for name, field in group.model_fields.items()]
     return "\n".join(rows)
+
+
+def _field_row(name: str, field: FieldInfo) -> str:
+    default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+    shown = "none" if default in (None, []) else str(default).replace(str(Path.home()), "~")
+    text = " ".join((field.description or "").split())
+    flag, env = "--" + name.replace("_", "-"), f"VOXTRAL_{name.upper()}"
+    return f"| `{flag}` | `{env}` | `{shown}` | {text} |"
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ CONTEXT = 64
 WINDOW_S = WINDOW / SAMPLE_RATE
 
 ROW_WINDOWS = 938
-"""A file of more than two of these (30 s each) is cut into rows decoded as one batch: a batch of 32
-windows costs about what 5 single windows do on a CPU, so a long file's detection is ~6x cheaper."""
+"""A file of more than two of these (30 s each) is cut into rows decoded as one batch, because a batch
+of windows costs far less than stepping them one by one (docs/PERF.md, "Audio and VAD")."""
 MAX_ROWS = 32
 WARMUP_WINDOWS = 32
 """Each row after the first starts this much (1 s) early so its recurrent state has settled on the audio
@@ -38,7 +38,7 @@ _network: Any = None
 
 
 def network() -> Any:
-    """The shared TorchScript network, loaded on first use (~50 ms)."""
+    """The shared TorchScript network, loaded once per process on first use."""
     global _network
     with _lock:
         if _network is None:
@@ -58,7 +58,7 @@ def _run(windows: torch.Tensor, context: torch.Tensor, state: torch.Tensor) -> t
     net = network()
     out = np.empty((windows.shape[0], windows.shape[1]), np.float32)
     threads = torch.get_num_threads()
-    # One thread: this small network runs ~6x slower on two (thread wake-ups cost more than its matmuls).
+    # One thread: on more, thread wake-ups cost more than this small network's matmuls (docs/PERF.md).
     # With torch's OpenMP backend (its Linux wheels) the count is per calling thread, so the model
     # worker keeps its own.
     torch.set_num_threads(1)
@@ -89,7 +89,7 @@ class VadStream:
 
 def push_many(streams: list[VadStream], chunks: list[np.ndarray]) -> list[np.ndarray]:
     """`VadStream.push` for several streams at once (each at most once): their windows run as rows of one
-    batch, a step per window, so 32 realtime sessions cost about what 5 cost one by one."""
+    batch, a step per window, which costs far less than a call per stream (docs/PERF.md)."""
     joined = [
         np.concatenate([s.pending, c.astype(np.float32, copy=False)]) for s, c in zip(streams, chunks, strict=True)
     ]

@@ -39,11 +39,9 @@ def _choice(index: int, choice: ChoiceResult) -> dict[str, Any]:
     }
 
 
-def tool_call(call: ParsedCall, index: int | None = None) -> dict[str, Any]:
-    """OpenAI's tool call; with `index`, the shape of a streamed `delta.tool_calls` entry."""
-    body: dict[str, Any] = {"index": index} if index is not None else {}
-    body.update(id=call.id, type="function", function={"name": call.name, "arguments": call.arguments})
-    return body
+def tool_call(call: ParsedCall) -> dict[str, Any]:
+    """OpenAI's tool call, as a non-streamed `message.tool_calls` entry (streamed ones: `api/chat_events.py`)."""
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

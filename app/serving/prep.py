@@ -67,8 +67,8 @@ class Prep:
         self, data: bytes | Callable[[], bytes], filename: str | None, max_seconds: float, record: RequestRecord | None
     ) -> np.ndarray:
         """`data` may be a function that unpacks it (base64 in JSON): it runs in a prep thread with the
-        decoding, because unpacking the base64 of a 25 MB file takes ~100 ms. The decoded seconds are
-        added to `record`."""
+        decoding, because unpacking a large upload's base64 would stall the event loop (docs/PERF.md). The
+        decoded seconds are added to `record`."""
         audio = await self.run(self._decode, data, filename, AudioLimits(max_seconds=max_seconds))
         if record is not None:
             record.add_audio(audio)

@@ -137,7 +137,7 @@ class TranscriptionServing:
     ) -> TranscriptionRun:
         """Prepare every piece off the loop, then queue them all at once in `reservation`'s place so they
         run as rows of the same batches; if the queue refuses one, none is queued."""
-        # The speech detector costs ~1% of the audio's length in CPU: never on the event loop.
+        # The speech detector's CPU time grows with the audio (docs/PERF.md): never on the event loop.
         chunks = options.chunking
         pieces = whole(audio) if chunks is None else await self.prep.run(split_at_silences, audio, chunks)
         requests = await asyncio.gather(*(self._request(audio[p.start : p.end], options) for p in pieces))

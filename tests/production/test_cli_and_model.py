@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.config import Settings, cli_args
+from app.config import GROUPS, Settings, cli_args
 from app.model.fingerprint import with_variant
 from app.model.generate import WEIGHT_MAJOR
 from app.model.loader import LoadedModel, load_model
@@ -76,6 +76,16 @@ def test_vllm_flag_spellings_carry_over() -> None:
         "--log_level",
         "info",
     ]
+
+
+def test_settings_are_the_groups_fields_in_order_and_every_groups_checks_run() -> None:
+    """`Settings` is flat, but each field belongs to one group, and `--help` lists them group by group."""
+    grouped = [name for group in GROUPS for name in group.__annotations__ if name in Settings.model_fields]
+    assert grouped == list(Settings.model_fields)
+    bad = {"max_connections": 0, "realtime_max_utterance_s": 31.0, "max_queue": 0}
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=name):
+            Settings.model_validate({name: value})
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 from tempfile import mkdtemp
 from typing import Any
 
+from app.model.text.vocabulary import TokenVocab
 from app.model.tiny import build_tekken
-from app.model.toolcalls import TokenVocab
 
 VERSIONS = ("v7", "v11", "v13")
 

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from app.model.constrained import Constrainer
-from app.model.features import LogMel
+from app.model.compute.features import LogMel
+from app.model.compute.generate import WEIGHT_MAJOR, BatchGenerator
+from app.model.compute.loader import LoadedModel
 from app.model.fingerprint import with_variant
-from app.model.generate import WEIGHT_MAJOR, BatchGenerator
-from app.model.loader import LoadedModel
-from app.model.prompts import Prompter
-from app.model.toolcalls import TokenVocab
+from app.model.text.constrained import Constrainer
+from app.model.text.prompts import Prompter
+from app.model.text.vocabulary import TokenVocab
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from app.engine.engine import Engine
 from app.engine.item import WorkItem
-from app.model.callstream import chat_output
-from app.model.constrained import GrammarError, OutputSpec
-from app.model.toolcalls import ParsedCall as ParsedCall
+from app.model.text.callstream import chat_output
+from app.model.text.constrained import GrammarError, OutputSpec
+from app.model.text.toolcalls import ParsedCall as ParsedCall
 from app.serving import chat_request as chat
 from app.serving.chat_request import ChatJob
 from app.serving.chat_stream import chat_deltas

@@ -16,8 +16,9 @@ from typing import Any
 from app.audio import SAMPLE_RATE
 from app.config import Settings
 from app.errors import AudioDecodeError, AudioTooLong, ContextLengthExceeded, InvalidRequest
-from app.model.constrained import MAX_PARALLEL_CALLS, FunctionSpec, GrammarError, OutputSpec
-from app.model.toolcalls import TokenVocab, mistral_call_id
+from app.model.text.constrained import MAX_PARALLEL_CALLS, FunctionSpec, GrammarError, OutputSpec
+from app.model.text.toolcalls import mistral_call_id
+from app.model.text.vocabulary import TokenVocab
 from app.serving.schemas import ChatCompletionRequest, Message, NamedToolChoice
 from app.types import PreparedRequest, SamplingParams
 

@@ -3,7 +3,7 @@ log-probs as tokens come, interleaved by `index`.
 
 Content goes out as it decodes (never half a character, never the start of a stop string that may still
 complete). From a choice's first [TOOL_CALLS] on (tools on), its tokens are read as calls: a first delta
-per call with its id and name, then argument fragments (app/model/callstream.py). A delta's log-probs are
+per call with its id and name, then argument fragments (app/model/text/callstream.py). A delta's log-probs are
 those of the tokens it carries; tokens held back (half a character) send theirs with the next delta.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import replace
 
 from app.engine.engine import Engine
 from app.engine.item import WorkItem
-from app.model.callstream import CallReader
-from app.model.detok import IncrementalDecoder
-from app.model.toolcalls import split_at_calls
+from app.model.text.callstream import CallReader
+from app.model.text.detok import IncrementalDecoder
+from app.model.text.toolcalls import split_at_calls
 from app.serving.chat_request import ChatJob
 from app.serving.deltas import ChatDelta, ChoiceEnd, ChoiceStart, ContentDelta, Scores, ToolCallDelta, Usage
 from app.serving.logprobs import TokenScore, chat_content

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.model.callstream import CallDelta as CallDelta
+from app.model.text.callstream import CallDelta as CallDelta
 from app.serving.logprobs import TokenScore
 
 Scores = list[TokenScore] | None

@@ -19,8 +19,8 @@ from app.chunking import Piece, split_at_silences, whole
 from app.engine.engine import Engine, Reservation
 from app.engine.item import WorkItem
 from app.errors import ContextLengthExceeded
-from app.model.detok import IncrementalDecoder
 from app.model.runtime import ModelRuntime
+from app.model.text.detok import IncrementalDecoder
 from app.serving import transcription_request
 from app.serving.logprobs import mean
 from app.serving.prep import Prep, Read

@@ -15,9 +15,9 @@ import openai
 import pytest
 
 from app.config import Settings
-from app.model.loader import load_model
+from app.model.compute.loader import load_model
+from app.model.text.toolcalls import mistral_call_id
 from app.model.tiny import build_tiny_model
-from app.model.toolcalls import mistral_call_id
 from app.serving.schemas import ChatCompletionRequest
 from tests.conftest import RunningServer, assert_openai_error, serve
 from tests.tool_fixtures import CALL_ID, CLOCK, NAMED, SCHEMAS, TOOLS, WEATHER, assert_valid_calls, streamed_calls

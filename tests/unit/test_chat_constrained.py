@@ -14,8 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.model.callstream import chat_output
-from app.model.constrained import (
+from app.model.compute.masks import unpack
+from app.model.text.callstream import chat_output
+from app.model.text.constrained import (
     MAX_PARALLEL_CALLS,
     Constrainer,
     FunctionSpec,
@@ -23,7 +24,6 @@ from app.model.constrained import (
     OutputSpec,
     TriggeredConstraint,
 )
-from app.model.masks import unpack
 from tests.tekken_vocab import VERSIONS, text_ids, vocab
 
 WEATHER = {

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from app.model.callstream import ChatOutput, chat_output
-from app.model.toolcalls import (
+from app.model.text.callstream import ChatOutput, chat_output
+from app.model.text.toolcalls import (
     ParsedCall,
     mistral_call_id,
     new_call_id,
@@ -131,7 +131,7 @@ def test_chat_output_rules() -> None:
 
 
 def test_unstreamed_arguments_are_the_generated_text_and_equal_the_streamed_fragments() -> None:
-    from app.model.callstream import CallReader
+    from app.model.text.callstream import CallReader
 
     v = vocab("v11")
     ids = encode_calls("v11", [WEATHER, NOOP])

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.model.closing import Closer, ClosingPolicy, _allowed_ids
-from app.model.constrained import Constrainer, FunctionSpec, OutputSpec
-from app.model.masks import few_ids, greedy_masked, host_argmax, unpack
-from app.model.row import Row
-from app.model.sampling import Sampler
-from app.model.toolcalls import TokenVocab
+from app.model.compute.masks import few_ids, greedy_masked, host_argmax, unpack
+from app.model.compute.row import Row
+from app.model.compute.sampling import Sampler
+from app.model.text.closing import Closer, ClosingPolicy, _allowed_ids
+from app.model.text.constrained import Constrainer, FunctionSpec, OutputSpec
+from app.model.text.vocabulary import TokenVocab
 from app.types import SamplingParams
 from tests.tekken_vocab import vocab
 

@@ -12,7 +12,7 @@ ties either); the values, and any id whose score is unique, are the same.
 
 `torch.topk` as it is: on a GPU, beyond `MOST` (the sampler's larger tiers), for a vocabulary that does not
 split into at least 4k blocks, and for non-contiguous scores (the weight-major logits of a few rows,
-app/model/generate.py).
+app/model/compute/generate.py).
 """
 
 from __future__ import annotations

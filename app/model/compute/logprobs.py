@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from app.model.row import Row, take_rows
-from app.model.topk import topk
+from app.model.compute.row import Row, take_rows
+from app.model.compute.topk import topk
 from app.types import TokenLogprob
 
 SAFE_SUM = 1e-20

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.model.row import Row, take_rows
+from app.model.compute.row import Row, take_rows
 
 
 @dataclass

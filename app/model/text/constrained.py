@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from app.errors import first_line
-from app.model.closing import Closer, ClosingPolicy
-from app.model.toolcalls import TokenVocab
+from app.model.text.closing import Closer, ClosingPolicy
+from app.model.text.vocabulary import TokenVocab
 from app.types import Constraint
 
 log = logging.getLogger(__name__)

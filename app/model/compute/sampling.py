@@ -20,7 +20,7 @@ reaches the last candidate (a flat distribution) is flagged and drawn again from
 last time from the whole sorted vocabulary. Rows with no truncation draw from the cumulative sum of
 the whole softmax, which needs no order.
 
-Grammar masks (llguidance; app/model/masks.py) are filled for all constrained rows together by llguidance's
+Grammar masks (llguidance; app/model/compute/masks.py) are filled for all constrained rows together by llguidance's
 parallel executor into a packed bitmask, optionally while the model's forward pass runs (`prefetch`). On a
 GPU they are applied to every constrained row on the device. On a CPU model only sampled rows take the
 `torch.where` over their logits: a greedy row keeps its plain argmax when its grammar allows it (one bit)
@@ -31,10 +31,10 @@ full `where` (apply 3.7, unpack 0.4, closing walk 6.3), 7.9 ms with the sparse m
 it, as an unconstrained greedy step; closing 2.4, refused rows 0.9), and 2.6 ms now: on a CPU model greedy
 rows take numpy's argmax (`host_argmax`, 0.9 ms for 32 rows against torch's 3.9; the same first maximum).
 
-`step` returns each row's token with its log-probs where the row asks (app/model/logprobs.py: computed on the
+`step` returns each row's token with its log-probs where the row asks (app/model/compute/logprobs.py: computed on the
 raw logits, brought to the host in the same transfer as the ids). After the draw a constrained row's grammar
 may replace the token with the one that closes it within `max_tokens` (`Constraint.settle`,
-app/model/closing.py); the row's log-prob is then gathered for the token it really takes.
+app/model/text/closing.py); the row's log-prob is then gathered for the token it really takes.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from typing import Any
 
 import torch
 
-from app.model.logprobs import Logprobs
-from app.model.masks import MaskFiller, apply, greedy_masked, host_argmax, matcher
-from app.model.row import Row, take_rows
-from app.model.topk import topk
+from app.model.compute.logprobs import Logprobs
+from app.model.compute.masks import MaskFiller, apply, greedy_masked, host_argmax, matcher
+from app.model.compute.row import Row, take_rows
+from app.model.compute.topk import topk
 from app.types import Sampled
 
 TIERS = (32, 1024)
@@ -58,7 +58,7 @@ Costs on 2 CPU cores for 32 rows of 131,072: topk 32 about 6 ms, topk 1024 22 ms
 
 
 class Sampler:
-    """Owns the grammar masks' filler (app/model/masks.py), whose thread fills them during the forward pass."""
+    """Owns the grammar masks' filler (app/model/compute/masks.py), whose thread fills them during the forward pass."""
 
     def __init__(self, threads: int | None = None) -> None:
         self._masks = MaskFiller(threads)
@@ -80,7 +80,7 @@ class Sampler:
         penalised = _penalised(logits, rows)
         constrained = _constrained(rows, errors)
         bits = self._masks.bits([rows[i] for i in constrained]) if constrained else None
-        # On a CPU model greedy rows are checked after their argmax (app/model/masks.py); the rest are masked.
+        # On a CPU model greedy rows are checked after their argmax (app/model/compute/masks.py); the rest are masked.
         full = [j for j, i in enumerate(constrained) if rows[i].sampling.temperature > 0 or not logits.is_cpu]
         index = [constrained[j] for j in full]
         scores = apply(penalised, bits[full], index) if bits is not None and full else penalised
@@ -119,7 +119,7 @@ def _fix_refused(
     out: list[int], scores: torch.Tensor, bits: torch.Tensor, constrained: list[int], full: set[int]
 ) -> None:
     """Greedy constrained rows that were not masked: their plain argmax stands where the grammar allows it,
-    the others take their masked argmax (app/model/masks.py)."""
+    the others take their masked argmax (app/model/compute/masks.py)."""
     picked = [j for j in range(len(constrained)) if j not in full]
     index = [constrained[j] for j in picked]
     chosen = greedy_masked(scores, bits[picked], index, [out[i] for i in index])
@@ -128,7 +128,7 @@ def _fix_refused(
 
 
 def _settle(row: Row, token: int) -> int:
-    """The grammar may replace the token with one that closes it in time (app/model/closing.py)."""
+    """The grammar may replace the token with one that closes it in time (app/model/text/closing.py)."""
     assert row.constraint is not None
     token = row.constraint.settle(token, row.sampling.max_new_tokens - len(row.generated))
     row.constraint.advance(token)

@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from app.model.features import LogMel
-from app.model.kvcache import GrowingCache, assemble, gather
-from app.model.row import Row
-from app.model.sampling import sample
+from app.model.compute.features import LogMel
+from app.model.compute.kvcache import GrowingCache, assemble, gather
+from app.model.compute.row import Row
+from app.model.compute.sampling import sample
 
 __all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
 

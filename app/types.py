@@ -95,6 +95,26 @@ class Sampled:
     logprob: TokenLogprob | None = None
 
 
+@dataclass(frozen=True)
+class ParsedCall:
+    """A tool call read from the model's tokens (app/model/text/toolcalls.py)."""
+
+    name: str
+    arguments: str
+    """A JSON object, as a string (OpenAI's `function.arguments`)."""
+    id: str
+
+
+@dataclass
+class CallDelta:
+    """One `delta.tool_calls` entry of a streamed answer: the first of a call has its id and name."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
 @dataclass
 class TokenEvent:
     """New tokens for one request, pushed by the worker as it decodes."""

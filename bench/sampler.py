@@ -133,16 +133,16 @@ def constrainer() -> Any:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     from app.model.text.constrained import Constrainer
-    from app.model.text.vocabulary import TokenVocab
+    from app.model.text.vocabulary import read_vocab
     from app.model.tiny import FULL_VOCAB, build_tekken
 
     path = Path(tempfile.mkdtemp(prefix="tekken-full-")) / "tekken.json"
     path.write_text(json.dumps(build_tekken("v11", FULL_VOCAB)), encoding="utf-8")
-    return Constrainer(TokenVocab.from_tekken(MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer))
+    return Constrainer(read_vocab(MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer))
 
 
 def factories(c: Any) -> dict[str, Callable[[], Any]]:
-    from app.model.text.constrained import FunctionSpec, OutputSpec
+    from app.model.values import FunctionSpec, OutputSpec
 
     return {
         "json_object": c.factory(OutputSpec(json_schema={"type": "object"})),

@@ -35,7 +35,7 @@ def prompt_of(server: RunningServer, body: dict[str, Any]) -> str:
     """The prompt the server would run, special tokens written out."""
     serving = server.app.state.serving
     job = asyncio.run(serving.chats.prepare(ChatCompletionRequest.model_validate({"model": "tiny", **body})))
-    return job.vocab.text(job.prepared.input_ids, keep_special=True)
+    return job.runtime.vocab.text(job.prepared.input_ids, keep_special=True)
 
 
 # -- the prompt ----------------------------------------------------------------------------------------

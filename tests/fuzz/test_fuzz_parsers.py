@@ -115,9 +115,9 @@ def test_truncated_audio_files_only_ever_raise_the_decoders_own_errors(
 
 @pytest.fixture(scope="module")
 def vocab(loaded: LoadedModel) -> Any:
-    from app.model.text.vocabulary import TokenVocab
+    from app.model.text.vocabulary import read_vocab
 
-    return TokenVocab.from_tekken(loaded.processor.tokenizer.tokenizer.instruct_tokenizer.tokenizer)
+    return read_vocab(loaded.processor.tokenizer.tokenizer.instruct_tokenizer.tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from app.model.text.vocabulary import TokenVocab
+from app.model.values import TokenVocab
 
 WALK_LIMIT = 4096
 """Tokens after which a walk gives up: a grammar that long to close is treated as unclosable."""

@@ -16,24 +16,16 @@ import re
 import secrets
 import string
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from app.model.text.vocabulary import TokenVocab
+from app.model.values import TokenVocab
+from app.types import ParsedCall
 
 _ALNUM = string.ascii_letters + string.digits
 CALL_ID_RE = re.compile(r"[a-zA-Z0-9]{9}")
 """A Mistral call id (also a valid OpenAI one)."""
 NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 """A function name OpenAI accepts."""
-
-
-@dataclass(frozen=True)
-class ParsedCall:
-    name: str
-    arguments: str
-    """A JSON object, as a string (OpenAI's `function.arguments`)."""
-    id: str
 
 
 def split_at_calls(ids: Sequence[int], vocab: TokenVocab) -> tuple[list[int], list[int]]:

@@ -113,6 +113,11 @@ class RequestTimeout(VoxtralError):
     code = "request_timeout"
 
 
+class GrammarError(ValueError):
+    """A tool or response_format schema cannot be compiled for constrained decoding; the message says why
+    and is safe to show (the chat use case turns it into an InvalidRequest naming the parameter)."""
+
+
 def error_object(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, object]:
     """OpenAI's error object: message, type, param, code (realtime events carry it bare)."""
     return {"message": message, "type": type_, "param": param, "code": code}

@@ -14,7 +14,7 @@ def _serve(argv: list[str]) -> int:
     from app.api.auth import ApiKeyFileError, load_api_keys
     from app.config import Settings, cli_args
     from app.logs import configure_logging
-    from app.model.loader import ModelLoadError, load_model
+    from app.model.compute.loader import ModelLoadError, load_model
     from app.server import build_server
 
     try:

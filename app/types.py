@@ -52,7 +52,7 @@ class Constraint(Protocol):
 
     def settle(self, token: int, remaining: int) -> int:
         """The token to take instead of the sampled `token`, with `remaining` tokens left (EOS included): the
-        same token, or one that steers the output to its end in time (app/model/closing.py)."""
+        same token, or one that steers the output to its end in time (app/model/text/closing.py)."""
 
     def advance(self, token: int) -> None:
         """Record the token that was taken."""
@@ -65,7 +65,7 @@ class PreparedRequest:
     input_ids: list[int]
     audios: list[np.ndarray]
     """16 kHz mono float32, in prompt order, each padded to whole 30 s windows. The worker turns
-    them into mel features on the model's device (app/model/features.py)."""
+    them into mel features on the model's device (app/model/compute/features.py)."""
     sampling: SamplingParams
     kind: Literal["transcription", "translation", "chat"]
     constraint_factory: Callable[[], Constraint] | None = None
@@ -93,6 +93,26 @@ class Sampled:
 
     token: int
     logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    """A tool call read from the model's tokens (app/model/text/toolcalls.py)."""
+
+    name: str
+    arguments: str
+    """A JSON object, as a string (OpenAI's `function.arguments`)."""
+    id: str
+
+
+@dataclass
+class CallDelta:
+    """One `delta.tool_calls` entry of a streamed answer: the first of a call has its id and name."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
 
 
 @dataclass

@@ -30,7 +30,7 @@ def measure() -> float:
     """Microseconds per row per step of `_emit`, min over repeats, in the tree on PYTHONPATH."""
     from app.engine.worker import ModelWorker
     from app.metrics import Metrics
-    from app.model.row import Row
+    from app.model.compute.row import Row
     from app.types import PreparedRequest, Sampled, SamplingParams
 
     engine_dir = Path(sys.modules[ModelWorker.__module__].__file__ or "").parent

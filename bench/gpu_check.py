@@ -35,11 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
-from app.model.features import LogMel  # noqa: E402
-from app.model.generate import BatchGenerator, BatchState, Row  # noqa: E402
-from app.model.loader import load_model  # noqa: E402
-from app.model.prompts import Encoded, Prompter  # noqa: E402
-from app.model.sampling import Sampler  # noqa: E402
+from app.model.compute.features import LogMel  # noqa: E402
+from app.model.compute.generate import BatchGenerator, BatchState, Row  # noqa: E402
+from app.model.compute.loader import load_model  # noqa: E402
+from app.model.compute.sampling import Sampler  # noqa: E402
+from app.model.text.prompts import Encoded, Prompter  # noqa: E402
 from app.types import SamplingParams  # noqa: E402
 
 WEIGHT_BYTES_MINI = 7.2e9

@@ -1,7 +1,7 @@
 """The sampler alone: one step for 32 rows of 131,072 logits, free and grammar-constrained.
 
 Free rows (the default run): greedy, default chat sampling and temperature 0.7. It imports only
-`app.model.generate.Row` and `sample`, which every tree since the engine issue has, so the same script
+`app.model.compute.generate.Row` and `sample`, which every tree since the engine issue has, so the same script
 measures an earlier checkout (run it with that checkout's root on PYTHONPATH) and this one, in turn:
 
     for tree in ../wt-base .; do (cd $tree && PYTHONPATH=$PWD python $OLDPWD/bench/sampler.py); done
@@ -34,7 +34,7 @@ from typing import Any, cast
 
 import torch
 
-from app.model.generate import Row, sample
+from app.model.compute.generate import Row, sample
 from app.types import SamplingParams
 
 
@@ -107,11 +107,11 @@ def instrument(stages: Stages) -> None:
     """Every stage function the sampler has (names differ between trees: those missing are skipped)."""
     import importlib
 
-    import app.model.constrained as constrained
-    import app.model.sampling as sampling
+    import app.model.compute.sampling as sampling
+    import app.model.text.constrained as constrained
 
     try:
-        masks: Any = importlib.import_module("app.model.masks")
+        masks: Any = importlib.import_module("app.model.compute.masks")
     except ImportError:  # trees before it: the masks lived in the sampler
         masks = sampling
     for owner, name, stage in (
@@ -132,17 +132,17 @@ def instrument(stages: Stages) -> None:
 def constrainer() -> Any:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from app.model.constrained import Constrainer
+    from app.model.text.constrained import Constrainer
+    from app.model.text.vocabulary import read_vocab
     from app.model.tiny import FULL_VOCAB, build_tekken
-    from app.model.toolcalls import TokenVocab
 
     path = Path(tempfile.mkdtemp(prefix="tekken-full-")) / "tekken.json"
     path.write_text(json.dumps(build_tekken("v11", FULL_VOCAB)), encoding="utf-8")
-    return Constrainer(TokenVocab.from_tekken(MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer))
+    return Constrainer(read_vocab(MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer))
 
 
 def factories(c: Any) -> dict[str, Callable[[], Any]]:
-    from app.model.constrained import FunctionSpec, OutputSpec
+    from app.model.values import FunctionSpec, OutputSpec
 
     return {
         "json_object": c.factory(OutputSpec(json_schema={"type": "object"})),
@@ -153,7 +153,7 @@ def factories(c: Any) -> dict[str, Callable[[], Any]]:
 def run(factory: Callable[[], Any], sampling: dict[str, float], steps: int, seed: int) -> tuple[Stages, int, str]:
     """`steps` steps of 32 rows; returns the stage times, how many answers ended, and a digest of every
     token taken (equal digests between trees: the same tokens)."""
-    from app.model.sampling import Sampler
+    from app.model.compute.sampling import Sampler
 
     sampler, stages, ended, made, digest = Sampler(threads=2), Stages(), 0, 0, hashlib.sha256()
 

@@ -18,7 +18,7 @@ from hypothesis import settings as hypothesis_settings
 
 from app.api.app import create_app
 from app.config import Settings
-from app.model.loader import LoadedModel, load_model
+from app.model.compute.loader import LoadedModel, load_model
 from tests.audio_fixtures import DATA
 from tests.faults import FaultyGenerator
 from tests.speech_layout import Layout, make_layout

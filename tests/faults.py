@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from app.engine.runner import ModelRunner
-from app.model.generate import BatchState, Row
+from app.model.compute.generate import BatchState, Row
 
 Fault = Callable[[str, list[Any]], None]
 

@@ -6,7 +6,7 @@ import torch
 
 MEL_ATOL = 1e-5
 """How far the fast log-mel may be from the extractor's: it sums in another order on some CPUs
-(app/model/features.py says why this is safe). Seen: 1.2e-7, one ulp."""
+(app/model/compute/features.py says why this is safe). Seen: 1.2e-7, one ulp."""
 
 
 def assert_mel_close(ours: torch.Tensor, ref: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from app.api.app import create_app, drain
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from app.server import DrainingServer, build_server
 from tests.conftest import free_port, make_settings
 

@@ -8,8 +8,9 @@ from pathlib import Path
 from tempfile import mkdtemp
 from typing import Any
 
+from app.model.text.vocabulary import read_vocab
 from app.model.tiny import build_tekken
-from app.model.toolcalls import TokenVocab
+from app.model.values import TokenVocab
 
 VERSIONS = ("v7", "v11", "v13")
 
@@ -26,7 +27,7 @@ def instruct(version: str) -> Any:
 
 @cache
 def vocab(version: str) -> TokenVocab:
-    return TokenVocab.from_tekken(instruct(version).tokenizer)
+    return read_vocab(instruct(version).tokenizer)
 
 
 def text_ids(version: str, text: str) -> list[int]:

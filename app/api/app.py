@@ -28,7 +28,7 @@ from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.runner import Wrap, as_is
 from app.metrics import Metrics
-from app.model.loader import LoadedModel, load_model
+from app.model.compute.loader import LoadedModel, load_model
 from app.model.runtime import ModelRuntime
 from app.serving.service import Serving
 

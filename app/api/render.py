@@ -6,8 +6,9 @@ import time
 import uuid
 from typing import Any
 
-from app.serving.chat import ChatResult, ChoiceResult, ParsedCall
+from app.serving.chat import ChatResult, ChoiceResult
 from app.serving.logprobs import TokenScore
+from app.types import ParsedCall
 
 
 def new_id(prefix: str) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from app.engine.item import WorkItem
 from app.engine.runner import ModelRunner
-from app.model.generate import BatchState, Row
+from app.model.compute.generate import BatchState, Row
 from app.types import GenerationResult
 
 

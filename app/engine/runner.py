@@ -1,6 +1,6 @@
 """What the engine calls on the model: four operations over batch states.
 
-`app.model.generate.BatchGenerator` is the one the server runs. The engine depends on these calls
+`app.model.compute.generate.BatchGenerator` is the one the server runs. The engine depends on these calls
 only, so whoever builds an engine can hand it a generator wrapped to observe or alter them.
 """
 
@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from app.model.generate import BatchState, Row
+from app.model.compute.generate import BatchState, Row
 
 
 class ModelRunner(Protocol):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from app.engine.item import WorkItem
 from app.errors import RequestTimeout
-from app.model.row import Row
+from app.model.compute.row import Row
 from app.types import FinishReason, GenerationResult, Sampled
 
 

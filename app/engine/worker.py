@@ -26,8 +26,8 @@ from app.engine.scheduler import Scheduler, Shape
 from app.engine.stopping import StopRules, abandoned, gone, result, still_wanted
 from app.errors import InternalError
 from app.metrics import Metrics
-from app.model.generate import BatchState, Row
-from app.model.sampling import Sampler
+from app.model.compute.generate import BatchState, Row
+from app.model.compute.sampling import Sampler
 from app.types import GenerationResult, Sampled, TokenEvent
 
 log = logging.getLogger(__name__)

@@ -1,24 +1,30 @@
 """The loaded model behind one object: everything the server uses of a checkpoint.
 
-The serving layer and the engine see this facade, never the tokenizer's internals: the prompt builder,
-the batch generator, the vocabulary (token bytes, special ids) and the ONE detokenizer. Built once per
-app from a `LoadedModel` (tests share one load across many apps, each with its own generator).
+The only door from the serving layer into the model's two halves (`compute/`: what runs on the device;
+`text/`: tokens <-> text, prompts, tool calls, grammars); serving names nothing else of `app.model` but the
+plain values of `app.model.values`. It holds the prompt builder, the batch generator, the vocabulary and
+the ONE detokenizer. Built once per app from a `LoadedModel` (tests share one load across many apps, each
+with its own generator).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from app.model.constrained import Constrainer
-from app.model.features import LogMel
+from app.model.compute.features import LogMel
+from app.model.compute.generate import WEIGHT_MAJOR, BatchGenerator
+from app.model.compute.loader import LoadedModel
 from app.model.fingerprint import with_variant
-from app.model.generate import WEIGHT_MAJOR, BatchGenerator
-from app.model.loader import LoadedModel
-from app.model.prompts import Prompter
-from app.model.toolcalls import TokenVocab
+from app.model.text.callstream import CallReader, ChatOutput, chat_output
+from app.model.text.constrained import Constrainer
+from app.model.text.detok import IncrementalDecoder
+from app.model.text.prompts import Prompter
+from app.model.text.toolcalls import mistral_call_id, split_at_calls
+from app.model.text.vocabulary import read_vocab
+from app.model.values import TokenVocab
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ class ModelRuntime:
         if generator.weight_major:
             log.info("a few rows project weight-major: measured faster than lm_head on this CPU")
             fingerprint = with_variant(fingerprint, WEIGHT_MAJOR)
-        return cls(prompter, generator, TokenVocab.from_tekken(tekken), pad_id, fingerprint)
+        return cls(prompter, generator, read_vocab(tekken), pad_id, fingerprint)
 
     @property
     def eos_id(self) -> int:
@@ -67,3 +73,26 @@ class ModelRuntime:
     def constrainer(self) -> Constrainer:
         """Compiles tool-call and response_format grammars; its tokenizer is built on first use."""
         return Constrainer(self.vocab)
+
+    def decoder(self, stops: Sequence[str] = ()) -> IncrementalDecoder:
+        """An incremental detokenizer for one streamed answer, cut at the first of `stops`."""
+        return IncrementalDecoder.from_bytes(self.vocab.bytes_of, stops)
+
+    def split_at_calls(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(what comes before the first [TOOL_CALLS], the rest from that marker on)."""
+        return split_at_calls(ids, self.vocab)
+
+    def call_reader(self) -> CallReader:
+        """Reads one streamed answer's tokens from its first [TOOL_CALLS] on as call deltas."""
+        return CallReader(self.vocab)
+
+    def chat_output(
+        self, ids: Sequence[int], finish_reason: str, names: Collection[str] | None, stops: Sequence[str]
+    ) -> ChatOutput:
+        """A whole generation read as text and tool calls (`names`: the callable functions; None: tools off)."""
+        return chat_output(ids, finish_reason, self.vocab, names, stops)
+
+    @staticmethod
+    def call_id(openai_id: str) -> str:
+        """An OpenAI tool-call id in Mistral's 9-alphanumeric shape (deterministic; Mistral ids kept)."""
+        return mistral_call_id(openai_id)

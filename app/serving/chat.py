@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.item import WorkItem
-from app.model.callstream import chat_output
-from app.model.constrained import GrammarError, OutputSpec
-from app.model.toolcalls import ParsedCall as ParsedCall
+from app.errors import GrammarError
+from app.model.runtime import ModelRuntime
+from app.model.values import OutputSpec
 from app.serving import chat_request as chat
 from app.serving.chat_request import ChatJob
 from app.serving.chat_stream import chat_deltas
@@ -21,7 +22,7 @@ from app.serving.logprobs import TokenScore, chat_content
 from app.serving.prep import Prep
 from app.serving.record import RequestRecord
 from app.serving.schemas import AudioUrlPart, ChatCompletionRequest, InputAudioPart, Message
-from app.types import Constraint, PreparedRequest
+from app.types import Constraint, ParsedCall, PreparedRequest
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class ChatAnswer:
         stops = job.prepared.sampling.stop_strings
         choices = []
         for r in results:
-            out = chat_output(r.token_ids, r.finish_reason, job.vocab, job.tool_names, stops)
-            scores = chat_content(job.vocab, r.logprobs) if r.logprobs is not None else None
+            out = job.runtime.chat_output(r.token_ids, r.finish_reason, job.tool_names, stops)
+            scores = chat_content(job.runtime.vocab, r.logprobs) if r.logprobs is not None else None
             choices.append(ChoiceResult(out.content, out.calls, out.finish_reason, scores))
         return ChatResult(choices, result.prompt_tokens, sum(len(r.token_ids) for r in results))
 
@@ -67,8 +68,8 @@ class ChatAnswer:
 
 
 class ChatServing:
-    def __init__(self, prep: Prep, engine: Engine) -> None:
-        self.prep, self.engine = prep, engine
+    def __init__(self, settings: Settings, runtime: ModelRuntime, prep: Prep, engine: Engine) -> None:
+        self.settings, self.runtime, self.prep, self.engine = settings, runtime, prep, engine
 
     async def start(self, body: ChatCompletionRequest, record: RequestRecord | None) -> ChatAnswer:
         """Hold a queue place while the request is prepared (a full queue refuses before any decoding)."""
@@ -76,11 +77,11 @@ class ChatServing:
             job = await self.prepare(body, record)
             item = self.engine.submit(job.prepared, stream=body.stream, reservation=reservation)
         if record is not None:
-            record.add_items([item], self.prep.runtime.text)
+            record.add_items([item], self.runtime.text)
         return ChatAnswer(self.engine, job, item)
 
     async def prepare(self, body: ChatCompletionRequest, record: RequestRecord | None = None) -> ChatJob:
-        settings, runtime = self.prep.settings, self.prep.runtime
+        settings, runtime = self.settings, self.runtime
         self.prep.check_model(body.model)
         chat.check_unsupported(body, settings.max_batch_size)
         spec = chat.output_spec(body)
@@ -94,11 +95,11 @@ class ChatServing:
             shortest = await self.prep.run(runtime.constrainer.shortest, spec)
             if shortest is not None and sampling.max_new_tokens < shortest:
                 raise chat.minimum_refused(sampling.max_new_tokens, shortest)
-        return ChatJob(prepared, runtime.vocab, chat.tool_names(spec))
+        return ChatJob(prepared, runtime, chat.tool_names(spec))
 
     def _constraint(self, spec: OutputSpec) -> Callable[[], Constraint] | None:
         try:
-            return self.prep.runtime.constrainer.factory(spec)
+            return self.runtime.constrainer.factory(spec)
         except GrammarError as exc:
             raise chat.grammar_refused(spec, exc) from exc
 
@@ -117,5 +118,5 @@ class ChatServing:
             unpack = partial(chat.data_url_audio, url)
         else:
             return {"type": "text", "text": part.text}
-        audio = await self.prep.audio(unpack, None, self.prep.settings.max_chat_audio_s, record)
+        audio = await self.prep.audio(unpack, None, self.settings.max_chat_audio_s, record)
         return {"type": "input_audio", "audio": audio}

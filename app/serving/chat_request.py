@@ -15,9 +15,9 @@ from typing import Any
 
 from app.audio import SAMPLE_RATE
 from app.config import Settings
-from app.errors import AudioDecodeError, AudioTooLong, ContextLengthExceeded, InvalidRequest
-from app.model.constrained import MAX_PARALLEL_CALLS, FunctionSpec, GrammarError, OutputSpec
-from app.model.toolcalls import TokenVocab, mistral_call_id
+from app.errors import AudioDecodeError, AudioTooLong, ContextLengthExceeded, GrammarError, InvalidRequest
+from app.model.runtime import ModelRuntime
+from app.model.values import MAX_PARALLEL_CALLS, FunctionSpec, OutputSpec
 from app.serving.schemas import ChatCompletionRequest, Message, NamedToolChoice
 from app.types import PreparedRequest, SamplingParams
 
@@ -31,7 +31,7 @@ class ChatJob:
     """A prepared chat request and what its output is read with."""
 
     prepared: PreparedRequest
-    vocab: TokenVocab
+    runtime: ModelRuntime
     tool_names: frozenset[str] | None
     """The functions the model may call; None: tool calls are off and call-like output stays text."""
 
@@ -146,10 +146,10 @@ def message_fields(message: Message) -> dict[str, Any]:
     if message.role == "tool":
         if not message.tool_call_id:
             raise InvalidRequest("A message with role 'tool' needs the tool_call_id it answers.", param="messages")
-        out["tool_call_id"] = mistral_call_id(message.tool_call_id)
+        out["tool_call_id"] = ModelRuntime.call_id(message.tool_call_id)
     if message.tool_calls:
         out["tool_calls"] = [
-            {"id": mistral_call_id(c.id), "type": "function", "function": c.function.model_dump()}
+            {"id": ModelRuntime.call_id(c.id), "type": "function", "function": c.function.model_dump()}
             for c in message.tool_calls
         ]
     if not isinstance(message.content, list):

@@ -3,7 +3,7 @@ log-probs as tokens come, interleaved by `index`.
 
 Content goes out as it decodes (never half a character, never the start of a stop string that may still
 complete). From a choice's first [TOOL_CALLS] on (tools on), its tokens are read as calls: a first delta
-per call with its id and name, then argument fragments (app/model/callstream.py). A delta's log-probs are
+per call with its id and name, then argument fragments (app/model/text/callstream.py). A delta's log-probs are
 those of the tokens it carries; tokens held back (half a character) send theirs with the next delta.
 """
 
@@ -14,9 +14,6 @@ from dataclasses import replace
 
 from app.engine.engine import Engine
 from app.engine.item import WorkItem
-from app.model.callstream import CallReader
-from app.model.detok import IncrementalDecoder
-from app.model.toolcalls import split_at_calls
 from app.serving.chat_request import ChatJob
 from app.serving.deltas import ChatDelta, ChoiceEnd, ChoiceStart, ContentDelta, Scores, ToolCallDelta, Usage
 from app.serving.logprobs import TokenScore, chat_content
@@ -29,25 +26,27 @@ class ChoiceStream:
     """One choice of a streamed answer: what its tokens mean to the client so far."""
 
     def __init__(self, job: ChatJob, index: int) -> None:
-        self.job, self.index = job, index
-        self.decoder = IncrementalDecoder.from_bytes(job.vocab.bytes_of, job.prepared.sampling.stop_strings)
+        self.job, self.index, self.runtime = job, index, job.runtime
+        self.decoder = self.runtime.decoder(job.prepared.sampling.stop_strings)
         self.tokens = 0
-        self.reader: CallReader | None = None
+        self.reader = self.runtime.call_reader()
+        self.calling = False
+        """A [TOOL_CALLS] came (tools on): every token from it on goes to `reader`."""
         self.pending: list[TokenScore] = []
         self.asks_logprobs = job.prepared.sampling.logprobs is not None
 
     def push(self, event: TokenEvent) -> list[Piece]:
         self.tokens += len(event.token_ids)
         if event.logprobs:
-            self.pending += chat_content(self.job.vocab, event.logprobs)
+            self.pending += chat_content(self.runtime.vocab, event.logprobs)
         ids, after = event.token_ids, list[int]()
-        if self.reader is None and self.job.tool_names is not None:
-            ids, after = split_at_calls(ids, self.job.vocab)
-            self.reader = CallReader(self.job.vocab) if after else None
-        elif self.reader is not None:
+        if not self.calling and self.job.tool_names is not None:
+            ids, after = self.runtime.split_at_calls(ids)
+            self.calling = bool(after)
+        elif self.calling:
             ids, after = [], ids
         deltas: list[Piece] = [ContentDelta(self.index, text) for text in [self.decoder.push(ids)] if text]
-        if self.reader is not None:
+        if self.calling:
             deltas += [ToolCallDelta(self.index, d) for d in self.reader.push(after)]
         return self._with_logprobs(deltas)
 
@@ -55,10 +54,10 @@ class ChoiceStream:
         """The last deltas, then the choice's end with its finish reason."""
         deltas: list[Piece] = [ContentDelta(self.index, text) for text in [self.decoder.flush()] if text]
         finish = "stop" if self.decoder.stopped or result is None else result.finish_reason
-        if self.reader is not None:
+        if self.calling:
             deltas += [ToolCallDelta(self.index, d) for d in self.reader.finish()]
             if not self.reader.calls:  # v7 calls that did not parse: their JSON, as text
-                text = self.job.vocab.text(self.reader.held)
+                text = self.runtime.text(self.reader.held)
                 deltas += [ContentDelta(self.index, text)] if text else []
             elif finish == "stop" and self.reader.valid(self.job.tool_names):
                 finish = "tool_calls"

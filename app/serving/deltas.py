@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.model.callstream import CallDelta as CallDelta
 from app.serving.logprobs import TokenScore
+from app.types import CallDelta
 
 Scores = list[TokenScore] | None
 """The log-probs of the tokens a delta carries; None when the request did not ask for them."""

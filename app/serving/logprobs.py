@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from app.model.toolcalls import TokenVocab
+from app.model.values import TokenVocab
 from app.types import TokenLogprob
 
 

@@ -32,7 +32,7 @@ class Serving:
     def __init__(self, settings: Settings, engine: Engine, runtime: ModelRuntime) -> None:
         self.settings, self.engine, self.runtime = settings, engine, runtime
         self.prep = Prep(settings, runtime)
-        self.chats = ChatServing(self.prep, engine)
+        self.chats = ChatServing(settings, runtime, self.prep, engine)
         self.transcriptions = TranscriptionServing(self.prep, engine)
 
     @property

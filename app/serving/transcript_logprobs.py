@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.model.toolcalls import TokenVocab
+from app.model.values import TokenVocab
 from app.serving.logprobs import TokenScore, transcript_logprobs
 from app.serving.transcripts import split_language
 from app.types import TokenLogprob

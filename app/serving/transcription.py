@@ -19,7 +19,6 @@ from app.chunking import Piece, split_at_silences, whole
 from app.engine.engine import Engine, Reservation
 from app.engine.item import WorkItem
 from app.errors import ContextLengthExceeded
-from app.model.detok import IncrementalDecoder
 from app.model.runtime import ModelRuntime
 from app.serving import transcription_request
 from app.serving.logprobs import mean
@@ -77,7 +76,7 @@ class TranscriptionRun:
         joiner, results = TextJoiner(), []
         try:
             for piece, item in zip(self.pieces, self.items, strict=True):
-                decoder = IncrementalDecoder.from_bytes(self.runtime.text_bytes)
+                decoder = self.runtime.decoder()
                 scores = TextLogprobs(self.runtime.vocab) if self.options.include_logprobs else None
                 async for event in self.engine.stream(item):
                     if scores is not None:

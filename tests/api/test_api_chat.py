@@ -12,9 +12,9 @@ import openai
 import pytest
 import soundfile as sf
 
+from app.model.compute.generate import WEIGHT_MAJOR
+from app.model.compute.loader import LoadedModel
 from app.model.fingerprint import with_variant
-from app.model.generate import WEIGHT_MAJOR
-from app.model.loader import LoadedModel
 from tests.conftest import AUDIO, assert_openai_error, serve
 
 JFK = base64.b64encode((AUDIO / "jfk.wav").read_bytes()).decode()

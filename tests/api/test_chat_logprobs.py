@@ -10,11 +10,11 @@ import httpx
 import pytest
 import torch
 
-from app.model.features import LogMel
-from app.model.generate import BatchGenerator, Row
-from app.model.loader import LoadedModel
-from app.model.prompts import Prompter
-from app.model.sampling import Sampler
+from app.model.compute.features import LogMel
+from app.model.compute.generate import BatchGenerator, Row
+from app.model.compute.loader import LoadedModel
+from app.model.compute.sampling import Sampler
+from app.model.text.prompts import Prompter
 from app.types import Sampled, SamplingParams
 from tests.conftest import RunningServer
 from tests.openapi_spec import check, load_spec

@@ -15,9 +15,9 @@ import openai
 import pytest
 
 from app.config import Settings
-from app.model.loader import load_model
+from app.model.compute.loader import load_model
+from app.model.text.toolcalls import mistral_call_id
 from app.model.tiny import build_tiny_model
-from app.model.toolcalls import mistral_call_id
 from app.serving.schemas import ChatCompletionRequest
 from tests.conftest import RunningServer, assert_openai_error, serve
 from tests.tool_fixtures import CALL_ID, CLOCK, NAMED, SCHEMAS, TOOLS, WEATHER, assert_valid_calls, streamed_calls
@@ -35,7 +35,7 @@ def prompt_of(server: RunningServer, body: dict[str, Any]) -> str:
     """The prompt the server would run, special tokens written out."""
     serving = server.app.state.serving
     job = asyncio.run(serving.chats.prepare(ChatCompletionRequest.model_validate({"model": "tiny", **body})))
-    return job.vocab.text(job.prepared.input_ids, keep_special=True)
+    return job.runtime.vocab.text(job.prepared.input_ids, keep_special=True)
 
 
 # -- the prompt ----------------------------------------------------------------------------------------

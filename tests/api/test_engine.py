@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.conftest import AUDIO, assert_openai_error, serve, wait_until
 
 CHAT = {

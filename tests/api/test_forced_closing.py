@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.conftest import serve
 from tests.tool_fixtures import CLOCK, NAMED, SCHEMAS, TOOLS, WEATHER, assert_valid_calls, streamed_calls
 

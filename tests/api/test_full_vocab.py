@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.conftest import serve
 
 WEATHER = {

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.model.features import LogMel
-from app.model.generate import BatchGenerator, Row, sample
-from app.model.loader import LoadedModel, load_model
-from app.model.prompts import Prompter
+from app.model.compute.features import LogMel
+from app.model.compute.generate import BatchGenerator, Row, sample
+from app.model.compute.loader import LoadedModel, load_model
+from app.model.text.prompts import Prompter
 from app.types import SamplingParams
 from tests.audio_fixtures import JFK, wav_b64
 from tests.conftest import AUDIO, make_settings, serve
@@ -179,7 +179,7 @@ def test_every_dtype_and_attention_kernel_decodes_as_transformers_does(
     in a batch of 8. Alone exactly: it runs the same operations on the same shapes (its logits equal
     model.generate's bit for bit, near-ties included, whatever kernels the CPU picks for them). In a batch of
     8 exactly in bfloat16 (same operations); in float32 the engine projects 2-8 rows weight-major on a CPU
-    (app/model/generate.py: logits within ~1e-6 relative of `lm_head`'s), so there the batch must equal
+    (app/model/compute/generate.py: logits within ~1e-6 relative of `lm_head`'s), so there the batch must equal
     model.generate's wherever a row is clear of a near-tie.
 
     Batched against alone, tokens agree only where no near-tie lets kernel choice decide: a padded batch

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.conftest import RunningServer, serve
 from tests.realtime_client import chunk_bytes, encode, sentence, two_utterances
 

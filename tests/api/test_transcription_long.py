@@ -18,7 +18,7 @@ import openai
 import pytest
 import soundfile as sf
 
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve
 
 CLIPS = ["jfk.wav", "speech_en.wav", "speech_fr.wav", "speech_de.wav", "speech_es.wav"]

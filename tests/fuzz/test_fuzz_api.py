@@ -19,7 +19,7 @@ from schemathesis import checks
 
 from app.api.app import create_app
 from app.config import Settings
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.conftest import AUDIO, RunningServer, serve
 
 JFK = (AUDIO / "jfk.wav").read_bytes()

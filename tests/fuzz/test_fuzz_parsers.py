@@ -24,8 +24,8 @@ from app import chunking
 from app.api import transcripts
 from app.audio import SAMPLE_RATE, AudioLimits, decode_audio
 from app.errors import AudioDecodeError, AudioTooLong
-from app.model.detok import IncrementalDecoder, trim_at_stop
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
+from app.model.text.detok import IncrementalDecoder, trim_at_stop
 from app.serving import transcripts as served
 from tests.conftest import AUDIO
 
@@ -115,9 +115,9 @@ def test_truncated_audio_files_only_ever_raise_the_decoders_own_errors(
 
 @pytest.fixture(scope="module")
 def vocab(loaded: LoadedModel) -> Any:
-    from app.model.toolcalls import TokenVocab
+    from app.model.text.vocabulary import read_vocab
 
-    return TokenVocab.from_tekken(loaded.processor.tokenizer.tokenizer.instruct_tokenizer.tokenizer)
+    return read_vocab(loaded.processor.tokenizer.tokenizer.instruct_tokenizer.tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def encode_call(vocab: Any, name: str, arguments: dict[str, Any], call_id: str |
     )
 )
 def test_marked_tool_calls_parse_back_to_what_was_called(vocab: Any, calls: list[Any]) -> None:
-    from app.model.toolcalls import parse_calls
+    from app.model.text.toolcalls import parse_calls
 
     ids = [t for name, arguments, call_id in calls for t in encode_call(vocab, name, arguments, call_id)]
     parsed = parse_calls(ids, vocab, {name for name, _, _ in calls})
@@ -234,7 +234,7 @@ def test_marked_tool_calls_parse_back_to_what_was_called(vocab: Any, calls: list
 @given(calls=st.lists(st.fixed_dictionaries({"name": NAME, "arguments": ARGUMENTS}), min_size=1, max_size=3))
 def test_json_tool_calls_parse_back_to_what_was_called(vocab: Any, calls: list[dict[str, Any]]) -> None:
     """The pre-v11 layout: [TOOL_CALLS] then a JSON list of {"name", "arguments"}."""
-    from app.model.toolcalls import parse_calls
+    from app.model.text.toolcalls import parse_calls
 
     json_vocab = dataclasses.replace(vocab, syntax="json")
     ids = [vocab.tool_calls_id, *vocab.encode(json.dumps(calls, ensure_ascii=False))]
@@ -248,8 +248,8 @@ def test_json_tool_calls_parse_back_to_what_was_called(vocab: Any, calls: list[d
 def test_any_token_sequence_reads_as_text_or_well_formed_calls(
     vocab: Any, data: st.DataObject, syntax: str, finish: str
 ) -> None:
-    from app.model.callstream import chat_output
-    from app.model.toolcalls import parse_calls
+    from app.model.text.callstream import chat_output
+    from app.model.text.toolcalls import parse_calls
 
     marked = dataclasses.replace(vocab, syntax=syntax)
     markers = [vocab.tool_calls_id, vocab.args_id, vocab.call_id_id]
@@ -273,7 +273,7 @@ def test_any_token_sequence_reads_as_text_or_well_formed_calls(
 @FUZZ
 @given(openai_id=st.text(max_size=80))
 def test_any_openai_call_id_maps_to_a_stable_mistral_one(openai_id: str) -> None:
-    from app.model.toolcalls import mistral_call_id
+    from app.model.text.toolcalls import mistral_call_id
 
     mapped = mistral_call_id(openai_id)
     assert re.fullmatch(r"[a-zA-Z0-9]{9}", mapped)

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from app.config import GROUPS, Settings, cli_args
+from app.model.compute.generate import WEIGHT_MAJOR
+from app.model.compute.loader import LoadedModel, load_model
 from app.model.fingerprint import with_variant
-from app.model.generate import WEIGHT_MAJOR
-from app.model.loader import LoadedModel, load_model
 from app.model.tiny import build_tiny_model
 from tests.conftest import make_settings
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.conftest import serve
 
 N = 120

@@ -12,7 +12,7 @@ import pytest
 from app.api import auth
 from app.api.app import create_app
 from app.api.auth import ApiKeyFileError, load_api_keys
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.access_log import AccessLog
 from tests.conftest import assert_openai_error, make_settings, serve
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from packaging.version import Version
 
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from app.server import MAX_HEADER_BYTES
 from tests.conftest import assert_openai_error, serve
 from tests.production_server import production, read_response, read_until_closed

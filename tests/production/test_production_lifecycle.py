@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from app.api.app import create_app
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.conftest import AUDIO, assert_openai_error, free_port, make_settings
 from tests.production_server import production, read_response
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from app.logs import FIELDS, JsonFormatter, TextFormatter, configure_logging
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.access_log import AccessLog
 from tests.conftest import AUDIO, make_settings, serve
 

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from app.api.lifecycle import DrainGuard, Lifecycle
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.conftest import RunningServer, serve, wait_until
 from tests.production_server import production
 from tests.realtime_client import COMPLETED, Raw, encode, gap, open_session, sentence, texts, two_utterances

@@ -25,7 +25,7 @@ import pytest
 import soundfile as sf
 
 from app.engine.item import WorkItem
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve, wait_until
 
 TIMEOUT_S = 2.0

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import soundfile as sf
 
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.audio_fixtures import clip_bytes, video_only
 from tests.conftest import RunningServer, assert_openai_error, serve
 

@@ -23,7 +23,7 @@ import pytest
 import soundfile as sf
 
 from app.logs import JsonFormatter, TextFormatter
-from app.model.loader import LoadedModel
+from app.model.compute.loader import LoadedModel
 from tests.audio_fixtures import silent_opus
 from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve, wait_until
 

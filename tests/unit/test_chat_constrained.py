@@ -14,16 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.model.callstream import chat_output
-from app.model.constrained import (
-    MAX_PARALLEL_CALLS,
-    Constrainer,
-    FunctionSpec,
-    GrammarError,
-    OutputSpec,
-    TriggeredConstraint,
-)
-from app.model.masks import unpack
+from app.errors import GrammarError
+from app.model.compute.masks import unpack
+from app.model.text.callstream import chat_output
+from app.model.text.constrained import Constrainer, TriggeredConstraint
+from app.model.values import MAX_PARALLEL_CALLS, FunctionSpec, OutputSpec
 from tests.tekken_vocab import VERSIONS, text_ids, vocab
 
 WEATHER = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.model.detok import IncrementalDecoder, trim_at_stop
+from app.model.text.detok import IncrementalDecoder, trim_at_stop
 from tests.tekken_vocab import text_ids, vocab
 
 V = vocab("v11")

@@ -13,13 +13,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from app.model.callstream import ChatOutput, chat_output
-from app.model.toolcalls import (
-    ParsedCall,
-    mistral_call_id,
-    new_call_id,
-    parse_calls,
-)
+from app.model.text.callstream import ChatOutput, chat_output
+from app.model.text.toolcalls import mistral_call_id, new_call_id, parse_calls
+from app.types import ParsedCall
 from tests.tekken_vocab import VERSIONS, instruct, text_ids, vocab
 
 _CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
@@ -131,7 +127,7 @@ def test_chat_output_rules() -> None:
 
 
 def test_unstreamed_arguments_are_the_generated_text_and_equal_the_streamed_fragments() -> None:
-    from app.model.callstream import CallReader
+    from app.model.text.callstream import CallReader
 
     v = vocab("v11")
     ids = encode_calls("v11", [WEATHER, NOOP])

@@ -15,7 +15,7 @@ from app.engine.oom import CLEAN_STEPS, RowCap
 from app.engine.scheduler import IDLE_POLL_S, Scheduler, Take
 from app.engine.stopping import StopRules, abandoned, result, still_wanted
 from app.errors import RequestTimeout
-from app.model.row import Row
+from app.model.compute.row import Row
 from app.types import PreparedRequest, Sampled, SamplingParams, TokenLogprob
 
 EOS = 2

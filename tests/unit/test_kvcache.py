@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from app.model.features import LogMel
-from app.model.generate import BatchGenerator, Row, sample
-from app.model.kvcache import GrowingCache, GrowingLayer, assemble, gather
-from app.model.loader import LoadedModel
-from app.model.prompts import Prompter
+from app.model.compute.features import LogMel
+from app.model.compute.generate import BatchGenerator, Row, sample
+from app.model.compute.kvcache import GrowingCache, GrowingLayer, assemble, gather
+from app.model.compute.loader import LoadedModel
+from app.model.text.prompts import Prompter
 from app.types import SamplingParams
 from tests.audio_fixtures import JFK
 

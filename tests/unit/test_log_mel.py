@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.model.features import LogMel
-from app.model.loader import LoadedModel
+from app.model.compute.features import LogMel
+from app.model.compute.loader import LoadedModel
 from tests.mel_checks import assert_mel_close
 
 

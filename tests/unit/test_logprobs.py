@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.model.generate import Row
-from app.model.logprobs import SAFE_SUM, log_normalizers
-from app.model.sampling import Sampler
+from app.model.compute.generate import Row
+from app.model.compute.logprobs import SAFE_SUM, log_normalizers
+from app.model.compute.sampling import Sampler
 from app.types import Sampled, SamplingParams
 
 VOCAB = 131_072

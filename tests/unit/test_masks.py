@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from app.model.closing import Closer, ClosingPolicy, _allowed_ids
-from app.model.constrained import Constrainer, FunctionSpec, OutputSpec
-from app.model.masks import few_ids, greedy_masked, host_argmax, unpack
-from app.model.row import Row
-from app.model.sampling import Sampler
-from app.model.toolcalls import TokenVocab
+from app.model.compute.masks import few_ids, greedy_masked, host_argmax, unpack
+from app.model.compute.row import Row
+from app.model.compute.sampling import Sampler
+from app.model.text.closing import Closer, ClosingPolicy, _allowed_ids
+from app.model.text.constrained import Constrainer
+from app.model.text.vocabulary import read_vocab
+from app.model.values import FunctionSpec, OutputSpec, TokenVocab
 from app.types import SamplingParams
 from tests.tekken_vocab import vocab
 
@@ -127,7 +128,7 @@ def full_vocab_constrainer(model_dir: Path) -> Constrainer:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     tekken = MistralTokenizer.from_file(str(model_dir / "tekken.json")).instruct_tokenizer.tokenizer
-    return Constrainer(TokenVocab.from_tekken(tekken))
+    return Constrainer(read_vocab(tekken))
 
 
 @pytest.mark.parametrize("spec", list(SPECS))

@@ -1,5 +1,5 @@
 """The output projection: one row is `lm_head` bit for bit; 2-8 rows on a CPU in float32 may go weight-major
-(app/model/generate.py: measured at load; forced here) and stay within rounding of `lm_head`, with the same
+(app/model/compute/generate.py: measured at load; forced here) and stay within rounding of `lm_head`, with the same
 argmax wherever it is decided."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.model.features import LogMel
-from app.model.generate import WEIGHT_MAJOR_ROWS, BatchGenerator, weight_major_pays
-from app.model.loader import LoadedModel, load_model
+from app.model.compute.features import LogMel
+from app.model.compute.generate import WEIGHT_MAJOR_ROWS, BatchGenerator, weight_major_pays
+from app.model.compute.loader import LoadedModel, load_model
 from tests.conftest import make_settings
 
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from app.model.constrained import Constrainer, FunctionSpec, OutputSpec
-from app.model.kvcache import GrowingCache, gather
-from app.model.masks import unpack, unpack_by_table
-from app.model.row import Row
-from app.model.sampling import TIERS, Sampler, sample
+from app.model.compute.kvcache import GrowingCache, gather
+from app.model.compute.masks import unpack, unpack_by_table
+from app.model.compute.row import Row
+from app.model.compute.sampling import TIERS, Sampler, sample
+from app.model.text.constrained import Constrainer
+from app.model.values import FunctionSpec, OutputSpec
 from app.types import SamplingParams
 from tests.tekken_vocab import vocab
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.model.topk import BLOCK, MOST, topk
+from app.model.compute.topk import BLOCK, MOST, topk
 
 VOCAB = 131_072
 

@@ -16,27 +16,17 @@ import codecs
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from app.model.detok import trim_at_stop
-from app.model.toolcalls import (
+from app.model.text.detok import trim_at_stop
+from app.model.text.toolcalls import (
     CALL_ID_RE,
     NAME_RE,
-    ParsedCall,
-    TokenVocab,
     json_object,
     new_call_id,
     parse_calls,
     split_at_calls,
 )
-
-
-@dataclass
-class CallDelta:
-    """One `delta.tool_calls` entry: the first of a call has its id and name."""
-
-    index: int
-    arguments: str = ""
-    id: str | None = None
-    name: str | None = None
+from app.model.values import TokenVocab
+from app.types import CallDelta, ParsedCall
 
 
 @dataclass

@@ -16,49 +16,24 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from app.errors import first_line
-from app.model.closing import Closer, ClosingPolicy
-from app.model.toolcalls import TokenVocab
+from app.errors import GrammarError, first_line
+from app.model.text.closing import Closer, ClosingPolicy
+from app.model.values import OutputSpec, TokenVocab
 from app.types import Constraint
 
 log = logging.getLogger(__name__)
 
-MAX_PARALLEL_CALLS = 8
-"""Most calls in one turn when parallel calls are allowed; bounds a model that would call forever."""
 _CACHE_SIZE = 64
 _ENCODED_SIZE = 4096
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """Python's json.dumps layout, which Mistral's tokenizer renders arguments with: in distribution."""
 _OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf")
-
-
-class GrammarError(ValueError):
-    """The schema cannot be compiled; the message says why and is safe to show."""
-
-
-@dataclass(frozen=True)
-class FunctionSpec:
-    name: str
-    parameters: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """What the output of one chat request must look like."""
-
-    functions: tuple[FunctionSpec, ...] = ()
-    tool_mode: Literal["none", "auto", "required"] = "none"
-    """auto: free text, but a call, once started, is well formed; required: only calls."""
-    max_calls: int = 1
-    json_schema: dict[str, Any] | None = None
-    """response_format: the content is one JSON value matching this schema."""
 
 
 class GrammarConstraint:

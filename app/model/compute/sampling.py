@@ -1,10 +1,8 @@
 """The next token of every row of a batch, in a few tensor ops on the logits' device.
 
-Why batched: at the real 131,072-token vocabulary, sampling row by row (a softmax each, the
-probabilities copied to the host, sorted there for top_p, drawn with a CPU generator) took 489 ms
-a step for 32 rows with top_p on 2 CPU cores, against 3.6 ms for their greedy argmax: default chat
-sampling ran at 0.08x greedy. Here every row is handled in the same ops and the host receives one
-tensor a step: the chosen ids.
+Every row is handled in the same ops and the host receives one tensor a step: the chosen ids (with their
+log-probs where a row asks, app/model/compute/logprobs.py). Row by row, sampling at the real vocabulary cost
+many forward passes' worth a step (docs/PERF.md#model-sampling).
 
 Order, as vLLM's sampler: presence/frequency penalties and grammar masks on the raw logits; greedy
 rows (temperature 0) take the argmax of that, exactly; sampled rows divide by their temperature, then
@@ -13,28 +11,13 @@ the most likely tokens whose mass reaches top_p, renormalised after min_p and to
 inverse CDF with one uniform number from the row's own generator (`Row.rng`), so a seeded row draws
 the same token alone and in any batch.
 
-Why candidates instead of a sort: truncation needs the tokens in order of probability. A full sort of
-32 x 131,072 probabilities costs ~170 ms on 2 CPU cores; `topk` of 32 about 6 ms. The kept set is a
-prefix of that order, so it is exact whenever it ends inside the candidates; a row whose kept set
-reaches the last candidate (a flat distribution) is flagged and drawn again from more (`TIERS`), the
-last time from the whole sorted vocabulary. Rows with no truncation draw from the cumulative sum of
-the whole softmax, which needs no order.
-
-Grammar masks (llguidance; app/model/masks.py) are filled for all constrained rows together by llguidance's
-parallel executor into a packed bitmask, optionally while the model's forward pass runs (`prefetch`). On a
-GPU they are applied to every constrained row on the device. On a CPU model only sampled rows take the
-`torch.where` over their logits: a greedy row keeps its plain argmax when its grammar allows it (one bit)
-and only a refused row is masked, alone, from the list of its allowed ids when they are few. Same tokens
-by construction (the first index of the same maximum). For 32 rows of 131,072 logits on one core of this
-2-core machine (`bench/sampler.py --constrained`), a greedy `json_object` step cost 15.9 ms with the
-full `where` (apply 3.7, unpack 0.4, closing walk 6.3), 7.9 ms with the sparse masks (the argmax 4.0 of
-it, as an unconstrained greedy step; closing 2.4, refused rows 0.9), and 2.6 ms now: on a CPU model greedy
-rows take numpy's argmax (`host_argmax`, 0.9 ms for 32 rows against torch's 3.9; the same first maximum).
-
-`step` returns each row's token with its log-probs where the row asks (app/model/logprobs.py: computed on the
-raw logits, brought to the host in the same transfer as the ids). After the draw a constrained row's grammar
-may replace the token with the one that closes it within `max_tokens` (`Constraint.settle`,
-app/model/closing.py); the row's log-prob is then gathered for the token it really takes.
+Truncation reads candidates (`topk`), not a sort: the kept set is a prefix of the probability order, so it
+is exact whenever it ends inside the candidates; a row whose kept set reaches the last one is drawn again
+from more (`TIERS`), the last time from the whole sorted vocabulary. Untruncated rows need no order.
+Grammar masks (app/model/compute/masks.py) are filled for all constrained rows together, optionally while the
+forward pass runs (`prefetch`); after the draw a constrained row's grammar may replace the token with the one
+that closes it within `max_tokens` (`Constraint.settle`, app/model/text/closing.py), and the row's log-prob
+is gathered for the token it really takes.
 """
 
 from __future__ import annotations
@@ -45,20 +28,20 @@ from typing import Any
 
 import torch
 
-from app.model.logprobs import Logprobs
-from app.model.masks import MaskFiller, apply, greedy_masked, host_argmax, matcher
-from app.model.row import Row, take_rows
-from app.model.topk import topk
+from app.model.compute.logprobs import Logprobs
+from app.model.compute.masks import MaskFiller, apply, greedy_masked, host_argmax, matcher
+from app.model.compute.row import Row, take_rows
+from app.model.compute.topk import topk
 from app.types import Sampled
 
 TIERS = (32, 1024)
 """Candidates for truncation, then for rows whose kept set reached past them, before the whole sorted
-vocabulary. At temperature 0.2 a kept set is a few tokens; at 1.0 on a flat distribution, thousands.
-Costs on 2 CPU cores for 32 rows of 131,072: topk 32 about 6 ms, topk 1024 22 ms, a full sort 170 ms."""
+vocabulary. At temperature 0.2 a kept set is a few tokens; at 1.0 on a flat distribution, thousands
+(each tier's cost: docs/PERF.md#model-sampling)."""
 
 
 class Sampler:
-    """Owns the grammar masks' filler (app/model/masks.py), whose thread fills them during the forward pass."""
+    """Owns the grammar masks' filler (app/model/compute/masks.py), whose thread fills them during the forward pass."""
 
     def __init__(self, threads: int | None = None) -> None:
         self._masks = MaskFiller(threads)
@@ -80,7 +63,7 @@ class Sampler:
         penalised = _penalised(logits, rows)
         constrained = _constrained(rows, errors)
         bits = self._masks.bits([rows[i] for i in constrained]) if constrained else None
-        # On a CPU model greedy rows are checked after their argmax (app/model/masks.py); the rest are masked.
+        # On a CPU model greedy rows are checked after their argmax (app/model/compute/masks.py); the rest are masked.
         full = [j for j, i in enumerate(constrained) if rows[i].sampling.temperature > 0 or not logits.is_cpu]
         index = [constrained[j] for j in full]
         scores = apply(penalised, bits[full], index) if bits is not None and full else penalised
@@ -119,7 +102,7 @@ def _fix_refused(
     out: list[int], scores: torch.Tensor, bits: torch.Tensor, constrained: list[int], full: set[int]
 ) -> None:
     """Greedy constrained rows that were not masked: their plain argmax stands where the grammar allows it,
-    the others take their masked argmax (app/model/masks.py)."""
+    the others take their masked argmax (app/model/compute/masks.py)."""
     picked = [j for j in range(len(constrained)) if j not in full]
     index = [constrained[j] for j in picked]
     chosen = greedy_masked(scores, bits[picked], index, [out[i] for i in index])
@@ -128,7 +111,7 @@ def _fix_refused(
 
 
 def _settle(row: Row, token: int) -> int:
-    """The grammar may replace the token with one that closes it in time (app/model/closing.py)."""
+    """The grammar may replace the token with one that closes it in time (app/model/text/closing.py)."""
     assert row.constraint is not None
     token = row.constraint.settle(token, row.sampling.max_new_tokens - len(row.generated))
     row.constraint.advance(token)
@@ -296,8 +279,8 @@ def _weight(scores: torch.Tensor, best: torch.Tensor, temperature: torch.Tensor)
     """sum(exp((scores - best) / t)) per row: the softmax's denominator relative to the best token.
 
     Five passes, four in place. Not `torch.softmax`: at temperature 0.2 most values fall below -87,
-    where exp underflows through a slow path (softmax of 32 x 131,072 took 11.5 ms on one CPU core
-    against 3.2 ms on flat logits). Clamping first keeps exp on its fast path; the tokens it lifts
+    where exp underflows through a slow path (docs/PERF.md#model-sampling). Clamping first keeps exp on its
+    fast path; the tokens it lifts
     to exp(-80) = 1.8e-35 hold at most 131,072 x 1.8e-35 of the mass together."""
     shifted = (scores / temperature).sub_(best / temperature)
     return shifted.clamp_(min=-80.0).exp_().sum(-1, keepdim=True)

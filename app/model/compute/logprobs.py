@@ -5,8 +5,8 @@ masks, temperature and truncation (OpenAI's and vLLM's default), so they read th
 request's sampling settings.
 
 How: a token's log-prob is its raw logit minus its row's log-normaliser `log(sum(exp(logits)))`, so a step needs
-one number per asking row, not a table: a `log_softmax` of 32 x 131,072 float32 logits writes 16 MB (3.5-6.5 ms
-of one core of the dev machine), while the normaliser is one `exp` and a sum (2.2 ms; `exp` alone is 1.5 of it).
+one number per asking row, not a table: a `log_softmax` of 32 x 131,072 float32 logits writes 16 MB, while the
+normaliser is one `exp` and a sum (docs/PERF.md#model-log-probs).
 On a CPU the exponentials are taken unshifted: a float32 row overflows only if a logit is above ~76 (88, less
 the log of the vocabulary) and loses precision only when every logit is below ~-58, and both show in the sum
 (not finite, or tiny), so those rows alone are computed again shifted by their maximum. On a GPU it is shifted
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from app.model.row import Row, take_rows
-from app.model.topk import topk
+from app.model.compute.row import Row, take_rows
+from app.model.compute.topk import topk
 from app.types import TokenLogprob
 
 SAFE_SUM = 1e-20

@@ -2,14 +2,14 @@
 
 Why in the worker, not in the request threads: on a GPU the STFT of a whole batch costs a few
 kernel launches instead of milliseconds of CPU per request; on a CPU, torch ops in several threads
-at once each start an OpenMP team and oversubscribe the cores the model needs (measured on 2
-cores: concurrency-1 latency 0.108-0.13 s with features in the request threads, 0.090 s here).
+at once each start an OpenMP team and oversubscribe the cores the model needs
+(docs/PERF.md#model-features).
 
 Why not `WhisperFeatureExtractor` itself: it pads every audio with zeros to a multiple of 30 s
-and runs the STFT over all of it, behind generic list and padding code (8-17 ms for an 11 s clip
-on the CI CPU). A frame whose 400-sample window lies wholly in zeros has a spectrum of exactly
-zero, so only frames that touch the audio are transformed and projected onto the mel bands; the
-log, clamp and scaling run on the full-size tensor with the reference's shapes and kernels.
+and runs the STFT over all of it, behind generic list and padding code. A frame whose 400-sample
+window lies wholly in zeros has a spectrum of exactly zero, so only frames that touch the audio are
+transformed and projected onto the mel bands; the log, clamp and scaling run on the full-size tensor
+with the reference's shapes and kernels.
 
 Equal to the extractor within float32 rounding, not bit for bit: the STFT and the projection run
 over fewer frames than the reference's, and BLAS and FFT libraries pick their kernels (and so the
@@ -57,8 +57,8 @@ class LogMel:
     def batch(self, audios: list[np.ndarray]) -> torch.Tensor:
         """The windows of every audio, in order: (total chunks, n_mels, frames_per_chunk).
 
-        Audio by audio: one STFT and projection over a whole batch was slower per row on CPU
-        (2 cores, 32 x 11 s clips: 7.3 ms a row against 3.2 ms), its tensors falling out of cache."""
+        Audio by audio: one STFT and projection over a whole batch was slower per row on CPU, its tensors
+        falling out of cache (docs/PERF.md#model-features)."""
         return torch.cat([self(audio) for audio in audios])
 
     def _reference(self, audio: np.ndarray) -> torch.Tensor:
@@ -95,7 +95,7 @@ class LogMel:
 
 def _length_without_trailing_zeros(audio: np.ndarray) -> int:
     """Audio usually arrives padded to 30 s (mistral-common pads it); trailing zeros are padding
-    whoever added them. Scanned in blocks from the end: a whole-array `flatnonzero` costs 1 ms."""
+    whoever added them. Scanned in blocks from the end, cheaper than a whole-array `flatnonzero`."""
     end = len(audio)
     while end > 0:
         start = max(0, end - _SCAN_BLOCK)

@@ -8,9 +8,9 @@ is computed anyway (the same pass an unconstrained greedy row takes); when the g
 (one bit of the packed mask), it IS the masked argmax: the same maximum, and no earlier index holds it, or
 the plain argmax would be that index. Only rows whose argmax the grammar refuses take the masked argmax
 (`refused_argmax`), on their rows alone, by numpy where the logits are on the host (a dense row knocks
-out its refused maxima one by one: inside a string the next maximum is almost always allowed). At 131,072
-tokens for 32 rows this drops the `torch.where` over the batch's logits (2-8 ms a step on 2 CPU cores)
-and numpy's unpacking (0.4 ms) from almost every step.
+out its refused maxima one by one: inside a string the next maximum is almost always allowed). This drops
+the `torch.where` over the batch's logits and the mask's unpacking from almost every step
+(docs/PERF.md#model-grammar-masks).
 Sampled rows need the whole masked distribution and keep the full path (`apply`). On a GPU every row
 keeps the full path: the masks travel packed, unpack there by a table lookup, and the `where` costs
 microseconds with no wait for the host.
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.model.row import Row, take_rows
+from app.model.compute.row import Row, take_rows
 
 
 @dataclass
@@ -77,9 +77,9 @@ class MaskFiller:
     def _fill(self, rows: list[Row]) -> _Masks:
         assert rows[0].constraint is not None
         words = (int(rows[0].constraint.vocab_size) + 31) // 32  # one tokenizer serves every row
-        bits = torch.from_numpy(np.full((len(rows), words), -1, dtype=np.int32))  # torch.full took 7 ms here
+        bits = torch.from_numpy(np.full((len(rows), words), -1, dtype=np.int32))  # torch.full costs more here
         # What llguidance.torch.fill_next_token_bitmask_par does, without importing that module: it compiles a
-        # kernel with torch.compile at import, which pulled in torch._dynamo (3 s) on the first constrained row.
+        # kernel with torch.compile at import, which pulled in torch._dynamo on the first constrained row.
         matchers = [(matcher(r), j) for j, r in enumerate(rows)]
         self._llexecutor().unsafe_compute_mask_ptr(matchers, bits.data_ptr(), words * 4, len(rows))
         return _Masks({id(r): (j, len(r.generated)) for j, r in enumerate(rows)}, bits)
@@ -165,8 +165,8 @@ KNOCKS = 8
 
 def _knock_out(row: np.ndarray, words: np.ndarray) -> int | None:
     """The masked argmax of one row, found by setting its refused maxima to -inf (on a copy) until the
-    maximum is allowed: numpy's argmax over 131,072 floats takes ~9 us against ~470 us for the `where`
-    and torch's argmax. Exact: the argmax over a superset of the allowed ids that lands on an allowed id
+    maximum is allowed: a few numpy argmaxes cost far less than the `where` and torch's argmax
+    (docs/PERF.md#model-grammar-masks). Exact: the argmax over a superset of the allowed ids that lands on an allowed id
     is their maximum, and an allowed id holding it earlier would have been found first. None past `KNOCKS`
     refused maxima, or when only -inf is left (the full path then answers 0, as it does)."""
     values = row.copy()
@@ -182,7 +182,7 @@ def _knock_out(row: np.ndarray, words: np.ndarray) -> int | None:
 
 def _dense_argmax(row: np.ndarray, words: np.ndarray) -> int | None:
     """One row's masked argmax by numpy: knocking out its refused maxima, else the `where` over the row
-    (~0.1 ms against ~0.47 ms for torch's); None where only -inf is allowed (the full path's case)."""
+    (cheaper than torch's); None where only -inf is allowed (the full path's case)."""
     token = _knock_out(row, words)
     if token is not None:
         return token
@@ -195,7 +195,7 @@ def _dense_argmax(row: np.ndarray, words: np.ndarray) -> int | None:
 
 def host_argmax(scores: torch.Tensor, index: list[int]) -> torch.Tensor | None:
     """The argmax of rows `index` of a CPU model's scores, by numpy (first maximum, NaN first, as torch):
-    ~9 us a row of 131,072 against ~110 us for torch's CPU argmax. None where numpy cannot read them."""
+    a fraction of torch's CPU argmax (docs/PERF.md#model-grammar-masks). None where numpy cannot read them."""
     host = _host(scores)
     if host is None:
         return None
@@ -231,7 +231,7 @@ _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
 def unpack(bits: torch.Tensor, vocab: int, device: torch.device | None = None) -> torch.Tensor:
     """(rows, words) int32 bitmask on the host, bit j of word w for token 32w + j, -> (rows, vocab) bool on
     `device`; ids past the mask's end are not allowed. Little-endian, as llguidance writes it. For a CPU
-    model numpy's unpackbits does it (0.2 ms for 32 x 131,072 where torch ops took 20-60 ms); for a GPU
+    model numpy's unpackbits does it (far cheaper than torch ops: docs/PERF.md#model-grammar-masks); for a GPU
     the packed words travel (8x fewer bytes) and a table lookup unpacks them there."""
     device = device or bits.device
     if device.type == "cpu":

@@ -6,21 +6,14 @@ all running rows with the KV cache, sample each row with its own parameters, dro
 rows and merge freshly prefilled ones in between steps. Left padding with zeroed attention
 keeps every row's output identical to running it alone.
 
-The output projection (hidden -> vocabulary logits) is taken here, after the decoder, so that on a CPU a
-few rows can use the weight-major product `W @ h.T` where that CPU's kernels make it pay. On one dev machine
-(AVX2 kernels) `F.linear(h, W)` (what `lm_head` runs) packed the whole [vocab, hidden] weight on every call
-with more than one row: at 131,072 tokens x 64 (the tiny full-vocabulary model; one thread, CPU time, median
-of 30) 1.7 ms for one row, 7.1 ms for 4, 6.2 for 8, 14.1 for 32, against 4.2 ms for 4 and 5.5 for 8
-weight-major. On another (AVX-512 and AMX, one thread, best of 7) it is the other way round: `F.linear` 1.7 ms
-for 2 rows and 3.2 for 4, weight-major 6.3 and 5.2. So which one a CPU model uses is measured when it loads
-(`weight_major_pays`: both, for 4 rows, with the argmax the sampler then takes; weight-major only if it is
-clearly faster). Its result is the transpose of a [vocab, rows] product (column-major logits): reductions along
-the vocabulary stay cheap for a few rows (an argmax over 4 rows 0.6 ms against 0.4 on the first machine, 0.5
-against 0.1 on the second) but not for many (26 ms at 32 rows), so it is used for 2 to `WEIGHT_MAJOR_ROWS`
-rows: `n` choices of one request and low concurrency, where a batch's per-row cost shows most. One row keeps
-`lm_head` (bit-equal to `model.generate`). Float32 only: its logits differ from `F.linear`'s by ~1e-6
-relative, far inside the gaps the parity tests decide on; bfloat16 keeps `lm_head`, whose near-ties are one
-bfloat16 step apart and whose kernels differ between CPUs. On a GPU, `lm_head` as it is.
+The output projection (hidden -> vocabulary logits) is taken here, after the decoder, so that a CPU model can
+project 2 to `WEIGHT_MAJOR_ROWS` rows weight-major, `W @ h.T`, where that CPU's kernels make it clearly faster
+than `lm_head`'s `F.linear`. Which one wins differs between CPUs, so it is measured when the model loads
+(`weight_major_pays`; docs/PERF.md#model-weight-major-projection). Its logits are column-major: cheap to reduce
+for a few rows, not for many. One row keeps `lm_head` (bit-equal to `model.generate`). Float32 only: its logits
+differ from `F.linear`'s by ~1e-6 relative, far inside the gaps the parity tests decide on; bfloat16 keeps
+`lm_head`, whose near-ties are one bfloat16 step apart and whose kernels differ between CPUs. On a GPU,
+`lm_head` as it is.
 """
 
 from __future__ import annotations
@@ -32,10 +25,10 @@ from typing import Any
 
 import torch
 
-from app.model.features import LogMel
-from app.model.kvcache import GrowingCache, assemble, gather
-from app.model.row import Row
-from app.model.sampling import sample
+from app.model.compute.features import LogMel
+from app.model.compute.kvcache import GrowingCache, assemble, gather
+from app.model.compute.row import Row
+from app.model.compute.sampling import sample
 
 __all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
 

@@ -1,8 +1,8 @@
-"""The k largest scores of each row: on a CPU, by a two-level search that costs half of `torch.topk`.
+"""The k largest scores of each row: on a CPU, by a two-level search cheaper than `torch.topk`.
 
 Why: truncated sampling (top_p, top_k, min_p) and log-probs' alternatives start from each row's 32 (or
-`top_logprobs`) best tokens. `torch.topk(32)` of 32 rows of 131,072 float32 logits takes 5.2 ms on one
-core of the dev machine; this takes 2.2 ms, with the same values (`bench/sampler.py`).
+`top_logprobs`) best tokens, every step; this returns the same values at about half the cost on a CPU
+(docs/PERF.md#model-topk).
 
 How, and why it is exact: each row is cut into blocks of `BLOCK` scores. A token among the row's k largest
 is at least the k-th largest value, so its block's maximum is too: that block is among the k blocks with
@@ -12,7 +12,7 @@ ties either); the values, and any id whose score is unique, are the same.
 
 `torch.topk` as it is: on a GPU, beyond `MOST` (the sampler's larger tiers), for a vocabulary that does not
 split into at least 4k blocks, and for non-contiguous scores (the weight-major logits of a few rows,
-app/model/generate.py).
+app/model/compute/generate.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 BLOCK = 128
-"""Scores per block: 1,024 blocks at 131,072 tokens. 64 and 128 measured alike; 512 slower (4.1 ms)."""
+"""Scores per block: 1,024 blocks at 131,072 tokens (other sizes: docs/PERF.md#model-topk)."""
 MOST = 64
 """The largest k taken by blocks; the sampler's wider tiers (1,024, the whole vocabulary) use torch.topk."""
 

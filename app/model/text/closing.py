@@ -15,7 +15,7 @@ but it is the walk the row follows, so a request is refused (400) only when even
 Cost: the distance is measured only near the end (remaining <= 2 x the last distance + 16 tokens), one
 mask per walked token, read bit by bit (no unpacking); most steps of a long answer pay nothing. Near the
 end a row keeps its last way out and checks its next token against it with llguidance's `validate_tokens`
-(~2 us, against ~130 us a walk of 9 tokens at 131,072): inside a string every plain token leaves the way
+(a fraction of a walk's cost: docs/PERF.md#model-closing-walk): inside a string every plain token leaves the way
 out as it was, so the row walks again only when its token breaks the path or does its first step. A kept
 path is checked, so it is a valid way out whatever happens; that it is also the walk a fresh measure would
 take is what tests/unit/test_masks.py holds (the same tokens and distances as walking every time).
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from app.model.toolcalls import TokenVocab
+from app.model.values import TokenVocab
 
 WALK_LIMIT = 4096
 """Tokens after which a walk gives up: a grammar that long to close is treated as unclosable."""
@@ -134,10 +134,10 @@ class Closer:
     """One row's closing state: the last distance measured, so it measures only near the end, and a way out
     (a closing path, EOS last) to check the row's next token against.
 
-    The path is checked, not trusted: llguidance's `validate_tokens` says in ~2 us whether the row's token
-    followed by the path is still a way to the end, where walking it again costs ~130 us (a mask per walked
-    token). Inside a string, the usual case, any plain token keeps the same way out (close the quote, then
-    the rest), so most steps near the end need no walk at all; a token that breaks the path (a quote, a
+    The path is checked, not trusted: llguidance's `validate_tokens` says whether the row's token followed
+    by the path is still a way to the end, far cheaper than walking it again (a mask per walked token).
+    Inside a string, the usual case, any plain token keeps the same way out (close the quote, then the
+    rest), so most steps near the end need no walk at all; a token that breaks the path (a quote, a
     bracket) makes the row walk again from its new state."""
 
     def __init__(self, policy: ClosingPolicy) -> None:

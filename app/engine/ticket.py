@@ -39,6 +39,8 @@ class TicketStats:
 
 
 class Ticket:
+    """One queued request, as its caller sees it (made by `Engine.submit`; wraps the engine's work item)."""
+
     def __init__(self, item: WorkItem, timeout_s: float) -> None:
         self._item, self._timeout_s = item, timeout_s
 
@@ -83,6 +85,7 @@ class Ticket:
         self._item.cancel()
 
     def stats(self) -> TicketStats:
+        """A frozen copy of what the request cost so far (see `TicketStats`); any time, any number of times."""
         item, result = self._item, self._item.result
         prompt = tuple(item.request.input_ids)
         if result is not None:

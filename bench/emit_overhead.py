@@ -74,7 +74,11 @@ def _token_path(metrics: Any, decode: Callable[[list[int]], str]) -> Callable[[A
 def _row(request: Any, loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
     """A row and the work item it answers: the row carries the item's key, or in older trees the item."""
     from app.engine.worker import ModelWorker
-    from app.model.generate import Row
+
+    try:
+        from app.model.compute.row import Row
+    except ImportError:  # a tree from before app/model/compute/
+        from app.model.row import Row  # type: ignore[no-redef]
 
     engine_dir = Path(sys.modules[ModelWorker.__module__].__file__ or "").parent
     item_module = "app.engine.item" if (engine_dir / "item.py").exists() else "app.engine.work"

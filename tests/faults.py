@@ -2,22 +2,22 @@
 
 `serve()` (conftest) builds every test server's engine over a `FaultyGenerator` that passes each call on to
 the real `BatchGenerator`. A test sets `server.generator.fault` to a callable that sees each model call
-before it runs, as `(stage, items)` with stage "prefill", "merge" or "step" and the work items of the rows
-it concerns (for a merge: the rows joining the batch). It may raise (torch.OutOfMemoryError, RuntimeError)
+before it runs, as `(stage, rows)` with stage "prefill", "merge" or "step" and the model rows it concerns
+(for a merge: the rows joining the batch); `server.engine.ticket(row.key)` is the ticket of a row's request
+while the worker holds it. It may raise (torch.OutOfMemoryError, RuntimeError)
 to make that call fail as the model would, block to hang the model, or just record.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
 from app.engine.runner import ModelRunner
 from app.model.compute.generate import BatchState, Row
 
-Fault = Callable[[str, list[Any]], None]
+Fault = Callable[[str, list[Row]], None]
 
 
 class FaultyGenerator:
@@ -54,4 +54,4 @@ class FaultyGenerator:
     def _before(self, stage: str, rows: Sequence[Row]) -> None:
         fault = self.fault
         if fault is not None:
-            fault(stage, [row.owner for row in rows])
+            fault(stage, list(rows))

@@ -7,6 +7,8 @@ request's item is answered when its last choice finishes, with every choice's re
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from app.engine.item import WorkItem
@@ -15,13 +17,16 @@ from app.model.compute.generate import BatchState, Row
 from app.types import GenerationResult
 
 
-def fan_out(generator: ModelRunner, state: BatchState, logits: torch.Tensor) -> tuple[BatchState, torch.Tensor]:
-    """Freshly prefilled rows with `n` > 1 become `n` rows: the same cache and logits, copied."""
+def fan_out(
+    generator: ModelRunner, state: BatchState, logits: torch.Tensor, items: Mapping[int, WorkItem]
+) -> tuple[BatchState, torch.Tensor]:
+    """Freshly prefilled rows with `n` > 1 become `n` rows: the same cache and logits, copied. `items`:
+    the work items of the rows, by their key."""
     if all(r.sampling.choices == 1 for r in state.rows):
         return state, logits
     keep = [i for i, row in enumerate(state.rows) for _ in range(row.sampling.choices)]
     copied = generator.select(state, keep)
-    copied.rows = [_choice(state.rows[i], keep[:k].count(i)) for k, i in enumerate(keep)]
+    copied.rows = [_choice(state.rows[i], keep[:k].count(i), items) for k, i in enumerate(keep)]
     return copied, logits.index_select(0, torch.tensor(keep, device=logits.device))
 
 
@@ -29,11 +34,11 @@ def row_of(item: WorkItem, index: int = 0) -> Row:
     """The row of choice `index` of `item`'s request (the first by default): its own generator and grammar state."""
     request = item.request
     constraint = request.constraint_factory() if request.constraint_factory else None
-    return Row(request.input_ids, request.audios, request.sampling, owner=item, constraint=constraint, index=index)
+    return Row(request.input_ids, request.audios, request.sampling, key=item.key, constraint=constraint, index=index)
 
 
-def _choice(row: Row, index: int) -> Row:
-    return row if index == 0 else row_of(row.owner, index)
+def _choice(row: Row, index: int, items: Mapping[int, WorkItem]) -> Row:
+    return row if index == 0 else row_of(items[row.key], index)
 
 
 def gather(item: WorkItem, index: int, result: GenerationResult) -> GenerationResult | None:

@@ -1,7 +1,8 @@
-"""The engine's small interface to the HTTP layer: admission, submit, wait or stream, cancel, drain, and what
-it holds (`waiting`, `running`, `idle`).
+"""The engine's small interface to the serving layer: admission, submit (which returns a `Ticket`: result or
+events, cancel, stats), drain, and what it holds (`waiting`, `running`, `idle`).
 
-Callers see only this; the queue, the scheduler and the worker thread stay private behind it.
+Callers see only this and the ticket; the queue, the work items, the scheduler and the worker thread stay
+private behind it.
 """
 
 from __future__ import annotations
@@ -9,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from app.engine.config import EngineConfig
 from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
 from app.engine.runner import ModelRunner
+from app.engine.ticket import Ticket
 from app.engine.worker import ModelWorker
-from app.errors import RequestTimeout, ShuttingDown
+from app.errors import ShuttingDown
 from app.metrics import Metrics
-from app.types import GenerationResult, PreparedRequest, TokenEvent
+from app.types import GenerationResult, PreparedRequest
 
 
 @dataclass
@@ -76,15 +78,16 @@ class Engine:
 
     def submit(
         self, request: PreparedRequest, *, stream: bool = False, reservation: Reservation | None = None
-    ) -> WorkItem:
-        """Enqueue at once or raise QueueFull / ShuttingDown; never blocks."""
+    ) -> Ticket:
+        """Enqueue at once or raise QueueFull / ShuttingDown; never blocks. `stream`: the ticket's
+        `events()` carries tokens as they decode (otherwise only its `result()` is awaited)."""
         return self.submit_many([request], stream=stream, reservation=reservation)[0]
 
     def submit_many(
         self, requests: list[PreparedRequest], *, stream: bool = False, reservation: Reservation | None = None
-    ) -> list[WorkItem]:
+    ) -> list[Ticket]:
         """Enqueue all or none (one queue lock), so related requests can share their first prefill.
-        Without a reservation (or with one already taken over) the items need places of their own."""
+        Without a reservation (or with one already taken over) the requests need places of their own."""
         if not self._accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         loop = asyncio.get_running_loop()
@@ -96,32 +99,17 @@ class Engine:
         self._queue.put_many(items, reserved=reservation is not None and reservation.held)
         if reservation is not None:  # only once enqueued: a refused submit leaves the place to admission
             reservation.held = False
-        return items
+        return [Ticket(item, self.config.request_timeout_s) for item in items]
 
     async def generate(self, request: PreparedRequest) -> GenerationResult:
-        item = self.submit(request)
-        return await self.wait(item)
+        """Submit and wait: one request's whole answer (the warm-up's)."""
+        return await self.submit(request).result()
 
-    async def wait(self, item: WorkItem) -> GenerationResult:
-        try:
-            return await asyncio.wait_for(item.wait(), timeout=self._remaining(item))
-        except TimeoutError:
-            raise RequestTimeout(f"The request did not finish within {self.config.request_timeout_s:g} s.") from None
-        finally:
-            item.cancel()  # no-op when finished; stops the row if the client went away
-
-    async def stream(self, item: WorkItem) -> AsyncIterator[TokenEvent]:
-        try:
-            async with asyncio.timeout(self._remaining(item)):
-                async for event in item.events():
-                    yield event
-        except TimeoutError:
-            raise RequestTimeout(f"The request did not finish within {self.config.request_timeout_s:g} s.") from None
-        finally:
-            item.cancel()
-
-    def _remaining(self, item: WorkItem) -> float:
-        return max(0.0, item.deadline - time.monotonic()) + 0.5
+    def ticket(self, key: int) -> Ticket | None:
+        """The ticket of the request whose model rows carry `key`, while the worker holds them; None
+        otherwise. For code that sees only rows (a wrapped `ModelRunner`, as tests inject faults)."""
+        item = self._worker.item(key)
+        return Ticket(item, self.config.request_timeout_s) if item is not None else None
 
     @property
     def waiting(self) -> int:

@@ -2,16 +2,17 @@
 
 The worker thread resolves it; the event loop awaits it. Pushes go through
 `loop.call_soon_threadsafe` and are dropped once the item is finished, so a client that
-went away can never make the worker fail.
+went away can never make the worker fail. Private to the engine: callers hold a `Ticket`
+(app/engine/ticket.py), and the model's rows carry only the item's `key`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +27,8 @@ class WorkItem:
     loop: asyncio.AbstractEventLoop
     deadline: float
     stream: bool = False
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    key: int = field(default_factory=itertools.count().__next__)
+    """Unique in the process: the model rows of this request carry it (`Row.key`), never the item."""
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     first_token_at: float | None = None

@@ -2,19 +2,27 @@
 
 A row stops on an end-of-sequence or stop token (left out of the answer), at its token limit, or when its
 text comes to contain a stop string; and whenever its client went away or its deadline passed. Plain
-inputs (a row, a token): the worker calls these for every token it samples; tests call them with rows
-they build.
+inputs (a row, its work item, a token): the worker calls `TokenStep.apply` for every token it samples;
+tests and bench/emit_overhead.py call these with rows and items they build.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from app.engine.item import WorkItem
-from app.errors import RequestTimeout
+from app.errors import InternalError, RequestTimeout
+from app.metrics import Metrics
 from app.model.compute.row import Row
-from app.types import FinishReason, GenerationResult, Sampled
+from app.types import FinishReason, GenerationResult, Sampled, TokenEvent
+
+log = logging.getLogger(__name__)
+
+MODEL_FAILED = "The model failed while running this request."
+"""The message of every failure the model caused: its details go to the log, not to the client."""
+Outcome = GenerationResult | BaseException
 
 
 class StopRules:
@@ -52,9 +60,32 @@ class StopRules:
         return True
 
 
-def result(row: Row, reason: FinishReason, now: float) -> GenerationResult:
+class TokenStep:
+    """The worker's bookkeeping of one sampled token of one row: the first token's time, the stop rules,
+    the streamed event, and the row's outcome once it is done."""
+
+    def __init__(self, rules: StopRules, metrics: Metrics) -> None:
+        self.rules, self.metrics = rules, metrics
+
+    def apply(self, row: Row, item: WorkItem, sampled: Sampled | Exception, now: float) -> Outcome | None:
+        """Record one token of `row` (answering `item`). Returns the row's outcome if it is done, for the
+        caller to deliver; None while it goes on."""
+        if isinstance(sampled, Exception):
+            log.error("sampling failed for one row", exc_info=sampled)
+            return InternalError(MODEL_FAILED)
+        if abandoned(item, now) or item.done:  # done: another of its choices failed
+            return gone()
+        if item.first_token_at is None:
+            item.first_token_at = now
+            self.metrics.ttft.observe(now - item.enqueued_at)
+        reason = self.rules.reason(row, sampled.token)
+        if self.rules.record(row, sampled):
+            item.push(TokenEvent([sampled.token], [sampled.logprob] if sampled.logprob else None, row.index))
+        return result(row, item, reason, now) if reason is not None else None
+
+
+def result(row: Row, item: WorkItem, reason: FinishReason, now: float) -> GenerationResult:
     """The finished row's answer, timed from its work item (queued, started, first token) to `now`."""
-    item: WorkItem = row.owner
     started = item.started_at or now
     first = item.first_token_at or now
     return GenerationResult(
@@ -78,13 +109,15 @@ def gone() -> RequestTimeout:
     return RequestTimeout("The request timed out or was cancelled while running.")
 
 
-def still_wanted(rows: list[Row]) -> list[Row]:
-    """Rows whose client still waits; the others are answered and dropped."""
+def still_wanted(rows: list[Row], items: Mapping[int, WorkItem]) -> list[Row]:
+    """Rows whose client still waits; the others are answered and dropped. `items`: the rows' work items
+    by key."""
     now = time.monotonic()
     wanted = []
     for row in rows:
-        if abandoned(row.owner, now):
-            row.owner.finish(gone())
+        item = items[row.key]
+        if abandoned(item, now):
+            item.finish(gone())
         else:
             wanted.append(row)
     return wanted

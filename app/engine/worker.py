@@ -4,7 +4,8 @@ Iteration-level batching: between two decode steps, waiting requests are prefill
 merged into the running batch, and finished or abandoned rows leave it, so a short request
 never waits for a long one. A failure fails only the rows it touched; the loop goes on.
 What joins when is the scheduler's decision (scheduler.py, with the out-of-memory row cap of
-oom.py), when a row ends is the stop rules' (stopping.py): this thread applies them.
+oom.py), when a row ends is the stop rules' (stopping.py): this thread applies them. The model's rows
+carry only their request's key; this thread alone maps keys to work items.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -23,17 +24,14 @@ from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import Scheduler, Shape
-from app.engine.stopping import StopRules, abandoned, gone, result, still_wanted
+from app.engine.stopping import MODEL_FAILED, Outcome, StopRules, TokenStep, still_wanted
 from app.errors import InternalError
 from app.metrics import Metrics
 from app.model.compute.generate import BatchState, Row
 from app.model.compute.sampling import Sampler
-from app.types import GenerationResult, Sampled, TokenEvent
+from app.types import GenerationResult, Sampled
 
 log = logging.getLogger(__name__)
-
-_FAILED = "The model failed while running this request."
-Outcome = GenerationResult | BaseException
 
 
 class ModelWorker:
@@ -55,10 +53,13 @@ class ModelWorker:
         self.on_tick = on_tick or (lambda: None)
         """Called after each turn of the loop, once its answers have left (drain waits on it)."""
         self.scheduler = Scheduler(config)
-        self.stopping = StopRules(eos_token_ids, decode)
+        self.tokens = TokenStep(StopRules(eos_token_ids, decode), metrics)
         self.sampler = Sampler()
         self._state: BatchState | None = None
         self._logits: torch.Tensor | None = None
+        self._items: dict[int, WorkItem] = {}
+        """The work items of the rows this worker holds, by key (`Row.key`): set when taken from the queue,
+        pruned after each turn of the loop to the rows still here."""
         self._preempted: list[Row] = []
         """Rows pushed out of the batch by an out-of-memory step or merge; re-prefilled first."""
         self._prefilling = 0
@@ -74,6 +75,10 @@ class ModelWorker:
     def held(self) -> int:
         """Rows this worker still owes an answer: running, being prefilled, or parked after an OOM."""
         return self.running + len(self._preempted) + self._prefilling
+
+    def item(self, key: int) -> WorkItem | None:
+        """The work item of the rows carrying `key`, while this worker holds them (any thread may ask)."""
+        return self._items.get(key)
 
     @property
     def _shape(self) -> Shape:
@@ -93,19 +98,20 @@ class ModelWorker:
                 self._tick()
             except Exception:  # never let the thread die: the server would hang silently
                 log.exception("model worker loop error")
-                self._fail_running(InternalError(_FAILED))
+                self._fail_running(InternalError(MODEL_FAILED))
 
     def _tick(self) -> None:
         idle = self._state is None and not self._preempted
         if idle:
             self.scheduler.cap.reset()
         if self._preempted:
-            self._preempted = still_wanted(self._preempted)  # an abandoned parked row frees its place now
+            self._preempted = still_wanted(self._preempted, self._items)  # an abandoned parked row frees its place now
             self._readmit()
         if self.scheduler.takes_new(idle):
             self._take(idle)
         if self._state is not None:
             self._advance()
+        self._forget()
         self.metrics.running.set(self.held)
         self.on_tick()
 
@@ -126,6 +132,7 @@ class ModelWorker:
     def _admit(self, items: list[WorkItem]) -> None:
         now = time.monotonic()
         for item in items:
+            self._items[item.key] = item
             item.started_at = now
             self.metrics.queue_time.observe(now - item.enqueued_at)
         rows = self._rows(items)
@@ -139,9 +146,9 @@ class ModelWorker:
         try:
             state, logits = self._prefill(rows)
             if new:
-                state, logits = fan_out(self.generator, state, logits)
+                state, logits = fan_out(self.generator, state, logits, self._items)
         except Exception as exc:
-            self._fail([r.owner for r in rows], exc)
+            self._fail(self._owners(rows), exc)
         else:
             self._join(state, logits)
         finally:
@@ -184,7 +191,7 @@ class ModelWorker:
             log.warning("out of memory merging rows: %d rows wait for room", len(self._preempted))
             return
         except Exception as exc:
-            return self._fail([r.owner for r in state.rows], exc)
+            return self._fail(self._owners(state.rows), exc)
         self._state, self._logits = merged, merged_logits
 
     def _prefill(self, rows: list[Row]) -> tuple[BatchState, torch.Tensor]:
@@ -229,14 +236,15 @@ class ModelWorker:
         finished: list[tuple[WorkItem, Outcome]] = []
         now = time.monotonic()
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-            outcome = self._emit(row, token, now)
+            item = self._items[row.key]
+            outcome = self.tokens.apply(row, item, token, now)
             if outcome is None:
                 keep.append(i)
                 continue
             if isinstance(outcome, GenerationResult):  # with n > 1: answered when the last choice ends
-                outcome = gather_choices(row.owner, row.index, outcome)
+                outcome = gather_choices(item, row.index, outcome)
             if outcome is not None:
-                finished.append((row.owner, outcome))
+                finished.append((item, outcome))
         return keep, finished
 
     def _step(self, state: BatchState, keep: list[int], tokens: list[int]) -> None:
@@ -252,7 +260,7 @@ class ModelWorker:
             self._preempt(rows, exc)
         except Exception as exc:
             self._state = self._logits = None
-            self._fail([r.owner for r in rows], exc)
+            self._fail(self._owners(rows), exc)
         else:
             self.scheduler.cap.on_clean_step()
 
@@ -262,8 +270,8 @@ class ModelWorker:
         self._state = self._logits = None
         torch.cuda.empty_cache()
         if len(rows) == 1:  # one row alone does not fit: nothing to split
-            return self._fail([rows[0].owner], exc)
-        rows = still_wanted(rows)
+            return self._fail(self._owners(rows), exc)
+        rows = still_wanted(rows, self._items)
         if not rows:
             return
         half = max(1, len(rows) // 2)
@@ -272,26 +280,20 @@ class ModelWorker:
         self._preempted = rows[half:] + self._preempted
         self._bring_in(rows[:half])
 
-    def _emit(self, row: Row, sampled: Sampled | Exception, now: float) -> Outcome | None:
-        """Record one token. Returns the row's outcome if it is done (the caller delivers it)."""
-        if isinstance(sampled, Exception):
-            log.error("sampling failed for one row", exc_info=sampled)
-            return InternalError(_FAILED)
-        item: WorkItem = row.owner
-        if abandoned(item, now) or item.done:  # done: another of its choices failed
-            return gone()
-        if item.first_token_at is None:
-            item.first_token_at = now
-            self.metrics.ttft.observe(now - item.enqueued_at)
-        reason = self.stopping.reason(row, sampled.token)
-        if self.stopping.record(row, sampled):
-            item.push(TokenEvent([sampled.token], [sampled.logprob] if sampled.logprob else None, row.index))
-        return result(row, reason, now) if reason is not None else None
+    # -- the work items behind the rows --------------------------------------------------------
+    def _owners(self, rows: Iterable[Row]) -> list[WorkItem]:
+        return [self._items[row.key] for row in rows]
+
+    def _forget(self) -> None:
+        """Keep only the items of rows still held (a new dict: another thread may be reading the old)."""
+        held = {row.key for row in (self._state.rows if self._state is not None else []) + self._preempted}
+        if len(held) < len(self._items):
+            self._items = {key: item for key, item in self._items.items() if key in held}
 
     # -- failure -------------------------------------------------------------------------------
     def _fail(self, items: list[WorkItem], exc: BaseException) -> None:
         log.error("batch of %d failed: %s: %s", len(items), type(exc).__name__, exc, exc_info=exc)
-        error = InternalError(_FAILED)
+        error = InternalError(MODEL_FAILED)
         for item in items:
             item.finish(error)
 
@@ -299,7 +301,9 @@ class ModelWorker:
         """Everything this worker holds, running or waiting to be recomputed."""
         rows = (self._state.rows if self._state is not None else []) + self._preempted
         for row in rows:
-            row.owner.finish(error)
+            item = self._items.get(row.key)  # at shutdown the worker thread may still be changing them
+            if item is not None:
+                item.finish(error)
         self._state = self._logits = None
         self._preempted = []
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from app.config import Settings
 from app.engine.engine import Engine
-from app.engine.item import WorkItem
+from app.engine.ticket import Ticket
 from app.errors import GrammarError
 from app.model.runtime import ModelRuntime
 from app.model.values import OutputSpec
@@ -45,12 +45,12 @@ class ChatResult:
 class ChatAnswer:
     """A queued chat request: wait for its `result()`, or stream its `deltas()`; `cancel()` stops it."""
 
-    def __init__(self, engine: Engine, job: ChatJob, item: WorkItem) -> None:
-        self._engine, self._job, self._item = engine, job, item
+    def __init__(self, job: ChatJob, ticket: Ticket) -> None:
+        self._job, self._ticket = job, ticket
 
     async def result(self) -> ChatResult:
         """Each of the `n` choices' tokens read as text or tool calls."""
-        result = await self._engine.wait(self._item)  # cancels its item however it ends
+        result = await self._ticket.result()  # cancels its request however it ends
         job, results = self._job, result.choices or [result]
         stops = job.prepared.sampling.stop_strings
         choices = []
@@ -61,10 +61,10 @@ class ChatAnswer:
         return ChatResult(choices, result.prompt_tokens, sum(len(r.token_ids) for r in results))
 
     def deltas(self) -> AsyncIterator[ChatDelta]:
-        return chat_deltas(self._engine, self._job, self._item)
+        return chat_deltas(self._job, self._ticket)
 
     def cancel(self) -> None:
-        self._item.cancel()
+        self._ticket.cancel()
 
 
 class ChatServing:
@@ -75,10 +75,10 @@ class ChatServing:
         """Hold a queue place while the request is prepared (a full queue refuses before any decoding)."""
         with self.engine.admission() as reservation:
             job = await self.prepare(body, record)
-            item = self.engine.submit(job.prepared, stream=body.stream, reservation=reservation)
+            ticket = self.engine.submit(job.prepared, stream=body.stream, reservation=reservation)
         if record is not None:
-            record.add_items([item], self.runtime.text)
-        return ChatAnswer(self.engine, job, item)
+            record.add_tickets([ticket], self.runtime.text)
+        return ChatAnswer(job, ticket)
 
     async def prepare(self, body: ChatCompletionRequest, record: RequestRecord | None = None) -> ChatJob:
         settings, runtime = self.settings, self.runtime

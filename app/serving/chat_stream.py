@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
-from app.engine.engine import Engine
-from app.engine.item import WorkItem
+from app.engine.ticket import Ticket
 from app.serving.chat_request import ChatJob
 from app.serving.deltas import ChatDelta, ChoiceEnd, ChoiceStart, ContentDelta, Scores, ToolCallDelta, Usage
 from app.serving.logprobs import TokenScore, chat_content
@@ -76,18 +75,18 @@ class ChoiceStream:
         return deltas
 
 
-async def chat_deltas(engine: Engine, job: ChatJob, item: WorkItem) -> AsyncIterator[ChatDelta]:
+async def chat_deltas(job: ChatJob, ticket: Ticket) -> AsyncIterator[ChatDelta]:
     """Every choice's start, its deltas as tokens come, its end; then the usage. Errors propagate."""
     choices = [ChoiceStream(job, i) for i in range(job.prepared.sampling.choices)]
     for choice in choices:
         yield ChoiceStart(choice.index)
-    async for event in engine.stream(item):
+    async for event in ticket.events():
         for delta in choices[event.index].push(event):
             yield delta
         if all(c.decoder.stopped for c in choices):
-            item.cancel()  # every choice hit a stop string: the rows stop before their next step
+            ticket.cancel()  # every choice hit a stop string: the rows stop before their next step
             break
-    for last in _ends(choices, item.result):
+    for last in _ends(choices, ticket.final):
         yield last
     yield Usage(job.prepared.prompt_tokens, sum(c.tokens for c in choices))
 

@@ -17,7 +17,7 @@ import numpy as np
 from app.audio import SAMPLE_RATE
 from app.chunking import Piece, split_at_silences, whole
 from app.engine.engine import Engine, Reservation
-from app.engine.item import WorkItem
+from app.engine.ticket import Ticket
 from app.errors import ContextLengthExceeded
 from app.model.runtime import ModelRuntime
 from app.serving import transcription_request
@@ -51,20 +51,19 @@ class TranscriptionRun:
     """The pieces of one transcription, queued in the engine: wait for its `result()` or stream its
     `deltas()`; `cancel()` stops the pieces still running (client gone, a piece failed, timeout)."""
 
-    engine: Engine
     runtime: ModelRuntime
     options: TranscriptionOptions
     duration_s: float
     pieces: list[Piece]
-    items: list[WorkItem]
+    tickets: list[Ticket]
 
     def cancel(self) -> None:
-        for item in self.items:
-            item.cancel()  # a no-op for finished pieces
+        for ticket in self.tickets:
+            ticket.cancel()  # a no-op for finished pieces
 
     async def result(self) -> Transcript:
         try:
-            results = [await self.engine.wait(item) for item in self.items]
+            results = [await ticket.result() for ticket in self.tickets]
         finally:
             self.cancel()
         return self._transcript([self._piece(p, r) for p, r in zip(self.pieces, results, strict=True)])
@@ -75,16 +74,16 @@ class TranscriptionRun:
         them are done."""
         joiner, results = TextJoiner(), []
         try:
-            for piece, item in zip(self.pieces, self.items, strict=True):
+            for piece, ticket in zip(self.pieces, self.tickets, strict=True):
                 decoder = self.runtime.decoder()
                 scores = TextLogprobs(self.runtime.vocab) if self.options.include_logprobs else None
-                async for event in self.engine.stream(item):
+                async for event in ticket.events():
                     if scores is not None:
                         scores.add(event.logprobs or [])
                     yield _delta(joiner.add(decoder.push(event.token_ids)), scores, final=False)
                 yield _delta(joiner.add(decoder.flush()) + joiner.end_piece(), scores, final=True)
-                assert item.result is not None
-                results.append(self._piece(piece, item.result))
+                assert ticket.final is not None
+                results.append(self._piece(piece, ticket.final))
         finally:
             self.cancel()
         yield self._transcript(results)
@@ -140,12 +139,12 @@ class TranscriptionServing:
         chunks = options.chunking
         pieces = whole(audio) if chunks is None else await self.prep.run(split_at_silences, audio, chunks)
         requests = await asyncio.gather(*(self._request(audio[p.start : p.end], options) for p in pieces))
-        items = self.engine.submit_many(list(requests), stream=stream, reservation=reservation)
+        tickets = self.engine.submit_many(list(requests), stream=stream, reservation=reservation)
         if record is not None:
-            record.add_items(items, self.prep.runtime.text)
+            record.add_tickets(tickets, self.prep.runtime.text)
         duration = audio.shape[0] / SAMPLE_RATE
         log.debug("transcription of %.1f s queued as %d piece(s)", duration, len(pieces))
-        return TranscriptionRun(self.engine, self.prep.runtime, options, duration, pieces, items)
+        return TranscriptionRun(self.prep.runtime, options, duration, pieces, tickets)
 
     async def _request(self, audio: np.ndarray, options: TranscriptionOptions) -> PreparedRequest:
         prompter, settings = self.prep.runtime.prompter, self.prep.settings

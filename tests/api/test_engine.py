@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from app.model.compute.loader import LoadedModel
+from app.model.compute.row import Row
 from tests.conftest import AUDIO, assert_openai_error, serve, wait_until
 
 CHAT = {
@@ -33,7 +34,7 @@ class Gate:
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def __call__(self, stage: str, items: list[Any]) -> None:
+    def __call__(self, stage: str, rows: list[Row]) -> None:
         if stage == "prefill":
             self.entered.set()
             self.release.wait(30)
@@ -85,7 +86,7 @@ class FailOnce:
     def __init__(self, stage: str) -> None:
         self.stage, self.fired = stage, False
 
-    def __call__(self, stage: str, items: list[Any]) -> None:
+    def __call__(self, stage: str, rows: list[Row]) -> None:
         if stage == self.stage and not self.fired:
             self.fired = True
             raise RuntimeError("injected fault")
@@ -192,11 +193,11 @@ class OomOnce:
         self.engine, self.requests = engine, requests
         self.held = self.fired = False
 
-    def __call__(self, stage: str, items: list[Any]) -> None:
+    def __call__(self, stage: str, rows: list[Row]) -> None:
         if stage == "prefill" and not self.held:
             self.held = True
-            wait_until(lambda: len(items) + self.engine.waiting >= self.requests, "the other requests are queued")
-        if stage == "step" and len(items) >= 4 and not self.fired:
+            wait_until(lambda: len(rows) + self.engine.waiting >= self.requests, "the other requests are queued")
+        if stage == "step" and len(rows) >= 4 and not self.fired:
             self.fired = True
             raise torch.OutOfMemoryError("injected CUDA out of memory")
 
@@ -227,11 +228,11 @@ class StepRecorder:
         self.engine = engine
         self.steps: list[int] = []
 
-    def __call__(self, stage: str, items: list[Any]) -> None:
+    def __call__(self, stage: str, rows: list[Row]) -> None:
         if stage == "step":
             if not self.steps:
                 wait_until(lambda: self.engine.waiting >= 1, "the second request is queued")
-            self.steps.append(len(items))
+            self.steps.append(len(rows))
 
 
 def _steps_of_two_overlapping_requests(loaded: LoadedModel, tiny_dir: Path, **settings: Any) -> list[int]:
@@ -269,11 +270,11 @@ class OomWhileWide:
         self.engine, self.requests = engine, requests
         self.held, self.fired = False, 0
 
-    def __call__(self, stage: str, items: list[Any]) -> None:
+    def __call__(self, stage: str, rows: list[Row]) -> None:
         if stage == "prefill" and not self.held:
             self.held = True
-            wait_until(lambda: len(items) + self.engine.waiting >= self.requests, "the other requests are queued")
-        if stage == "step" and len(items) >= 4:
+            wait_until(lambda: len(rows) + self.engine.waiting >= self.requests, "the other requests are queued")
+        if stage == "step" and len(rows) >= 4:
             self.fired += 1
             raise torch.OutOfMemoryError("injected CUDA out of memory")
 
@@ -306,7 +307,7 @@ class FailJoin:
         self.steps = 0
         self.fired = False
 
-    def __call__(self, stage: str, items: list[Any]) -> None:
+    def __call__(self, stage: str, rows: list[Row]) -> None:
         if stage == "step":
             self.steps += 1
             if self.steps == 1:
@@ -358,13 +359,13 @@ class CancelThenOom:
         self.engine = engine
         self.held = self.fired = False
 
-    def __call__(self, stage: str, items: list[Any]) -> None:
+    def __call__(self, stage: str, rows: list[Row]) -> None:
         if stage == "prefill" and not self.held:
             self.held = True
-            wait_until(lambda: len(items) + self.engine.waiting >= 2, "both requests are queued")
-        if stage == "step" and len(items) == 2 and not self.fired:
+            wait_until(lambda: len(rows) + self.engine.waiting >= 2, "both requests are queued")
+        if stage == "step" and len(rows) == 2 and not self.fired:
             self.fired = True
-            items[1].cancel()
+            self.engine.ticket(rows[1].key).cancel()
             raise torch.OutOfMemoryError("injected CUDA out of memory")
 
 

@@ -2,7 +2,7 @@
 mid-stream, a client that reads slowly. Each time every request still gets exactly one answer, the
 queue drains, the batch empties and /ready stays 200.
 
-Faults are injected by wrapping the model's generator (`server.generator.fault(stage, items)`, called
+Faults are injected by wrapping the model's generator (`server.generator.fault(stage, rows)`, called
 before each prefill, merge and decode step: tests/faults.py), on a server of this module's own, so a
 hung or failing worker never touches the session's shared server.
 """
@@ -24,8 +24,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from app.engine.item import WorkItem
+from app.engine.ticket import Ticket
 from app.model.compute.loader import LoadedModel
+from app.model.compute.row import Row
+from app.types import SamplingParams
 from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve, wait_until
 
 TIMEOUT_S = 2.0
@@ -57,8 +59,8 @@ def engine_idle(server: RunningServer) -> bool:
     return server.engine.waiting == 0 and server.engine.running == 0
 
 
-def marked(items: list[WorkItem]) -> bool:
-    return any(item.request.sampling.max_new_tokens == MARK for item in items)
+def marked(rows: list[Row]) -> bool:
+    return any(row.sampling.max_new_tokens == MARK for row in rows)
 
 
 class HoldMarked:
@@ -67,8 +69,8 @@ class HoldMarked:
     def __init__(self, wait_s: float = 30) -> None:
         self.entered, self.release, self.wait_s = threading.Event(), threading.Event(), wait_s
 
-    def __call__(self, at: str, items: list[WorkItem]) -> None:
-        if at == "prefill" and marked(items):
+    def __call__(self, at: str, rows: list[Row]) -> None:
+        if at == "prefill" and marked(rows):
             self.entered.set()
             self.release.wait(self.wait_s)
 
@@ -117,9 +119,9 @@ def test_model_exception_fails_its_batch_with_a_500_and_the_server_recovers(
 ) -> None:
     calls = 0
 
-    def hook(at: str, items: list[WorkItem]) -> None:
+    def hook(at: str, rows: list[Row]) -> None:
         nonlocal calls
-        if at == stage and marked(items):
+        if at == stage and marked(rows):
             calls += 1
             raise RuntimeError("injected model failure: CUDA error: device-side assert triggered")
 
@@ -147,9 +149,9 @@ def test_model_exception_mid_stream_ends_the_stream_with_an_error_event(
 ) -> None:
     steps = 0
 
-    def hook(at: str, items: list[WorkItem]) -> None:
+    def hook(at: str, rows: list[Row]) -> None:
         nonlocal steps
-        if at == "step" and marked(items):
+        if at == "step" and marked(rows):
             steps += 1
             if steps == 3:
                 raise RuntimeError("injected failure on the third decode step")
@@ -226,11 +228,13 @@ def test_client_leaving_mid_stream_takes_its_row_out_of_the_batch(server: Runnin
 
 def test_client_leaving_a_transcription_stream_takes_its_rows_out(server: RunningServer) -> None:
     """Pieces decoded as rows of one batch; each stops long before its token budget once the client is gone."""
-    steps: dict[WorkItem, int] = {}
+    steps: dict[int, int] = {}
+    tickets: dict[int, tuple[Ticket | None, SamplingParams]] = {}
 
-    def count_steps(at: str, items: list[WorkItem]) -> None:
-        for item in items:
-            steps[item] = steps.get(item, 0) + 1
+    def count_steps(at: str, rows: list[Row]) -> None:
+        for row in rows:
+            steps[row.key] = steps.get(row.key, 0) + 1
+            tickets.setdefault(row.key, (server.engine.ticket(row.key), row.sampling))
 
     speech = sf.read(io.BytesIO(JFK), dtype="float32")[0]  # the speech detector cuts speech, not tones
     many_pieces = np.tile(np.concatenate([speech, np.zeros(32000, np.float32)]), 6)  # 78 s: 6 pieces
@@ -246,8 +250,9 @@ def test_client_leaving_a_transcription_stream_takes_its_rows_out(server: Runnin
     finally:
         server.generator.fault = None
     assert steps  # pieces still queued when the client left were dropped before they reached the model
-    for item, count in steps.items():
-        assert item.cancelled and count < item.request.sampling.max_new_tokens // 2, (count, item.request.sampling)
+    for key, count in steps.items():
+        ticket, sampling = tickets[key]
+        assert ticket is not None and ticket.cancelled and count < sampling.max_new_tokens // 2, (count, sampling)
     with server.http() as http:
         assert_recovered(server, http)
 

@@ -135,10 +135,19 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+ITEMS: dict[int, WorkItem] = {}
+"""The work items of the rows `row` makes, by key (as the worker holds them)."""
+
+
 def row(loop: asyncio.AbstractEventLoop, **sampling: object) -> Row:
     params = SamplingParams(**sampling)  # type: ignore[arg-type]
     item = WorkItem(PreparedRequest([1, 2, 3], [], params, "chat"), loop, deadline=1e9, enqueued_at=10.0)
-    return Row([1, 2, 3], [], params, owner=item)
+    ITEMS[item.key] = item
+    return Row([1, 2, 3], [], params, key=item.key)
+
+
+def owner(r: Row) -> WorkItem:
+    return ITEMS[r.key]
 
 
 def letters(ids: list[int]) -> str:
@@ -192,8 +201,8 @@ def test_log_probs_are_recorded_with_their_tokens(loop: asyncio.AbstractEventLoo
 def test_the_result_carries_tokens_reason_and_times_from_the_work_item(loop: asyncio.AbstractEventLoop) -> None:
     r = row(loop, logprobs=0)
     r.generated, r.logprobs = [97, 98], [TokenLogprob(97, -0.5), TokenLogprob(98, -0.25)]
-    r.owner.started_at, r.owner.first_token_at = 12.0, 13.5
-    done = result(r, "length", now=20.0)
+    owner(r).started_at, owner(r).first_token_at = 12.0, 13.5
+    done = result(r, owner(r), "length", now=20.0)
     assert done.token_ids == [97, 98] and done.finish_reason == "length" and done.prompt_tokens == 3
     assert (done.queue_time_s, done.run_time_s, done.time_to_first_token_s) == (2.0, 8.0, 3.5)
     assert done.logprobs == r.logprobs and done.logprobs is not r.logprobs
@@ -203,20 +212,20 @@ def test_the_result_carries_tokens_reason_and_times_from_the_work_item(loop: asy
 
 def test_a_result_without_log_probs_asked_has_none(loop: asyncio.AbstractEventLoop) -> None:
     r = row(loop)
-    done = result(r, "stop", now=10.0)  # never started: every time measured up to now
+    done = result(r, owner(r), "stop", now=10.0)  # never started: every time measured up to now
     assert done.logprobs is None and done.token_ids == []
     assert (done.queue_time_s, done.run_time_s, done.time_to_first_token_s) == (0.0, 0.0, 0.0)
 
 
 def test_rows_of_abandoned_requests_are_answered_and_dropped(loop: asyncio.AbstractEventLoop) -> None:
     waiting, cancelled, expired = row(loop), row(loop), row(loop)
-    cancelled.owner.cancel()
-    expired.owner.deadline = 0.0
-    assert [abandoned(r.owner, now=1.0) for r in (waiting, cancelled, expired)] == [False, True, True]
-    assert still_wanted([waiting, cancelled, expired]) == [waiting]
-    assert cancelled.owner.done and expired.owner.done and not waiting.owner.done
+    owner(cancelled).cancel()
+    owner(expired).deadline = 0.0
+    assert [abandoned(owner(r), now=1.0) for r in (waiting, cancelled, expired)] == [False, True, True]
+    assert still_wanted([waiting, cancelled, expired], ITEMS) == [waiting]
+    assert owner(cancelled).done and owner(expired).done and not owner(waiting).done
     with pytest.raises(RequestTimeout, match="cancelled while running"):
-        loop.run_until_complete(expired.owner.wait())
+        loop.run_until_complete(owner(expired).wait())
 
 
 def test_batcher_takes_oldest_then_similar_lengths() -> None:

@@ -16,6 +16,7 @@ import pytest
 from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
 from app.engine.scheduler import Take
+from app.engine.ticket import Ticket, TicketStats
 from app.errors import QueueFull, RequestTimeout, ShuttingDown
 from app.types import GenerationResult, PreparedRequest, SamplingParams, TokenEvent
 
@@ -162,3 +163,22 @@ def test_cancel_after_finish_does_not_touch_the_queue(loop: asyncio.AbstractEven
     item.finish(_result())
     item.cancel()
     assert calls == [] and item.cancelled
+
+
+def test_a_ticket_waits_cancels_on_exit_and_reports_frozen_stats(loop: asyncio.AbstractEventLoop) -> None:
+    item = _item(loop, tokens=3, enqueued_at=10.0)
+    ticket = Ticket(item, timeout_s=60)
+    assert ticket.stats() == TicketStats(3, 0, 0.0, 0.0, (0, 1, 2), None)  # queued: nothing yet
+    item.started_at = 12.5
+    assert ticket.stats().queue_s == 2.5  # started: its wait counts, its run not yet
+    done = GenerationResult(token_ids=[7, 8], finish_reason="stop", prompt_tokens=3, queue_time_s=2.5, run_time_s=1.0)
+    item.finish(done)
+    assert loop.run_until_complete(ticket.result()) is done and ticket.final is done and ticket.cancelled
+    assert ticket.stats() == TicketStats(3, 2, 2.5, 1.0, (0, 1, 2), (7, 8))
+
+
+def test_a_ticket_past_its_deadline_is_a_timeout_and_cancels(loop: asyncio.AbstractEventLoop) -> None:
+    ticket = Ticket(_item(loop, deadline=time.monotonic() - 1.0), timeout_s=2)
+    with pytest.raises(RequestTimeout, match="within 2 s"):
+        loop.run_until_complete(ticket.result())
+    assert ticket.cancelled and ticket.final is None

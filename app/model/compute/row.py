@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +23,9 @@ class Row:
     rng: random.Random | None = None
     """One uniform draw a step for a sampled row, from its own generator: a seeded row draws the same
     numbers, and so the same tokens, alone and in any batch."""
-    owner: Any = None
-    """The engine's work item this row answers to."""
+    key: int = -1
+    """Opaque to the model: whoever runs the row uses it to find the request it answers (the engine: its
+    work item). -1: none (a row made outside the engine)."""
     constraint: Constraint | None = None
     index: int = 0
     """Which of its request's `n` choices this row decodes."""

@@ -30,6 +30,7 @@ from app.engine.runner import Wrap, as_is
 from app.metrics import Metrics
 from app.model.loader import LoadedModel, load_model
 from app.model.runtime import ModelRuntime
+from app.serving.realtime.service import RealtimeServing
 from app.serving.service import Serving
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def make_lifespan(
         serving = await build_serving(settings, model, metrics, wrap_generator)
         engine = serving.engine
         app.state.serving, app.state.engine = serving, engine
-        realtime.start(app, serving)
+        app.state.realtime = RealtimeServing(serving.prep, serving.transcriptions, settings, metrics)
         engine.start()
         await serving.warm_up()
         lifecycle.ready = True

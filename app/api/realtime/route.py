@@ -15,9 +15,10 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, WebSocket
+from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from app.api.context import Context
 from app.api.errors import error_response
 from app.api.jsonbody import dumps
 from app.api.lifecycle import Lifecycle
@@ -35,9 +36,8 @@ GOING_AWAY = 1001
 
 
 @router.websocket("/v1/realtime")
-async def realtime(websocket: WebSocket) -> None:
-    app: FastAPI = websocket.app
-    service: RealtimeServing = app.state.realtime
+async def realtime(websocket: WebSocket, ctx: Context) -> None:
+    service = ctx.realtime
     try:
         service.admit(websocket.query_params.get("model"))
     except VoxtralError as exc:
@@ -45,7 +45,7 @@ async def realtime(websocket: WebSocket) -> None:
     try:
         offered = websocket.scope.get("subprotocols", [])
         await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
-        connection = Connection(websocket, service, app.state.settings, app.state.lifecycle)
+        connection = Connection(websocket, service, ctx.settings, ctx.lifecycle)
         code = await connection.run()
         log.info("realtime session %s ended (close code %d; 0: the client left)", connection.session.id, code)
     finally:

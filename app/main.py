@@ -10,12 +10,12 @@ from pydantic import ValidationError
 
 
 def _serve(argv: list[str]) -> int:
-    from app.api.app import create_app, drain
     from app.api.auth import ApiKeyFileError, load_api_keys
     from app.config import Settings, cli_args
     from app.logs import configure_logging
     from app.model.compute.loader import ModelLoadError, load_model
     from app.server import build_server
+    from app.wiring import Wiring
 
     try:
         settings = Settings(_cli_parse_args=cli_args(argv))  # type: ignore[call-arg]
@@ -29,8 +29,8 @@ def _serve(argv: list[str]) -> int:
     except ModelLoadError as exc:
         print(f"voxtral-server: {exc}", file=sys.stderr)
         return 1
-    app = create_app(settings, loaded)
-    build_server(app, settings, lambda: drain(app)).run()
+    wiring = Wiring(settings, loaded)
+    build_server(wiring.app, settings, wiring.drain).run()
     return 0
 
 

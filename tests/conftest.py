@@ -16,9 +16,10 @@ import pytest
 import uvicorn
 from hypothesis import settings as hypothesis_settings
 
-from app.api.app import create_app
+from app.api.context import AppContext
 from app.config import Settings
 from app.model.compute.loader import LoadedModel, load_model
+from app.wiring import Wiring
 from tests.audio_fixtures import DATA
 from tests.faults import FaultyGenerator
 from tests.speech_layout import Layout, make_layout
@@ -65,8 +66,12 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, app: Any, port: int, generator: FaultyGenerator | None = None) -> None:
+    def __init__(
+        self, app: Any, port: int, generator: FaultyGenerator | None = None, wiring: Wiring | None = None
+    ) -> None:
         self.app = app
+        self.wiring = wiring
+        """What built the app (servers made by `serve`): its `context` once the server has started."""
         self.generator = generator
         """What its engine calls for the model (servers made by `serve`): set `generator.fault` to inject
         faults (tests/faults.py)."""
@@ -88,8 +93,13 @@ class RunningServer:
         self.thread.join(30)
 
     @property
+    def context(self) -> AppContext:
+        assert self.wiring is not None and self.wiring.context is not None, "a server made by `serve`, started"
+        return self.wiring.context
+
+    @property
     def engine(self) -> Any:
-        return self.app.state.engine
+        return self.context.serving.engine
 
     def client(self, **kwargs: Any) -> Any:
         import openai
@@ -103,8 +113,8 @@ class RunningServer:
 @contextmanager
 def serve(loaded: LoadedModel, cache_dir: Path, **overrides: Any) -> Iterator[RunningServer]:
     generator = FaultyGenerator()
-    app = create_app(make_settings(cache_dir, **overrides), loaded, wrap_generator=generator.wrap)
-    with RunningServer(app, free_port(), generator) as server:
+    wiring = Wiring(make_settings(cache_dir, **overrides), loaded, wrap_generator=generator.wrap)
+    with RunningServer(wiring.app, free_port(), generator, wiring) as server:
         yield server
 
 

@@ -12,20 +12,26 @@ from typing import Any
 
 import httpx
 
-from app.api.app import create_app, drain
+from app.api.context import AppContext
 from app.model.compute.loader import LoadedModel
 from app.server import DrainingServer, build_server
+from app.wiring import Wiring
 from tests.conftest import free_port, make_settings
 
 
 class Production:
     """The app under `app.server.build_server`, run in a thread (signals are sent with `handle_exit`)."""
 
-    def __init__(self, server: DrainingServer, app: Any) -> None:
-        self.server, self.app = server, app
+    def __init__(self, server: DrainingServer, wiring: Wiring) -> None:
+        self.server, self.wiring, self.app = server, wiring, wiring.app
         self.port = server.config.port
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=server.run, daemon=True)
+
+    @property
+    def context(self) -> AppContext:
+        assert self.wiring.context is not None, "the server has started"
+        return self.wiring.context
 
     def http(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)
@@ -37,8 +43,8 @@ class Production:
 @contextmanager
 def production(loaded: LoadedModel, tiny_dir: Path, **overrides: Any) -> Iterator[Production]:
     settings = make_settings(tiny_dir, port=free_port(), **overrides)
-    app = create_app(settings, loaded)
-    running = Production(build_server(app, settings, lambda: drain(app)), app)
+    wiring = Wiring(settings, loaded)
+    running = Production(build_server(wiring.app, settings, wiring.drain), wiring)
     running.thread.start()
     deadline = time.monotonic() + 60
     while not running.server.started:

@@ -18,7 +18,7 @@ import soxr
 import yaml
 from websockets.sync.client import ClientConnection, connect
 
-from app.api.realtime.formats import ALAW, ULAW
+from app.audio_formats import ALAW, ULAW
 
 DATA = Path(__file__).parent / "data"
 SCHEMAS = {

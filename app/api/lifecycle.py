@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.middleware import is_api_path, send_error
-from app.engine.engine import Engine
 from app.errors import ShuttingDown
 
 log = logging.getLogger(__name__)
+
+
+class Drainable(Protocol):
+    """What the HTTP drain needs of the engine behind it (`app.engine.Engine` is one)."""
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Take no new work; True once nothing is left within `timeout_s`."""
+        ...
+
+    def stop(self) -> None:
+        """Stop now: what is left is answered with an error."""
+        ...
 
 
 class Lifecycle:
@@ -46,7 +58,7 @@ class Lifecycle:
         if self.in_flight == 0:
             self._idle.set()
 
-    async def drain(self, engine: Engine | None, timeout_s: float) -> bool:
+    async def drain(self, engine: Drainable | None, timeout_s: float) -> bool:
         """Refuse new /v1 requests, then wait up to `timeout_s` for the admitted ones. True if all finished.
 
         HTTP requests are awaited first, not just the engine's queue: a request still decoding

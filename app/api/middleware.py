@@ -159,7 +159,6 @@ class RequestContext:
         }
         if self.log_prompts:
             line.update(record.texts())
-        line.update(scope.get("state", {}).get("log_extra", {}))
         # Probes and scrapes arrive every few seconds: at info level they would drown the request lines.
         level = logging.INFO if endpoint is not None or status >= 400 else logging.DEBUG
         log.log(level, "%s %s %d", line["method"], line["path"], status, extra={FIELDS: line})

@@ -1,16 +1,13 @@
-"""The serving layer's one entry point: each use case as one call, for the routes and realtime sessions.
+"""The serving layer's entry point for the HTTP routes: each use case as one call.
 
 It wires the prep threads, the engine and the model facade together; the use cases themselves live in
-`chat.py` and `transcription.py`.
+`chat.py` and `transcription.py`. Realtime sessions have their own entry point on the same prep threads
+and transcription path (`app.serving.realtime.service.RealtimeServing`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any, TypeVar
-
-import numpy as np
 
 from app import vad
 from app.config import Settings
@@ -22,10 +19,8 @@ from app.serving.record import RequestRecord
 from app.serving.schemas import ChatCompletionRequest
 from app.serving.transcription import TranscriptionRun, TranscriptionServing, Upload
 from app.serving.transcription_request import AudioForm
-from app.serving.transcripts import Task, TranscriptionOptions
+from app.serving.transcripts import Task
 from app.types import PreparedRequest, SamplingParams
-
-T = TypeVar("T")
 
 
 class Serving:
@@ -54,13 +49,6 @@ class Serving:
         self, form: AudioForm, upload: Upload, task: Task, record: RequestRecord | None = None
     ) -> TranscriptionRun:
         return await self.transcriptions.transcribe(form, upload, task, record)
-
-    async def utterance(self, audio: np.ndarray, options: TranscriptionOptions) -> TranscriptionRun:
-        return await self.transcriptions.utterance(audio, options)
-
-    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        """CPU work of a realtime session (its speech detector, large appends) in a prep thread."""
-        return await self.prep.run(fn, *args)
 
     async def warm_up(self) -> None:
         """One tiny generation so the first real request pays no one-time cost."""

@@ -134,7 +134,7 @@ def test_n_choices_share_one_prompt_and_draw_with_seed_plus_index(client: Any, s
 
 
 def _prompt_tokens(server: RunningServer) -> float:
-    return float(server.app.state.metrics.prompt_tokens._value.get())
+    return float(server.context.metrics.prompt_tokens._value.get())
 
 
 def test_n_streams_interleave_by_index(client: Any) -> None:

@@ -33,7 +33,7 @@ def create(client: Any, **kw: Any) -> Any:
 
 def prompt_of(server: RunningServer, body: dict[str, Any]) -> str:
     """The prompt the server would run, special tokens written out."""
-    serving = server.app.state.serving
+    serving = server.context.serving
     job = asyncio.run(serving.chats.prepare(ChatCompletionRequest.model_validate({"model": "tiny", **body})))
     return job.runtime.vocab.text(job.prepared.input_ids, keep_special=True)
 

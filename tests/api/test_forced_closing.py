@@ -98,7 +98,7 @@ def test_a_named_call_is_valid_at_its_minimum(client: Any) -> None:
 def test_forced_output_completes_at_the_real_vocabulary(full_vocab: LoadedModel, tiny_dir: Path) -> None:
     with serve(full_vocab, tiny_dir) as server:
         client = server.client()
-        model = server.app.state.settings.model_id
+        model = server.context.settings.model_id
         for name in ("required", "open_text"):
             case = CASES[name]
             with pytest.raises(openai.BadRequestError, match=r"at least (\d+) tokens") as refused:

@@ -41,11 +41,11 @@ def test_the_model_has_the_real_vocabulary(full_vocab: LoadedModel) -> None:
 def test_seeded_default_sampling_is_the_same_alone_and_in_a_batch(full_vocab: LoadedModel, tiny_dir: Path) -> None:
     bodies = [{"seed": seed, "max_tokens": 12} for seed in range(8)] + [{"max_tokens": 12, "top_k": 5}] * 4
     with serve(full_vocab, tiny_dir, max_batch_size=16, max_wait_ms=50) as server, server.http() as http:
-        model = server.app.state.settings.model_id
+        model = server.context.settings.model_id
         alone = [chat(http, model, **b)["choices"][0]["message"]["content"] for b in bodies[:8]]
         with ThreadPoolExecutor(12) as pool:
             together = list(pool.map(lambda b: chat(http, model, **b), bodies))
-        steps = {s.name: s.value for s in server.app.state.metrics.batch_size.collect()[0].samples}
+        steps = {s.name: s.value for s in server.context.metrics.batch_size.collect()[0].samples}
     assert [t["choices"][0]["message"]["content"] for t in together[:8]] == alone
     assert len(set(alone)) > 4  # different seeds draw different answers: the test is not blind
     assert steps["voxtral_batch_size_sum"] / steps["voxtral_batch_size_count"] > 1.5  # rows really shared steps
@@ -53,7 +53,7 @@ def test_seeded_default_sampling_is_the_same_alone_and_in_a_batch(full_vocab: Lo
 
 def test_forced_calls_and_json_are_valid_at_the_real_vocabulary(full_vocab: LoadedModel, tiny_dir: Path) -> None:
     with serve(full_vocab, tiny_dir) as server, server.http() as http:
-        model = server.app.state.settings.model_id
+        model = server.context.settings.model_id
         with ThreadPoolExecutor(6) as pool:
             calls = list(
                 pool.map(

@@ -258,7 +258,7 @@ def test_server_batched_equals_server_unbatched(loaded: LoadedModel, tiny_dir: P
         alone = run(single.base_url, 1)
     with serve(loaded, tiny_dir, max_batch_size=16, max_wait_ms=50) as batched:
         together = run(batched.base_url, 16)
-        samples = {s.name: s.value for s in batched.app.state.metrics.batch_size.collect()[0].samples}
+        samples = {s.name: s.value for s in batched.context.metrics.batch_size.collect()[0].samples}
     assert together == alone
     # Rows really shared decode steps: the mean rows per step is well above one.
     assert samples["voxtral_batch_size_sum"] / samples["voxtral_batch_size_count"] > 2

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from app.api.app import create_app
 from app.model.compute.loader import LoadedModel
+from app.wiring import create_app
 from tests.audio_fixtures import DATA
 from tests.browser import Page, chromium, require_chromium, speech_wav
 from tests.conftest import RunningServer, free_port, make_settings, serve

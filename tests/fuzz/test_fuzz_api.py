@@ -17,9 +17,9 @@ import requests
 import schemathesis
 from schemathesis import checks
 
-from app.api.app import create_app
 from app.config import Settings
 from app.model.compute.loader import LoadedModel
+from app.wiring import create_app
 from tests.conftest import AUDIO, RunningServer, serve
 
 JFK = (AUDIO / "jfk.wav").read_bytes()

@@ -10,9 +10,9 @@ import openai
 import pytest
 
 from app.api import auth
-from app.api.app import create_app
 from app.api.auth import ApiKeyFileError, load_api_keys
 from app.model.compute.loader import LoadedModel
+from app.wiring import create_app
 from tests.access_log import AccessLog
 from tests.conftest import assert_openai_error, make_settings, serve
 

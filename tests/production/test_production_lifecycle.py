@@ -22,8 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
-from app.api.app import create_app
+from app.api.context import STATE_KEY
 from app.model.compute.loader import LoadedModel
+from app.wiring import Wiring
 from tests.conftest import AUDIO, assert_openai_error, free_port, make_settings
 from tests.production_server import production, read_response
 
@@ -166,7 +167,7 @@ def test_drain_timeout_answers_what_is_left_with_503(loaded: LoadedModel, tiny_d
 
         client = threading.Thread(target=long_stream, daemon=True)
         client.start()
-        while running.app.state.engine.running == 0:
+        while running.context.serving.engine.running == 0:
             time.sleep(0.02)
         started = time.monotonic()
         running.server.handle_exit(signal.SIGTERM, None)
@@ -178,19 +179,29 @@ def test_drain_timeout_answers_what_is_left_with_503(loaded: LoadedModel, tiny_d
 
 
 def test_ready_is_503_before_start_up_and_while_draining(loaded: LoadedModel, tiny_dir: Path) -> None:
-    app = create_app(make_settings(tiny_dir), loaded)
+    wiring = Wiring(make_settings(tiny_dir), loaded)
 
-    async def ready() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)  # no lifespan: the model is never warmed up
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.get("/ready")
+    async def check() -> None:
+        ctx = await wiring.build_context()  # built, never started: the model is never warmed up
 
-    response = asyncio.run(ready())
-    assert (response.status_code, response.json()["status"]) == (503, "not ready")
-    app.state.lifecycle.ready = True
-    assert asyncio.run(ready()).status_code == 200
-    app.state.lifecycle.draining = True
-    assert asyncio.run(ready()).json()["status"] == "draining"
+        async def app(scope: Any, receive: Any, send: Any) -> None:  # the lifespan's state, as a server passes it
+            await wiring.app({**scope, "state": {STATE_KEY: ctx}}, receive, send)
+
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                response = await client.get("/ready")
+                assert (response.status_code, response.json()["status"]) == (503, "not ready")
+                wiring.lifecycle.ready = True
+                assert (await client.get("/ready")).status_code == 200
+                wiring.lifecycle.draining = True
+                assert (await client.get("/ready")).json()["status"] == "draining"
+            bare = httpx.ASGITransport(app=wiring.app)  # no lifespan ran: no context, so not ready either
+            async with httpx.AsyncClient(transport=bare, base_url="http://test") as client:
+                assert (await client.get("/ready")).status_code == 503
+        finally:
+            ctx.serving.close()
+
+    asyncio.run(check())
 
 
 def test_ctrl_c_drains_and_exits_0_too(process: Server) -> None:

@@ -47,9 +47,9 @@ def test_sessions_over_the_limit_are_refused_at_the_upgrade(limited: RunningServ
     error = json.loads(refused.value.response.body or b"")["error"]
     assert (error["type"], error["code"]) == ("rate_limit_error", "too_many_sessions")
     first.ws.close()
-    wait_until(lambda: limited.app.state.realtime_slots.open == 0, "the first session is closed")
+    wait_until(lambda: limited.context.realtime.slots.open == 0, "the first session is closed")
     open_session(limited.base_url).ws.close()
-    wait_until(lambda: limited.app.state.realtime_slots.open == 0, "the second session is closed")
+    wait_until(lambda: limited.context.realtime.slots.open == 0, "the second session is closed")
 
 
 def test_an_event_over_the_size_limit_gets_an_error_and_the_session_goes_on(limited: RunningServer) -> None:
@@ -58,7 +58,7 @@ def test_an_event_over_the_size_limit_gets_an_error_and_the_session_goes_on(limi
     assert raw.until("error")[-1]["error"]["code"] == "message_too_large"
     assert raw.update(turn_detection=None)["type"] == "session.updated"
     raw.ws.close()
-    wait_until(lambda: limited.app.state.realtime_slots.open == 0, "the session is closed")
+    wait_until(lambda: limited.context.realtime.slots.open == 0, "the session is closed")
 
 
 def test_the_longest_utterance_is_cut_and_committed(limited: RunningServer) -> None:
@@ -74,7 +74,7 @@ def test_the_longest_utterance_is_cut_and_committed(limited: RunningServer) -> N
     manual = raw.until("input_audio_buffer.committed", 2)
     assert not of(manual, "input_audio_buffer.speech_started")
     raw.ws.close()
-    wait_until(lambda: limited.app.state.realtime_slots.open == 0, "the session is closed")
+    wait_until(lambda: limited.context.realtime.slots.open == 0, "the session is closed")
 
 
 def test_a_client_reading_late_loses_nothing(limited: RunningServer) -> None:
@@ -88,7 +88,7 @@ def test_a_client_reading_late_loses_nothing(limited: RunningServer) -> None:
     committed = [e["item_id"] for e in of(events, "input_audio_buffer.committed")]
     assert [item for item, _, _ in texts(events)] == committed[:2]
     raw.ws.close()
-    wait_until(lambda: limited.app.state.realtime_slots.open == 0, "the session is closed")
+    wait_until(lambda: limited.context.realtime.slots.open == 0, "the session is closed")
 
 
 def test_an_idle_session_is_closed(loaded: LoadedModel, tiny_dir: Path) -> None:
@@ -164,4 +164,4 @@ def test_a_failed_transcription_is_a_failed_event_and_the_session_goes_on(limite
         limited.generator.fault = None
     assert failures == [1]
     raw.ws.close()
-    wait_until(lambda: limited.app.state.realtime_slots.open == 0, "the session is closed")
+    wait_until(lambda: limited.context.realtime.slots.open == 0, "the session is closed")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from app import vad
-from app.api.realtime.formats import ALAW, ULAW, InputDecoder
-from app.api.realtime.protocol import ServerVad
-from app.api.realtime.turns import START_WINDOWS, AudioBuffer, Turn, TurnDetector
+from app.audio_formats import ALAW, ULAW, InputDecoder
+from app.serving.realtime.config import ServerVad
+from app.serving.realtime.turns import START_WINDOWS, AudioBuffer, Turn, TurnDetector
 from app.vad import WINDOW
 
 

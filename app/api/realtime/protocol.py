@@ -1,18 +1,22 @@
-"""The wire: client events parsed into pydantic models (unknown fields ignored), server events built as
-dicts in the shapes of OpenAI's GA realtime schemas, and the session's effective configuration."""
+"""The wire: client events parsed into pydantic models (unknown fields ignored) and then into the session's
+typed commands; the session's typed events rendered as dicts in the shapes of OpenAI's GA realtime schemas."""
 
 from __future__ import annotations
 
 import time
-import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.api.render import logprob_entries
+from app.api.transcripts import usage
+from app.audio_formats import AudioFormat
 from app.errors import InvalidRequest, UnsupportedFeature, VoxtralError
+from app.serving.realtime import commands as cmd
+from app.serving.realtime import events as ev
+from app.serving.realtime.config import KEEP, ServerVad, SessionConfig, TranscriptionSettings, UpdateSettings
 
-AudioFormat = Literal["audio/pcm", "audio/pcmu", "audio/pcma"]
 LOGPROBS = "item.input_audio_transcription.logprobs"
 
 
@@ -76,23 +80,19 @@ EVENTS: dict[str, type[ClientEvent]] = {
 }
 
 
-class EventError(InvalidRequest):
-    """A client event the session refuses: answered with an `error` event naming it; the session goes on."""
-
-    def __init__(self, message: str, *, event_id: str | None, param: str | None = None, code: str | None = None):
-        super().__init__(message, param=param, code=code or "invalid_value")
-        self.event_id = event_id
+def event_id(data: dict[str, Any]) -> str | None:
+    """The client event's `event_id`, which an error event answering it names (None if not a string)."""
+    value = data.get("event_id")
+    return value if isinstance(value, str) else None
 
 
 def parse(data: dict[str, Any]) -> ClientEvent:
-    """The typed client event, or EventError (unknown type, missing or wrong fields)."""
-    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    """The typed client event, or InvalidRequest (unknown type, missing or wrong fields)."""
     kind = data.get("type")
     model = EVENTS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        raise EventError(
+        raise InvalidRequest(
             f"Invalid value: {kind!r}. Supported values are: {', '.join(EVENTS)} (this is a transcription session).",
-            event_id=event_id,
             param="type",
             code="invalid_value" if kind is not None else "missing_required_parameter",
         )
@@ -101,89 +101,53 @@ def parse(data: dict[str, Any]) -> ClientEvent:
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
-        raise EventError(f"Invalid {kind} event: {where}: {error['msg']}", event_id=event_id, param=where) from None
+        raise InvalidRequest(
+            f"Invalid {kind} event: {where}: {error['msg']}", param=where, code="invalid_value"
+        ) from None
 
 
-@dataclass(frozen=True)
-class ServerVad:
-    """OpenAI's server_vad, with OpenAI's defaults; see `app.api.realtime.turns` for how each maps to Silero."""
-
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """The session's effective configuration, as session.created / session.updated report it."""
-
-    model: str
-    format: AudioFormat = "audio/pcm"
-    language: str | None = None
-    prompt: str | None = None
-    turn_detection: ServerVad | None = field(default_factory=ServerVad)
-    logprobs: bool = False
-    """include: ["item.input_audio_transcription.logprobs"]: deltas and completions carry their tokens'."""
-
-    def updated(self, session: SessionIn, check: Any) -> SessionConfig:
-        """This config with the fields `session` sets (absent fields keep their value; null turns VAD off).
-        `check(model, language)` validates the transcription settings (raises VoxtralError)."""
-        if session.type != "transcription":
-            raise UnsupportedFeature(
-                f"session.type {session.type!r} is not supported: this server only runs transcription sessions.",
-                param="session.type",
-            )
-        if session.include and any(item != LOGPROBS for item in session.include):
-            raise InvalidRequest(f"session.include may only hold {LOGPROBS!r}.", param="session.include")
-        audio = session.audio.input if session.audio and session.audio.input else InputIn()
-        new = self._with_input(audio, check)
-        return new if session.include is None else replace(new, logprobs=LOGPROBS in session.include)
-
-    def _with_input(self, audio: InputIn, check: Any) -> SessionConfig:
-        new = self
-        if audio.format is not None:
-            new = replace(new, format=audio.format.type)
-        if audio.transcription is not None:
-            t = audio.transcription
-            new = replace(new, model=t.model or new.model, language=check(t.model, t.language), prompt=t.prompt)
-        if "turn_detection" in audio.model_fields_set:
-            vad = audio.turn_detection
-            new = replace(new, turn_detection=None if vad is None else _server_vad(vad))
-        return new
-
-    def wire(self, session_id: str) -> dict[str, Any]:
-        """RealtimeTranscriptionSessionCreateResponseGA (no `noise_reduction`: this server applies none)."""
-        transcription = {"model": self.model, "language": self.language, "prompt": self.prompt}
-        fmt: dict[str, Any] = {"type": self.format} | ({"rate": 24000} if self.format == "audio/pcm" else {})
-        vad = None if self.turn_detection is None else {"type": "server_vad", **asdict(self.turn_detection)}
-        return {
-            "type": "transcription",
-            "id": session_id,
-            "object": "realtime.transcription_session",
-            "expires_at": int(time.time()) + 3600,
-            "include": [LOGPROBS] if self.logprobs else [],
-            "audio": {
-                "input": {
-                    "format": fmt,
-                    "transcription": {k: v for k, v in transcription.items() if v is not None},
-                    "turn_detection": vad,
-                }
-            },
-        }
+def command(message: ClientEvent) -> cmd.Command:
+    """The session's typed command for a parsed client event (UnsupportedFeature / InvalidRequest for a
+    session.update it cannot take)."""
+    if isinstance(message, SessionUpdate):
+        return cmd.UpdateSession(message.event_id, _settings(message.session))
+    if isinstance(message, Append):
+        return cmd.AppendAudio(message.event_id, message.audio)
+    if message.type == "input_audio_buffer.commit":
+        return cmd.Commit(message.event_id)
+    return cmd.Clear(message.event_id)
 
 
-def _server_vad(vad: TurnDetectionIn) -> ServerVad:
+def _settings(session: SessionIn) -> UpdateSettings:
+    """The settings `session` names (absent fields keep their value; a null turn_detection turns VAD off)."""
+    if session.type != "transcription":
+        raise UnsupportedFeature(
+            f"session.type {session.type!r} is not supported: this server only runs transcription sessions.",
+            param="session.type",
+        )
+    if session.include and any(item != LOGPROBS for item in session.include):
+        raise InvalidRequest(f"session.include may only hold {LOGPROBS!r}.", param="session.include")
+    audio = session.audio.input if session.audio and session.audio.input else InputIn()
+    t = audio.transcription
+    vad = audio.turn_detection
+    return UpdateSettings(
+        format=KEEP if audio.format is None else audio.format.type,
+        transcription=KEEP if t is None else TranscriptionSettings(t.model, t.language, t.prompt),
+        turn_detection=KEEP if "turn_detection" not in audio.model_fields_set else _server_vad(vad),
+        logprobs=KEEP if session.include is None else LOGPROBS in session.include,
+    )
+
+
+def _server_vad(vad: TurnDetectionIn | None) -> ServerVad | None:
+    if vad is None:
+        return None
     given = {k: v for k, v in vad.model_dump(exclude={"type"}).items() if v is not None}
     return replace(ServerVad(), **given)
 
 
 # -- server events ---------------------------------------------------------------------------------
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:22]}"
-
-
 def event(kind: str, **fields: Any) -> dict[str, Any]:
-    return {"event_id": new_id("event"), "type": kind, **fields}
+    return {"event_id": ev.new_id("event"), "type": kind, **fields}
 
 
 def error_event(exc: VoxtralError, event_id: str | None = None) -> dict[str, Any]:
@@ -191,7 +155,67 @@ def error_event(exc: VoxtralError, event_id: str | None = None) -> dict[str, Any
     return event("error", error={**exc.error_object(), "event_id": event_id})
 
 
-def failed_event(item_id: str, exc: VoxtralError) -> dict[str, Any]:
+def render(e: ev.Event) -> dict[str, Any]:
+    """The server event for one of the session's typed events."""
+    match e:
+        case ev.SessionCreated() | ev.SessionUpdated():
+            kind = "session.created" if isinstance(e, ev.SessionCreated) else "session.updated"
+            return event(kind, session=session_object(e.config, e.session_id))
+        case ev.SpeechStarted():
+            return event("input_audio_buffer.speech_started", audio_start_ms=e.audio_start_ms, item_id=e.item_id)
+        case ev.SpeechStopped():
+            return event("input_audio_buffer.speech_stopped", audio_end_ms=e.audio_end_ms, item_id=e.item_id)
+        case ev.Committed():
+            return event("input_audio_buffer.committed", previous_item_id=e.previous_item_id, item_id=e.item_id)
+        case ev.Cleared():
+            return event("input_audio_buffer.cleared")
+        case ev.TranscriptionDelta():
+            return _delta(e)
+        case ev.TranscriptionCompleted():
+            return _completed(e)
+        case ev.TranscriptionFailed():
+            return _failed(e.item_id, e.error)
+        case ev.Error():
+            return error_event(e.error, e.event_id)
+
+
+def session_object(config: SessionConfig, session_id: str) -> dict[str, Any]:
+    """RealtimeTranscriptionSessionCreateResponseGA (no `noise_reduction`: this server applies none)."""
+    transcription = {"model": config.model, "language": config.language, "prompt": config.prompt}
+    fmt: dict[str, Any] = {"type": config.format} | ({"rate": 24000} if config.format == "audio/pcm" else {})
+    vad = None if config.turn_detection is None else {"type": "server_vad", **asdict(config.turn_detection)}
+    return {
+        "type": "transcription",
+        "id": session_id,
+        "object": "realtime.transcription_session",
+        "expires_at": int(time.time()) + 3600,
+        "include": [LOGPROBS] if config.logprobs else [],
+        "audio": {
+            "input": {
+                "format": fmt,
+                "transcription": {k: v for k, v in transcription.items() if v is not None},
+                "turn_detection": vad,
+            }
+        },
+    }
+
+
+def _delta(e: ev.TranscriptionDelta) -> dict[str, Any]:
+    fields = {"logprobs": logprob_entries(e.logprobs)} if e.logprobs is not None else {}
+    return event(_DELTA, item_id=e.item_id, content_index=0, delta=e.delta, **fields)
+
+
+def _completed(e: ev.TranscriptionCompleted) -> dict[str, Any]:
+    fields: dict[str, Any] = {"item_id": e.item_id, "content_index": 0, "transcript": e.text}
+    if e.logprobs is not None:
+        fields["logprobs"] = logprob_entries(e.logprobs)
+    if e.transcript.language:
+        fields["languages"] = [{"code": e.transcript.language}]
+    fields["usage"] = usage(e.transcript)
+    return event("conversation.item.input_audio_transcription.completed", **fields)
+
+
+def _failed(item_id: str, exc: VoxtralError) -> dict[str, Any]:
     """conversation.item.input_audio_transcription.failed (its error fields are strings, never null)."""
     return event(
         "conversation.item.input_audio_transcription.failed",
@@ -199,3 +223,6 @@ def failed_event(item_id: str, exc: VoxtralError) -> dict[str, Any]:
         content_index=0,
         error={k: v for k, v in exc.error_object().items() if v is not None},
     )
+
+
+_DELTA = "conversation.item.input_audio_transcription.delta"

@@ -1,5 +1,5 @@
 """`GET /v1/realtime` (WebSocket): admit the session (model, session limit), then pump events between the
-socket and the `Session`: one reader, one writer, a bounded outbox between them.
+socket and the serving layer's `Session`: one reader, one writer, a bounded outbox between them.
 
 A refused upgrade is an HTTP answer in OpenAI's error shape (ASGI's WebSocket denial response). A session
 ends when the client leaves (its pending utterances are cancelled), or after the idle timeout or on a drain
@@ -15,20 +15,19 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, WebSocket
+from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from app.api.context import Context
 from app.api.errors import error_response
 from app.api.jsonbody import dumps
 from app.api.lifecycle import Lifecycle
 from app.api.realtime import protocol as wire
-from app.api.realtime.detector import SharedDetector
-from app.api.realtime.session import Limits, Session
-from app.api.realtime.transcriber import ConnectionGone
 from app.config import Settings
-from app.errors import InvalidRequest, TooManySessions, VoxtralError
-from app.metrics import Metrics
-from app.serving.service import Serving
+from app.errors import InternalError, InvalidRequest, VoxtralError
+from app.serving.realtime import events as ev
+from app.serving.realtime.events import ConnectionGone
+from app.serving.realtime.service import RealtimeServing
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["realtime"])
@@ -36,42 +35,21 @@ GOING_AWAY = 1001
 """The close code of a session ended by a drain: the client should reconnect (to another replica)."""
 
 
-class Slots:
-    """Sessions open at once, against `realtime_max_sessions`. Touched only on the event loop."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.open = limit, 0
-
-
-def start(app: FastAPI, serving: Serving) -> None:
-    """At start-up: the session slots and the speech detector all sessions share."""
-    app.state.realtime_slots = Slots(app.state.settings.realtime_max_sessions)
-    app.state.realtime_detector = SharedDetector(serving.off_loop)
-
-
 @router.websocket("/v1/realtime")
-async def realtime(websocket: WebSocket) -> None:
-    app: FastAPI = websocket.app
-    serving: Serving = app.state.serving
-    slots: Slots = app.state.realtime_slots
+async def realtime(websocket: WebSocket, ctx: Context) -> None:
+    service = ctx.realtime
     try:
-        serving.check_model(websocket.query_params.get("model"))
-        if slots.open >= slots.limit:
-            raise TooManySessions(f"This server holds at most {slots.limit} realtime sessions at once; retry later.")
+        service.admit(websocket.query_params.get("model"))
     except VoxtralError as exc:
         return await _deny(websocket, exc)
-    slots.open += 1
-    metrics: Metrics = app.state.metrics
-    metrics.realtime_sessions.inc()
     try:
         offered = websocket.scope.get("subprotocols", [])
         await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
-        connection = Connection(websocket, serving, app.state.settings, metrics, app.state.lifecycle)
+        connection = Connection(websocket, service, ctx.settings, ctx.lifecycle)
         code = await connection.run()
         log.info("realtime session %s ended (close code %d; 0: the client left)", connection.session.id, code)
     finally:
-        slots.open -= 1
-        metrics.realtime_sessions.dec()
+        service.leave()
 
 
 async def _deny(websocket: WebSocket, exc: VoxtralError) -> None:
@@ -83,20 +61,22 @@ async def _deny(websocket: WebSocket, exc: VoxtralError) -> None:
 
 class Connection:
     def __init__(
-        self, websocket: WebSocket, serving: Serving, settings: Settings, metrics: Metrics, lifecycle: Lifecycle
+        self, websocket: WebSocket, service: RealtimeServing, settings: Settings, lifecycle: Lifecycle
     ) -> None:
         self.ws, self.settings, self.lifecycle = websocket, settings, lifecycle
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(settings.realtime_max_pending_events)
         self.closed = False
-        limits = Limits(settings.realtime_max_utterance_s)
-        shared: SharedDetector = websocket.app.state.realtime_detector
-        self.session = Session(serving, shared, self.emit, metrics, limits, settings.model_id)
+        self.session = service.session(self.emit)
 
-    async def emit(self, event: dict[str, Any] | None) -> None:
-        """Queue a server event; waits while the outbox is full (a slow client), raises once it is gone."""
+    async def emit(self, event: ev.Event) -> None:
+        """Queue a session's event as its server event; waits while the outbox is full (a slow client),
+        raises ConnectionGone once the client is gone."""
+        await self._put(wire.render(event))
+
+    async def _put(self, message: dict[str, Any] | None) -> None:
         if self.closed:
             raise ConnectionGone
-        await self.outbox.put(event)
+        await self.outbox.put(message)
 
     async def run(self) -> int:
         """The session, from session.created to its close code (0: the client left first)."""
@@ -107,13 +87,13 @@ class Connection:
             code = await self._read()
             if code:  # idle or draining: answer what was committed, then end the writes
                 await self.session.close(flush=True)
-                await self.emit(None)
+                await self._put(None)
                 await writer
         except ConnectionGone:
             code = 0
         finally:
             if code == 0:
-                self.session.transcriber.cancel()
+                self.session.cancel()
             writer.cancel()
             with contextlib.suppress(Exception):
                 if code and self.ws.application_state == WebSocketState.CONNECTED:
@@ -133,7 +113,7 @@ class Connection:
                 if stopping in done:
                     return GOING_AWAY
                 if receive not in done:
-                    if self.session.transcriber.unanswered:  # waiting for its transcriptions is not idle
+                    if self.session.unanswered:  # waiting for its transcriptions is not idle
                         continue
                     return await self._idle()
                 message, receive = receive.result(), None
@@ -147,30 +127,43 @@ class Connection:
 
     async def _idle(self) -> int:
         idle = self.settings.realtime_idle_timeout_s
-        error = InvalidRequest(f"The session sent nothing for {idle:g} s and is closed.", code="idle_timeout")
-        await self.emit(wire.error_event(error))
+        await self.emit(
+            ev.Error(InvalidRequest(f"The session sent nothing for {idle:g} s and is closed.", code="idle_timeout"))
+        )
         return 1000
 
     async def _handle(self, message: MutableMapping[str, Any]) -> None:
         text = message.get("text")
         if text is None:
             error = InvalidRequest("Binary messages are not supported: send each event as JSON text.")
-            return await self.emit(wire.error_event(error))
+            return await self.emit(ev.Error(error))
         if len(text) > self.settings.realtime_max_message_bytes:
             error = InvalidRequest(
                 f"The event is larger than the {self.settings.realtime_max_message_mb:g} MB limit: send audio in "
                 "smaller chunks.",
                 code="message_too_large",
             )
-            return await self.emit(wire.error_event(error))
+            return await self.emit(ev.Error(error))
         try:
             data = json.loads(text)
         except ValueError:
             data = None
         if not isinstance(data, dict):
-            error = InvalidRequest("The event is not a JSON object.", code="invalid_json")
-            return await self.emit(wire.error_event(error))
-        await self.session.handle(data)
+            return await self.emit(ev.Error(InvalidRequest("The event is not a JSON object.", code="invalid_json")))
+        await self._command(data)
+
+    async def _command(self, data: dict[str, Any]) -> None:
+        """One client event, parsed into the session's command; a refused one is answered with an error
+        event naming it, and the session goes on."""
+        event_id = wire.event_id(data)
+        try:
+            command = wire.command(wire.parse(data))
+        except VoxtralError as exc:
+            return await self.emit(ev.Error(exc, event_id))
+        except Exception:  # a bug must not drop the socket: say so, and go on
+            log.exception("realtime session %s failed on a %r event", self.session.id, data.get("type"))
+            return await self.emit(ev.Error(InternalError("The server had an internal error."), event_id))
+        await self.session.handle(command)
 
     async def _write(self) -> None:
         try:

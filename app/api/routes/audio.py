@@ -13,9 +13,9 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from app.api import transcripts
+from app.api.context import Context
 from app.api.disconnect import StoppingStream, client_closed, unless_gone
 from app.api.record import record_of
-from app.serving.service import Serving
 from app.serving.transcription import Upload
 from app.serving.transcription_request import AudioForm
 from app.serving.transcripts import Task
@@ -23,9 +23,8 @@ from app.serving.transcripts import Task
 router = APIRouter(prefix="/v1/audio", tags=["audio"])
 
 
-async def _run(request: Request, file: UploadFile, form: AudioForm, task: Task) -> Response:
-    serving: Serving = request.app.state.serving
-    run = await serving.transcribe(form, Upload(file.read, file.filename), task, record_of(request))
+async def _run(request: Request, ctx: Context, file: UploadFile, form: AudioForm, task: Task) -> Response:
+    run = await ctx.serving.transcribe(form, Upload(file.read, file.filename), task, record_of(request))
     if form.stream:
         events = transcripts.sse_stream(run.deltas())
         return StoppingStream(events, stop=run.cancel, headers={"Cache-Control": "no-cache"})
@@ -67,6 +66,7 @@ Include = Annotated[list[str] | None, Form(alias="include[]")]
 @router.post("/transcriptions", response_model=None, responses=ANSWERS)
 async def transcriptions(
     request: Request,
+    ctx: Context,
     file: AudioFile,
     model: Annotated[str, Form()],
     language: Annotated[
@@ -85,12 +85,13 @@ async def transcriptions(
     extras = tuple(timestamp_granularities or ()), tuple(include or ())
     chunking = await _chunking(request, chunking_strategy)
     form = AudioForm(model, response_format, temperature, prompt, language, stream, chunking, *extras)
-    return await _run(request, file, form, "transcribe")
+    return await _run(request, ctx, file, form, "transcribe")
 
 
 @router.post("/translations", response_model=None, responses=ANSWERS)
 async def translations(
     request: Request,
+    ctx: Context,
     file: AudioFile,
     model: Annotated[str, Form()],
     prompt: Annotated[str | None, Form(description="Context for the translation (e.g. the text before it).")] = None,
@@ -101,4 +102,4 @@ async def translations(
 ) -> Response:
     chunking = await _chunking(request, chunking_strategy)
     form = AudioForm(model, response_format, temperature, prompt, None, stream, chunking)
-    return await _run(request, file, form, "translate")
+    return await _run(request, ctx, file, form, "translate")

@@ -9,11 +9,11 @@ from fastapi.responses import Response
 
 from app.api import render
 from app.api.chat_events import ChatEvents
+from app.api.context import Context
 from app.api.disconnect import StoppingStream, client_closed, unless_gone
 from app.api.jsonbody import JSONBody
 from app.api.record import record_of
 from app.serving.schemas import ChatCompletionRequest
-from app.serving.service import Serving
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -24,8 +24,8 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/chat/completions", response_model=None, responses=_ANSWERS)
-async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-    serving: Serving = request.app.state.serving
+async def chat_completions(request: Request, body: ChatCompletionRequest, ctx: Context) -> Response:
+    serving = ctx.serving
     answer = await serving.chat(body, record_of(request))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

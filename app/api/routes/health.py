@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.lifecycle import Lifecycle
-from app.metrics import Metrics
+from app.api.context import Context
 
 router = APIRouter(tags=["health"])
 
@@ -18,18 +17,17 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready")
-async def ready(request: Request) -> JSONResponse:
+async def ready(ctx: Context) -> JSONResponse:
     """200 only when loaded, warmed up and not draining: a load balancer sends traffic on 200 alone."""
-    state = request.app.state
-    lifecycle: Lifecycle = state.lifecycle
+    lifecycle = ctx.lifecycle
     status = "draining" if lifecycle.draining else "ready" if lifecycle.ready else "not ready"
-    body = {"status": status, "model": state.settings.model_id}
+    body = {"status": status, "model": ctx.settings.model_id}
     return JSONResponse(body, status_code=200 if lifecycle.serving else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(request: Request) -> Response:
+async def metrics(ctx: Context) -> Response:
     """Prometheus text exposition format."""
-    instruments: Metrics = request.app.state.metrics
+    instruments = ctx.metrics
     instruments.sample_gpu_memory()
     return Response(generate_latest(instruments.registry), media_type=CONTENT_TYPE_LATEST)

@@ -10,27 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from app.api.realtime.protocol import event, failed_event
-from app.api.render import logprob_entries
-from app.api.transcripts import usage
 from app.errors import InternalError, VoxtralError
 from app.metrics import Metrics
-from app.serving.service import Serving
-from app.serving.transcription import TranscriptionRun
+from app.serving.logprobs import TokenScore
+from app.serving.realtime.events import (
+    ConnectionGone,
+    Emit,
+    TranscriptionCompleted,
+    TranscriptionDelta,
+    TranscriptionFailed,
+)
+from app.serving.transcription import TranscriptionRun, TranscriptionServing
 from app.serving.transcripts import Transcript, TranscriptionOptions
 
 log = logging.getLogger(__name__)
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class ConnectionGone(Exception):
-    """The client left: events have nowhere to go."""
 
 
 @dataclass
@@ -42,8 +39,8 @@ class Utterance:
 
 
 class Transcriber:
-    def __init__(self, serving: Serving, emit: Emit, metrics: Metrics) -> None:
-        self.serving, self.emit, self.metrics = serving, emit, metrics
+    def __init__(self, transcriptions: TranscriptionServing, emit: Emit, metrics: Metrics) -> None:
+        self.transcriptions, self.emit, self.metrics = transcriptions, emit, metrics
         self._pending: asyncio.Queue[Utterance | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._deliver())
         self.unanswered = 0
@@ -56,7 +53,7 @@ class Transcriber:
 
     async def _start(self, audio: np.ndarray, options: TranscriptionOptions) -> TranscriptionRun:
         # A session keeps no request record: its utterances are counted by the realtime metrics instead.
-        return await self.serving.utterance(audio, options)
+        return await self.transcriptions.utterance(audio, options)
 
     async def finish(self) -> None:
         """Deliver every utterance committed so far, then stop."""
@@ -91,39 +88,23 @@ class Transcriber:
     async def _stream(self, utterance: Utterance) -> None:
         run = await utterance.started
         item = utterance.item_id
-        text, scores = "", list[dict[str, Any]]()
+        text, scores = "", list[TokenScore]()
         async for piece in run.deltas():
             if isinstance(piece, Transcript):
-                await self.emit(_completed(item, text, piece, scores if run.options.include_logprobs else None))
+                logprobs = scores if run.options.include_logprobs else None
+                await self.emit(TranscriptionCompleted(item, text, piece, logprobs))
                 self.metrics.realtime_utterances.labels("completed").inc()
                 self.metrics.realtime_turn_latency.observe(asyncio.get_running_loop().time() - utterance.stopped_at)
                 continue
-            logprobs = logprob_entries(piece.logprobs) if piece.logprobs is not None else None
-            scores += logprobs or []
-            if piece.text or logprobs:
+            scores += piece.logprobs or []
+            if piece.text or piece.logprobs:
                 text += piece.text
-                fields = {"logprobs": logprobs} if logprobs is not None else {}
-                await self.emit(event(_DELTA, item_id=item, content_index=0, delta=piece.text, **fields))
+                await self.emit(TranscriptionDelta(item, piece.text, piece.logprobs))
 
     async def _fail(self, utterance: Utterance, exc: VoxtralError) -> None:
         self.unanswered -= 1
         self.metrics.realtime_utterances.labels("failed").inc()
-        await self.emit(failed_event(utterance.item_id, exc))
-
-
-_DELTA = "conversation.item.input_audio_transcription.delta"
-
-
-def _completed(
-    item_id: str, text: str, transcript: Transcript, logprobs: list[dict[str, Any]] | None
-) -> dict[str, Any]:
-    fields: dict[str, Any] = {"item_id": item_id, "content_index": 0, "transcript": text}
-    if logprobs is not None:
-        fields["logprobs"] = logprobs
-    if transcript.language:
-        fields["languages"] = [{"code": transcript.language}]
-    fields["usage"] = usage(transcript)
-    return event("conversation.item.input_audio_transcription.completed", **fields)
+        await self.emit(TranscriptionFailed(utterance.item_id, exc))
 
 
 def _cancel_run(task: asyncio.Task[TranscriptionRun]) -> None:

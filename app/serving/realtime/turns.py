@@ -7,8 +7,8 @@ OpenAI's `server_vad` fields map onto Silero's probabilities (`app.vad`, one per
   hysteresis) for this long; `audio_end_ms` is then, so it includes the silence, as OpenAI's does.
 - `prefix_padding_ms`: the utterance starts this long before the detected speech (`audio_start_ms`).
 
-Pure state, no I/O: the session feeds it from a prep thread. Positions are samples at 16 kHz since
-the session's first audio.
+Pure state, no I/O: the session feeds it on the event loop with the probabilities the shared detector
+computed in a prep thread. Positions are samples at 16 kHz since the session's first audio.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.api.realtime.protocol import ServerVad
 from app.audio import SAMPLE_RATE
+from app.serving.realtime.config import ServerVad
 from app.vad import WINDOW
 
 START_WINDOWS = 3

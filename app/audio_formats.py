@@ -1,5 +1,6 @@
-"""Realtime input audio: `audio/pcm` (16-bit little-endian mono at 24 kHz), `audio/pcmu` (G.711 µ-law,
-8 kHz) and `audio/pcma` (G.711 A-law, 8 kHz), decoded chunk by chunk into 16 kHz float32.
+"""Streamed input audio of realtime sessions: `audio/pcm` (16-bit little-endian mono at 24 kHz),
+`audio/pcmu` (G.711 µ-law, 8 kHz) and `audio/pcma` (G.711 A-law, 8 kHz), decoded chunk by chunk into
+16 kHz float32.
 
 G.711 decodes through 256-entry tables (ITU-T G.711, as `audioop` had them); soxr resamples as a stream,
 so chunk edges leave no clicks. A byte left over from an odd-length PCM chunk waits for the next one.
@@ -7,12 +8,15 @@ so chunk edges leave no clicks. A byte left over from an odd-length PCM chunk wa
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import soxr
 
 from app.audio import SAMPLE_RATE
 
-RATES = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
+AudioFormat = Literal["audio/pcm", "audio/pcmu", "audio/pcma"]
+RATES: dict[AudioFormat, int] = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
 
 
 def _ulaw_table() -> np.ndarray:
@@ -36,7 +40,7 @@ ALAW = _alaw_table()
 class InputDecoder:
     """One session's input stream in one format: bytes in, 16 kHz float32 out."""
 
-    def __init__(self, audio_format: str) -> None:
+    def __init__(self, audio_format: AudioFormat) -> None:
         self.format = audio_format
         self.rate = RATES[audio_format]
         self._carry = b""
@@ -52,10 +56,6 @@ class InputDecoder:
         tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
         self._resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         return np.asarray(tail, dtype=np.float32)
-
-    def seconds(self, data: bytes) -> float:
-        """Duration of `data` in this format (what a limit on buffered audio counts)."""
-        return len(data) / (2 * self.rate if self.format == "audio/pcm" else self.rate)
 
     def _samples(self, data: bytes) -> np.ndarray:
         if self.format == "audio/pcmu":

@@ -6,19 +6,16 @@ at most one prep thread, leaving the other to prepare transcriptions."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import numpy as np
 
 from app import vad
-
-OffLoop = Callable[..., Awaitable[Any]]
+from app.serving.prep import Prep
 
 
 class SharedDetector:
-    def __init__(self, off_loop: OffLoop) -> None:
-        self.off_loop = off_loop
+    def __init__(self, prep: Prep) -> None:
+        self.prep = prep
         self._waiting: list[tuple[vad.VadStream, np.ndarray, asyncio.Future[np.ndarray]]] = []
         self._runner: asyncio.Task[None] | None = None
 
@@ -34,7 +31,7 @@ class SharedDetector:
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
-                results = await self.off_loop(vad.push_many, [b[0] for b in batch], [b[1] for b in batch])
+                results = await self.prep.run(vad.push_many, [b[0] for b in batch], [b[1] for b in batch])
             except Exception as exc:  # every caller hears of it; the next batch still runs
                 for _, _, future in batch:
                     if not future.done():

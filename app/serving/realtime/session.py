@@ -1,8 +1,8 @@
-"""One transcription session's state machine: client events in, server events out (through `emit`).
+"""One transcription session's state machine: typed commands in, typed events out (through `emit`).
 
 It owns the input decoder, the speech detector's stream, the uncommitted audio and the `Transcriber`.
 The speech detector runs in a prep thread, batched with the other sessions' (`SharedDetector`); large
-appends are decoded there too. A session handles one client event at a time, so its events keep their order.
+appends are decoded there too. A session handles one command at a time, so its events keep their order.
 """
 
 from __future__ import annotations
@@ -11,20 +11,22 @@ import base64
 import binascii
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from app.api.realtime import protocol as wire
-from app.api.realtime.detector import SharedDetector
-from app.api.realtime.formats import InputDecoder
-from app.api.realtime.protocol import EventError, SessionConfig
-from app.api.realtime.transcriber import ConnectionGone, Emit, Transcriber
-from app.api.realtime.turns import AudioBuffer, Turn, TurnDetector
 from app.audio import SAMPLE_RATE
-from app.errors import InternalError, VoxtralError
+from app.audio_formats import InputDecoder
+from app.errors import InternalError, InvalidRequest, VoxtralError
 from app.metrics import Metrics
-from app.serving.service import Serving
+from app.serving.prep import Prep
+from app.serving.realtime import events as ev
+from app.serving.realtime.commands import AppendAudio, Command, Commit, UpdateSession
+from app.serving.realtime.config import ServerVad, SessionConfig
+from app.serving.realtime.detector import SharedDetector
+from app.serving.realtime.events import ConnectionGone, Emit, new_id
+from app.serving.realtime.transcriber import Transcriber
+from app.serving.realtime.turns import AudioBuffer, Turn, TurnDetector
+from app.serving.transcription import TranscriptionServing
 from app.serving.transcripts import TranscriptionOptions, check_language
 from app.vad import VadStream
 
@@ -37,58 +39,69 @@ ones in a prep thread."""
 
 
 @dataclass(frozen=True)
-class Limits:
+class Shared:
+    """What every session of the app uses: prep threads, the speech detector, the transcription path."""
+
+    prep: Prep
+    detector: SharedDetector
+    transcriptions: TranscriptionServing
+    metrics: Metrics
+    model: str
+    """A new session's model (the served model id)."""
     max_utterance_s: float
 
 
 class Session:
-    def __init__(
-        self, serving: Serving, shared: SharedDetector, emit: Emit, metrics: Metrics, limits: Limits, model: str
-    ) -> None:
-        self.serving, self.shared, self.emit, self.limits = serving, shared, emit, limits
-        self.id = wire.new_id("sess")
-        self.config = SessionConfig(model=model)
-        self.transcriber = Transcriber(serving, emit, metrics)
+    def __init__(self, shared: Shared, emit: Emit) -> None:
+        self.shared, self.emit = shared, emit
+        self.id = new_id("sess")
+        self.config = SessionConfig(model=shared.model)
+        self.transcriber = Transcriber(shared.transcriptions, emit, shared.metrics)
         self.buffer = AudioBuffer()
         self.decoder = InputDecoder(self.config.format)
         self.stream = VadStream()
-        self.detector = TurnDetector(self.config.turn_detection or wire.ServerVad())
+        self.detector = TurnDetector(self.config.turn_detection or ServerVad())
         self.utterance: tuple[str, int] | None = None  # (item id, start sample) while speech goes on
         self.last_item: str | None = None
 
-    async def start(self) -> None:
-        await self.emit(wire.event("session.created", session=self.config.wire(self.id)))
+    @property
+    def unanswered(self) -> int:
+        """Utterances committed and not yet answered: a session waiting for them is not idle."""
+        return self.transcriber.unanswered
 
-    async def handle(self, data: dict[str, Any]) -> None:
-        """One client event; a refused one is answered with an error event naming it."""
-        event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    async def start(self) -> None:
+        await self.emit(ev.SessionCreated(self.id, self.config))
+
+    async def handle(self, command: Command) -> None:
+        """One command; a refused one is answered with an `Error` event naming it."""
         try:
-            await self._dispatch(wire.parse(data))
-        except EventError as exc:
-            await self.emit(wire.error_event(exc, exc.event_id))
+            await self._dispatch(command)
         except VoxtralError as exc:
-            await self.emit(wire.error_event(exc, event_id))
+            await self.emit(ev.Error(exc, command.event_id))
         except ConnectionGone:
             raise
         except Exception:  # a bug must not drop the socket: say so, and go on
-            log.exception("realtime session %s failed on a %r event", self.id, data.get("type"))
-            await self.emit(wire.error_event(InternalError("The server had an internal error."), event_id))
+            log.exception("realtime session %s failed on a %s command", self.id, type(command).__name__)
+            await self.emit(ev.Error(InternalError("The server had an internal error."), command.event_id))
 
-    async def _dispatch(self, message: wire.ClientEvent) -> None:
-        if isinstance(message, wire.SessionUpdate):
-            await self._update(message)
-        elif isinstance(message, wire.Append):
-            await self._append(message)
-        elif message.type == "input_audio_buffer.commit":
-            await self._commit_by_hand(message.event_id)
+    async def _dispatch(self, command: Command) -> None:
+        if isinstance(command, UpdateSession):
+            await self._update(command)
+        elif isinstance(command, AppendAudio):
+            await self._append(command)
+        elif isinstance(command, Commit):
+            await self._commit_by_hand()
         else:
-            self.buffer.clear()
-            self.utterance = None
-            self.detector.restart(speaking=False)
-            await self.emit(wire.event("input_audio_buffer.cleared"))
+            await self._clear()
 
-    async def _update(self, message: wire.SessionUpdate) -> None:
-        config = self.config.updated(message.session, self._check_transcription)
+    async def _clear(self) -> None:
+        self.buffer.clear()
+        self.utterance = None
+        self.detector.restart(speaking=False)
+        await self.emit(ev.Cleared())
+
+    async def _update(self, command: UpdateSession) -> None:
+        config = self.config.updated(command.settings, self._check_transcription)
         if config.format != self.config.format:
             self.decoder = InputDecoder(config.format)
         position = self.detector.position
@@ -97,43 +110,43 @@ class Session:
         if config.turn_detection is None:
             self.utterance = None  # manual commits from now on: the buffer keeps what was said
         self.config = config
-        self.detector = TurnDetector(config.turn_detection or wire.ServerVad(), position)
-        await self.emit(wire.event("session.updated", session=config.wire(self.id)))
+        self.detector = TurnDetector(config.turn_detection or ServerVad(), position)
+        await self.emit(ev.SessionUpdated(self.id, config))
 
     def _check_transcription(self, model: str | None, language: str | None) -> str | None:
         try:
-            self.serving.check_model(model)
+            self.shared.prep.check_model(model)
             return check_language(language)
         except VoxtralError as exc:
             exc.param = f"session.audio.input.transcription.{exc.param}"
             raise
 
-    async def _append(self, message: wire.Append) -> None:
-        samples = await self._decode(message.audio, message.event_id)
+    async def _append(self, command: AppendAudio) -> None:
+        samples = await self._decode(command.audio)
         self.buffer.append(samples)
         if self.config.turn_detection is None:
             while self.buffer.end - self.buffer.start >= self._max_samples:  # one big append may hold several
                 start = self.buffer.start
                 await self._commit(self.buffer.take(start, start + self._max_samples))
             return
-        probs = await self.shared.push(self.stream, samples)
+        probs = await self.shared.detector.push(self.stream, samples)
         for turn in self.detector.feed(probs):
             await self._turn(turn)
         await self._cut_if_too_long()
         if self.utterance is None:  # idle: keep only what a coming utterance's prefix padding needs
             self.buffer.drop_before(self.detector.position - self._prefix_samples)
 
-    async def _decode(self, audio: str, event_id: str | None) -> np.ndarray:
+    async def _decode(self, audio: str) -> np.ndarray:
         if len(audio) <= INLINE_BASE64:  # a usual 20-100 ms chunk: cheaper here than a hop to a thread
-            return self._ingest(audio, event_id)
-        return await self.serving.off_loop(self._ingest, audio, event_id)
+            return self._ingest(audio)
+        return await self.shared.prep.run(self._ingest, audio)
 
-    def _ingest(self, audio: str, event_id: str | None) -> np.ndarray:
+    def _ingest(self, audio: str) -> np.ndarray:
         """base64 -> 16 kHz samples."""
         try:
             raw = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError):
-            raise EventError("audio is not valid base64.", event_id=event_id, param="audio") from None
+            raise InvalidRequest("audio is not valid base64.", param="audio", code="invalid_value") from None
         return self.decoder.push(raw)
 
     async def _turn(self, turn: Turn) -> None:
@@ -143,16 +156,14 @@ class Session:
             await self._stop_and_commit(turn.at)
 
     async def _started(self, start: int) -> None:
-        self.utterance = (wire.new_id("item"), start)
-        await self.emit(
-            wire.event("input_audio_buffer.speech_started", audio_start_ms=_ms(start), item_id=self.utterance[0])
-        )
+        self.utterance = (new_id("item"), start)
+        await self.emit(ev.SpeechStarted(self.utterance[0], _ms(start)))
 
     async def _stop_and_commit(self, at: int) -> None:
         assert self.utterance is not None
         item, start = self.utterance
         self.utterance = None
-        await self.emit(wire.event("input_audio_buffer.speech_stopped", audio_end_ms=_ms(at), item_id=item))
+        await self.emit(ev.SpeechStopped(item, _ms(at)))
         await self._commit(self.buffer.take(start, at), item)
 
     async def _cut_if_too_long(self) -> None:
@@ -163,15 +174,14 @@ class Session:
             self.detector.restart(speaking=True)
             await self._started(at)
 
-    async def _commit_by_hand(self, event_id: str | None) -> None:
+    async def _commit_by_hand(self) -> None:
         if self.config.turn_detection is None:  # (with VAD the stream goes on; its next samples stay in line)
             self.buffer.append(self.decoder.flush())
         start = self.utterance[1] if self.utterance is not None else self.buffer.start
         if self.buffer.end - start < MIN_COMMIT_S * SAMPLE_RATE:
-            raise EventError(
+            raise InvalidRequest(
                 f"Error committing input audio buffer: buffer too small. Expected at least 100ms of audio, but "
                 f"buffer only has {_ms(max(0, self.buffer.end - start))}ms of audio.",
-                event_id=event_id,
                 code="input_audio_buffer_commit_empty",
             )
         item = self.utterance[0] if self.utterance is not None else None
@@ -180,8 +190,8 @@ class Session:
         await self._commit(self.buffer.take(start, self.buffer.end), item)
 
     async def _commit(self, audio: np.ndarray, item_id: str | None = None) -> None:
-        item = item_id or wire.new_id("item")
-        await self.emit(wire.event("input_audio_buffer.committed", previous_item_id=self.last_item, item_id=item))
+        item = item_id or new_id("item")
+        await self.emit(ev.Committed(item, self.last_item))
         self.last_item = item
         logprobs = self.config.logprobs
         options = TranscriptionOptions(
@@ -198,6 +208,10 @@ class Session:
         else:
             self.transcriber.cancel()
 
+    def cancel(self) -> None:
+        """The client is gone: stop decoding its utterances."""
+        self.transcriber.cancel()
+
     @property
     def _prefix_samples(self) -> int:
         vad = self.config.turn_detection
@@ -205,7 +219,7 @@ class Session:
 
     @property
     def _max_samples(self) -> int:
-        return int(self.limits.max_utterance_s * SAMPLE_RATE)
+        return int(self.shared.max_utterance_s * SAMPLE_RATE)
 
 
 def _ms(samples: int) -> int:

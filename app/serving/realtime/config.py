@@ -1,0 +1,75 @@
+"""A session's effective configuration, and the typed `session.update` that changes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from app.audio_formats import AudioFormat
+
+
+@dataclass(frozen=True)
+class ServerVad:
+    """OpenAI's server_vad, with OpenAI's defaults; see `app.serving.realtime.turns` for how each maps to Silero."""
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+
+
+@dataclass(frozen=True)
+class TranscriptionSettings:
+    """`session.audio.input.transcription` as given: a missing model keeps the session's."""
+
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+
+
+class Keep(Enum):
+    """A field `session.update` did not name: the session keeps its value."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+Check = Callable[[str | None, str | None], str | None]
+"""`check(model, language)`: the language to use, or a VoxtralError for an unknown model or language."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """The session's effective configuration, as session.created / session.updated report it."""
+
+    model: str
+    format: AudioFormat = "audio/pcm"
+    language: str | None = None
+    prompt: str | None = None
+    turn_detection: ServerVad | None = field(default_factory=ServerVad)
+    logprobs: bool = False
+    """include: ["item.input_audio_transcription.logprobs"]: deltas and completions carry their tokens'."""
+
+    def updated(self, update: UpdateSettings, check: Check) -> SessionConfig:
+        """This config with the fields `update` names (None turn detection: manual commits)."""
+        new = self
+        if not isinstance(update.format, Keep):
+            new = replace(new, format=update.format)
+        if not isinstance(update.transcription, Keep):
+            t = update.transcription
+            new = replace(new, model=t.model or new.model, language=check(t.model, t.language), prompt=t.prompt)
+        if not isinstance(update.turn_detection, Keep):
+            new = replace(new, turn_detection=update.turn_detection)
+        if not isinstance(update.logprobs, Keep):
+            new = replace(new, logprobs=update.logprobs)
+        return new
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The settings a `session.update` names; each field left at KEEP keeps the session's value."""
+
+    format: AudioFormat | Keep = KEEP
+    transcription: TranscriptionSettings | Keep = KEEP
+    turn_detection: ServerVad | None | Keep = KEEP
+    logprobs: bool | Keep = KEEP

@@ -1,0 +1,51 @@
+"""Realtime sessions of one app: admission (the model, the session limit) and what the sessions share.
+
+The speech detector and large appends run in the serving layer's prep threads; utterances go through
+the same transcription path (and so the same engine queue and batches) as HTTP transcriptions.
+"""
+
+from __future__ import annotations
+
+from app.config import Settings
+from app.errors import TooManySessions
+from app.metrics import Metrics
+from app.serving.prep import Prep
+from app.serving.realtime.detector import SharedDetector
+from app.serving.realtime.events import Emit
+from app.serving.realtime.session import Session, Shared
+from app.serving.transcription import TranscriptionServing
+
+
+class Slots:
+    """Sessions open at once, against `realtime_max_sessions`. Touched only on the event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.open = limit, 0
+
+
+class RealtimeServing:
+    def __init__(self, prep: Prep, transcriptions: TranscriptionServing, settings: Settings, metrics: Metrics) -> None:
+        self.prep, self.metrics = prep, metrics
+        self.slots = Slots(settings.realtime_max_sessions)
+        detector = SharedDetector(prep)
+        self.shared = Shared(
+            prep, detector, transcriptions, metrics, settings.model_id, settings.realtime_max_utterance_s
+        )
+
+    def admit(self, model: str | None) -> None:
+        """Take a slot for a new session, or raise (unknown model, every slot taken); `leave` gives it back."""
+        self.prep.check_model(model)
+        if self.slots.open >= self.slots.limit:
+            raise TooManySessions(
+                f"This server holds at most {self.slots.limit} realtime sessions at once; retry later."
+            )
+        self.slots.open += 1
+        self.metrics.realtime_sessions.inc()
+
+    def leave(self) -> None:
+        self.slots.open -= 1
+        self.metrics.realtime_sessions.dec()
+
+    def session(self, emit: Emit) -> Session:
+        """A new session of an admitted client; its events go to `emit`."""
+        return Session(self.shared, emit)

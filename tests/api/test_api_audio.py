@@ -11,8 +11,9 @@ import openai
 import pytest
 import soundfile as sf
 
-from tests.audio_fixtures import CLIP_NAMES, clip_bytes
-from tests.conftest import AUDIO, assert_openai_error
+from tests.support.audio_fixtures import CLIP_NAMES, clip_bytes
+from tests.support.checks import assert_openai_error
+from tests.support.server import AUDIO
 
 
 @pytest.mark.parametrize("name", CLIP_NAMES)

@@ -15,7 +15,8 @@ import soundfile as sf
 from app.model.compute.generate import WEIGHT_MAJOR
 from app.model.compute.loader import LoadedModel
 from app.model.fingerprint import with_variant
-from tests.conftest import AUDIO, assert_openai_error, serve
+from tests.support.checks import assert_openai_error
+from tests.support.server import AUDIO, serve
 
 JFK = base64.b64encode((AUDIO / "jfk.wav").read_bytes()).decode()
 FR = base64.b64encode((AUDIO / "speech_fr.wav").read_bytes()).decode()

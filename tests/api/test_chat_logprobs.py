@@ -16,8 +16,8 @@ from app.model.compute.loader import LoadedModel
 from app.model.compute.sampling import Sampler
 from app.model.text.prompts import Prompter
 from app.types import Sampled, SamplingParams
-from tests.conftest import RunningServer
-from tests.openapi_spec import check, load_spec
+from tests.support.openapi_spec import check, load_spec
+from tests.support.server import RunningServer
 
 ASK = [{"role": "user", "content": "Say something."}]
 LOGPROB_TOL = 2e-4
@@ -109,7 +109,7 @@ def test_streamed_logprobs_cover_every_token_once_and_equal_the_unstreamed(clien
 
 
 def test_tool_call_turns_carry_logprobs(client: Any) -> None:
-    from tests.tool_fixtures import TOOLS
+    from tests.support.tool_fixtures import TOOLS
 
     r = create(client, tools=TOOLS, tool_choice="required", logprobs=True, temperature=1.0, seed=1, max_tokens=60)
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
@@ -154,7 +154,7 @@ def test_n_streams_interleave_by_index(client: Any) -> None:
 
 
 def test_n_with_forced_calls_gives_every_choice_a_valid_call(client: Any) -> None:
-    from tests.tool_fixtures import SCHEMAS, TOOLS, assert_valid_calls
+    from tests.support.tool_fixtures import SCHEMAS, TOOLS, assert_valid_calls
 
     r = create(client, n=3, tools=TOOLS, tool_choice="required", temperature=1.0, seed=2, max_tokens=40)
     for choice in r.choices:

@@ -19,8 +19,18 @@ from app.model.compute.loader import load_model
 from app.model.text.toolcalls import mistral_call_id
 from app.model.tiny import build_tiny_model
 from app.serving.schemas import ChatCompletionRequest
-from tests.conftest import RunningServer, assert_openai_error, serve
-from tests.tool_fixtures import CALL_ID, CLOCK, NAMED, SCHEMAS, TOOLS, WEATHER, assert_valid_calls, streamed_calls
+from tests.support.checks import assert_openai_error
+from tests.support.server import RunningServer, serve
+from tests.support.tool_fixtures import (
+    CALL_ID,
+    CLOCK,
+    NAMED,
+    SCHEMAS,
+    TOOLS,
+    WEATHER,
+    assert_valid_calls,
+    streamed_calls,
+)
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 

@@ -17,7 +17,8 @@ import torch
 
 from app.model.compute.loader import LoadedModel
 from app.model.compute.row import Row
-from tests.conftest import AUDIO, assert_openai_error, serve, wait_until
+from tests.support.checks import assert_openai_error, wait_until
+from tests.support.server import AUDIO, serve
 
 CHAT = {
     "model": "tiny",
@@ -28,7 +29,7 @@ CHAT = {
 
 
 class Gate:
-    """A fault (tests/faults.py) that holds the worker in a prefill until released (no sleeps: events)."""
+    """A fault (tests/support/faults.py) that holds the worker in a prefill until released (no sleeps: events)."""
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -126,7 +127,7 @@ def test_base64_audio_is_unpacked_off_the_event_loop(server: Any, monkeypatch: p
     """Decoding the base64 of a 25 MB upload takes ~100 ms: on the event loop it would stall every
     connection (the /health test above covers the model; this covers request preparation)."""
     from app.serving import chat_request
-    from tests.audio_fixtures import JFK, wav_b64
+    from tests.support.audio_fixtures import JFK, wav_b64
 
     threads: list[str] = []
     original = chat_request.b64_audio

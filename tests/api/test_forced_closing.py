@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from app.model.compute.loader import LoadedModel
-from tests.conftest import serve
-from tests.tool_fixtures import CLOCK, NAMED, SCHEMAS, TOOLS, WEATHER, assert_valid_calls, streamed_calls
+from tests.support.server import serve
+from tests.support.tool_fixtures import CLOCK, NAMED, SCHEMAS, TOOLS, WEATHER, assert_valid_calls, streamed_calls
 
 FORMAT = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER, "strict": True}}
 OPEN_TEXT = {"type": "object", "properties": {"note": {"type": "string"}, "tags": {"type": "array"}}}

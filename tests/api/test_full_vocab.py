@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from app.model.compute.loader import LoadedModel
-from tests.conftest import serve
+from tests.support.server import serve
 
 WEATHER = {
     "type": "function",

@@ -1,7 +1,7 @@
 """Raw bodies and every SSE event the server sends, held against OpenAI's published schemas.
 
 Raw, not through the SDK: the SDK parses leniently (a null where the spec says string passes), so
-only the bytes on the wire show what a strict client would meet. Needs the spec (tests/openapi_spec.py).
+only the bytes on the wire show what a strict client would meet. Needs the spec (tests/support/openapi_spec.py).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.audio_fixtures import clip_bytes
-from tests.conftest import AUDIO
-from tests.openapi_spec import check, load_spec
-from tests.tool_fixtures import NAMED, TOOLS
+from tests.support.audio_fixtures import clip_bytes
+from tests.support.openapi_spec import check, load_spec
+from tests.support.server import AUDIO
+from tests.support.tool_fixtures import NAMED, TOOLS
 
 JFK = (AUDIO / "jfk.wav").read_bytes()
 FR = (AUDIO / "speech_fr.wav").read_bytes()

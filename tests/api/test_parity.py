@@ -17,9 +17,9 @@ from app.model.compute.generate import BatchGenerator, Row, sample
 from app.model.compute.loader import LoadedModel, load_model
 from app.model.text.prompts import Prompter
 from app.types import SamplingParams
-from tests.audio_fixtures import JFK, wav_b64
-from tests.conftest import AUDIO, make_settings, serve
-from tests.mel_checks import assert_mel_close
+from tests.support.audio_fixtures import JFK, wav_b64
+from tests.support.mel_checks import assert_mel_close
+from tests.support.server import AUDIO, make_settings, serve
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """/v1/realtime as clients speak it over a raw WebSocket: server VAD and manual commits in every input
 format, error events, keys by header and by subprotocol. Every server event is checked against OpenAI's
-schemas when OPENAI_OPENAPI_SPEC names the spec (see `tests/realtime_client.py`)."""
+schemas when OPENAI_OPENAPI_SPEC names the spec (see `tests/support/realtime_client.py`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from app.model.compute.loader import LoadedModel
-from tests.conftest import RunningServer, serve
-from tests.realtime_client import (
+from tests.support.realtime_client import (
     COMPLETED,
     Raw,
     chunk_bytes,
@@ -26,6 +25,7 @@ from tests.realtime_client import (
     texts,
     two_utterances,
 )
+from tests.support.server import RunningServer, serve
 
 KEY = "sk-realtime-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from app.model.compute.loader import LoadedModel
-from tests.conftest import RunningServer, serve
-from tests.realtime_client import chunk_bytes, encode, sentence, two_utterances
+from tests.support.realtime_client import chunk_bytes, encode, sentence, two_utterances
+from tests.support.server import RunningServer, serve
 
 KEY = "sk-realtime-sdk-key"
 

@@ -16,7 +16,7 @@ import pytest
 
 import app.serving.chat as serving_chat
 from app.serving.transcription import TranscriptionRun
-from tests.conftest import AUDIO, RunningServer
+from tests.support.server import AUDIO, RunningServer
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "stream": True}
 

@@ -14,8 +14,9 @@ import pytest
 
 from app.api.transcripts import RENDERERS, cue_text, timestamp
 from app.serving.transcription_request import FORMATS, STREAM_FORMATS, TIMED_FORMATS
-from tests.audio_fixtures import clip_bytes
-from tests.conftest import AUDIO, assert_openai_error
+from tests.support.audio_fixtures import clip_bytes
+from tests.support.checks import assert_openai_error
+from tests.support.server import AUDIO
 
 JFK = AUDIO / "jfk.wav"
 SRT_TIME = r"\d\d:\d\d:\d\d,\d\d\d"

@@ -9,8 +9,9 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import AUDIO, assert_openai_error
-from tests.openapi_spec import check, load_spec
+from tests.support.checks import assert_openai_error
+from tests.support.openapi_spec import check, load_spec
+from tests.support.server import AUDIO
 
 
 def jfk() -> bytes:

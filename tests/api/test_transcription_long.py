@@ -19,7 +19,8 @@ import pytest
 import soundfile as sf
 
 from app.model.compute.loader import LoadedModel
-from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve
+from tests.support.checks import assert_openai_error
+from tests.support.server import AUDIO, RunningServer, serve
 
 CLIPS = ["jfk.wav", "speech_en.wav", "speech_fr.wav", "speech_de.wav", "speech_es.wav"]
 

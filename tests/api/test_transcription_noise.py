@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.speech_layout import Layout, with_noise
+from tests.support.speech_layout import Layout, with_noise
 
 RNG = np.random.default_rng(0)
 

@@ -20,9 +20,9 @@ from playwright.sync_api import expect
 
 from app.model.compute.loader import LoadedModel
 from app.wiring import create_app
-from tests.audio_fixtures import DATA
-from tests.browser import Page, chromium, require_chromium, speech_wav
-from tests.conftest import RunningServer, free_port, make_settings, serve
+from tests.support.audio_fixtures import DATA
+from tests.support.browser import Page, chromium, require_chromium, speech_wav
+from tests.support.server import RunningServer, free_port, make_settings, serve
 
 KEY = "sk-playground-test"
 CLIP = DATA / "jfk.wav"

@@ -20,7 +20,7 @@ from schemathesis import checks
 from app.config import Settings
 from app.model.compute.loader import LoadedModel
 from app.wiring import create_app
-from tests.conftest import AUDIO, RunningServer, serve
+from tests.support.server import AUDIO, RunningServer, serve
 
 JFK = (AUDIO / "jfk.wav").read_bytes()
 SEED = 20260507

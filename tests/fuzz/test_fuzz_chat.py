@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.model.compute.loader import LoadedModel
-from tests.conftest import RunningServer, assert_openai_error, serve
+from tests.support.checks import assert_openai_error
+from tests.support.server import RunningServer, serve
 
 FUZZ = settings(
     max_examples=60,

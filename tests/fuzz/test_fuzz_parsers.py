@@ -27,7 +27,7 @@ from app.errors import AudioDecodeError, AudioTooLong
 from app.model.compute.loader import LoadedModel
 from app.model.text.detok import IncrementalDecoder, trim_at_stop
 from app.serving import transcripts as served
-from tests.conftest import AUDIO
+from tests.support.server import AUDIO
 
 FUZZ = settings(
     max_examples=60,

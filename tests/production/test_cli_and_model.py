@@ -17,7 +17,7 @@ from app.model.compute.generate import WEIGHT_MAJOR
 from app.model.compute.loader import LoadedModel, load_model
 from app.model.fingerprint import with_variant
 from app.model.tiny import build_tiny_model
-from tests.conftest import make_settings
+from tests.support.server import make_settings
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.metric_names import HISTOGRAMS, METRICS
+from tests.support.metric_names import HISTOGRAMS, METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"

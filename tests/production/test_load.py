@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from app.model.compute.loader import LoadedModel
-from tests.conftest import serve
+from tests.support.server import serve
 
 N = 120
 CONCURRENCY = 32

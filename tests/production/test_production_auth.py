@@ -13,8 +13,9 @@ from app.api import auth
 from app.api.auth import ApiKeyFileError, load_api_keys
 from app.model.compute.loader import LoadedModel
 from app.wiring import create_app
-from tests.access_log import AccessLog
-from tests.conftest import assert_openai_error, make_settings, serve
+from tests.support.access_log import AccessLog
+from tests.support.checks import assert_openai_error
+from tests.support.server import make_settings, serve
 
 KEYS = ["sk-first-key-0001", "sk-second-key-0002", "sk-third-key-0003"]
 

@@ -15,8 +15,9 @@ from packaging.version import Version
 
 from app.model.compute.loader import LoadedModel
 from app.server import MAX_HEADER_BYTES
-from tests.conftest import assert_openai_error, serve
-from tests.production_server import production, read_response, read_until_closed
+from tests.support.checks import assert_openai_error
+from tests.support.production_server import production, read_response, read_until_closed
+from tests.support.server import serve
 
 
 def trickle_until_answered(sock: socket.socket, payload: bytes, interval_s: float) -> tuple[bytes, float]:

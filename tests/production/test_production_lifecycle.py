@@ -25,8 +25,9 @@ import pytest
 from app.api.context import STATE_KEY
 from app.model.compute.loader import LoadedModel
 from app.wiring import Wiring
-from tests.conftest import AUDIO, assert_openai_error, free_port, make_settings
-from tests.production_server import production, read_response
+from tests.support.checks import assert_openai_error
+from tests.support.production_server import production, read_response
+from tests.support.server import AUDIO, free_port, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 BOUNDARY = "voxtral-test-boundary"

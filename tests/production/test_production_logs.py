@@ -13,8 +13,8 @@ import pytest
 
 from app.logs import FIELDS, JsonFormatter, TextFormatter, configure_logging
 from app.model.compute.loader import LoadedModel
-from tests.access_log import AccessLog
-from tests.conftest import AUDIO, make_settings, serve
+from tests.support.access_log import AccessLog
+from tests.support.server import AUDIO, make_settings, serve
 
 MARKER = "PURPLE-GIRAFFE-4417"
 ACCESS_KEYS = {

@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import Metrics
 from app.model.compute.loader import LoadedModel
-from tests.conftest import AUDIO, serve
-from tests.metric_names import COUNTERS, METRICS
+from tests.support.metric_names import COUNTERS, METRICS
+from tests.support.server import AUDIO, serve
 
 JFK_SECONDS = 11.0
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -19,9 +19,10 @@ from websockets.sync.client import connect
 
 from app.api.lifecycle import DrainGuard, Lifecycle
 from app.model.compute.loader import LoadedModel
-from tests.conftest import RunningServer, serve, wait_until
-from tests.production_server import production
-from tests.realtime_client import COMPLETED, Raw, encode, gap, open_session, sentence, texts, two_utterances
+from tests.support.checks import wait_until
+from tests.support.production_server import production
+from tests.support.realtime_client import COMPLETED, Raw, encode, gap, open_session, sentence, texts, two_utterances
+from tests.support.server import RunningServer, serve
 
 
 @pytest.fixture(scope="module")

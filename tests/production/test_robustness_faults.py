@@ -3,7 +3,7 @@ mid-stream, a client that reads slowly. Each time every request still gets exact
 queue drains, the batch empties and /ready stays 200.
 
 Faults are injected by wrapping the model's generator (`server.generator.fault(stage, rows)`, called
-before each prefill, merge and decode step: tests/faults.py), on a server of this module's own, so a
+before each prefill, merge and decode step: tests/support/faults.py), on a server of this module's own, so a
 hung or failing worker never touches the session's shared server.
 """
 
@@ -28,7 +28,8 @@ from app.engine.ticket import Ticket
 from app.model.compute.loader import LoadedModel
 from app.model.compute.row import Row
 from app.types import SamplingParams
-from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve, wait_until
+from tests.support.checks import assert_openai_error, wait_until
+from tests.support.server import AUDIO, RunningServer, serve
 
 TIMEOUT_S = 2.0
 """--request-timeout-s of this module's server: a hung model is answered 504 after this."""

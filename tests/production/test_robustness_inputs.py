@@ -27,8 +27,9 @@ import pytest
 import soundfile as sf
 
 from app.model.compute.loader import LoadedModel
-from tests.audio_fixtures import clip_bytes, video_only
-from tests.conftest import RunningServer, assert_openai_error, serve
+from tests.support.audio_fixtures import clip_bytes, video_only
+from tests.support.checks import assert_openai_error
+from tests.support.server import RunningServer, serve
 
 LIMIT_AUDIO_S = 20
 """--max-transcription-audio-s and --max-chat-audio-s of the limited server."""

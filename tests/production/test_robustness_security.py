@@ -24,8 +24,9 @@ import soundfile as sf
 
 from app.logs import JsonFormatter, TextFormatter
 from app.model.compute.loader import LoadedModel
-from tests.audio_fixtures import silent_opus
-from tests.conftest import AUDIO, RunningServer, assert_openai_error, serve, wait_until
+from tests.support.audio_fixtures import silent_opus
+from tests.support.checks import assert_openai_error, wait_until
+from tests.support.server import AUDIO, RunningServer, serve
 
 KEY = "sk-voxtral-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 OTHER_KEY = "sk-someone-elses-key-0123456789abcdef"

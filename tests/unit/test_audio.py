@@ -20,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 from app import audio
 from app.audio import DECODE_MARGIN_S, SAMPLE_RATE, AudioLimits, decode_audio, encode_wav_float32
 from app.errors import AudioDecodeError, AudioTooLong
-from tests.audio_fixtures import CLIP_NAMES, clip_bytes, jfk_samples, silent_opus, video_only
+from tests.support.audio_fixtures import CLIP_NAMES, clip_bytes, jfk_samples, silent_opus, video_only
 
 LIMITS = AudioLimits(max_seconds=60)
 JFK_SECONDS = 11.0

@@ -19,7 +19,7 @@ from app.model.compute.masks import unpack
 from app.model.text.callstream import chat_output
 from app.model.text.constrained import Constrainer, TriggeredConstraint
 from app.model.values import MAX_PARALLEL_CALLS, FunctionSpec, OutputSpec
-from tests.tekken_vocab import VERSIONS, text_ids, vocab
+from tests.support.tekken_vocab import VERSIONS, text_ids, vocab
 
 WEATHER = {
     "type": "object",

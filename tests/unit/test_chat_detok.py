@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.model.text.detok import IncrementalDecoder, trim_at_stop
-from tests.tekken_vocab import text_ids, vocab
+from tests.support.tekken_vocab import text_ids, vocab
 
 V = vocab("v11")
 BYTE = 1000

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from app.model.text.callstream import ChatOutput, chat_output
 from app.model.text.toolcalls import mistral_call_id, new_call_id, parse_calls
 from app.types import ParsedCall
-from tests.tekken_vocab import VERSIONS, instruct, text_ids, vocab
+from tests.support.tekken_vocab import VERSIONS, instruct, text_ids, vocab
 
 _CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 

@@ -11,7 +11,7 @@ from app.model.compute.kvcache import GrowingCache, GrowingLayer, assemble, gath
 from app.model.compute.loader import LoadedModel
 from app.model.text.prompts import Prompter
 from app.types import SamplingParams
-from tests.audio_fixtures import JFK
+from tests.support.audio_fixtures import JFK
 
 
 def test_appends_equal_concatenation_and_regrow_rarely() -> None:

@@ -10,7 +10,7 @@ import torch
 
 from app.model.compute.features import LogMel
 from app.model.compute.loader import LoadedModel
-from tests.mel_checks import assert_mel_close
+from tests.support.mel_checks import assert_mel_close
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from app.model.text.constrained import Constrainer
 from app.model.text.vocabulary import read_vocab
 from app.model.values import FunctionSpec, OutputSpec, TokenVocab
 from app.types import SamplingParams
-from tests.tekken_vocab import vocab
+from tests.support.tekken_vocab import vocab
 
 TOOL = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}
 TOOL["required"] = ["city", "days"]

@@ -12,7 +12,7 @@ import torch
 from app.model.compute.features import LogMel
 from app.model.compute.generate import WEIGHT_MAJOR_ROWS, BatchGenerator, weight_major_pays
 from app.model.compute.loader import LoadedModel, load_model
-from tests.conftest import make_settings
+from tests.support.server import make_settings
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from app.model.compute.sampling import TIERS, Sampler, sample
 from app.model.text.constrained import Constrainer
 from app.model.values import FunctionSpec, OutputSpec
 from app.types import SamplingParams
-from tests.tekken_vocab import vocab
+from tests.support.tekken_vocab import vocab
 
 PROBS = [0.5, 0.25, 0.125, 0.0625, 0.0625]
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47}

@@ -22,7 +22,7 @@ from app.serving.transcripts import (
     split_language,
 )
 from app.vad import WINDOW
-from tests.speech_layout import SAMPLE_RATE, Layout, clip, gap, with_noise
+from tests.support.speech_layout import SAMPLE_RATE, Layout, clip, gap, with_noise
 
 RNG = np.random.default_rng(0)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-from tests.audio_fixtures import DATA
+from tests.support.audio_fixtures import DATA
 
 SAMPLE_RATE = 16000
 

@@ -16,7 +16,7 @@ from app.api.context import AppContext
 from app.model.compute.loader import LoadedModel
 from app.server import DrainingServer, build_server
 from app.wiring import Wiring
-from tests.conftest import free_port, make_settings
+from tests.support.server import free_port, make_settings
 
 
 class Production:

@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from tests.audio_fixtures import jfk_samples, wav
+from tests.support.audio_fixtures import jfk_samples, wav
 
-SCREENSHOTS = Path(__file__).resolve().parent / "artifacts" / "screenshots"
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 """Screenshots of each task at phone and desktop width (git-ignored; CI keeps them as artefacts)."""
 WIDTHS = {"phone": (390, 844), "desktop": (1280, 800)}
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)

@@ -14,7 +14,7 @@ import soundfile as sf
 
 from app.audio import AudioLimits, decode_audio
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 """Committed clips: jfk.* in six containers, speech_XX.wav in eight languages, speech_texts.tsv."""
 JFK = decode_audio((DATA / "jfk.wav").read_bytes(), AudioLimits(max_seconds=60))
 """The JFK clip as the server decodes it: float32 mono 16 kHz."""

@@ -20,7 +20,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from app.audio_formats import ALAW, ULAW
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 SCHEMAS = {
     "session.created": "RealtimeServerEventSessionCreated",
     "session.updated": "RealtimeServerEventSessionUpdated",

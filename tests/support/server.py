@@ -1,0 +1,87 @@
+"""Real servers on 127.0.0.1 for tests: the app built by `Wiring` with the tiny model, run by uvicorn in a
+thread, with a fault-injecting generator (`tests/support/faults.py`)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from app.api.context import AppContext
+from app.config import Settings
+from app.model.compute.loader import LoadedModel
+from app.wiring import Wiring
+from tests.support.audio_fixtures import DATA
+from tests.support.faults import FaultyGenerator
+
+AUDIO = DATA  # the committed clips; tests never read outside the repository
+
+
+def make_settings(cache_dir: Path, **overrides: Any) -> Settings:
+    return Settings(model="tiny", cache_dir=cache_dir, **overrides)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RunningServer:
+    def __init__(
+        self, app: Any, port: int, generator: FaultyGenerator | None = None, wiring: Wiring | None = None
+    ) -> None:
+        self.app = app
+        self.wiring = wiring
+        """What built the app (servers made by `serve`): its `context` once the server has started."""
+        self.generator = generator
+        """What its engine calls for the model (servers made by `serve`): set `generator.fault` to inject
+        faults (tests/faults.py)."""
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> RunningServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def context(self) -> AppContext:
+        assert self.wiring is not None and self.wiring.context is not None, "a server made by `serve`, started"
+        return self.wiring.context
+
+    @property
+    def engine(self) -> Any:
+        return self.context.serving.engine
+
+    def client(self, **kwargs: Any) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="test", max_retries=0, **kwargs)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60)
+
+
+@contextmanager
+def serve(loaded: LoadedModel, cache_dir: Path, **overrides: Any) -> Iterator[RunningServer]:
+    generator = FaultyGenerator()
+    wiring = Wiring(make_settings(cache_dir, **overrides), loaded, wrap_generator=generator.wrap)
+    with RunningServer(wiring.app, free_port(), generator, wiring) as server:
+        yield server

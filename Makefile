@@ -1,10 +1,10 @@
 # Two commands for a newcomer: `make serve` (demo server, random tiny model) and `make test`.
 
-# The first of these that runs and is Python 3.11 or newer (a pyenv shim of a version that is not installed
-# fails to run and is skipped); `make PYTHON=/path/to/python ...` picks another. Looked for once, and only
+# The first of these that runs, is Python 3.11 or newer and can make a venv (a pyenv shim of a version that
+# is not installed fails to run, a Debian python without python3-venv lacks ensurepip: both are skipped); `make PYTHON=/path/to/python ...` picks another. Looked for once, and only
 # by the target that creates the venv.
 PYTHONS := python3.13 python3.12 python3.11 python3
-NEW_ENOUGH := -c 'import sys; sys.exit(sys.version_info < (3, 11))'
+NEW_ENOUGH := -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))'
 ifeq ($(origin PYTHON),undefined)
 PYTHON = $(eval PYTHON := $(firstword $(foreach p,$(PYTHONS),$(shell $(p) $(NEW_ENOUGH) >/dev/null 2>&1 && echo $(p)))))$(PYTHON)
 endif
@@ -19,8 +19,8 @@ PORT ?= 8000
 .PHONY: install serve test lint format typecheck bench clean
 
 $(BIN)/python:
-	@test -n "$(PYTHON)" || { echo "need Python 3.11 or newer: none of $(PYTHONS) runs one (or: make PYTHON=/path/to/python ...)"; exit 1; }
-	@$(PYTHON) $(NEW_ENOUGH) >/dev/null 2>&1 || { echo "need Python 3.11 or newer: $(PYTHON) does not run or is older"; exit 1; }
+	@test -n "$(PYTHON)" || { echo "need Python 3.11 or newer with venv: none of $(PYTHONS) is one (or: make PYTHON=/path/to/python ...)"; exit 1; }
+	@$(PYTHON) $(NEW_ENOUGH) >/dev/null 2>&1 || { echo "need Python 3.11 or newer with venv: $(PYTHON) does not run, is older or lacks venv/ensurepip"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 

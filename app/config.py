@@ -1,6 +1,6 @@
 """All settings in one place: CLI flags (`--max-batch-size`) and `VOXTRAL_*` environment variables.
 
-Read once at start-up and injected into `create_app(settings)`; no other module reads the
+Read once at start-up and injected into `app.wiring.Wiring(settings)`; no other module reads the
 environment. Settings are grouped by concern, one class each (`ModelSettings`, `ServerSettings`,
 `LimitSettings`, `RealtimeSettings`, `EngineSettings`), composed into the flat `Settings` that every
 reader uses (`settings.max_batch_size`). Each field's docstring is what `--help` and the README show,

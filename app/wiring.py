@@ -51,6 +51,8 @@ class Wiring:
         self.created = int(time.time())
         self.context: AppContext | None = None
         """Set once by the lifespan, before the engine starts (a drain may come during the warm-up)."""
+        self.engine: Engine | None = None
+        """The engine under the context's serving layer, built with it."""
         self.app = build_api(settings, self.metrics, self.lifecycle, self.lifespan)
 
     async def build_context(self) -> AppContext:
@@ -60,7 +62,8 @@ class Wiring:
         self.metrics.model_load_seconds.set(model.load_seconds)
         _warn_if_random(model)
         runtime = await asyncio.to_thread(ModelRuntime.of, model, self.settings.model_id)
-        serving = Serving(self.settings, self._engine(runtime), runtime)
+        self.engine = self._engine(runtime)
+        serving = Serving(self.settings, self.engine, runtime)
         realtime = RealtimeServing(serving.prep, serving.transcriptions, self.settings, self.metrics)
         return AppContext(self.settings, self.metrics, self.lifecycle, serving, realtime, self.created)
 
@@ -77,7 +80,8 @@ class Wiring:
     async def lifespan(self, app: FastAPI) -> AsyncIterator[dict[str, AppContext]]:
         """Build the context, start the engine, warm up, then ready; on exit stop the engine."""
         ctx = self.context = await self.build_context()
-        engine = ctx.serving.engine
+        engine = self.engine
+        assert engine is not None  # built with the context
         engine.start()
         await ctx.serving.warm_up()
         self.lifecycle.ready = True
@@ -90,8 +94,7 @@ class Wiring:
 
     async def drain(self) -> bool:
         """Start of shutdown (SIGTERM): /ready turns 503, new /v1 requests 503, accepted ones finish."""
-        engine = self.context.serving.engine if self.context is not None else None
-        return await self.lifecycle.drain(engine, self.settings.drain_timeout_s)
+        return await self.lifecycle.drain(self.engine, self.settings.drain_timeout_s)
 
 
 def create_app(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import statistics
@@ -73,15 +74,12 @@ def _token_path(metrics: Any, decode: Callable[[list[int]], str]) -> Callable[[A
 
 def _row(request: Any, loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
     """A row and the work item it answers: the row carries the item's key, or in older trees the item."""
-    from app.engine.worker import ModelWorker
-
     try:
         from app.model.compute.row import Row
     except ImportError:  # a tree from before app/model/compute/
         from app.model.row import Row  # type: ignore[no-redef]
 
-    engine_dir = Path(sys.modules[ModelWorker.__module__].__file__ or "").parent
-    item_module = "app.engine.item" if (engine_dir / "item.py").exists() else "app.engine.work"
+    item_module = "app.engine.item" if importlib.util.find_spec("app.engine.item") else "app.engine.work"
     item = __import__(item_module, fromlist=["WorkItem"]).WorkItem(request, loop, deadline=1e12)
     fields = Row.__dataclass_fields__
     link = {"key": item.key} if "key" in fields else {"owner": item}

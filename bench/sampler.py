@@ -1,8 +1,9 @@
 """The sampler alone: one step for 32 rows of 131,072 logits, free and grammar-constrained.
 
-Free rows (the default run): greedy, default chat sampling and temperature 0.7. It imports only
-`app.model.compute.generate.Row` and `sample`, which every tree since the engine issue has, so the same script
-measures an earlier checkout (run it with that checkout's root on PYTHONPATH) and this one, in turn:
+Free rows (the default run): greedy, default chat sampling and temperature 0.7. It finds the model's modules
+where each tree has them (`app/model/compute/` and `app/model/text/` since issue 25, `app/model/` before), so
+the same script measures an earlier checkout (run it with that checkout's root on PYTHONPATH) and this one,
+in turn:
 
     for tree in ../wt-base .; do (cd $tree && PYTHONPATH=$PWD python $OLDPWD/bench/sampler.py); done
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import tempfile
@@ -30,12 +32,26 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any, cast
 
 import torch
 
-from app.model.compute.generate import Row, sample
 from app.types import SamplingParams
+
+
+def model_module(name: str) -> ModuleType:
+    """`app.model.<half>.<name>` in this tree, `app.model.<name>` in trees before the model's two halves."""
+    for path in (f"app.model.compute.{name}", f"app.model.text.{name}", f"app.model.{name}"):
+        try:
+            return importlib.import_module(path)
+        except ModuleNotFoundError:
+            continue
+    raise ModuleNotFoundError(f"no app.model module {name!r} in this tree")
+
+
+Row = model_module("generate").Row
+sample = model_module("generate").sample
 
 
 def per_call_ms(logits: torch.Tensor, params: SamplingParams, calls: int = 5) -> float:
@@ -105,13 +121,9 @@ class Stages:
 
 def instrument(stages: Stages) -> None:
     """Every stage function the sampler has (names differ between trees: those missing are skipped)."""
-    import importlib
-
-    import app.model.compute.sampling as sampling
-    import app.model.text.constrained as constrained
-
+    sampling, constrained = model_module("sampling"), model_module("constrained")
     try:
-        masks: Any = importlib.import_module("app.model.compute.masks")
+        masks: Any = model_module("masks")
     except ImportError:  # trees before it: the masks lived in the sampler
         masks = sampling
     for owner, name, stage in (
@@ -132,18 +144,24 @@ def instrument(stages: Stages) -> None:
 def constrainer() -> Any:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from app.model.text.constrained import Constrainer
-    from app.model.text.vocabulary import read_vocab
     from app.model.tiny import FULL_VOCAB, build_tekken
 
     path = Path(tempfile.mkdtemp(prefix="tekken-full-")) / "tekken.json"
     path.write_text(json.dumps(build_tekken("v11", FULL_VOCAB)), encoding="utf-8")
-    return Constrainer(read_vocab(MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer))
+    tekken = MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
+    try:
+        vocab = model_module("vocabulary").read_vocab(tekken)
+    except ModuleNotFoundError:  # trees before the model's two halves
+        vocab = model_module("toolcalls").TokenVocab.from_tekken(tekken)
+    return model_module("constrained").Constrainer(vocab)
 
 
 def factories(c: Any) -> dict[str, Callable[[], Any]]:
-    from app.model.values import FunctionSpec, OutputSpec
-
+    try:
+        values = importlib.import_module("app.model.values")
+    except ModuleNotFoundError:  # trees before the model's two halves
+        values = model_module("constrained")
+    FunctionSpec, OutputSpec = values.FunctionSpec, values.OutputSpec
     return {
         "json_object": c.factory(OutputSpec(json_schema={"type": "object"})),
         "tool required": c.factory(OutputSpec((FunctionSpec("get_weather", TOOL),), "required")),
@@ -153,8 +171,7 @@ def factories(c: Any) -> dict[str, Callable[[], Any]]:
 def run(factory: Callable[[], Any], sampling: dict[str, float], steps: int, seed: int) -> tuple[Stages, int, str]:
     """`steps` steps of 32 rows; returns the stage times, how many answers ended, and a digest of every
     token taken (equal digests between trees: the same tokens)."""
-    from app.model.compute.sampling import Sampler
-
+    Sampler = model_module("sampling").Sampler
     sampler, stages, ended, made, digest = Sampler(threads=2), Stages(), 0, 0, hashlib.sha256()
 
     def fresh() -> Row:

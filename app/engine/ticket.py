@@ -45,11 +45,6 @@ class Ticket:
         self._item, self._timeout_s = item, timeout_s
 
     @property
-    def key(self) -> int:
-        """The opaque key the request's model rows carry (`Row.key`)."""
-        return self._item.key
-
-    @property
     def cancelled(self) -> bool:
         return self._item.cancelled
 

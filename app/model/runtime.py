@@ -34,13 +34,12 @@ class ModelRuntime:
     prompter: Prompter
     generator: BatchGenerator
     vocab: TokenVocab
-    pad_id: int
     fingerprint: str
     """`system_fingerprint` of every chat answer: the loaded model's, and the projection chosen on this CPU."""
 
     @classmethod
     def of(cls, loaded: LoadedModel, model_id: str) -> ModelRuntime:
-        """A pass over the vocabulary (~0.1 s for 131k tokens): run it off the event loop."""
+        """A pass over the whole vocabulary, growing with its size: run it off the event loop."""
         prompter = Prompter(loaded.processor, model_id)
         tekken = prompter.tekken
         log_mel = LogMel(
@@ -54,16 +53,11 @@ class ModelRuntime:
         if generator.weight_major:
             log.info("a few rows project weight-major: measured faster than lm_head on this CPU")
             fingerprint = with_variant(fingerprint, WEIGHT_MAJOR)
-        return cls(prompter, generator, read_vocab(tekken), pad_id, fingerprint)
+        return cls(prompter, generator, read_vocab(tekken), fingerprint)
 
     @property
     def eos_id(self) -> int:
         return self.vocab.eos_id
-
-    def text_bytes(self, token_ids: Sequence[int]) -> bytes:
-        """UTF-8 of the text tokens, control tokens dropped: what every text the server returns is
-        decoded from (incrementally when streamed, so a stream and a whole answer are the same text)."""
-        return self.vocab.bytes_of(token_ids)
 
     def text(self, token_ids: Sequence[int]) -> str:
         """The one detokenizer: text without control tokens (answers, stop strings, --log-prompts)."""

@@ -28,7 +28,7 @@ class Serving:
         self.settings, self.engine, self.runtime = settings, engine, runtime
         self.prep = Prep(settings, runtime)
         self.chats = ChatServing(settings, runtime, self.prep, engine)
-        self.transcriptions = TranscriptionServing(self.prep, engine)
+        self.transcriptions = TranscriptionServing(settings, runtime, self.prep, engine)
 
     @property
     def fingerprint(self) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from app.audio import SAMPLE_RATE
 from app.chunking import Piece, split_at_silences, whole
+from app.config import Settings
 from app.engine.engine import Engine, Reservation
 from app.engine.ticket import Ticket
 from app.errors import ContextLengthExceeded
@@ -104,8 +105,8 @@ def _delta(text: str, scores: TextLogprobs | None, final: bool) -> TranscriptDel
 
 
 class TranscriptionServing:
-    def __init__(self, prep: Prep, engine: Engine) -> None:
-        self.prep, self.engine = prep, engine
+    def __init__(self, settings: Settings, runtime: ModelRuntime, prep: Prep, engine: Engine) -> None:
+        self.settings, self.runtime, self.prep, self.engine = settings, runtime, prep, engine
 
     async def transcribe(
         self, form: AudioForm, upload: Upload, task: Task, record: RequestRecord | None
@@ -116,7 +117,7 @@ class TranscriptionServing:
         options = transcription_request.options(form, task)
         with self.engine.admission() as reservation:
             raw = await self.prep.read_upload(upload.read)
-            audio = await self.prep.audio(raw, upload.filename, self.prep.settings.max_transcription_audio_s, record)
+            audio = await self.prep.audio(raw, upload.filename, self.settings.max_transcription_audio_s, record)
             return await self.start(audio, options, stream=form.stream, reservation=reservation, record=record)
 
     async def utterance(self, audio: np.ndarray, options: TranscriptionOptions) -> TranscriptionRun:
@@ -141,13 +142,13 @@ class TranscriptionServing:
         requests = await asyncio.gather(*(self._request(audio[p.start : p.end], options) for p in pieces))
         tickets = self.engine.submit_many(list(requests), stream=stream, reservation=reservation)
         if record is not None:
-            record.add_tickets(tickets, self.prep.runtime.text)
+            record.add_tickets(tickets, self.runtime.text)
         duration = audio.shape[0] / SAMPLE_RATE
         log.debug("transcription of %.1f s queued as %d piece(s)", duration, len(pieces))
-        return TranscriptionRun(self.prep.runtime, options, duration, pieces, tickets)
+        return TranscriptionRun(self.runtime, options, duration, pieces, tickets)
 
     async def _request(self, audio: np.ndarray, options: TranscriptionOptions) -> PreparedRequest:
-        prompter, settings = self.prep.runtime.prompter, self.prep.settings
+        prompter, settings = self.runtime.prompter, self.settings
         if options.task == "translate":
             encoded = await self.prep.run(prompter.translation, audio, options.prompt)
         else:

@@ -168,7 +168,7 @@ def test_drain_timeout_answers_what_is_left_with_503(loaded: LoadedModel, tiny_d
 
         client = threading.Thread(target=long_stream, daemon=True)
         client.start()
-        while running.context.serving.engine.running == 0:
+        while running.engine.running == 0:
             time.sleep(0.02)
         started = time.monotonic()
         running.server.handle_exit(signal.SIGTERM, None)

@@ -1,7 +1,7 @@
 """Faults injected by wrapping the real generator: no hook in the server's own code.
 
-`serve()` (conftest) builds every test server's engine over a `FaultyGenerator` that passes each call on to
-the real `BatchGenerator`. A test sets `server.generator.fault` to a callable that sees each model call
+`serve()` (tests/support/server.py) builds every test server's engine over a `FaultyGenerator` that passes
+each call on to the real `BatchGenerator`. A test sets `server.generator.fault` to a callable that sees each model call
 before it runs, as `(stage, rows)` with stage "prefill", "merge" or "step" and the model rows it concerns
 (for a merge: the rows joining the batch); `server.engine.ticket(row.key)` is the ticket of a row's request
 while the worker holds it. It may raise (torch.OutOfMemoryError, RuntimeError)

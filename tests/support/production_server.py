@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from app.api.context import AppContext
+from app.engine.engine import Engine
 from app.model.compute.loader import LoadedModel
 from app.server import DrainingServer, build_server
 from app.wiring import Wiring
@@ -32,6 +33,11 @@ class Production:
     def context(self) -> AppContext:
         assert self.wiring.context is not None, "the server has started"
         return self.wiring.context
+
+    @property
+    def engine(self) -> Engine:
+        assert self.wiring.engine is not None, "the server has started"
+        return self.wiring.engine
 
     def http(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)

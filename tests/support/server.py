@@ -13,9 +13,11 @@ from typing import Any
 
 import httpx
 import uvicorn
+from starlette.types import ASGIApp
 
 from app.api.context import AppContext
 from app.config import Settings
+from app.engine.engine import Engine
 from app.model.compute.loader import LoadedModel
 from app.wiring import Wiring
 from tests.support.audio_fixtures import DATA
@@ -36,14 +38,14 @@ def free_port() -> int:
 
 class RunningServer:
     def __init__(
-        self, app: Any, port: int, generator: FaultyGenerator | None = None, wiring: Wiring | None = None
+        self, app: ASGIApp, port: int, generator: FaultyGenerator | None = None, wiring: Wiring | None = None
     ) -> None:
         self.app = app
         self.wiring = wiring
         """What built the app (servers made by `serve`): its `context` once the server has started."""
         self.generator = generator
         """What its engine calls for the model (servers made by `serve`): set `generator.fault` to inject
-        faults (tests/faults.py)."""
+        faults (tests/support/faults.py)."""
         self.base_url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -67,8 +69,9 @@ class RunningServer:
         return self.wiring.context
 
     @property
-    def engine(self) -> Any:
-        return self.context.serving.engine
+    def engine(self) -> Engine:
+        assert self.wiring is not None and self.wiring.engine is not None, "a server made by `serve`, started"
+        return self.wiring.engine
 
     def client(self, **kwargs: Any) -> Any:
         import openai

@@ -18,6 +18,7 @@ from app.serving.realtime import events as ev
 from app.serving.realtime.config import KEEP, ServerVad, SessionConfig, TranscriptionSettings, UpdateSettings
 
 LOGPROBS = "item.input_audio_transcription.logprobs"
+_DELTA = "conversation.item.input_audio_transcription.delta"
 
 
 class _Wire(BaseModel):
@@ -223,6 +224,3 @@ def _failed(item_id: str, exc: VoxtralError) -> dict[str, Any]:
         content_index=0,
         error={k: v for k, v in exc.error_object().items() if v is not None},
     )
-
-
-_DELTA = "conversation.item.input_audio_transcription.delta"

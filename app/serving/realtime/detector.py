@@ -1,7 +1,7 @@
 """One speech detector for every realtime session of the app: the windows that sessions' appends complete
 while a batch runs are gathered into the next batch (`app.vad.push_many`), one batch at a time in a prep
-thread. 32 sessions then cost about a quarter of what they cost one call each, and the detector holds
-at most one prep thread, leaving the other to prepare transcriptions."""
+thread. Batched sessions cost a fraction of one call each (docs/PERF.md#audio-and-vad), and the detector
+holds at most one prep thread, leaving the others to prepare transcriptions."""
 
 from __future__ import annotations
 

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 MIN_COMMIT_S = 0.1
 """OpenAI refuses to commit less than 100 ms of audio."""
 INLINE_BASE64 = 64 * 1024
-"""Appends up to this much base64 (~0.5 s of 24 kHz PCM) are decoded on the event loop (~0.1 ms); bigger
-ones in a prep thread."""
+"""Appends up to this much base64 (~0.5 s of 24 kHz PCM) are decoded on the event loop, where they cost
+less than a thread hop; bigger ones in a prep thread (docs/PERF.md#audio-and-vad)."""
 
 
 @dataclass(frozen=True)

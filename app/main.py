@@ -13,7 +13,7 @@ def _serve(argv: list[str]) -> int:
     from app.api.auth import ApiKeyFileError, load_api_keys
     from app.config import Settings, cli_args
     from app.logs import configure_logging
-    from app.model.compute.loader import ModelLoadError, load_model
+    from app.model.compute.loader import ModelLoadError, preflight
     from app.server import build_server
     from app.wiring import Wiring
 
@@ -25,13 +25,13 @@ def _serve(argv: list[str]) -> int:
         return 2
     configure_logging(settings)
     try:
-        loaded = load_model(settings)
+        preflight(settings)  # one clear line now, not a traceback once the server is up
     except ModelLoadError as exc:
         print(f"voxtral-server: {exc}", file=sys.stderr)
-        return 1
-    wiring = Wiring(settings, loaded)
-    build_server(wiring.app, settings, wiring.drain).run()
-    return 0
+        return 2
+    wiring = Wiring(settings)  # the server listens at once; the model loads in the background
+    build_server(wiring.app, settings, wiring.drain, wiring.failed).run()
+    return 1 if wiring.failed() else 0
 
 
 def _tiny(argv: list[str]) -> int:

@@ -5,6 +5,8 @@ shutdown sees "connection refused", and it has no deadline for request headers, 
 trickling header bytes holds a connection for ever. Here the first SIGTERM (or Ctrl+C) only
 starts a drain (the socket stays open; the app answers new requests 503); uvicorn's own
 shutdown follows once the drain is over, and the process exits 0. A second signal exits at once.
+The app starts up in the background (the server listens while the model loads); when its start-up
+fails (`failed()` turns true), the server shuts down.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ MAX_HEADER_BYTES = 16 * 1024
 _TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
 
 Drain = Callable[[], Awaitable[object]]
+Failed = Callable[[], bool]
 
 
 class HeaderTimeoutProtocol(H11Protocol):
@@ -115,11 +118,14 @@ def protocol_class(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
 
 
 class DrainingServer(uvicorn.Server):
-    """A uvicorn server whose first SIGTERM/SIGINT runs `drain` before the usual shutdown."""
+    """A uvicorn server whose first SIGTERM/SIGINT runs `drain` before the usual shutdown, and that shuts
+    down once `failed()` (the app's background start-up failed)."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float, failed: Failed = lambda: False
+    ) -> None:
         super().__init__(config)
-        self.drain = drain
+        self.drain, self.failed = drain, failed
         self.drain_timeout_s = drain_timeout_s
         self.draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,6 +134,11 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.failed():
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in uvicorn's captured signals: uvicorn would re-raise SIGTERM at exit and the
@@ -157,7 +168,7 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def build_server(app: object, settings: Settings, drain: Drain) -> DrainingServer:
+def build_server(app: object, settings: Settings, drain: Drain, failed: Failed = lambda: False) -> DrainingServer:
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=settings.host,
@@ -173,4 +184,4 @@ def build_server(app: object, settings: Settings, drain: Drain) -> DrainingServe
         access_log=False,
         lifespan="on",
     )
-    return DrainingServer(config, drain, settings.drain_timeout_s)
+    return DrainingServer(config, drain, settings.drain_timeout_s, failed)

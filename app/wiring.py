@@ -1,30 +1,34 @@
 """The composition root: settings -> model -> engine -> serving layer -> one `AppContext` -> the FastAPI app.
 
-`Wiring` builds the app at once and everything its routes use in the lifespan: the model (unless given
+`Wiring` builds the app at once. Its lifespan yields a `Startup` at once, so the server listens (and
+/health, /ready, /metrics answer) while the rest is built in the background: the model (unless given
 already loaded: tests share one load across many apps), the model facade, the engine, the serving layer
-and the realtime sessions' shared resources, into one frozen `AppContext` yielded as the lifespan's state.
-`/ready` turns true only after a warm-up generation, and false again as soon as a drain starts.
+and the realtime sessions' shared resources, into one frozen `AppContext`. `/ready` turns true only after
+a warm-up generation, and false again as soon as a drain starts. A start-up that fails marks the lifecycle
+failed (the server watches it and exits).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from app.api.app import build_api
-from app.api.context import STATE_KEY, AppContext
+from app.api.context import STATE_KEY, AppContext, Startup
 from app.api.lifecycle import Lifecycle
 from app.config import Settings
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.runner import Wrap, as_is
 from app.metrics import Metrics
-from app.model.compute.loader import LoadedModel, load_model
+from app.model.compute.loader import LoadedModel, ModelLoadError, load_model
 from app.model.runtime import ModelRuntime
 from app.serving.realtime.service import RealtimeServing
 from app.serving.service import Serving
@@ -36,6 +40,7 @@ class Wiring:
     """One server: its FastAPI `app` and, from the start of its lifespan, the `context` its routes get.
 
     `wrap_generator`: what the engine calls instead of the model's generator (tests wrap it to inject faults).
+    `load`: how the model is loaded when none is given (tests slow it down to see each start-up state).
     """
 
     def __init__(
@@ -44,11 +49,13 @@ class Wiring:
         loaded: LoadedModel | None = None,
         metrics: Metrics | None = None,
         wrap_generator: Wrap = as_is,
+        load: Callable[[Settings], LoadedModel] = load_model,
     ) -> None:
-        self.settings, self.loaded, self.wrap_generator = settings, loaded, wrap_generator
+        self.settings, self.loaded, self.wrap_generator, self.load = settings, loaded, wrap_generator, load
         self.metrics = metrics or Metrics()
         self.lifecycle = Lifecycle()
         self.created = int(time.time())
+        self._born = time.monotonic()
         self.context: AppContext | None = None
         """Set once by the lifespan, before the engine starts (a drain may come during the warm-up)."""
         self.engine: Engine | None = None
@@ -58,7 +65,7 @@ class Wiring:
     async def build_context(self) -> AppContext:
         """Load (unless given), then the model facade (a pass over the vocabulary: off the loop), the
         engine on it (not started), the serving layer and the realtime sessions' shared resources."""
-        model = self.loaded if self.loaded is not None else await asyncio.to_thread(load_model, self.settings)
+        model = self.loaded if self.loaded is not None else await _in_daemon_thread(self.load, self.settings)
         self.metrics.model_load_seconds.set(model.load_seconds)
         _warn_if_random(model)
         runtime = await asyncio.to_thread(ModelRuntime.of, model, self.settings.model_id)
@@ -77,20 +84,42 @@ class Wiring:
         )
 
     @asynccontextmanager
-    async def lifespan(self, app: FastAPI) -> AsyncIterator[dict[str, AppContext]]:
-        """Build the context, start the engine, warm up, then ready; on exit stop the engine."""
-        ctx = self.context = await self.build_context()
-        engine = self.engine
-        assert engine is not None  # built with the context
-        engine.start()
-        await ctx.serving.warm_up()
-        self.lifecycle.ready = True
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[dict[str, Startup]]:
+        """Yield the start-up state at once and start up in the background; on exit stop what started."""
+        state = Startup(self.settings, self.metrics, self.lifecycle)
+        starting = asyncio.create_task(self._start(state))
         try:
-            yield {STATE_KEY: ctx}
+            yield {STATE_KEY: state}
         finally:
             self.lifecycle.ready, self.lifecycle.draining = False, True
-            engine.stop()
-            ctx.serving.close()
+            starting.cancel()  # a load in its thread runs on; nothing waits for it
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            if self.engine is not None:
+                self.engine.stop()
+            if self.context is not None:
+                self.context.serving.close()
+
+    async def _start(self, state: Startup) -> None:
+        """Load and build the context, start the engine, warm up, then ready (unless a drain came first)."""
+        lifecycle = self.lifecycle
+        try:
+            lifecycle.stage = "loading the model"
+            ctx = self.context = state.context = await self.build_context()
+            assert self.engine is not None  # built with the context
+            lifecycle.stage = "warming up"
+            self.engine.start()
+            await ctx.serving.warm_up()
+        except Exception as exc:
+            lifecycle.failed = str(exc) or type(exc).__name__
+            log.error("start-up failed: %s", lifecycle.failed, exc_info=not isinstance(exc, ModelLoadError))
+            return
+        lifecycle.ready = not lifecycle.draining
+        log.info("ready: %s in %.1f s", self.settings.model_id, time.monotonic() - self._born)
+
+    def failed(self) -> bool:
+        """Start-up failed: the server should exit (non-zero)."""
+        return self.lifecycle.failed is not None
 
     async def drain(self) -> bool:
         """Start of shutdown (SIGTERM): /ready turns 503, new /v1 requests 503, accepted ones finish."""
@@ -105,6 +134,32 @@ def create_app(
 ) -> FastAPI:
     """The app alone, for callers that never drain it nor read its context (see `Wiring`)."""
     return Wiring(settings, loaded, metrics, wrap_generator).app
+
+
+async def _in_daemon_thread(load: Callable[[Settings], LoadedModel], settings: Settings) -> LoadedModel:
+    """`load(settings)` in a thread of its own that does not hold the process at exit: a SIGTERM during a
+    minutes-long load ends the process at once (`asyncio.to_thread`'s pool is joined at exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[LoadedModel] = loop.create_future()
+
+    def settle(result: LoadedModel | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = load(settings), None
+        except BaseException as exc:  # handed to the waiting task, which reports it
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="model-load", daemon=True).start()
+    return await done
 
 
 def _warn_if_random(model: LoadedModel) -> None:

@@ -1,8 +1,10 @@
-"""`AppContext`: everything the routes and sockets of one app use, in one frozen value.
+"""`AppContext`: everything the routes and sockets of one app use, in one frozen value; `Startup`: what
+exists before it, from the moment the server listens.
 
-`app.wiring` builds it once, in the lifespan, and yields it as the lifespan's state; the server copies that
-state into every connection's scope, where the `context` dependency reads it. Nothing else is shared
-between routes: no attributes on `app.state`.
+`app.wiring` yields a `Startup` as the lifespan's state at once, then loads the model in the background and
+sets `Startup.context` once, when it is built; the server copies the state into every connection's scope,
+where the `startup` and `context` dependencies read it. Nothing else is shared between routes: no
+attributes on `app.state`.
 """
 
 from __future__ import annotations
@@ -35,13 +37,32 @@ class AppContext:
     """Unix time the app was built: the `created` of /v1/models."""
 
 
-def context(conn: HTTPConnection) -> AppContext:
-    """The app's context (a FastAPI dependency); 503 model_not_ready where no lifespan built one."""
-    ctx = conn.scope.get("state", {}).get(STATE_KEY)
-    if not isinstance(ctx, AppContext):
+class Startup:
+    """What /health, /ready and /metrics read while the model loads: settings, metrics, the lifecycle
+    (ready, draining, what start-up is doing), and `context`, set once when start-up has built it."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, lifecycle: Lifecycle) -> None:
+        self.settings, self.metrics, self.lifecycle = settings, metrics, lifecycle
+        self.context: AppContext | None = None
+
+
+def startup(conn: HTTPConnection) -> Startup:
+    """The app's start-up state (a FastAPI dependency); 503 model_not_ready where no lifespan ran."""
+    state = conn.scope.get("state", {}).get(STATE_KEY)
+    if not isinstance(state, Startup):
         raise ModelNotReady("The server has not started yet; retry shortly.")
+    return state
+
+
+def context(conn: HTTPConnection) -> AppContext:
+    """The app's context (a FastAPI dependency); 503 model_not_ready until start-up has built it."""
+    ctx = startup(conn).context
+    if ctx is None:
+        raise ModelNotReady("The model is still loading; retry shortly.")
     return ctx
 
 
 Context = Annotated[AppContext, Depends(context)]
 """A route's or socket's parameter type: `ctx: Context`."""
+Started = Annotated[Startup, Depends(startup)]
+"""The parameter type of what answers while the model loads (probes, metrics): `state: Started`."""

@@ -1,8 +1,12 @@
-"""Readiness and graceful drain: what /ready reports, and what happens to requests during shutdown.
+"""Start-up, readiness and graceful drain: what /health and /ready report, and what happens to requests
+while the model loads and during shutdown.
 
-On SIGTERM the server keeps its socket open while it drains, so a client that arrives late
-gets a clear 503 `shutting_down` (and retries elsewhere) instead of a connection error, and
-every request already accepted (being decoded, queued, running or streaming) finishes.
+The server listens from its first second: while the model loads and warms up, /health answers 200
+(`loading`), /ready 503 with the reason, and /v1 requests 503 `model_not_ready` with Retry-After, so a
+probe or a load balancer can tell "starting" from "dead". On SIGTERM the server keeps its socket open
+while it drains, so a client that arrives late gets a clear 503 `shutting_down` (and retries elsewhere)
+instead of a connection error, and every request already accepted (being decoded, queued, running or
+streaming) finishes.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from typing import Protocol
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.middleware import is_api_path, send_error
-from app.errors import ShuttingDown
+from app.errors import ModelNotReady, ShuttingDown
 
 log = logging.getLogger(__name__)
+
+LOADING_RETRY_AFTER_S = 5
+"""Retry-After of a /v1 request refused while the model loads: loading takes seconds to minutes."""
 
 
 class Drainable(Protocol):
@@ -37,6 +44,10 @@ class Lifecycle:
     def __init__(self) -> None:
         self.ready = False
         """Model loaded and warmed up."""
+        self.stage = "starting"
+        """What start-up is doing until ready ("loading the model", "warming up"): /ready's reason."""
+        self.failed: str | None = None
+        """Why start-up failed, once it has: the server then exits."""
         self.draining = False
         self.in_flight = 0
         """Admitted /v1 requests whose response has not been fully sent yet."""
@@ -48,6 +59,24 @@ class Lifecycle:
     @property
     def serving(self) -> bool:
         return self.ready and not self.draining
+
+    @property
+    def status(self) -> str:
+        """/health's and /ready's `status`: loading, ready, draining or failed."""
+        if self.draining:
+            return "draining"
+        if self.failed is not None:
+            return "failed"
+        return "ready" if self.ready else "loading"
+
+    @property
+    def reason(self) -> str | None:
+        """Why requests are refused now (None when serving)."""
+        if self.draining:
+            return "the server is shutting down"
+        if self.failed is not None:
+            return f"start-up failed: {self.failed}"
+        return None if self.ready else self.stage
 
     def enter(self) -> None:
         self.in_flight += 1
@@ -81,8 +110,9 @@ class Lifecycle:
 
 
 class DrainGuard:
-    """Counts admitted /v1 requests and WebSocket sessions; once draining, answers new ones 503 `shutting_down`
-    (a WebSocket upgrade is refused with that response)."""
+    """Counts admitted /v1 requests and WebSocket sessions; until the model is ready, answers new ones 503
+    `model_not_ready` with Retry-After; once draining, 503 `shutting_down` (a WebSocket upgrade is refused
+    with that response)."""
 
     def __init__(self, app: ASGIApp, lifecycle: Lifecycle) -> None:
         self.app = app
@@ -96,6 +126,10 @@ class DrainGuard:
             error = ShuttingDown("The server is shutting down; retry the request on another replica.")
             headers = {"connection": "close", "retry-after": "1"}
             return await send_error(send, error, headers, websocket=scope["type"] == "websocket")
+        if not self.lifecycle.ready:
+            refused = ModelNotReady(f"The server is starting ({self.lifecycle.reason}); retry shortly.")
+            headers = {"retry-after": str(LOADING_RETRY_AFTER_S)}
+            return await send_error(send, refused, headers, websocket=scope["type"] == "websocket")
         self.lifecycle.enter()
         try:
             await self.app(scope, receive, send)

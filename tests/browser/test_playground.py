@@ -319,7 +319,7 @@ def test_the_page_works_under_a_proxys_path_prefix(browser: Any, loaded: LoadedM
             scope = {**scope, "path": scope["path"][len("/voxtral") :], "raw_path": None}
         await app(scope, receive, send)
 
-    with RunningServer(proxy, free_port()) as running:
+    with RunningServer(proxy, free_port(), ready_path="/voxtral/ready") as running:
         tab = Page(browser, running.base_url + "/voxtral/")
         expect(tab.page.locator("#server-status")).to_have_text("Model: tiny")
         choose_clip(tab)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from app.config import GROUPS, Settings, cli_args
+from app.model.compute import loader
 from app.model.compute.generate import WEIGHT_MAJOR
 from app.model.compute.loader import LoadedModel, load_model
 from app.model.fingerprint import with_variant
@@ -98,16 +100,66 @@ def _serve(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_missing_model_path_exits_non_zero_with_advice(tmp_path: Path) -> None:
-    done = _serve("--model", str(tmp_path / "nope"))
-    assert done.returncode != 0
-    assert "does not exist" in done.stderr and "--model tiny" in done.stderr
+def one_line_exit_2(done: subprocess.CompletedProcess[str]) -> str:
+    """A start-up refused before the server listens: exit code 2 and one line saying what to do."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("voxtral-server:")]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
 
 
-def test_unreachable_hub_id_exits_non_zero_with_advice(tmp_path: Path) -> None:
-    done = _serve("--model", "mistralai/Voxtral-Mini-3B-2507", "--cache-dir", str(tmp_path))
-    assert done.returncode != 0
-    assert "--model tiny" in done.stderr
+def test_missing_model_path_exits_2_with_advice(tmp_path: Path) -> None:
+    line = one_line_exit_2(_serve("--model", str(tmp_path / "nope")))
+    assert "does not exist" in line and "--model tiny" in line
+
+
+def test_unreachable_hub_id_exits_2_with_advice(tmp_path: Path) -> None:
+    line = one_line_exit_2(_serve("--model", "mistralai/Voxtral-Mini-3B-2507", "--cache-dir", str(tmp_path)))
+    assert "--model tiny" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: --device cuda is valid here")
+def test_device_cuda_without_cuda_exits_2_in_one_line() -> None:
+    line = one_line_exit_2(_serve("--model", "tiny", "--device", "cuda"))
+    assert "--device cuda" in line and "--device cpu" in line
+    assert ("CPU-only build" in line) == (torch.version.cuda is None and torch.version.hip is None)
+
+
+def test_a_checkpoint_missing_files_exits_2_naming_them(loaded: LoadedModel, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(loaded.path, checkpoint)
+    (checkpoint / "tekken.json").unlink()
+    (checkpoint / "model.safetensors").unlink()
+    line = one_line_exit_2(_serve("--model", str(checkpoint)))
+    assert "missing tekken.json, model.safetensors" in line, line
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copy(Path(loaded.path) / "tekken.json", checkpoint / "tekken.json")
+    shutil.copy(Path(loaded.path) / "model.safetensors", checkpoint / "model-00001-of-00002.safetensors")
+    line = one_line_exit_2(_serve("--model", str(checkpoint)))
+    assert "missing model-00002-of-00002.safetensors:" in line, line
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_dtype_the_cpu_cannot_compute_in_is_refused_before_loading(
+    dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The capability probe (oneDNN's) answers differently on AVX2 and AVX-512 machines: both answers are
+    checked here, so every CPU runs both branches (the exit code is `serve`'s for every preflight refusal)."""
+    settings = Settings(model="tiny", device="cpu", dtype=dtype)  # type: ignore[arg-type]
+    monkeypatch.setattr(loader, "cpu_supports", lambda dtype: False)
+    with pytest.raises(loader.ModelLoadError) as refused:
+        loader.preflight(settings)
+    message = str(refused.value)
+    assert message.startswith(f"--dtype {dtype}:") and "--dtype float32" in message and "\n" not in message
+    monkeypatch.setattr(loader, "cpu_supports", lambda dtype: True)
+    loader.preflight(settings)  # supported: no objection
+
+
+def test_the_cpu_probe_answers_for_both_half_precisions() -> None:
+    assert isinstance(loader.cpu_supports(torch.bfloat16), bool)
+    assert isinstance(loader.cpu_supports(torch.float16), bool)
 
 
 def test_invalid_setting_exits_2() -> None:

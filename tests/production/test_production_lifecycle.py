@@ -21,11 +21,14 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
-from app.api.context import STATE_KEY
-from app.model.compute.loader import LoadedModel
+from app.model.compute.loader import LoadedModel, ModelLoadError
+from app.server import build_server
 from app.wiring import Wiring
-from tests.support.checks import assert_openai_error
+from tests.support.checks import assert_openai_error, wait_until
+from tests.support.faults import FaultyGenerator
 from tests.support.production_server import production, read_response
 from tests.support.server import AUDIO, free_port, make_settings
 
@@ -135,7 +138,8 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(process: Server) 
         refused = http.post("/v1/chat/completions", json=chat_body(2, False))
         assert assert_openai_error(refused, 503)["code"] == "shutting_down"
         assert refused.headers["connection"] == "close"
-        assert http.get("/health").status_code == 200
+        health = http.get("/health")
+        assert (health.status_code, health.json()) == (200, {"status": "draining"})
 
     upload.sendall(body)  # the accepted upload finishes during the drain
     answer = read_response(upload)
@@ -179,28 +183,108 @@ def test_drain_timeout_answers_what_is_left_with_503(loaded: LoadedModel, tiny_d
     assert outcome["text"].rstrip().endswith("data: [DONE]")
 
 
-def test_ready_is_503_before_start_up_and_while_draining(loaded: LoadedModel, tiny_dir: Path) -> None:
-    wiring = Wiring(make_settings(tiny_dir), loaded)
+class SlowStart:
+    """A server whose model load and warm-up each wait for the test's go, so each start-up state can be
+    seen for as long as the test needs, however fast the machine is."""
 
+    def __init__(self, loaded: LoadedModel, tiny_dir: Path, load: Any = None) -> None:
+        self.load_go, self.warm_go = threading.Event(), threading.Event()
+        self.generator = FaultyGenerator()
+        self.generator.fault = self._hold_warm_up
+        settings = make_settings(tiny_dir, port=free_port())
+        self.wiring = Wiring(settings, wrap_generator=self.generator.wrap, load=load or self._slow(loaded))
+        self.server = build_server(self.wiring.app, settings, self.wiring.drain, self.wiring.failed)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.base_url = f"http://127.0.0.1:{settings.port}"
+
+    def _slow(self, loaded: LoadedModel) -> Any:
+        def load(settings: Any) -> LoadedModel:
+            assert self.load_go.wait(60), "the test never let the load finish"
+            return loaded
+
+        return load
+
+    def _hold_warm_up(self, stage: str, rows: Any) -> None:
+        assert self.warm_go.wait(60), "the test never let the warm-up finish"
+
+    def __enter__(self) -> SlowStart:
+        self.thread.start()
+        wait_until(lambda: self.server.started, "the server listens")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.load_go.set()
+        self.warm_go.set()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def refused_while_starting(response: httpx.Response) -> None:
+    assert assert_openai_error(response, 503)["code"] == "model_not_ready"
+    assert response.headers["retry-after"] == "5"
+
+
+def test_the_server_answers_while_the_model_loads_and_warms_up_then_serves(loaded: LoadedModel, tiny_dir: Path) -> None:
+    """Each start-up state in order, over real HTTP and a real socket: the process is alive (/health 200)
+    from its first second, not ready (/ready 503 with the reason), and /v1 refuses with Retry-After; then ready."""
+    with SlowStart(loaded, tiny_dir) as starting, httpx.Client(base_url=starting.base_url, timeout=30) as http:
+        ws_url = starting.base_url.replace("http", "ws")
+        for stage in ("loading the model", "warming up"):
+            health, ready = http.get("/health"), http.get("/ready")
+            assert (health.status_code, health.json()) == (200, {"status": "loading"})
+            assert ready.status_code == 503
+            assert ready.json() == {"status": "loading", "model": "tiny", "reason": stage}
+            refused_while_starting(http.get("/v1/models"))
+            refused_while_starting(http.post("/v1/chat/completions", json=chat_body(2, False)))
+            with pytest.raises(InvalidStatus) as upgrade, connect(ws_url + "/v1/realtime?intent=transcription"):
+                pass
+            assert upgrade.value.response.status_code == 503
+            assert http.get("/metrics").status_code == 200
+            assert http.get("/").status_code == 200  # the playground page loads
+            if stage == "loading the model":
+                starting.load_go.set()
+                wait_until(lambda: http.get("/ready").json()["reason"] == "warming up", "the warm-up starts")
+        starting.warm_go.set()
+        wait_until(lambda: http.get("/ready").status_code == 200, "ready")
+        assert http.get("/ready").json() == {"status": "ready", "model": "tiny"}
+        assert http.get("/health").json() == {"status": "ready"}
+        answer = http.post("/v1/chat/completions", json=chat_body(2, False))
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_failed_start_up_says_why_and_the_server_exits(
+    loaded: LoadedModel, tiny_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(settings: Any) -> LoadedModel:
+        raise ModelLoadError("Could not load model '/models/x': no weights")
+
+    with SlowStart(loaded, tiny_dir, load=broken) as starting:
+        starting.thread.join(15)
+        assert not starting.thread.is_alive(), "the server kept running after its start-up failed"
+    assert starting.wiring.failed()
+    failures = [r for r in caplog.records if r.getMessage().startswith("start-up failed")]
+    assert [r.getMessage() for r in failures] == ["start-up failed: Could not load model '/models/x': no weights"]
+    assert not failures[0].exc_info  # one line, no traceback: the message says what to do
+
+
+def test_sigterm_while_the_model_loads_exits_at_once(loaded: LoadedModel, tiny_dir: Path) -> None:
+    """Nothing is accepted while loading, so a SIGTERM ends the server without waiting for the load (which
+    runs in a thread that does not hold the process)."""
+    with SlowStart(loaded, tiny_dir) as starting, httpx.Client(base_url=starting.base_url, timeout=30) as http:
+        assert http.get("/ready").json()["reason"] == "loading the model"
+        started = time.monotonic()
+        starting.server.handle_exit(signal.SIGTERM, None)
+        starting.thread.join(15)
+        assert not starting.thread.is_alive() and time.monotonic() - started < 10
+        assert not starting.wiring.failed() and starting.wiring.context is None
+
+
+def test_an_app_whose_lifespan_never_ran_is_not_ready(loaded: LoadedModel, tiny_dir: Path) -> None:
     async def check() -> None:
-        ctx = await wiring.build_context()  # built, never started: the model is never warmed up
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:  # the lifespan's state, as a server passes it
-            await wiring.app({**scope, "state": {STATE_KEY: ctx}}, receive, send)
-
-        try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-                response = await client.get("/ready")
-                assert (response.status_code, response.json()["status"]) == (503, "not ready")
-                wiring.lifecycle.ready = True
-                assert (await client.get("/ready")).status_code == 200
-                wiring.lifecycle.draining = True
-                assert (await client.get("/ready")).json()["status"] == "draining"
-            bare = httpx.ASGITransport(app=wiring.app)  # no lifespan ran: no context, so not ready either
-            async with httpx.AsyncClient(transport=bare, base_url="http://test") as client:
-                assert (await client.get("/ready")).status_code == 503
-        finally:
-            ctx.serving.close()
+        bare = httpx.ASGITransport(app=Wiring(make_settings(tiny_dir), loaded).app)  # no lifespan: no state
+        async with httpx.AsyncClient(transport=bare, base_url="http://test") as client:
+            assert (await client.get("/ready")).status_code == 503
+            assert assert_openai_error(await client.get("/v1/models"), 503)["code"] == "model_not_ready"
 
     asyncio.run(check())
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ from app.engine.engine import Engine
 from app.model.compute.loader import LoadedModel
 from app.server import DrainingServer, build_server
 from app.wiring import Wiring
-from tests.support.server import free_port, make_settings
+from tests.support.server import free_port, make_settings, wait_ready
 
 
 class Production:
@@ -50,12 +49,9 @@ class Production:
 def production(loaded: LoadedModel, tiny_dir: Path, **overrides: Any) -> Iterator[Production]:
     settings = make_settings(tiny_dir, port=free_port(), **overrides)
     wiring = Wiring(settings, loaded)
-    running = Production(build_server(wiring.app, settings, wiring.drain), wiring)
+    running = Production(build_server(wiring.app, settings, wiring.drain, wiring.failed), wiring)
     running.thread.start()
-    deadline = time.monotonic() + 60
-    while not running.server.started:
-        assert time.monotonic() < deadline and running.thread.is_alive(), "server did not start"
-        time.sleep(0.02)
+    wait_ready(running.base_url + "/ready", running.thread, lambda: running.server.started)
     try:
         yield running
     finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(url: str, thread: threading.Thread, listening: Callable[[], bool], timeout_s: float = 60) -> None:
+    """Until the server in `thread` listens and `url` (its /ready) answers 200."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=5) as http:
+        while not (listening() and http.get(url).status_code == 200):
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"server did not start or never got ready ({url})")
+            time.sleep(0.02)
+
+
 class RunningServer:
+    """Started: listening and ready (the app loads its model in the background: /ready turns 200 once warm)."""
+
     def __init__(
-        self, app: ASGIApp, port: int, generator: FaultyGenerator | None = None, wiring: Wiring | None = None
+        self,
+        app: ASGIApp,
+        port: int,
+        generator: FaultyGenerator | None = None,
+        wiring: Wiring | None = None,
+        ready_path: str = "/ready",
     ) -> None:
-        self.app = app
+        self.app, self.ready_path = app, ready_path
         self.wiring = wiring
         """What built the app (servers made by `serve`): its `context` once the server has started."""
         self.generator = generator
@@ -52,11 +69,7 @@ class RunningServer:
 
     def __enter__(self) -> RunningServer:
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
+        wait_ready(self.base_url + self.ready_path, self.thread, lambda: self.server.started)
         return self
 
     def __exit__(self, *exc: object) -> None:

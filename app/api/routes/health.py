@@ -1,4 +1,5 @@
-"""Probes and metrics: /health (process alive), /ready (model loaded, warmed, not draining), /metrics."""
+"""Probes and metrics, all answering from the moment the server listens: /health (the process is alive:
+200 while loading, ready or draining), /ready (model loaded, warmed, not draining), /metrics."""
 
 from __future__ import annotations
 
@@ -6,28 +7,33 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.context import Context
+from app.api.context import Started
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(state: Started) -> JSONResponse:
+    """200 while the process can serve or is on its way to (`loading`, `ready`, `draining`): a liveness
+    probe. 503 `failed` once start-up has failed, as the process exits."""
+    status = state.lifecycle.status
+    return JSONResponse({"status": status}, status_code=503 if status == "failed" else 200)
 
 
 @router.get("/ready")
-async def ready(ctx: Context) -> JSONResponse:
-    """200 only when loaded, warmed up and not draining: a load balancer sends traffic on 200 alone."""
-    lifecycle = ctx.lifecycle
-    status = "draining" if lifecycle.draining else "ready" if lifecycle.ready else "not ready"
-    body = {"status": status, "model": ctx.settings.model_id}
+async def ready(state: Started) -> JSONResponse:
+    """200 only when loaded, warmed up and not draining: a load balancer sends traffic on 200 alone.
+    Otherwise 503 with the `reason` (loading the model, warming up, shutting down, start-up failed)."""
+    lifecycle = state.lifecycle
+    body: dict[str, str] = {"status": lifecycle.status, "model": state.settings.model_id}
+    if (reason := lifecycle.reason) is not None:
+        body["reason"] = reason
     return JSONResponse(body, status_code=200 if lifecycle.serving else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(ctx: Context) -> Response:
+async def metrics(state: Started) -> Response:
     """Prometheus text exposition format."""
-    instruments = ctx.metrics
+    instruments = state.metrics
     instruments.sample_gpu_memory()
     return Response(generate_latest(instruments.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,11 +1,13 @@
 """Load a Voxtral checkpoint (local directory, hub id or the built-in tiny model) onto its device.
 
 The same `from_pretrained` calls serve every checkpoint, so the tiny test model exercises the
-code path a real Voxtral-Small deployment runs.
+code path a real Voxtral-Small deployment runs. `preflight` checks in a second what would otherwise
+fail minutes into a load (device, dtype, the checkpoint's files), each failure one line saying what to do.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -40,6 +42,84 @@ class LoadedModel:
     load_seconds: float
     fingerprint: str
     """`system_fingerprint` of every chat answer: files, dtype, attention kernel, device, server version."""
+
+
+CHECKPOINT_FILES = ("config.json", "tekken.json")
+"""Files every Voxtral checkpoint directory holds, besides its processor config and its weights."""
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def preflight(settings: Settings) -> None:
+    """Raise `ModelLoadError` (one line: what is wrong, what to do) on what can be known before loading:
+    a device this torch cannot use, a dtype the device cannot compute in, a checkpoint missing files."""
+    try:
+        device = torch.device(resolve_device(settings.device))
+    except RuntimeError as exc:
+        raise ModelLoadError(f"--device {settings.device!r} is not a device: use auto, cpu, cuda or cuda:N.") from exc
+    if device.type == "cuda":
+        _check_cuda(settings.device, device)
+    _check_dtype(resolve_dtype(settings.dtype, device.type), device)
+    if settings.model != TINY_MODEL:
+        check_model_source(settings.model)
+        if Path(settings.model).is_dir():
+            check_checkpoint_files(Path(settings.model))
+
+
+def _check_cuda(flag: str, device: torch.device) -> None:
+    if torch.version.cuda is None and torch.version.hip is None:
+        raise ModelLoadError(
+            f"--device {flag}: this torch ({torch.__version__}) is a CPU-only build; install torch's CUDA build "
+            "(README, 'On a GPU') or use --device cpu."
+        )
+    if not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"--device {flag}: no CUDA GPU is visible (no driver, or CUDA_VISIBLE_DEVICES hides them); "
+            "check nvidia-smi, or use --device cpu."
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {flag}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0.")
+
+
+def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    name = str(dtype).removeprefix("torch.")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"--dtype {name}: this GPU cannot compute in bfloat16; use --dtype float16.")
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_supports(dtype):
+        raise ModelLoadError(
+            f"--dtype {name}: this CPU has no {name} instructions (torch would emulate them, many times slower "
+            "than float32); use --dtype float32 (the default on a CPU)."
+        )
+
+
+def cpu_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN computes in `dtype` natively on this CPU (AVX-512 BF16/FP16, AMX, Arm BF16)."""
+    probe = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):  # a torch without the probe: let the load try
+        return True
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """A local checkpoint directory has its config, tokenizer, processor config and every weight file."""
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        missing.append(PROCESSOR_FILES[0])
+    missing += _missing_weights(path)
+    if missing:
+        raise ModelLoadError(
+            f"Checkpoint directory {str(path)!r} is missing {', '.join(missing)}: download the whole "
+            "checkpoint (e.g. `hf download mistralai/Voxtral-Mini-3B-2507 --local-dir DIR`)."
+        )
+
+
+def _missing_weights(path: Path) -> list[str]:
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        return [shard for shard in shards if not (path / shard).is_file()]
+    return [] if (path / "model.safetensors").is_file() else ["model.safetensors (or its shards and index)"]
 
 
 def resolve_device(device: str) -> str:

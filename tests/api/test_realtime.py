@@ -15,6 +15,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from app.api.realtime.protocol import MAX_PROMPT_CHARS
 from app.api.realtime.route import Connection
 from app.model.compute.loader import LoadedModel
 from tests.support.checks import wait_until
@@ -200,6 +201,29 @@ def test_a_bug_closes_the_session_with_1011_and_leaves_no_task_pending(
     gc.collect()  # a task left pending would now be reported destroyed
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith("realtime session"), errors
+
+
+def test_strings_over_their_limit_are_refused_naming_the_field(server: RunningServer) -> None:
+    """A 0.9 MB prompt would be echoed in every session.updated: refused, and the session keeps its config."""
+    raw = session(server)
+    raw.update(transcription={"language": "fr", "prompt": "p" * MAX_PROMPT_CHARS})
+    field = "session.audio.input.transcription."
+    for name, value in (("prompt", "p" * 900_000), ("language", "f" * 200), ("model", "m" * 2000)):
+        raw.send(**update(audio={"input": {"transcription": {name: value}}}), event_id=f"long-{name}")
+        error = raw.until("error")[-1]["error"]
+        assert (error["param"], error["event_id"], error["code"]) == (
+            field + name,
+            f"long-{name}",
+            "string_above_max_length",
+        ), error
+    raw.send(**update(type="t" * 1000), event_id="long-type")
+    assert raw.until("error")[-1]["error"]["param"] == "session.type"
+    raw.send(type="t" * 900_000)  # an unknown type is quoted in the message, cut short
+    assert len(json.dumps(raw.until("error")[-1])) < 1000
+    kept = raw.update()["session"]["audio"]["input"]["transcription"]
+    assert kept == {"model": "tiny", "language": "fr", "prompt": "p" * MAX_PROMPT_CHARS}
+    transcribes(raw)
+    raw.ws.close()
 
 
 def test_logprobs_when_the_session_includes_them(server: RunningServer) -> None:

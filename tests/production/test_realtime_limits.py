@@ -60,6 +60,7 @@ def test_refused_upgrades_are_logged_once_without_a_traceback(
     """Anyone can knock: a refusal is one line at info or warning, never an error with a traceback, and the
     429 says when to retry."""
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="uvicorn.error")  # a server run by `serve` leaves it at warning
     with production(loaded, tiny_dir, api_keys=["sk-good"], realtime_max_sessions=1) as running:
         good = {"additional_headers": {"Authorization": "Bearer sk-good"}}
         first = Raw(connect(ws_url(running), **good))  # type: ignore[arg-type]

@@ -81,6 +81,8 @@ class TooManySessions(VoxtralError):
     status = 429
     type = "rate_limit_error"
     code = "too_many_sessions"
+    retry_after_s = 1
+    """A slot frees whenever any session ends: worth asking again soon (the refusal costs no model work)."""
 
 
 class InternalError(VoxtralError):

@@ -21,8 +21,9 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from app.api.middleware import send_error
 from app.config import Settings
@@ -117,6 +118,34 @@ def protocol_class(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
     return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
 
 
+class QuietRefusalProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol (the one it picks by default), with a refused upgrade logged as one info
+    line (uvicorn's `"WebSocket /v1/realtime" 401`), no error and no traceback.
+
+    Anyone can knock without a key, so each refusal (401, 404, 429, 503: ASGI's denial response) must cost
+    one quiet line. uvicorn 0.54 never marks the handshake done once a denial response is sent, so every
+    refusal also logged "ASGI callable returned without completing handshake." at error level (the fix
+    proposed upstream in uvicorn PR #3138, done here); websockets' own "connection rejected" repeat of it is
+    demoted to debug.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn.logger = _RejectionsAtDebug(self.conn.logger, {})
+
+    async def send(self, message: Message) -> None:  # type: ignore[override]
+        await super().send(message)  # type: ignore[arg-type]
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True  # the denial is on the wire: the handshake is over, refused
+
+
+class _RejectionsAtDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if isinstance(msg, str) and msg.startswith("connection rejected"):
+            level = min(level, logging.DEBUG)
+        super().log(level, msg, *args, **kwargs)
+
+
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first SIGTERM/SIGINT runs `drain` before the usual shutdown, and that shuts
     down once `failed()` (the app's background start-up failed)."""
@@ -174,6 +203,7 @@ def build_server(app: object, settings: Settings, drain: Drain, failed: Failed =
         host=settings.host,
         port=settings.port,
         http=protocol_class(settings.header_read_timeout_s),
+        ws=QuietRefusalProtocol,
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # float works: call_later
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,

@@ -9,13 +9,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import QueueFull, VoxtralError, error_body
+from app.errors import QueueFull, TooManySessions, VoxtralError, error_body
 
 log = logging.getLogger(__name__)
 
 
 def error_response(exc: VoxtralError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+    """The HTTP answer to `exc` (a refused WebSocket upgrade too); a 429 says when to retry."""
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull | TooManySessions) else None
     return JSONResponse(exc.error_body(), exc.status, headers=headers)
 
 

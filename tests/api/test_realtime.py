@@ -4,16 +4,21 @@ schemas when OPENAI_OPENAPI_SPEC names the spec (see `tests/support/realtime_cli
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from app.api.realtime.protocol import MAX_PROMPT_CHARS
+from app.api.realtime.route import Connection
 from app.model.compute.loader import LoadedModel
+from tests.support.checks import wait_until
 from tests.support.realtime_client import (
     COMPLETED,
     Raw,
@@ -142,6 +147,82 @@ def test_refused_events_get_error_events_and_the_session_goes_on(server: Running
     raw.append(encode(sentence(), "audio/pcm"), 4800)
     raw.send(type="input_audio_buffer.commit")
     assert raw.until(COMPLETED)[-1]["transcript"] is not None
+    raw.ws.close()
+
+
+def transcribes(raw: Raw) -> None:
+    """The session still transcribes: a manual commit of a sentence gets its `.completed`."""
+    raw.update(turn_detection=None)
+    raw.append(encode(sentence(), "audio/pcm"), 4800)
+    raw.send(type="input_audio_buffer.commit")
+    assert raw.until(COMPLETED)[-1]["transcript"] is not None
+
+
+@pytest.mark.parametrize("opening", ["[", '{"a":'])
+def test_json_nested_too_deeply_gets_an_error_and_the_session_goes_on(
+    server: RunningServer, opening: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """200 KB of brackets makes Python's parser recurse past its limit: an error event, not a closed socket
+    (nor a task left pending)."""
+    caplog.set_level(logging.WARNING)
+    raw = session(server)
+    raw.ws.send(opening * (200_000 // len(opening)))
+    error = raw.until("error")[-1]["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_json"), error
+    transcribes(raw)
+    raw.ws.close()
+    gc.collect()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+
+
+def test_a_bug_closes_the_session_with_1011_and_leaves_no_task_pending(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug while handling an event ends the session with 1011 (logged), its utterances cancelled."""
+    handle = Connection._handle
+
+    async def buggy(self: Connection, message: Any) -> None:
+        if message.get("text") == '"bug"':
+            raise RuntimeError("a bug")
+        await handle(self, message)
+
+    monkeypatch.setattr(Connection, "_handle", buggy)
+    caplog.set_level(logging.WARNING)
+    raw = session(server)
+    raw.update(turn_detection=None)
+    raw.append(encode(sentence(), "audio/pcm"), 4800)
+    raw.send(type="input_audio_buffer.commit")  # an utterance in flight when the bug strikes
+    raw.ws.send('"bug"')
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            raw.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    wait_until(lambda: server.context.realtime.slots.open == 0, "the session is closed")
+    gc.collect()  # a task left pending would now be reported destroyed
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("realtime session"), errors
+
+
+def test_strings_over_their_limit_are_refused_naming_the_field(server: RunningServer) -> None:
+    """A 0.9 MB prompt would be echoed in every session.updated: refused, and the session keeps its config."""
+    raw = session(server)
+    raw.update(transcription={"language": "fr", "prompt": "p" * MAX_PROMPT_CHARS})
+    field = "session.audio.input.transcription."
+    for name, value in (("prompt", "p" * 900_000), ("language", "f" * 200), ("model", "m" * 2000)):
+        raw.send(**update(audio={"input": {"transcription": {name: value}}}), event_id=f"long-{name}")
+        error = raw.until("error")[-1]["error"]
+        assert (error["param"], error["event_id"], error["code"]) == (
+            field + name,
+            f"long-{name}",
+            "string_above_max_length",
+        ), error
+    raw.send(**update(type="t" * 1000), event_id="long-type")
+    assert raw.until("error")[-1]["error"]["param"] == "session.type"
+    raw.send(type="t" * 900_000)  # an unknown type is quoted in the message, cut short
+    assert len(json.dumps(raw.until("error")[-1])) < 1000
+    kept = raw.update()["session"]["audio"]["input"]["transcription"]
+    assert kept == {"model": "tiny", "language": "fr", "prompt": "p" * MAX_PROMPT_CHARS}
+    transcribes(raw)
     raw.ws.close()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import signal
 import time
 from collections.abc import Iterator
@@ -51,6 +52,38 @@ def test_sessions_over_the_limit_are_refused_at_the_upgrade(limited: RunningServ
     wait_until(lambda: limited.context.realtime.slots.open == 0, "the first session is closed")
     open_session(limited.base_url).ws.close()
     wait_until(lambda: limited.context.realtime.slots.open == 0, "the second session is closed")
+
+
+def test_refused_upgrades_are_logged_once_without_a_traceback(
+    loaded: LoadedModel, tiny_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone can knock: a refusal is one line at info or warning, never an error with a traceback, and the
+    429 says when to retry."""
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="uvicorn.error")  # a server run by `serve` leaves it at warning
+    with production(loaded, tiny_dir, api_keys=["sk-good"], realtime_max_sessions=1) as running:
+        good = {"additional_headers": {"Authorization": "Bearer sk-good"}}
+        first = Raw(connect(ws_url(running), **good))  # type: ignore[arg-type]
+        assert first.recv()["type"] == "session.created"
+        caplog.clear()
+        statuses = []
+        for kwargs in ({}, {"additional_headers": {"Authorization": "Bearer sk-bad"}}, good) * 2:
+            with pytest.raises(InvalidStatus) as refused:
+                connect(ws_url(running), **kwargs)  # type: ignore[arg-type]
+            statuses.append(refused.value.response.status_code)
+            if statuses[-1] == 429:
+                assert refused.value.response.headers["Retry-After"] == "1"
+        first.ws.close()
+        wait_until(lambda: running.context.realtime.slots.open == 0, "the session is closed")
+    assert statuses == [401, 401, 429] * 2
+    said = [r for r in caplog.records if r.levelno >= logging.INFO]
+    lines = [r for r in said if "/v1/realtime" in r.getMessage() and "accepted" not in r.getMessage()]
+    assert len(lines) == len(statuses), [r.getMessage() for r in lines]
+    assert not [r for r in said if "rejected" in r.getMessage()]  # once: websockets' repeat is at debug
+    assert all(r.levelno in (logging.INFO, logging.WARNING) for r in lines), [r.getMessage() for r in lines]
+    server_side = [r for r in said if not r.name.startswith("websockets.client")]
+    loud = [r for r in server_side if r.levelno >= logging.ERROR or r.exc_info]
+    assert not loud, [(r.name, r.getMessage()) for r in loud]
 
 
 def test_an_event_over_the_size_limit_gets_an_error_and_the_session_goes_on(limited: RunningServer) -> None:

@@ -1,5 +1,11 @@
 """The wire: client events parsed into pydantic models (unknown fields ignored) and then into the session's
-typed commands; the session's typed events rendered as dicts in the shapes of OpenAI's GA realtime schemas."""
+typed commands; the session's typed events rendered as dicts in the shapes of OpenAI's GA realtime schemas.
+
+Every string a session keeps and echoes (in each `session.updated`, or in an error message) has a length
+limit, so a client cannot make the server hold or send back more than a few KB per event: OpenAI's where its
+spec states one (`event_id`: 512), ours otherwise (below). One over its limit is refused with an `error` event
+whose `param` names it (code `string_above_max_length`), and the session keeps its configuration.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,14 @@ from app.serving.realtime.config import KEEP, ServerVad, SessionConfig, Transcri
 
 LOGPROBS = "item.input_audio_transcription.logprobs"
 _DELTA = "conversation.item.input_audio_transcription.delta"
+MAX_PROMPT_CHARS = 4096
+"""`transcription.prompt` (OpenAI states no limit; Voxtral's transcription takes no prompt: it is only echoed)."""
+MAX_MODEL_CHARS = 256
+"""`transcription.model`: a Hugging Face id or a served alias."""
+MAX_LANGUAGE_CHARS = 32
+"""`transcription.language`: an ISO-639-1 code, with room for spaces and case."""
+MAX_TYPE_CHARS = 64
+"""`session.type`, and the most of an unknown event `type` an error message quotes."""
 
 
 class _Wire(BaseModel):
@@ -31,9 +45,9 @@ class FormatIn(_Wire):
 
 
 class TranscriptionIn(_Wire):
-    model: str | None = None
-    language: str | None = None
-    prompt: str | None = None
+    model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
+    language: str | None = Field(None, max_length=MAX_LANGUAGE_CHARS)
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
 
 
 class TurnDetectionIn(_Wire):
@@ -55,7 +69,7 @@ class AudioIn(_Wire):
 
 
 class SessionIn(_Wire):
-    type: str
+    type: str = Field(max_length=MAX_TYPE_CHARS)
     audio: AudioIn | None = None
     include: list[str] | None = None
 
@@ -93,7 +107,8 @@ def parse(data: dict[str, Any]) -> ClientEvent:
     model = EVENTS.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise InvalidRequest(
-            f"Invalid value: {kind!r}. Supported values are: {', '.join(EVENTS)} (this is a transcription session).",
+            f"Invalid value: {_quoted(kind)}. Supported values are: {', '.join(EVENTS)} (this is a transcription "
+            "session).",
             param="type",
             code="invalid_value" if kind is not None else "missing_required_parameter",
         )
@@ -102,9 +117,14 @@ def parse(data: dict[str, Any]) -> ClientEvent:
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
-        raise InvalidRequest(
-            f"Invalid {kind} event: {where}: {error['msg']}", param=where, code="invalid_value"
-        ) from None
+        code = "string_above_max_length" if error["type"] == "string_too_long" else "invalid_value"
+        raise InvalidRequest(f"Invalid {kind} event: {where}: {error['msg']}", param=where, code=code) from None
+
+
+def _quoted(value: object) -> str:
+    """`value` as an error message quotes it: its repr, cut to MAX_TYPE_CHARS (the message is sent back)."""
+    shown = repr(value)
+    return shown if len(shown) <= MAX_TYPE_CHARS else shown[: MAX_TYPE_CHARS - 3] + "..."
 
 
 def command(message: ClientEvent) -> cmd.Command:

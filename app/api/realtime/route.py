@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["realtime"])
 GOING_AWAY = 1001
 """The close code of a session ended by a drain: the client should reconnect (to another replica)."""
+INTERNAL_ERROR = 1011
+"""The close code of a session ended by a bug in this server (logged with its traceback)."""
 
 
 @router.websocket("/v1/realtime")
@@ -91,8 +93,11 @@ class Connection:
                 await writer
         except ConnectionGone:
             code = 0
+        except Exception:  # a bug: close with 1011, and leave no task of the session pending
+            log.exception("realtime session %s failed", self.session.id)
+            code = INTERNAL_ERROR
         finally:
-            if code == 0:
+            if code in (0, INTERNAL_ERROR):
                 self.session.cancel()
             writer.cancel()
             with contextlib.suppress(Exception):
@@ -148,6 +153,9 @@ class Connection:
             data = json.loads(text)
         except ValueError:
             data = None
+        except RecursionError:  # nested past the parser's recursion limit (no event nests deeper than 6)
+            error = InvalidRequest("The event is nested too deeply to parse.", code="invalid_json")
+            return await self.emit(ev.Error(error))
         if not isinstance(data, dict):
             return await self.emit(ev.Error(InvalidRequest("The event is not a JSON object.", code="invalid_json")))
         await self._command(data)

@@ -72,7 +72,9 @@ class Wiring:
         self.engine = self._engine(runtime)
         serving = Serving(self.settings, self.engine, runtime)
         realtime = RealtimeServing(serving.prep, serving.transcriptions, self.settings, self.metrics)
-        return AppContext(self.settings, self.metrics, self.lifecycle, serving, realtime, self.created)
+        return AppContext(
+            self.settings, self.metrics, self.lifecycle, serving, realtime, self.created, model.random_weights
+        )
 
     def _engine(self, runtime: ModelRuntime) -> Engine:
         return Engine(

@@ -12,6 +12,7 @@ from starlette.types import Lifespan
 
 from app.api import errors, openapi
 from app.api.auth import ApiKeyAuth, load_api_keys, warn_if_open
+from app.api.demo import RandomWeightsHeader
 from app.api.lifecycle import DrainGuard, Lifecycle
 from app.api.middleware import BodyLimits, RequestContext, Route
 from app.api.realtime import route as realtime
@@ -45,5 +46,6 @@ def install_middleware(
     body_limit = settings.max_upload_bytes * 4 // 3 + 1024 * 1024  # base64 in JSON is 4/3 the file
     app.add_middleware(BodyLimits, max_bytes=body_limit, timeout_s=settings.body_read_timeout_s)
     app.add_middleware(DrainGuard, lifecycle=lifecycle)
+    app.add_middleware(RandomWeightsHeader)
     app.add_middleware(ApiKeyAuth, keys=keys, protect_metrics=settings.metrics_require_key)
     app.add_middleware(RequestContext, metrics=metrics, routes=routes, log_prompts=settings.log_prompts)

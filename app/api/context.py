@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends
 from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
 from app.api.lifecycle import Lifecycle
 from app.config import Settings
@@ -35,6 +36,8 @@ class AppContext:
     realtime: RealtimeServing
     created: int
     """Unix time the app was built: the `created` of /v1/models."""
+    random_weights: bool = False
+    """The model's weights are random (the built-in tiny demo): every answer says so (`RANDOM_WEIGHTS_HEADER`)."""
 
 
 class Startup:
@@ -44,6 +47,16 @@ class Startup:
     def __init__(self, settings: Settings, metrics: Metrics, lifecycle: Lifecycle) -> None:
         self.settings, self.metrics, self.lifecycle = settings, metrics, lifecycle
         self.context: AppContext | None = None
+
+
+RANDOM_WEIGHTS_HEADER = "x-voxtral-random-weights"
+"""`true` on every /v1 answer (and realtime upgrade) of a model with random weights: its output is noise."""
+
+
+def random_weights(scope: Scope) -> bool:
+    """Whether the app behind this connection serves random weights (False until its model has loaded)."""
+    state = scope.get("state", {}).get(STATE_KEY)
+    return isinstance(state, Startup) and state.context is not None and state.context.random_weights
 
 
 def startup(conn: HTTPConnection) -> Startup:

@@ -159,8 +159,9 @@ class RequestContext:
         }
         if self.log_prompts:
             line.update(record.texts())
-        # Probes and scrapes arrive every few seconds: at info level they would drown the request lines.
-        level = logging.INFO if endpoint is not None or status >= 400 else logging.DEBUG
+        # Probes, scrapes (refused or not) and the playground's files arrive every few seconds: at info level
+        # they would drown the /v1 request lines (docs/production.md: "probes and scrapes at debug").
+        level = logging.INFO if endpoint is not None else logging.DEBUG
         log.log(level, "%s %s %d", line["method"], line["path"], status, extra={FIELDS: line})
 
     def _observe(self, endpoint: str, status: int, elapsed: float, record: RequestRecord) -> None:

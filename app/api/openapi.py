@@ -1,8 +1,10 @@
 """The OpenAPI document says what the server really sends: OpenAI's error shape on the statuses
-it uses (never FastAPI's 422, which the error handlers turn into 400)."""
+it uses (never FastAPI's 422, which the error handlers turn into 400), and every route, the realtime
+WebSocket included (FastAPI leaves WebSocket routes out: it is described here by hand)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
@@ -39,11 +41,32 @@ _ERRORS = {
 }
 
 
+REALTIME: dict[str, Any] = {
+    "get": {
+        "tags": ["realtime"],
+        "summary": "Realtime transcription session (WebSocket)",
+        "description": (
+            "Upgrade to a WebSocket speaking OpenAI's realtime transcription events: input_audio_buffer.append "
+            "in, conversation.item.input_audio_transcription.delta / .completed out (README: Realtime "
+            "transcription). Subprotocol `realtime` offered by the OpenAI SDK is accepted. A refused upgrade is "
+            "an HTTP answer in OpenAI's error shape."
+        ),
+        "operationId": "realtime_v1_realtime_get",
+        "parameters": [
+            {"name": "model", "in": "query", "required": False, "schema": {"type": "string"}},
+            {"name": "intent", "in": "query", "required": False, "schema": {"type": "string"}},
+        ],
+        "responses": {"101": {"description": "Switching Protocols: the session is open"}},
+    }
+}
+
+
 def install(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             schema.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = ERROR_SCHEMA
+            schema["paths"]["/v1/realtime"] = copy.deepcopy(REALTIME)
             for path, operations in schema["paths"].items():
                 for operation in operations.values():
                     _declare_errors(operation["responses"], is_api_path(path))

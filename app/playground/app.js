@@ -58,7 +58,8 @@ function askForKey() {
 }
 
 // /ready needs no key and names the model, so the page can show it (and send requests that get the server's
-// own answer) before a key is in; /v1/models then tells whether the key works.
+// own answer) before a key is in; /v1/models then tells whether the key works. While the server starts
+// (/v1 answers 503 model_not_ready) the page says so and asks again.
 async function connect() {
   try {
     const ready = await fetch("ready").then((r) => r.json());
@@ -67,12 +68,20 @@ async function connect() {
     // a proxy that exposes only /v1: the model comes from /v1/models below
   }
   try {
-    const models = await (await request("v1/models")).json();
+    const response = await request("v1/models");
+    const models = await response.json();
     state.model = models.data[0].id;
     $("server-status").textContent = `Model: ${state.model}`;
+    // The server marks the answers of random weights (the built-in demo model): say so where users look.
+    $("random-weights").hidden = response.headers.get("x-voxtral-random-weights") !== "true";
     $("key-form").hidden = true;
     clearError();
   } catch (error) {
+    if (error.status === 503) {
+      $("server-status").textContent = "Starting: the model is loading…";
+      setTimeout(connect, 2000);
+      return;
+    }
     $("server-status").textContent = error.status === 401 ? "Needs an API key" : "Server not reachable";
     showError(error);
   }

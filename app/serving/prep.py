@@ -32,9 +32,10 @@ class Prep:
 
     @property
     def model_ids(self) -> set[str]:
-        """The names this server answers to: its model id, the --model value and the aliases."""
+        """The names this server answers to: its model id (--served-model-name, else the --model value) and
+        the aliases. With --served-model-name the --model value is not one of them (vLLM's behaviour)."""
         s = self.settings
-        return {s.model_id, s.model, *s.model_aliases}
+        return {s.model_id, *s.model_aliases}
 
     def check_model(self, model: str | None) -> None:
         if model and model not in self.model_ids:

@@ -110,6 +110,13 @@ def test_no_playground_turns_it_off(loaded: LoadedModel, tiny_dir: Path) -> None
         assert http.get("/v1/models").status_code == 200
 
 
+def test_the_page_says_the_demo_model_has_random_weights(page: Page) -> None:
+    banner = page.page.get_by_role("note")
+    expect(banner).to_be_visible()
+    expect(banner).to_contain_text("random weights")
+    page.screenshot("random-weights-banner")
+
+
 # -- the three tasks ----------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import pytest
 from app.logs import FIELDS, JsonFormatter, TextFormatter, configure_logging
 from app.model.compute.loader import LoadedModel
 from tests.support.access_log import AccessLog
+from tests.support.checks import wait_until
 from tests.support.server import AUDIO, make_settings, serve
 
 MARKER = "PURPLE-GIRAFFE-4417"
@@ -103,6 +104,25 @@ def test_errors_are_logged_with_their_status(running: Any, access: AccessLog) ->
         assert http.post("/v1/chat/completions", json={"model": "tiny"}).status_code == 400
     [line] = access.lines(1)
     assert line["status"] == 400 and line["completion_tokens"] == 0
+
+
+def test_probes_scrapes_and_refused_scrapes_are_debug_lines_only(
+    loaded: LoadedModel, tiny_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/production.md: `info` writes one line per /v1 request; probes and scrapes (a scraper without the
+    key included) are logged at debug, so a probe every few seconds never drowns the request lines."""
+    caplog.set_level(logging.DEBUG, logger="voxtral.access")
+    with serve(loaded, tiny_dir, api_keys=["k"], metrics_require_key=True) as server, server.http() as http:
+        assert [http.get(p).status_code for p in ("/health", "/ready", "/metrics")] == [200, 200, 401]
+        assert http.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
+        wait_until(lambda: len([r for r in caplog.records if r.name == "voxtral.access"]) >= 4, "4 access lines")
+    levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "voxtral.access"}
+    assert levels == {
+        "GET /health 200": logging.DEBUG,
+        "GET /ready 200": logging.DEBUG,
+        "GET /metrics 401": logging.DEBUG,
+        "GET /v1/models 200": logging.INFO,
+    }
 
 
 @pytest.fixture

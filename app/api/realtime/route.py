@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from app.api.context import Context
+from app.api.context import RANDOM_WEIGHTS_HEADER, Context
 from app.api.errors import error_response
 from app.api.jsonbody import dumps
 from app.api.lifecycle import Lifecycle
@@ -46,7 +46,8 @@ async def realtime(websocket: WebSocket, ctx: Context) -> None:
         return await _deny(websocket, exc)
     try:
         offered = websocket.scope.get("subprotocols", [])
-        await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
+        marked = [(RANDOM_WEIGHTS_HEADER.encode(), b"true")] if ctx.random_weights else None
+        await websocket.accept(subprotocol="realtime" if "realtime" in offered else None, headers=marked)
         connection = Connection(websocket, service, ctx.settings, ctx.lifecycle)
         code = await connection.run()
         log.info("realtime session %s ended (close code %d; 0: the client left)", connection.session.id, code)

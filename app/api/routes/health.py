@@ -12,7 +12,10 @@ from app.api.context import Started
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+_STATUS = {"application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string"}}}}}
+
+
+@router.get("/health", responses={503: {"description": "Start-up failed; the process is exiting", "content": _STATUS}})
 async def health(state: Started) -> JSONResponse:
     """200 while the process can serve or is on its way to (`loading`, `ready`, `draining`): a liveness
     probe. 503 `failed` once start-up has failed, as the process exits."""
@@ -20,7 +23,7 @@ async def health(state: Started) -> JSONResponse:
     return JSONResponse({"status": status}, status_code=503 if status == "failed" else 200)
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "Loading, warming up or draining", "content": _STATUS}})
 async def ready(state: Started) -> JSONResponse:
     """200 only when loaded, warmed up and not draining: a load balancer sends traffic on 200 alone.
     Otherwise 503 with the `reason` (loading the model, warming up, shutting down, start-up failed)."""

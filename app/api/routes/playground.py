@@ -46,5 +46,15 @@ def install(app: FastAPI) -> None:
     async def page() -> FileResponse:
         return FileResponse(FILES / "index.html", media_type="text/html; charset=utf-8", headers=HEADERS)
 
-    app.add_api_route("/", page, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route(
+        "/",
+        page,
+        methods=["GET"],
+        summary="The browser playground",
+        description="An HTML page that transcribes, asks and streams live audio through /v1 (README: playground).",
+        response_class=FileResponse,
+        responses={200: {"content": {"text/html": {}}, "description": "The playground page"}},
+        tags=["playground"],
+    )
+    app.add_api_route("/", page, methods=["HEAD"], include_in_schema=False)
     app.mount("/playground", _Files(directory=FILES), name="playground")

@@ -185,10 +185,18 @@ class RealtimeSettings(BaseSettings):
     """Server events waiting for a slow client. When full, the session stops reading the client (which then
     cannot send faster than it reads) and decoding for it waits: memory stays bounded whatever the client does."""
 
+    realtime_max_pending_utterances: int = 4
+    """Utterances of one session committed and not yet answered. A commit past this is answered at once with
+    `conversation.item.input_audio_transcription.failed` (code `rate_limit_exceeded`) instead of queueing: a
+    session that commits faster than it is answered cannot take the queue from the others. Speech in real time
+    has one or two pending."""
+
     @model_validator(mode="after")
     def _check_realtime(self) -> Self:
         if self.realtime_max_sessions < 0 or self.realtime_max_pending_events < 1:
             raise ValueError("realtime_max_sessions must be at least 0 and realtime_max_pending_events at least 1")
+        if self.realtime_max_pending_utterances < 1:
+            raise ValueError("realtime_max_pending_utterances must be at least 1")
         if not 1.0 <= self.realtime_max_utterance_s <= 30.0:
             raise ValueError("realtime_max_utterance_s must be between 1 and 30 (Voxtral's window)")
         if self.realtime_idle_timeout_s <= 0 or self.realtime_max_message_mb <= 0:
@@ -208,6 +216,12 @@ class EngineSettings(BaseSettings):
     max_queue: int = 512
     """Requests waiting for the model. Full means 429 at once: a low limit refuses requests instead of
     making them wait too long."""
+    max_queued_per_client: int = 256
+    """Queue places one client may hold at once: an API key (by a hash of it), or a client address when no key
+    is configured; each realtime session counts as a client of its own. More is a 429 `rate_limit_exceeded`
+    (with Retry-After) while the others still have room. A client with nothing queued may always queue one
+    request, however many pieces a long file makes. Waiting requests join the batch round-robin across clients
+    whatever this is."""
     max_batch_size: int = 32
     """Rows decoded together. Larger raises throughput until the GPU is saturated, at some latency cost."""
     max_batch_tokens: int = 32768
@@ -242,8 +256,8 @@ class EngineSettings(BaseSettings):
     def _check_engine(self) -> Self:
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        if self.max_queue < 1:
-            raise ValueError("max_queue must be at least 1")
+        if self.max_queue < 1 or self.max_queued_per_client < 1:
+            raise ValueError("max_queue and max_queued_per_client must be at least 1")
         if self.max_batch_tokens < 1 or self.max_running_tokens < 1:
             raise ValueError("max_batch_tokens and max_running_tokens must be at least 1")
         if self.prep_threads < 1 or self.torch_threads < 0:

@@ -77,6 +77,13 @@ class QueueFull(VoxtralError):
         self.retry_after_s = retry_after_s
 
 
+class RateLimited(QueueFull):
+    """One client (an API key, a realtime session) already holds its share of the queue: the others still
+    have room. A 429 with `Retry-After`, as `queue_full`; OpenAI's code for a client over its limit."""
+
+    code = "rate_limit_exceeded"
+
+
 class TooManySessions(VoxtralError):
     status = 429
     type = "rate_limit_error"

@@ -71,6 +71,13 @@ class Metrics:
             registry=r,
         )
 
+        self.refusals = Counter(
+            "voxtral_refusals",
+            "Requests and realtime utterances refused before they ran, by reason (queue_full, client_queued, "
+            "session_pending)",
+            ["reason"],
+            registry=r,
+        )
         self.realtime_sessions = Gauge("voxtral_realtime_sessions", "Realtime (WebSocket) sessions open", registry=r)
         self.realtime_utterances = Counter(
             "voxtral_realtime_utterances", "Realtime utterances answered, by outcome", ["outcome"], registry=r

@@ -16,6 +16,7 @@ def select_batch(
     running: tuple[int, int] = (0, 0),
     max_running_tokens: int | None = None,
     rows: Sequence[int] | None = None,
+    rounds: Sequence[int] | None = None,
 ) -> list[int]:
     """Indices (into `lengths`, oldest first) of the requests to prefill together.
 
@@ -29,6 +30,10 @@ def select_batch(
 
     `rows`: how many rows each request decodes (`n`, from one prefill): they count against `max_rows` and
     the running budget; the prefill budget counts each prompt once.
+
+    `rounds`: each request's fair-sharing round (fairness.py), in `lengths`' order, which is then the order
+    of service rather than of age: a lower round goes before any higher one, and length similarity orders
+    requests only within a round. The budgets apply as without it.
     """
     if not lengths or max_rows <= 0:
         return []
@@ -44,7 +49,8 @@ def select_batch(
     anchor = lengths[0]
     if rows_running and not fits(weight[0], anchor):
         return []
-    order = sorted(range(1, len(lengths)), key=lambda i: (abs(lengths[i] - anchor), i))
+    round_of = list(rounds) if rounds is not None else [0] * len(lengths)
+    order = sorted(range(1, len(lengths)), key=lambda i: (round_of[i], abs(lengths[i] - anchor), i))
     chosen = [0]
     longest, taken = anchor, weight[0]
     for i in order:

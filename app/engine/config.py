@@ -23,6 +23,8 @@ class EngineConfig:
     continuous_batching: bool = True
     max_running_tokens: int | None = None
     """None: no budget on the running batch's KV cache (the settings always give one)."""
+    max_queued_per_owner: int | None = None
+    """Queue places one owner (a client) may hold; None: no cap but the queue's."""
 
     @property
     def max_wait_s(self) -> float:
@@ -38,4 +40,5 @@ class EngineConfig:
             request_timeout_s=settings.request_timeout_s,
             continuous_batching=settings.continuous_batching,
             max_running_tokens=settings.max_running_tokens,
+            max_queued_per_owner=settings.max_queued_per_client,
         )

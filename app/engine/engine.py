@@ -19,8 +19,9 @@ from app.engine.queue import RequestQueue
 from app.engine.runner import ModelRunner
 from app.engine.ticket import Ticket
 from app.engine.worker import ModelWorker
-from app.errors import ShuttingDown
+from app.errors import QueueFull, RateLimited, ShuttingDown
 from app.metrics import Metrics
+from app.refusals import Refusals
 from app.types import GenerationResult, PreparedRequest
 
 
@@ -29,6 +30,7 @@ class Reservation:
     """A queue place that `Engine.admission()` holds while a request is prepared; the first submit
     given it takes the place over, so the prepared request cannot be refused for want of room."""
 
+    owner: str = ""
     held: bool = True
 
 
@@ -46,7 +48,10 @@ class Engine:
         self._metrics = metrics
         self._wake: Callable[[], object] | None = None
         """Set while `drain` waits: wakes it from the worker thread or a queue change."""
-        self._queue = RequestQueue(config.max_queue, on_change=self._queue_changed)
+        self._refusals = Refusals(metrics)
+        self._queue = RequestQueue(
+            config.max_queue, on_change=self._queue_changed, max_per_owner=config.max_queued_per_owner
+        )
         self._worker = ModelWorker(
             generator,
             self._queue,
@@ -63,43 +68,62 @@ class Engine:
         self._accepting = True
 
     @contextlib.contextmanager
-    def admission(self) -> Iterator[Reservation]:
-        """Hold a queue place while a request is prepared: a full queue is a 429 before any decoding.
-        Pass the reservation to the submit; a place no submit took over is given back on exit."""
+    def admission(self, owner: str = "") -> Iterator[Reservation]:
+        """Hold a queue place while a request is prepared: a full queue, or an `owner` (an opaque client key)
+        past its share, is a 429 before any decoding. Pass the reservation to the submit; a place no submit
+        took over is given back on exit."""
         if not self._accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
-        self._queue.reserve()
-        reservation = Reservation()
+        with self._noting_refusal(owner):
+            self._queue.reserve(owner)
+        reservation = Reservation(owner)
         try:
             yield reservation
         finally:
             if reservation.held:
-                self._queue.release()
+                self._queue.release(owner)
 
     def submit(
-        self, request: PreparedRequest, *, stream: bool = False, reservation: Reservation | None = None
+        self, request: PreparedRequest, *, stream: bool = False, reservation: Reservation | None = None, owner: str = ""
     ) -> Ticket:
-        """Enqueue at once or raise QueueFull / ShuttingDown; never blocks. `stream`: the ticket's
+        """Enqueue at once or raise QueueFull / RateLimited / ShuttingDown; never blocks. `stream`: the ticket's
         `events()` carries tokens as they decode (otherwise only its `result()` is awaited)."""
-        return self.submit_many([request], stream=stream, reservation=reservation)[0]
+        return self.submit_many([request], stream=stream, reservation=reservation, owner=owner)[0]
 
     def submit_many(
-        self, requests: list[PreparedRequest], *, stream: bool = False, reservation: Reservation | None = None
+        self,
+        requests: list[PreparedRequest],
+        *,
+        stream: bool = False,
+        reservation: Reservation | None = None,
+        owner: str = "",
     ) -> list[Ticket]:
         """Enqueue all or none (one queue lock), so related requests can share their first prefill.
-        Without a reservation (or with one already taken over) the requests need places of their own."""
+        Without a reservation (or with one already taken over) the requests need places of their own.
+        `owner`: whose requests they are (a reservation's owner wins): fair order and per-owner cap."""
         if not self._accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
+        owner = reservation.owner if reservation is not None else owner
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.config.request_timeout_s
         items = [
-            WorkItem(request=r, loop=loop, deadline=deadline, stream=stream, on_cancel=self._queue.discard)
+            WorkItem(request=r, loop=loop, deadline=deadline, stream=stream, owner=owner, on_cancel=self._queue.discard)
             for r in requests
         ]
-        self._queue.put_many(items, reserved=reservation is not None and reservation.held)
+        with self._noting_refusal(owner):
+            self._queue.put_many(items, reserved=reservation is not None and reservation.held)
         if reservation is not None:  # only once enqueued: a refused submit leaves the place to admission
             reservation.held = False
         return [Ticket(item, self.config.request_timeout_s) for item in items]
+
+    @contextlib.contextmanager
+    def _noting_refusal(self, owner: str) -> Iterator[None]:
+        """A full queue or an owner past its share is counted and logged (rate-limited), then raised."""
+        try:
+            yield
+        except QueueFull as exc:
+            self._refusals.note("client_queued" if isinstance(exc, RateLimited) else "queue_full", owner, exc.message)
+            raise
 
     async def generate(self, request: PreparedRequest) -> GenerationResult:
         """Submit and wait: one request's whole answer (the warm-up's)."""

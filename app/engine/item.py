@@ -27,6 +27,8 @@ class WorkItem:
     loop: asyncio.AbstractEventLoop
     deadline: float
     stream: bool = False
+    owner: str = ""
+    """Whose request it is (an opaque client key): the queue's per-owner cap and fair order count by it."""
     key: int = field(default_factory=itertools.count().__next__)
     """Unique in the process: the model rows of this request carry it (`Row.key`), never the item."""
     enqueued_at: float = field(default_factory=time.monotonic)

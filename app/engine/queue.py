@@ -1,60 +1,88 @@
 """The one bounded queue between the event loop and the model worker.
 
-Full means `QueueFull` (429) at once rather than an unbounded wait. Entries whose client went
-away, or whose deadline passed, are skipped when a batch is taken, before they cost compute.
+Full means `QueueFull` (429) at once rather than an unbounded wait; one owner (client) past its share
+means `RateLimited` (429) while the others still have room. Batches are taken in fair order, round-robin
+across owners (fairness.py). Entries whose client went away, or whose deadline passed, are skipped when a
+batch is taken, before they cost compute.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from app.engine.batcher import select_batch
+from app.engine.fairness import fair_order, over_share
 from app.engine.item import WorkItem
 from app.engine.scheduler import Take
-from app.errors import QueueFull, RequestTimeout, ShuttingDown
+from app.errors import QueueFull, RateLimited, RequestTimeout, ShuttingDown
 
 
 class RequestQueue:
-    def __init__(self, max_size: int, on_change: Callable[[int], None] | None = None) -> None:
-        self.max_size = max_size
+    def __init__(
+        self, max_size: int, on_change: Callable[[int], None] | None = None, *, max_per_owner: int | None = None
+    ) -> None:
+        self.max_size, self.max_per_owner = max_size, max_per_owner
         self._items: list[WorkItem] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._reserved = 0
-        """Requests admitted but still being prepared (audio decoding, features): they count as queued."""
+        self._reserved: Counter[str] = Counter()
+        """Places admitted but still being prepared (audio decoding, features), by owner: they count as queued."""
         self._on_change = on_change or (lambda depth: None)
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def reserve(self) -> None:
+    def reserve(self, owner: str = "") -> None:
         """Claim a place before the expensive preparation, so an overloaded server refuses at once."""
         with self._cond:
-            self._check_room(1)
-            self._reserved += 1
+            self._check_room(1, owner, 1)
+            self._reserved[owner] += 1
 
-    def release(self) -> None:
+    def release(self, owner: str = "") -> None:
         with self._cond:
-            self._reserved = max(0, self._reserved - 1)
+            self._unreserve(owner)
 
-    def _check_room(self, wanted: int) -> None:
+    def _unreserve(self, owner: str) -> None:
+        self._reserved[owner] -= 1
+        if self._reserved[owner] <= 0:
+            del self._reserved[owner]
+
+    def held_by(self, owner: str) -> int:
+        """Places `owner` holds: queued requests and reservations."""
+        with self._cond:
+            return self._reserved[owner] + sum(item.owner == owner for item in self._items)
+
+    def _check_room(self, wanted: int, owner: str, group: int, reserved: bool = False) -> None:
+        """`wanted` new places for a group of `group` requests of `owner` (`reserved`: one of them holds a
+        reservation already, which is not counted against the owner's share)."""
         if self._closed:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
-        if len(self._items) + self._reserved + wanted > self.max_size:
+        if len(self._items) + self._reserved.total() + wanted > self.max_size:
             raise QueueFull(f"The server is at capacity ({self.max_size} requests queued); retry shortly.")
+        held = self._reserved[owner] - int(reserved) + sum(item.owner == owner for item in self._items)
+        if over_share(held, group, self.max_per_owner):
+            raise RateLimited(
+                f"This client already has {held} requests waiting (at most {self.max_per_owner}); retry when "
+                "some are answered."
+            )
 
     def put(self, item: WorkItem) -> None:
         self.put_many([item])
 
     def put_many(self, items: list[WorkItem], *, reserved: bool = False) -> None:
-        """All or nothing, under one lock: the pieces of one long file reach the batcher together.
-        `reserved`: the caller holds a place from `reserve()`, which these items now take over."""
+        """All or nothing, under one lock: the pieces of one long file reach the batcher together. The items
+        share one owner. `reserved`: the caller holds a place from `reserve()`, which these items now take over."""
+        if not items:
+            return
+        owner = items[0].owner
         with self._cond:
-            self._check_room(len(items) - int(reserved))
+            self._check_room(len(items) - int(reserved), owner, len(items), reserved)
             self._items.extend(items)
-            self._reserved -= int(reserved)
+            if reserved:
+                self._unreserve(owner)
             self._on_change(len(self._items))
             self._cond.notify()
 
@@ -83,14 +111,18 @@ class RequestQueue:
             young = time.monotonic() - self._items[0].enqueued_at < want.min_age_s
             if young and len(self._items) < want.max_rows:
                 return []
-            lengths = [i.request.prompt_tokens for i in self._items]
-            rows = [i.request.sampling.choices for i in self._items]
-            chosen = select_batch(lengths, want.max_rows, want.max_tokens, want.running, want.max_running_tokens, rows)
+            order, rounds = fair_order([i.owner for i in self._items], want.held)
+            waiting = [self._items[i] for i in order]
+            lengths = [i.request.prompt_tokens for i in waiting]
+            rows = [i.request.sampling.choices for i in waiting]
+            chosen = select_batch(
+                lengths, want.max_rows, want.max_tokens, want.running, want.max_running_tokens, rows, rounds
+            )
             if not chosen:
                 return []
-            batch = [self._items[i] for i in chosen]
-            taken = set(chosen)
-            self._items = [it for n, it in enumerate(self._items) if n not in taken]
+            batch = [waiting[i] for i in chosen]
+            taken = {id(item) for item in batch}
+            self._items = [it for it in self._items if id(it) not in taken]
             self._on_change(len(self._items))
             return batch
 

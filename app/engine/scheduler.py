@@ -6,8 +6,8 @@ free and how long to wait. Plain numbers in, plain answers out: the worker appli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from app.engine.batcher import select_batch
 from app.engine.config import EngineConfig
@@ -32,6 +32,8 @@ class Take:
     """A busy worker lets the oldest request wait this long for others to prefill with it."""
     running: Shape
     max_running_tokens: int | None
+    held: Mapping[str, int] = field(default_factory=dict)
+    """Requests each owner has in the worker already: its waiting ones come after others' (fairness.py)."""
 
 
 class Scheduler:
@@ -54,9 +56,12 @@ class Scheduler:
         """Continuous batching takes new requests every turn; static batching only into an empty batch."""
         return idle or self.config.continuous_batching
 
-    def take(self, *, idle: bool, first: bool, held: int, running: Shape) -> Take:
+    def take(
+        self, *, idle: bool, first: bool, held: int, running: Shape, owners: Mapping[str, int] | None = None
+    ) -> Take:
         """The next queue take of this turn. Idle: no waiting for stragglers, and the first take waits a
-        while for a request to come. Busy: the oldest may wait `max_wait_ms` for company."""
+        while for a request to come. Busy: the oldest may wait `max_wait_ms` for company. `owners`: the
+        requests each owner has in the worker, for the fair order."""
         return Take(
             max_rows=self.limit - held,
             max_tokens=self.config.max_batch_tokens,
@@ -64,6 +69,7 @@ class Scheduler:
             min_age_s=0.0 if idle else self.config.max_wait_s,
             running=running,
             max_running_tokens=self.config.max_running_tokens,
+            held=dict(owners or {}),
         )
 
     def fills_before_decoding(self) -> bool:

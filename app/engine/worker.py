@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import torch
@@ -121,7 +122,9 @@ class ModelWorker:
         first = True
         while True:
             # With no free place this still drops cancelled and expired entries from the queue.
-            new = self.queue.take(self.scheduler.take(idle=idle, first=first, held=self.held, running=self._shape))
+            owners = Counter(item.owner for item in self._items.values())
+            want = self.scheduler.take(idle=idle, first=first, held=self.held, running=self._shape, owners=owners)
+            new = self.queue.take(want)
             if not new:
                 return
             self._admit(new)

@@ -71,9 +71,10 @@ class ChatServing:
     def __init__(self, settings: Settings, runtime: ModelRuntime, prep: Prep, engine: Engine) -> None:
         self.settings, self.runtime, self.prep, self.engine = settings, runtime, prep, engine
 
-    async def start(self, body: ChatCompletionRequest, record: RequestRecord | None) -> ChatAnswer:
-        """Hold a queue place while the request is prepared (a full queue refuses before any decoding)."""
-        with self.engine.admission() as reservation:
+    async def start(self, body: ChatCompletionRequest, record: RequestRecord | None, owner: str = "") -> ChatAnswer:
+        """Hold a queue place while the request is prepared (a full queue, or `owner`, an opaque client key,
+        past its share, refuses before any decoding)."""
+        with self.engine.admission(owner) as reservation:
             job = await self.prepare(body, record)
             ticket = self.engine.submit(job.prepared, stream=body.stream, reservation=reservation)
         if record is not None:

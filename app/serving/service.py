@@ -42,13 +42,16 @@ class Serving:
     def check_model(self, model: str | None) -> None:
         self.prep.check_model(model)
 
-    async def chat(self, body: ChatCompletionRequest, record: RequestRecord | None = None) -> ChatAnswer:
-        return await self.chats.start(body, record)
+    async def chat(
+        self, body: ChatCompletionRequest, record: RequestRecord | None = None, owner: str = ""
+    ) -> ChatAnswer:
+        """`owner`: an opaque key of the client (never a secret): its share of the queue and the batch."""
+        return await self.chats.start(body, record, owner)
 
     async def transcribe(
-        self, form: AudioForm, upload: Upload, task: Task, record: RequestRecord | None = None
+        self, form: AudioForm, upload: Upload, task: Task, record: RequestRecord | None = None, owner: str = ""
     ) -> TranscriptionRun:
-        return await self.transcriptions.transcribe(form, upload, task, record)
+        return await self.transcriptions.transcribe(form, upload, task, record, owner)
 
     async def warm_up(self) -> None:
         """One tiny generation so the first real request pays no one-time cost."""

@@ -109,20 +109,20 @@ class TranscriptionServing:
         self.settings, self.runtime, self.prep, self.engine = settings, runtime, prep, engine
 
     async def transcribe(
-        self, form: AudioForm, upload: Upload, task: Task, record: RequestRecord | None
+        self, form: AudioForm, upload: Upload, task: Task, record: RequestRecord | None, owner: str = ""
     ) -> TranscriptionRun:
         """A file upload: the request is checked, then a queue place held while the file is read and
-        decoded (a full queue refuses before any of that work)."""
+        decoded (a full queue, or `owner` past its share, refuses before any of that work)."""
         self.prep.check_model(form.model)
         options = transcription_request.options(form, task)
-        with self.engine.admission() as reservation:
+        with self.engine.admission(owner) as reservation:
             raw = await self.prep.read_upload(upload.read)
             audio = await self.prep.audio(raw, upload.filename, self.settings.max_transcription_audio_s, record)
             return await self.start(audio, options, stream=form.stream, reservation=reservation, record=record)
 
-    async def utterance(self, audio: np.ndarray, options: TranscriptionOptions) -> TranscriptionRun:
-        """A realtime utterance, streamed. A full queue refuses before the audio is prepared."""
-        with self.engine.admission() as reservation:
+    async def utterance(self, audio: np.ndarray, options: TranscriptionOptions, owner: str = "") -> TranscriptionRun:
+        """A realtime utterance of session `owner`, streamed. A full queue refuses before the audio is prepared."""
+        with self.engine.admission(owner) as reservation:
             return await self.start(audio, options, stream=True, reservation=reservation)
 
     async def start(

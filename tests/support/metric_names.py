@@ -8,6 +8,7 @@ COUNTERS = {
     "voxtral_generation_tokens_total",
     "voxtral_audio_seconds_total",
     "voxtral_realtime_utterances_total",
+    "voxtral_refusals_total",
 }
 GAUGES = {
     "voxtral_num_requests_waiting",

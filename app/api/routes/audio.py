@@ -13,6 +13,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from app.api import transcripts
+from app.api.clients import client_key
 from app.api.context import Context
 from app.api.disconnect import StoppingStream, client_closed, unless_gone
 from app.api.record import record_of
@@ -24,7 +25,8 @@ router = APIRouter(prefix="/v1/audio", tags=["audio"])
 
 
 async def _run(request: Request, ctx: Context, file: UploadFile, form: AudioForm, task: Task) -> Response:
-    run = await ctx.serving.transcribe(form, Upload(file.read, file.filename), task, record_of(request))
+    owner = client_key(request, ctx.settings)
+    run = await ctx.serving.transcribe(form, Upload(file.read, file.filename), task, record_of(request), owner)
     if form.stream:
         events = transcripts.sse_stream(run.deltas())
         return StoppingStream(events, stop=run.cancel, headers={"Cache-Control": "no-cache"})

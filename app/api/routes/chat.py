@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from app.api import render
 from app.api.chat_events import ChatEvents
+from app.api.clients import client_key
 from app.api.context import Context
 from app.api.disconnect import StoppingStream, client_closed, unless_gone
 from app.api.jsonbody import JSONBody
@@ -26,7 +27,7 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
 @router.post("/chat/completions", response_model=None, responses=_ANSWERS)
 async def chat_completions(request: Request, body: ChatCompletionRequest, ctx: Context) -> Response:
     serving = ctx.serving
-    answer = await serving.chat(body, record_of(request))
+    answer = await serving.chat(body, record_of(request), client_key(request, ctx.settings))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = ChatEvents(body.model, serving.fingerprint, include_usage).render(answer.deltas())

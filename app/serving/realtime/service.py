@@ -9,6 +9,7 @@ from __future__ import annotations
 from app.config import Settings
 from app.errors import TooManySessions
 from app.metrics import Metrics
+from app.refusals import Refusals
 from app.serving.prep import Prep
 from app.serving.realtime.detector import SharedDetector
 from app.serving.realtime.events import Emit
@@ -29,7 +30,14 @@ class RealtimeServing:
         self.slots = Slots(settings.realtime_max_sessions)
         detector = SharedDetector(prep)
         self.shared = Shared(
-            prep, detector, transcriptions, metrics, settings.model_id, settings.realtime_max_utterance_s
+            prep,
+            detector,
+            transcriptions,
+            metrics,
+            settings.model_id,
+            settings.realtime_max_utterance_s,
+            settings.realtime_max_pending_utterances,
+            Refusals(metrics),
         )
 
     def admit(self, model: str | None) -> None:

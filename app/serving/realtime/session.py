@@ -18,13 +18,14 @@ from app.audio import SAMPLE_RATE
 from app.audio_formats import InputDecoder
 from app.errors import InternalError, InvalidRequest, VoxtralError
 from app.metrics import Metrics
+from app.refusals import Refusals
 from app.serving.prep import Prep
 from app.serving.realtime import events as ev
 from app.serving.realtime.commands import AppendAudio, Command, Commit, UpdateSession
 from app.serving.realtime.config import ServerVad, SessionConfig
 from app.serving.realtime.detector import SharedDetector
 from app.serving.realtime.events import ConnectionGone, Emit, new_id
-from app.serving.realtime.transcriber import Transcriber
+from app.serving.realtime.transcriber import Share, Transcriber
 from app.serving.realtime.turns import AudioBuffer, Turn, TurnDetector
 from app.serving.transcription import TranscriptionServing
 from app.serving.transcripts import TranscriptionOptions, check_language
@@ -49,6 +50,8 @@ class Shared:
     model: str
     """A new session's model (the served model id)."""
     max_utterance_s: float
+    max_pending_utterances: int
+    refusals: Refusals
 
 
 class Session:
@@ -56,7 +59,8 @@ class Session:
         self.shared, self.emit = shared, emit
         self.id = new_id("sess")
         self.config = SessionConfig(model=shared.model)
-        self.transcriber = Transcriber(shared.transcriptions, emit, shared.metrics)
+        share = Share(self.id, shared.max_pending_utterances, shared.refusals)
+        self.transcriber = Transcriber(shared.transcriptions, emit, shared.metrics, share)
         self.buffer = AudioBuffer()
         self.decoder = InputDecoder(self.config.format)
         self.stream = VadStream()

@@ -4,6 +4,10 @@ Each utterance is prepared and queued in the engine the moment it is committed, 
 serving path (and so the same queue and batcher) as an HTTP transcription, so utterances of many
 sessions decode as rows of the same batches. One task per session then streams their text out in
 order: `.delta` events as tokens arrive, `.completed` (the deltas joined, and usage) or `.failed`.
+
+A session holds at most `max_pending` utterances in the engine: a commit past that is not queued, and is
+answered in its turn with `.failed` (`rate_limit_exceeded`), so a session that commits faster than it is
+answered takes no more of the queue or the batch.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.errors import InternalError, VoxtralError
+from app.errors import InternalError, RateLimited, VoxtralError
 from app.metrics import Metrics
+from app.refusals import Refusals
 from app.serving.logprobs import TokenScore
 from app.serving.realtime.events import (
     ConnectionGone,
@@ -30,30 +35,60 @@ from app.serving.transcripts import Transcript, TranscriptionOptions
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Share:
+    """A session's share of the engine: its owner key, and how many utterances it may have pending."""
+
+    owner: str
+    max_pending: int
+    refusals: Refusals
+
+
 @dataclass
 class Utterance:
     item_id: str
-    started: asyncio.Task[TranscriptionRun]
+    started: asyncio.Task[TranscriptionRun] | None
+    """None: refused (`refused`), never queued."""
     stopped_at: float
     """Loop time of speech_stopped (or of the commit): where turn latency is measured from."""
+    refused: VoxtralError | None = None
+
+    def stop(self) -> None:
+        """Nobody will read it: cancel its run once it is queued."""
+        if self.started is not None:
+            self.started.add_done_callback(_cancel_run)
 
 
 class Transcriber:
-    def __init__(self, transcriptions: TranscriptionServing, emit: Emit, metrics: Metrics) -> None:
-        self.transcriptions, self.emit, self.metrics = transcriptions, emit, metrics
+    def __init__(self, transcriptions: TranscriptionServing, emit: Emit, metrics: Metrics, share: Share) -> None:
+        self.transcriptions, self.emit, self.metrics, self.share = transcriptions, emit, metrics, share
         self._pending: asyncio.Queue[Utterance | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._deliver())
         self.unanswered = 0
         """Utterances committed and not yet answered: a session waiting for them is not idle."""
+        self.queued = 0
+        """Of those, the ones sent to the engine (not refused): held against `share.max_pending`."""
 
     def add(self, item_id: str, audio: np.ndarray, options: TranscriptionOptions) -> None:
-        started = asyncio.create_task(self._start(audio, options))
+        now = asyncio.get_running_loop().time()
         self.unanswered += 1
-        self._pending.put_nowait(Utterance(item_id, started, asyncio.get_running_loop().time()))
+        if self.queued >= self.share.max_pending:
+            return self._pending.put_nowait(Utterance(item_id, None, now, self._refuse()))
+        self.queued += 1
+        self._pending.put_nowait(Utterance(item_id, asyncio.create_task(self._start(audio, options)), now))
+
+    def _refuse(self) -> RateLimited:
+        limit = self.share.max_pending
+        error = RateLimited(
+            f"This session already has {limit} utterances waiting for their transcription (at most {limit}); "
+            "this one was not transcribed."
+        )
+        self.share.refusals.note("session_pending", self.share.owner, error.message)
+        return error
 
     async def _start(self, audio: np.ndarray, options: TranscriptionOptions) -> TranscriptionRun:
         # A session keeps no request record: its utterances are counted by the realtime metrics instead.
-        return await self.transcriptions.utterance(audio, options)
+        return await self.transcriptions.utterance(audio, options, self.share.owner)
 
     async def finish(self) -> None:
         """Deliver every utterance committed so far, then stop."""
@@ -66,7 +101,7 @@ class Transcriber:
         while not self._pending.empty():
             utterance = self._pending.get_nowait()
             if utterance is not None:
-                utterance.started.add_done_callback(_cancel_run)
+                utterance.stop()
 
     async def _deliver(self) -> None:
         while (utterance := await self._pending.get()) is not None:
@@ -74,18 +109,23 @@ class Transcriber:
                 await self._stream(utterance)
                 self.unanswered -= 1
             except ConnectionGone:
-                utterance.started.add_done_callback(_cancel_run)
+                utterance.stop()
                 return
             except VoxtralError as exc:
                 await self._fail(utterance, exc)
             except asyncio.CancelledError:
-                utterance.started.add_done_callback(_cancel_run)
+                utterance.stop()
                 raise
             except Exception:
                 log.exception("realtime transcription failed")
                 await self._fail(utterance, InternalError("The server had an internal error while transcribing."))
+            finally:
+                self.queued -= utterance.started is not None
 
     async def _stream(self, utterance: Utterance) -> None:
+        if utterance.started is None:
+            assert utterance.refused is not None
+            raise utterance.refused
         run = await utterance.started
         item = utterance.item_id
         text, scores = "", list[TokenScore]()

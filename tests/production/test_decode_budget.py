@@ -21,9 +21,11 @@ import pytest
 import soundfile as sf
 
 from app import audio as audio_module
+from app.audio_formats import InputDecoder
 from app.model.compute.loader import LoadedModel
 from app.serving import chat_audio, chat_request, prep
-from tests.support.checks import assert_openai_error
+from tests.support.checks import assert_openai_error, wait_until
+from tests.support.realtime_client import Raw, encode, open_session
 from tests.support.server import RunningServer, serve
 
 BUDGET_S = 20
@@ -166,3 +168,69 @@ def test_a_transcription_over_the_limit_is_refused_from_its_header(bhttp: httpx.
     assert "2400.0 s long" in error["message"] and f"limit is {BUDGET_S} s" in error["message"]
     assert spy.blocks == 0  # not one block of samples decoded
     assert_still_serving(bhttp)
+
+
+# --- realtime appends ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def buffered(loaded: LoadedModel, tiny_dir: Path) -> Iterator[RunningServer]:
+    with serve(loaded, tiny_dir, realtime_max_utterance_s=1.0, realtime_max_buffer_s=2.0) as running:
+        yield running
+
+
+@pytest.fixture
+def pushed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Bytes of each append the sessions decoded."""
+    seen: list[int] = []
+    push = InputDecoder.push
+
+    def pushing(self: InputDecoder, data: bytes) -> np.ndarray:
+        seen.append(len(data))
+        return push(self, data)
+
+    monkeypatch.setattr(InputDecoder, "push", pushing)
+    return seen
+
+
+def pcm(seconds: float) -> str:
+    return b64(encode(np.zeros(int(16000 * seconds), np.float32), "audio/pcm"))
+
+
+def refused(raw: Raw, event_id: str) -> dict[str, Any]:
+    error = raw.until("error")[-1]
+    assert error["error"]["event_id"] == event_id, error
+    return dict(error["error"])
+
+
+def test_an_append_past_the_buffer_cap_is_refused_undecoded_and_the_session_goes_on(
+    buffered: RunningServer, pushed: list[int]
+) -> None:
+    raw = open_session(buffered.base_url)
+    raw.update(turn_detection=None)  # by hand: the buffer is committed at 1 s (realtime_max_utterance_s)
+    raw.send(type="input_audio_buffer.append", audio=pcm(1.5), event_id="first")
+    raw.until("input_audio_buffer.committed")  # 0.5 s stays in the buffer
+    raw.send(type="input_audio_buffer.append", audio=pcm(1.6), event_id="big")
+    error = refused(raw, "big")
+    assert error["code"] == "audio_too_long" and error["param"] == "audio", error
+    assert "1.6 s" in error["message"] and "at most 2 s" in error["message"], error
+    assert len(pushed) == 1  # the refused append was never decoded
+    raw.send(type="input_audio_buffer.append", audio=pcm(1.4), event_id="fits")
+    raw.until("input_audio_buffer.committed")  # 0.5 + 1.4 s: within the cap, committed at 1 s
+    assert len(pushed) == 2
+    raw.ws.close()
+    wait_until(lambda: buffered.context.realtime.slots.open == 0, "the session is closed")
+
+
+def test_a_seventy_second_g711_append_fits_a_message_but_not_the_buffer(server: RunningServer) -> None:
+    """Default limits: 70 s of G.711 is 750 KB of base64, under the 1 MB message limit, past the 60 s cap."""
+    raw = open_session(server.base_url)
+    raw.update(format={"type": "audio/pcmu"})
+    raw.send(type="input_audio_buffer.append", audio=b64(bytes(70 * 8000)), event_id="long")
+    error = refused(raw, "long")
+    assert error["code"] == "audio_too_long" and "at most 60 s" in error["message"], error
+    raw.send(type="input_audio_buffer.append", audio=b64(bytes(8000)), event_id="short")
+    assert raw.update(turn_detection=None)["type"] == "session.updated"  # the session lives on
+    assert len([e for e in raw.events if e["type"] == "error"]) == 1  # the short append was taken
+    raw.ws.close()
+    wait_until(lambda: server.context.realtime.slots.open == 0, "the session is closed")

@@ -29,7 +29,13 @@ class RealtimeServing:
         self.slots = Slots(settings.realtime_max_sessions)
         detector = SharedDetector(prep)
         self.shared = Shared(
-            prep, detector, transcriptions, metrics, settings.model_id, settings.realtime_max_utterance_s
+            prep,
+            detector,
+            transcriptions,
+            metrics,
+            settings.model_id,
+            settings.realtime_max_utterance_s,
+            settings.realtime_max_buffer_s,
         )
 
     def admit(self, model: str | None) -> None:

@@ -107,6 +107,23 @@ def decode_audio(data: bytes, limits: AudioLimits, filename: str | None = None) 
     raise AudioDecodeError(f"Could not decode the audio file: {reason}.")
 
 
+def declared_seconds(data: bytes, filename: str | None = None) -> float | None:
+    """The length the file's header declares, in seconds, read without decoding a sample.
+
+    None when neither backend can open the file or its header declares no length: the caller then
+    bounds the audio while decoding it (``decode_audio`` stops at ``max_seconds``). Lets a request
+    holding several files refuse their total before any of them is decoded.
+    """
+    for probe in _probes_for(filename):
+        try:
+            seconds = probe(data)
+        except Exception:  # unreadable by this backend: the other may read it, or decoding will say why
+            continue
+        if seconds is not None and seconds > 0:  # never a negative or NaN length that would offset others
+            return seconds
+    return None
+
+
 def encode_wav_float32(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     """Lossless in-memory WAV (FLOAT subtype) of a mono float32 array.
 
@@ -129,6 +146,13 @@ def _decoders_for(filename: str | None) -> tuple[Decoder, Decoder]:
     if suffix in _PYAV_FIRST_EXTENSIONS:
         return (_decode_with_pyav, _decode_with_soundfile)
     return (_decode_with_soundfile, _decode_with_pyav)
+
+
+def _probes_for(filename: str | None) -> tuple[Callable[[bytes], float | None], ...]:
+    """The header readers, in the order `_decoders_for` tries the decoders."""
+    if _decoders_for(filename)[0] is _decode_with_pyav:
+        return (_pyav_header_seconds, _soundfile_header_seconds)
+    return (_soundfile_header_seconds, _pyav_header_seconds)
 
 
 def _check_format(sample_rate: int, channels: int, limits: AudioLimits) -> None:
@@ -230,6 +254,12 @@ def _decode_with_soundfile(data: bytes, limits: AudioLimits) -> Float32Array:
         return collector.finish()
 
 
+def _soundfile_header_seconds(data: bytes) -> float | None:
+    with sf.SoundFile(io.BytesIO(data)) as sound_file:
+        frames, rate = sound_file.frames, sound_file.samplerate
+    return frames / rate if 0 < frames < _SF_UNKNOWN_FRAMES and rate > 0 else None
+
+
 def _soundfile_blocks(sound_file: sf.SoundFile) -> Iterator[Float32Array]:
     """Fixed-size (frames, channels) blocks until the decoder has nothing more to give."""
     while True:
@@ -261,6 +291,15 @@ def _decode_with_pyav(data: bytes, limits: AudioLimits) -> Float32Array:
         except Exception as exc:
             raise _Unreadable(f"the audio data is damaged ({_short(exc)})", opened=True) from exc
         return collector.finish()
+
+
+def _pyav_header_seconds(data: bytes) -> float | None:
+    import av
+
+    with av.open(io.BytesIO(data), mode="r", options={"format_whitelist": _FFMPEG_DEMUXERS}) as container:
+        if not container.streams.audio:
+            return None
+        return _pyav_declared_seconds(container, container.streams.audio[0])
 
 
 def _first_audio_stream(container: av.container.InputContainer, limits: AudioLimits) -> av.AudioStream:

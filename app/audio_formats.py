@@ -46,6 +46,10 @@ class InputDecoder:
         self._carry = b""
         self._resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
 
+    def seconds_in(self, size: int) -> float:
+        """Seconds of audio `size` bytes of this format hold: known before decoding, the formats are raw."""
+        return size / (self.rate * (2 if self.format == "audio/pcm" else 1))
+
     def push(self, data: bytes) -> np.ndarray:
         samples = self._samples(data)
         return np.asarray(self._resampler.resample_chunk(samples), dtype=np.float32)

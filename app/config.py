@@ -148,7 +148,8 @@ class LimitSettings(BaseSettings):
     max_transcription_audio_s: float = 1800.0
     """Longest audio for transcription/translation (the model card's 30 minutes)."""
     max_chat_audio_s: float = 2400.0
-    """Longest total audio in one chat request (the model card's 40 minutes of understanding)."""
+    """Longest total audio in one chat request (the model card's 40 minutes of understanding). The lengths the
+    parts' headers declare are added up before any part is decoded; each then decodes within what is left."""
     max_audios_per_request: int = 8
     """Most audio parts in one chat request."""
     transcription_tokens_per_audio_s: float = 8.0
@@ -176,6 +177,10 @@ class RealtimeSettings(BaseSettings):
     realtime_max_utterance_s: float = 30.0
     """Longest utterance: audio buffered this long without a turn end (or a manual commit) is committed where it
     is and, if speech goes on, the next utterance starts there. 30 s is Voxtral's window: one model call each."""
+    realtime_max_buffer_s: float = 60.0
+    """Most uncommitted audio a session holds. An append is measured from its length before it is decoded (the
+    input formats are raw); one that would take the buffer past this gets an error event (audio_too_long) and is
+    dropped, and the session goes on. At least realtime_max_utterance_s: the buffer is committed at that length."""
     realtime_idle_timeout_s: float = 120.0
     """A session that sends nothing for this long is closed (its committed utterances are answered first)."""
     realtime_max_message_mb: float = 1.0
@@ -199,6 +204,8 @@ class RealtimeSettings(BaseSettings):
             raise ValueError("realtime_max_pending_utterances must be at least 1")
         if not 1.0 <= self.realtime_max_utterance_s <= 30.0:
             raise ValueError("realtime_max_utterance_s must be between 1 and 30 (Voxtral's window)")
+        if self.realtime_max_buffer_s < self.realtime_max_utterance_s:
+            raise ValueError("realtime_max_buffer_s must be at least realtime_max_utterance_s")
         if self.realtime_idle_timeout_s <= 0 or self.realtime_max_message_mb <= 0:
             raise ValueError("realtime_idle_timeout_s and realtime_max_message_mb must be greater than 0")
         return self

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
+
+import numpy as np
 
 from app.config import Settings
 from app.engine.engine import Engine
@@ -15,13 +16,14 @@ from app.errors import GrammarError
 from app.model.runtime import ModelRuntime
 from app.model.values import OutputSpec
 from app.serving import chat_request as chat
+from app.serving.chat_audio import PartKey, audio_parts, decode_within, unpack_within
 from app.serving.chat_request import ChatJob
 from app.serving.chat_stream import chat_deltas
 from app.serving.deltas import ChatDelta
 from app.serving.logprobs import TokenScore, chat_content
 from app.serving.prep import Prep
 from app.serving.record import RequestRecord
-from app.serving.schemas import AudioUrlPart, ChatCompletionRequest, InputAudioPart, Message
+from app.serving.schemas import ChatCompletionRequest
 from app.types import Constraint, ParsedCall, PreparedRequest
 
 
@@ -86,8 +88,11 @@ class ChatServing:
         self.prep.check_model(body.model)
         chat.check_unsupported(body, settings.max_batch_size)
         spec = chat.output_spec(body)
-        messages = [await self._message(m, record) for m in body.messages]
-        chat.check_chat_audio(messages, settings)
+        messages = [chat.message_fields(m) for m in body.messages]  # its refusals cost nothing: before the audio
+        audios = await self._audios(body, record)
+        for index, (message, fields) in enumerate(zip(body.messages, messages, strict=True)):
+            if isinstance(message.content, list):
+                fields["content"] = [_part(p, audios.get((index, j))) for j, p in enumerate(message.content)]
         encoded = await self.prep.run(runtime.prompter.chat, messages, chat.prompt_tools(body))
         sampling = chat.chat_sampling(body, len(encoded.input_ids), settings)
         prepared = PreparedRequest(encoded.input_ids, encoded.audios, sampling, "chat")
@@ -104,20 +109,18 @@ class ChatServing:
         except GrammarError as exc:
             raise chat.grammar_refused(spec, exc) from exc
 
-    async def _message(self, message: Message, record: RequestRecord | None) -> dict[str, Any]:
-        out = chat.message_fields(message)
-        if isinstance(message.content, list):
-            out["content"] = [await self._part(p, record) for p in message.content]
-        return out
+    async def _audios(self, body: ChatCompletionRequest, record: RequestRecord | None) -> dict[PartKey, np.ndarray]:
+        """Every audio part decoded, the request's limits checked before each costs memory (chat_audio.py)."""
+        parts = audio_parts(body, self.settings)
+        if not parts:
+            return {}
+        budget = self.settings.max_chat_audio_s
+        unpacked = await self.prep.run(unpack_within, parts, budget)
+        return await decode_within(parts, unpacked, self.prep, budget, record)
 
-    async def _part(self, part: Any, record: RequestRecord | None) -> dict[str, Any]:
-        if isinstance(part, InputAudioPart):
-            raw = part.input_audio if isinstance(part.input_audio, str) else part.input_audio.data
-            unpack = partial(chat.b64_audio, raw)
-        elif isinstance(part, AudioUrlPart):
-            url = part.audio_url if isinstance(part.audio_url, str) else part.audio_url.url
-            unpack = partial(chat.data_url_audio, url)
-        else:
-            return {"type": "text", "text": part.text}
-        audio = await self.prep.audio(unpack, None, self.settings.max_chat_audio_s, record)
-        return {"type": "input_audio", "audio": audio}
+
+def _part(part: Any, audio: np.ndarray | None) -> dict[str, Any]:
+    """A content part in Mistral's terms: text, or the decoded audio of an audio part."""
+    if audio is None:
+        return {"type": "text", "text": part.text}
+    return {"type": "input_audio", "audio": audio}

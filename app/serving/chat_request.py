@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from app.audio import SAMPLE_RATE
 from app.config import Settings
-from app.errors import AudioDecodeError, AudioTooLong, ContextLengthExceeded, GrammarError, InvalidRequest
+from app.errors import AudioDecodeError, ContextLengthExceeded, GrammarError, InvalidRequest
 from app.model.runtime import ModelRuntime
 from app.model.values import MAX_PARALLEL_CALLS, FunctionSpec, OutputSpec
 from app.serving.schemas import ChatCompletionRequest, Message, NamedToolChoice
@@ -155,23 +154,6 @@ def message_fields(message: Message) -> dict[str, Any]:
     if not isinstance(message.content, list):
         out["content"] = message.content or (None if message.tool_calls else "")
     return out
-
-
-def check_chat_audio(messages: list[dict[str, Any]], settings: Settings) -> None:
-    audios = [p["audio"] for m in messages for p in _parts(m) if "audio" in p]
-    if len(audios) > settings.max_audios_per_request:
-        raise InvalidRequest(
-            f"{len(audios)} audio parts in one request; the limit is {settings.max_audios_per_request}.",
-            param="messages",
-        )
-    total = sum(a.shape[0] for a in audios) / SAMPLE_RATE
-    if total > settings.max_chat_audio_s:
-        raise AudioTooLong(f"The request holds {total:.1f} s of audio; the limit is {settings.max_chat_audio_s:g} s.")
-
-
-def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
-    content = message.get("content")
-    return content if isinstance(content, list) else []
 
 
 def b64_audio(raw: str) -> bytes:

@@ -19,7 +19,7 @@ from app.chunking import Piece, split_at_silences, whole
 from app.config import Settings
 from app.engine.engine import Engine, Reservation
 from app.engine.ticket import Ticket
-from app.errors import ContextLengthExceeded
+from app.errors import ContextLengthExceeded, VoxtralError
 from app.model.runtime import ModelRuntime
 from app.serving import transcription_request
 from app.serving.logprobs import mean
@@ -117,7 +117,11 @@ class TranscriptionServing:
         options = transcription_request.options(form, task)
         with self.engine.admission(owner) as reservation:
             raw = await self.prep.read_upload(upload.read)
-            audio = await self.prep.audio(raw, upload.filename, self.settings.max_transcription_audio_s, record)
+            try:  # the header's length is checked before a sample is decoded (app/audio.py)
+                audio = await self.prep.audio(raw, upload.filename, self.settings.max_transcription_audio_s, record)
+            except VoxtralError as exc:
+                exc.param = exc.param or "file"
+                raise
             return await self.start(audio, options, stream=form.stream, reservation=reservation, record=record)
 
     async def utterance(self, audio: np.ndarray, options: TranscriptionOptions, owner: str = "") -> TranscriptionRun:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from app import audio
-from app.audio import DECODE_MARGIN_S, SAMPLE_RATE, AudioLimits, decode_audio, encode_wav_float32
+from app.audio import DECODE_MARGIN_S, SAMPLE_RATE, AudioLimits, declared_seconds, decode_audio, encode_wav_float32
 from app.errors import AudioDecodeError, AudioTooLong
 from tests.support.audio_fixtures import CLIP_NAMES, clip_bytes, jfk_samples, silent_opus, video_only
 
@@ -356,6 +356,27 @@ def test_flac_with_unknown_length_is_stopped_while_decoding() -> None:
     assert decode_audio(flac, AudioLimits(max_seconds=600)).shape == (600 * SAMPLE_RATE,)
     with pytest.raises(AudioTooLong, match="longer than the limit of 60 s"):
         decode_audio(flac, LIMITS)
+
+
+@pytest.mark.parametrize("name", CLIP_NAMES)
+def test_declared_seconds_reads_every_fixtures_length_from_its_header(name: str) -> None:
+    declared = declared_seconds(fixture_bytes(name), name)
+    assert declared is None or abs(declared - expected_seconds(name)) < 0.15, declared
+    if name.endswith((".wav", ".flac", ".ogg", ".m4a", ".webm")):
+        assert declared is not None
+
+
+def test_declared_seconds_decodes_no_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audio._MonoCollector, "add", lambda *args: pytest.fail("a sample was decoded"))
+    assert declared_seconds(wav_bytes(silence(600), SAMPLE_RATE, "PCM_16", "FLAC")) == 600.0
+    assert declared_seconds(silent_opus(1800, "webm"), "x.webm") == pytest.approx(1800, abs=1)
+
+
+def test_declared_seconds_is_none_for_what_declares_nothing() -> None:
+    unknown = forge_flac_streaminfo(wav_bytes(silence(5), SAMPLE_RATE, "PCM_16", "FLAC"), total_samples=0)
+    assert declared_seconds(unknown) is None
+    assert declared_seconds(b"not audio at all" * 100) is None
+    assert declared_seconds(b"") is None
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,15 @@ class RealtimeServing:
         self.slots = Slots(settings.realtime_max_sessions)
         detector = SharedDetector(prep)
         self.shared = Shared(
-            prep,
-            detector,
-            transcriptions,
-            metrics,
-            settings.model_id,
-            settings.realtime_max_utterance_s,
-            settings.realtime_max_pending_utterances,
-            Refusals(metrics),
+            prep=prep,
+            detector=detector,
+            transcriptions=transcriptions,
+            metrics=metrics,
+            model=settings.model_id,
+            max_utterance_s=settings.realtime_max_utterance_s,
+            max_pending_utterances=settings.realtime_max_pending_utterances,
+            refusals=Refusals(metrics),
+            max_buffer_s=settings.realtime_max_buffer_s,
         )
 
     def admit(self, model: str | None) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from app.audio import SAMPLE_RATE
 from app.audio_formats import InputDecoder
-from app.errors import InternalError, InvalidRequest, VoxtralError
+from app.errors import AudioTooLong, InternalError, InvalidRequest, VoxtralError
 from app.metrics import Metrics
 from app.refusals import Refusals
 from app.serving.prep import Prep
@@ -52,6 +52,8 @@ class Shared:
     max_utterance_s: float
     max_pending_utterances: int
     refusals: Refusals
+    max_buffer_s: float
+    """Most uncommitted audio a session holds; an append past it is refused before it is decoded."""
 
 
 class Session:
@@ -126,6 +128,7 @@ class Session:
             raise
 
     async def _append(self, command: AppendAudio) -> None:
+        self._check_room(command.audio)
         samples = await self._decode(command.audio)
         self.buffer.append(samples)
         if self.config.turn_detection is None:
@@ -139,6 +142,17 @@ class Session:
         await self._cut_if_too_long()
         if self.utterance is None:  # idle: keep only what a coming utterance's prefix padding needs
             self.buffer.drop_before(self.detector.position - self._prefix_samples)
+
+    def _check_room(self, audio: str) -> None:
+        """Refuse an append that would take the uncommitted audio past `max_buffer_s`, from its base64 length."""
+        incoming = self.decoder.seconds_in(len(audio) * 3 // 4)
+        held = (self.buffer.end - self.buffer.start) / SAMPLE_RATE
+        if held + incoming > self.shared.max_buffer_s:
+            raise AudioTooLong(
+                f"This append holds {incoming:.1f} s of audio and the input audio buffer {held:.1f} s; a session "
+                f"buffers at most {self.shared.max_buffer_s:g} s of uncommitted audio. Send smaller appends.",
+                param="audio",
+            )
 
     async def _decode(self, audio: str) -> np.ndarray:
         if len(audio) <= INLINE_BASE64:  # a usual 20-100 ms chunk: cheaper here than a hop to a thread

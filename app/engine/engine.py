@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from app.engine.config import EngineConfig
+from app.engine.fatal import DEVICE_FAILED
 from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
 from app.engine.runner import ModelRunner
 from app.engine.ticket import Ticket
 from app.engine.worker import ModelWorker
-from app.errors import ShuttingDown
+from app.errors import DeviceFailed, ShuttingDown
 from app.metrics import Metrics
 from app.types import GenerationResult, PreparedRequest
 
@@ -41,7 +42,10 @@ class Engine:
         eos_token_ids: set[int],
         decode: Callable[[list[int]], str],
         metrics: Metrics,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_fatal(reason)`: called once, from the worker thread, when the device fails beyond repair
+        (app/engine/fatal.py); every request is then answered 503 and the engine takes no more."""
         self.config = config
         self._metrics = metrics
         self._wake: Callable[[], object] | None = None
@@ -55,6 +59,7 @@ class Engine:
             decode=decode,
             metrics=metrics,
             on_tick=self._changed,
+            on_fatal=on_fatal,
         )
         self._accepting = False
 
@@ -66,6 +71,7 @@ class Engine:
     def admission(self) -> Iterator[Reservation]:
         """Hold a queue place while a request is prepared: a full queue is a 429 before any decoding.
         Pass the reservation to the submit; a place no submit took over is given back on exit."""
+        self._check_alive()
         if not self._accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         self._queue.reserve()
@@ -88,6 +94,7 @@ class Engine:
     ) -> list[Ticket]:
         """Enqueue all or none (one queue lock), so related requests can share their first prefill.
         Without a reservation (or with one already taken over) the requests need places of their own."""
+        self._check_alive()
         if not self._accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         loop = asyncio.get_running_loop()
@@ -110,6 +117,15 @@ class Engine:
         otherwise. For code that sees only rows (a wrapped `ModelRunner`, as tests inject faults)."""
         item = self._worker.item(key)
         return Ticket(item, self.config.request_timeout_s) if item is not None else None
+
+    @property
+    def dead(self) -> str | None:
+        """Why the device failed beyond repair, once it has (then every request is refused 503)."""
+        return self._worker.dead
+
+    def _check_alive(self) -> None:
+        if self._worker.dead is not None:
+            raise DeviceFailed(DEVICE_FAILED)
 
     @property
     def waiting(self) -> int:

@@ -324,6 +324,7 @@ class ModelWorker:
         log.critical(
             "the device failed (%s): every request is answered 503; the server must restart", reason, exc_info=exc
         )
+        self.on_fatal(reason)  # first: the probes turn unhealthy no later than the first 503 leaves
         self.dead = reason
         self.queue.close()
         error = DeviceFailed(DEVICE_FAILED)
@@ -332,7 +333,6 @@ class ModelWorker:
         self._state = self._logits = None
         self._preempted, self._items = [], {}
         self.metrics.running.set(0)
-        self.on_fatal(reason)
         self.on_tick()
 
     def fail_all(self, error: BaseException) -> None:

@@ -65,7 +65,9 @@ def test_a_dead_device_answers_503_and_turns_the_probes_unhealthy(
             answers = list(pool.map(lambda _: http.post("/v1/chat/completions", json=CHAT), range(2)))
         for answer in answers:
             assert_device_failed(answer)
-        assert server.wiring is not None and server.wiring.failed()
+        wiring = server.wiring
+        assert wiring is not None
+        wait_until(wiring.failed, "the lifecycle turns failed (on the event loop)")
         assert server.engine.dead is not None and "CUDA" in server.engine.dead
         health, ready = http.get("/health"), http.get("/ready")
         assert (health.status_code, health.json()) == (503, {"status": "failed"})

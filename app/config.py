@@ -42,8 +42,13 @@ class ModelSettings(BaseSettings):
     model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Other model ids accepted as this model (e.g. whisper-1 so unchanged Whisper clients work)."""
     device: str = "auto"
-    """auto (CUDA when present, else CPU), cpu, cuda, cuda:N; with several GPUs `auto` spreads the
-    model over them with accelerate's device_map."""
+    """auto (CUDA when present, else CPU), cpu, cuda, cuda:N. auto and cuda place the whole model on GPU 0;
+    with several GPUs it is spread over them only with --device-map auto (a checkpoint whose weights do not fit
+    GPU 0 is refused at start-up, saying so)."""
+    device_map: Literal["auto"] | None = None
+    """auto: spread the model over every visible GPU, layer by layer (transformers' device_map="auto": one GPU
+    computes at a time, each step pays accelerate's hooks), for a checkpoint that does not fit one GPU. Unset:
+    one GPU. The choice and each GPU's memory are logged at start-up."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto = bfloat16 on CUDA, float32 on CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

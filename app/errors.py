@@ -110,6 +110,14 @@ class ShuttingDown(VoxtralError):
     code = "shutting_down"
 
 
+class DeviceFailed(VoxtralError):
+    """The accelerator failed beyond repair (app/engine/fatal.py): the process exits to be restarted."""
+
+    status = 503
+    type = "server_error"
+    code = "device_failed"
+
+
 class TooManyConnections(VoxtralError):
     status = 503
     type = "server_error"

@@ -148,7 +148,7 @@ class _RejectionsAtDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first SIGTERM/SIGINT runs `drain` before the usual shutdown, and that shuts
-    down once `failed()` (the app's background start-up failed)."""
+    down once `failed()` (the app's background start-up failed, or its device did while serving)."""
 
     def __init__(
         self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float, failed: Failed = lambda: False

@@ -5,7 +5,8 @@
 already loaded: tests share one load across many apps), the model facade, the engine, the serving layer
 and the realtime sessions' shared resources, into one frozen `AppContext`. `/ready` turns true only after
 a warm-up generation, and false again as soon as a drain starts. A start-up that fails marks the lifecycle
-failed (the server watches it and exits).
+failed (the server watches it and exits), and so does a device that fails beyond repair while serving (the
+engine's `on_fatal`).
 """
 
 from __future__ import annotations
@@ -77,12 +78,20 @@ class Wiring:
         )
 
     def _engine(self, runtime: ModelRuntime) -> Engine:
+        """Built on the event loop, which the engine's `on_fatal` (called from its worker thread) goes back to."""
+        loop = asyncio.get_running_loop()
+
+        def device_failed(reason: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone already
+                loop.call_soon_threadsafe(self.lifecycle.fail, f"the device failed: {reason}")
+
         return Engine(
             self.wrap_generator(runtime.generator),
             EngineConfig.from_settings(self.settings),
             eos_token_ids={runtime.eos_id},
             decode=runtime.text,
             metrics=self.metrics,
+            on_fatal=device_failed,
         )
 
     @asynccontextmanager
@@ -113,14 +122,14 @@ class Wiring:
             self.engine.start()
             await ctx.serving.warm_up()
         except Exception as exc:
-            lifecycle.failed = str(exc) or type(exc).__name__
-            log.error("start-up failed: %s", lifecycle.failed, exc_info=not isinstance(exc, ModelLoadError))
+            lifecycle.fail(f"start-up failed: {str(exc) or type(exc).__name__}")
+            log.error("%s", lifecycle.failed, exc_info=not isinstance(exc, ModelLoadError))
             return
         lifecycle.ready = not lifecycle.draining
         log.info("ready: %s in %.1f s", self.settings.model_id, time.monotonic() - self._born)
 
     def failed(self) -> bool:
-        """Start-up failed: the server should exit (non-zero)."""
+        """Start-up failed, or the device did while serving: the server should exit (non-zero)."""
         return self.lifecycle.failed is not None
 
     async def drain(self) -> bool:

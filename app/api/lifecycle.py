@@ -47,7 +47,8 @@ class Lifecycle:
         self.stage = "starting"
         """What start-up is doing until ready ("loading the model", "warming up"): /ready's reason."""
         self.failed: str | None = None
-        """Why start-up failed, once it has: the server then exits."""
+        """Why the server cannot serve, once it cannot (its start-up failed, or its device did: `fail`): the
+        server then exits."""
         self.draining = False
         self.in_flight = 0
         """Admitted /v1 requests whose response has not been fully sent yet."""
@@ -58,24 +59,29 @@ class Lifecycle:
 
     @property
     def serving(self) -> bool:
-        return self.ready and not self.draining
+        return self.ready and not self.draining and self.failed is None
+
+    def fail(self, reason: str) -> None:
+        """The server can serve no more (`reason`: why, said by /ready): /health and /ready answer 503
+        `failed`, and the server exits (app/server.py watches `failed`)."""
+        self.failed = reason
 
     @property
     def status(self) -> str:
         """/health's and /ready's `status`: loading, ready, draining or failed."""
+        if self.failed is not None:  # first: a device that fails during a drain still fails the probes
+            return "failed"
         if self.draining:
             return "draining"
-        if self.failed is not None:
-            return "failed"
         return "ready" if self.ready else "loading"
 
     @property
     def reason(self) -> str | None:
         """Why requests are refused now (None when serving)."""
+        if self.failed is not None:
+            return self.failed
         if self.draining:
             return "the server is shutting down"
-        if self.failed is not None:
-            return f"start-up failed: {self.failed}"
         return None if self.ready else self.stage
 
     def enter(self) -> None:

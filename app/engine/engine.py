@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from app.engine.config import EngineConfig
+from app.engine.fatal import DEVICE_FAILED
 from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
 from app.engine.runner import ModelRunner
 from app.engine.ticket import Ticket
 from app.engine.worker import ModelWorker
-from app.errors import QueueFull, RateLimited, ShuttingDown
+from app.errors import DeviceFailed, QueueFull, RateLimited, ShuttingDown
 from app.metrics import Metrics
 from app.refusals import Refusals
 from app.types import GenerationResult, PreparedRequest
@@ -43,7 +44,10 @@ class Engine:
         eos_token_ids: set[int],
         decode: Callable[[list[int]], str],
         metrics: Metrics,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_fatal(reason)`: called once, from the worker thread, when the device fails beyond repair
+        (app/engine/fatal.py); every request is then answered 503 and the engine takes no more."""
         self.config = config
         self._metrics = metrics
         self._wake: Callable[[], object] | None = None
@@ -60,6 +64,7 @@ class Engine:
             decode=decode,
             metrics=metrics,
             on_tick=self._changed,
+            on_fatal=on_fatal,
         )
         self._accepting = False
 
@@ -72,6 +77,7 @@ class Engine:
         """Hold a queue place while a request is prepared: a full queue, or an `owner` (an opaque client key)
         past its share, is a 429 before any decoding. Pass the reservation to the submit; a place no submit
         took over is given back on exit."""
+        self._check_alive()
         if not self._accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         with self._noting_refusal(owner):
@@ -101,6 +107,7 @@ class Engine:
         """Enqueue all or none (one queue lock), so related requests can share their first prefill.
         Without a reservation (or with one already taken over) the requests need places of their own.
         `owner`: whose requests they are (a reservation's owner wins): fair order and per-owner cap."""
+        self._check_alive()
         if not self._accepting:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         owner = reservation.owner if reservation is not None else owner
@@ -134,6 +141,15 @@ class Engine:
         otherwise. For code that sees only rows (a wrapped `ModelRunner`, as tests inject faults)."""
         item = self._worker.item(key)
         return Ticket(item, self.config.request_timeout_s) if item is not None else None
+
+    @property
+    def dead(self) -> str | None:
+        """Why the device failed beyond repair, once it has (then every request is refused 503)."""
+        return self._worker.dead
+
+    def _check_alive(self) -> None:
+        if self._worker.dead is not None:
+            raise DeviceFailed(DEVICE_FAILED)
 
     @property
     def waiting(self) -> int:

@@ -2,7 +2,9 @@
 
 Iteration-level batching: between two decode steps, waiting requests are prefilled and
 merged into the running batch, and finished or abandoned rows leave it, so a short request
-never waits for a long one. A failure fails only the rows it touched; the loop goes on.
+never waits for a long one. A failure fails only the rows it touched; the loop goes on, except after an error
+that leaves the device unusable (app/engine/fatal.py): then every request held or queued is answered 503
+`device_failed`, the loop ends, and `on_fatal` tells whoever built the engine (the server exits).
 What joins when is the scheduler's decision (scheduler.py, with the out-of-memory row cap of
 oom.py), when a row ends is the stop rules' (stopping.py): this thread applies them. The model's rows
 carry only their request's key; this thread alone maps keys to work items.
@@ -21,12 +23,13 @@ import torch
 from app.engine.choices import fan_out, row_of
 from app.engine.choices import gather as gather_choices
 from app.engine.config import EngineConfig
+from app.engine.fatal import DEVICE_FAILED, device_failure
 from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import Scheduler, Shape
 from app.engine.stopping import MODEL_FAILED, Outcome, StopRules, TokenStep, still_wanted
-from app.errors import InternalError
+from app.errors import DeviceFailed, InternalError
 from app.metrics import Metrics
 from app.model.compute.generate import BatchState, Row
 from app.model.compute.sampling import Sampler
@@ -46,6 +49,7 @@ class ModelWorker:
         decode: Callable[[list[int]], str],
         metrics: Metrics,
         on_tick: Callable[[], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.generator = generator
         self.queue = queue
@@ -53,6 +57,10 @@ class ModelWorker:
         self.metrics = metrics
         self.on_tick = on_tick or (lambda: None)
         """Called after each turn of the loop, once its answers have left (drain waits on it)."""
+        self.on_fatal = on_fatal or (lambda reason: None)
+        """Called once, from this thread, when the device fails beyond repair, with why."""
+        self.dead: str | None = None
+        """Why the device failed beyond repair, once it has: this worker has stopped and answers nothing more."""
         self.scheduler = Scheduler(config)
         self.tokens = TokenStep(StopRules(eos_token_ids, decode), metrics)
         self.sampler = Sampler()
@@ -97,7 +105,9 @@ class ModelWorker:
         while not self._stop.is_set():
             try:
                 self._tick()
-            except Exception:  # never let the thread die: the server would hang silently
+            except Exception as exc:  # never let the thread die silently: the server would hang
+                if (reason := device_failure(exc)) is not None:
+                    return self._die(reason, exc)
                 log.exception("model worker loop error")
                 self._fail_running(InternalError(MODEL_FAILED))
 
@@ -271,7 +281,7 @@ class ModelWorker:
         """Out of memory mid-decode: drop the cache, re-prefill half the rows now and the rest as room
         frees up (recompute, as vLLM does), and cap the batch at that half for a while."""
         self._state = self._logits = None
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # every GPU's cache, not only the current one's: CUDA's allocator empties them all
         if len(rows) == 1:  # one row alone does not fit: nothing to split
             return self._fail(self._owners(rows), exc)
         rows = still_wanted(rows, self._items)
@@ -295,6 +305,8 @@ class ModelWorker:
 
     # -- failure -------------------------------------------------------------------------------
     def _fail(self, items: list[WorkItem], exc: BaseException) -> None:
+        if device_failure(exc) is not None:
+            raise exc  # not these rows' failure alone: `_loop` ends the worker
         log.error("batch of %d failed: %s: %s", len(items), type(exc).__name__, exc, exc_info=exc)
         error = InternalError(MODEL_FAILED)
         for item in items:
@@ -309,6 +321,22 @@ class ModelWorker:
                 item.finish(error)
         self._state = self._logits = None
         self._preempted = []
+
+    def _die(self, reason: str, exc: BaseException) -> None:
+        """The device is unusable: answer every request held or queued 503, take no more, tell `on_fatal`."""
+        log.critical(
+            "the device failed (%s): every request is answered 503; the server must restart", reason, exc_info=exc
+        )
+        self.on_fatal(reason)  # first: the probes turn unhealthy no later than the first 503 leaves
+        self.dead = reason
+        self.queue.close()
+        error = DeviceFailed(DEVICE_FAILED)
+        for item in [*self._items.values(), *self.queue.drain_all()]:
+            item.finish(error)
+        self._state = self._logits = None
+        self._preempted, self._items = [], {}
+        self.metrics.running.set(0)
+        self.on_tick()
 
     def fail_all(self, error: BaseException) -> None:
         """At shutdown: answer everything still here."""

@@ -180,7 +180,7 @@ def test_every_dtype_and_attention_kernel_decodes_as_transformers_does(
     model.generate's bit for bit, near-ties included, whatever kernels the CPU picks for them). In a batch of
     8 exactly in bfloat16 (same operations); in float32 the engine projects 2-8 rows weight-major on a CPU
     (app/model/compute/generate.py: logits within ~1e-6 relative of `lm_head`'s), so there the batch must equal
-    model.generate's wherever a row is clear of a near-tie.
+    model.generate's wherever a row is clear of a near-tie. With log-probs asked, the same tokens.
 
     Batched against alone, tokens agree only where no near-tie lets kernel choice decide: a padded batch
     takes other GEMM and attention kernels than a lone row (with sdpa in bfloat16 its logits move by one
@@ -202,6 +202,10 @@ def test_every_dtype_and_attention_kernel_decodes_as_transformers_does(
     else:
         assert batched == _reference(model, log_mel, requests, 8)
     assert len({tuple(a) for a in alone}) > 2
+    # Asking for log-probs changes no greedy token, alone or batched (bfloat16 logits tie often: issue 33).
+    logprobs = SamplingParams(logprobs=5)
+    assert _decode_alone(gen, requests, 8, logprobs)[0] == alone
+    assert _decode(gen, [Row(r.input_ids, r.audios, logprobs) for r in requests], 8) == batched
 
 
 def test_rows_joining_and_leaving_mid_flight_keep_their_output(

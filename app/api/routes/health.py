@@ -15,10 +15,12 @@ router = APIRouter(tags=["health"])
 _STATUS = {"application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string"}}}}}
 
 
-@router.get("/health", responses={503: {"description": "Start-up failed; the process is exiting", "content": _STATUS}})
+@router.get(
+    "/health", responses={503: {"description": "Start-up or the device failed; the process exits", "content": _STATUS}}
+)
 async def health(state: Started) -> JSONResponse:
     """200 while the process can serve or is on its way to (`loading`, `ready`, `draining`): a liveness
-    probe. 503 `failed` once start-up has failed, as the process exits."""
+    probe. 503 `failed` once start-up has failed, or the device has while serving, as the process exits."""
     status = state.lifecycle.status
     return JSONResponse({"status": status}, status_code=503 if status == "failed" else 200)
 
@@ -26,7 +28,8 @@ async def health(state: Started) -> JSONResponse:
 @router.get("/ready", responses={503: {"description": "Loading, warming up or draining", "content": _STATUS}})
 async def ready(state: Started) -> JSONResponse:
     """200 only when loaded, warmed up and not draining: a load balancer sends traffic on 200 alone.
-    Otherwise 503 with the `reason` (loading the model, warming up, shutting down, start-up failed)."""
+    Otherwise 503 with the `reason` (loading the model, warming up, shutting down, start-up failed, the
+    device failed)."""
     lifecycle = state.lifecycle
     body: dict[str, str] = {"status": lifecycle.status, "model": state.settings.model_id}
     if (reason := lifecycle.reason) is not None:

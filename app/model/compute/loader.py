@@ -3,6 +3,9 @@
 The same `from_pretrained` calls serve every checkpoint, so the tiny test model exercises the
 code path a real Voxtral-Small deployment runs. `preflight` checks in a second what would otherwise
 fail minutes into a load (device, dtype, the checkpoint's files), each failure one line saying what to do.
+
+On a GPU the whole model goes on one (`placement`): spread over several, accelerate runs one GPU at a time and
+pays its per-module hooks every step, so the model is spread only when told (`--device-map auto`).
 """
 
 from __future__ import annotations
@@ -180,6 +183,106 @@ def _check_hub(model: str) -> None:
         ) from exc
 
 
+GIB = 1 << 30
+RESERVE_BYTES = 2 * GIB
+"""Room a GPU keeps beyond the weights and the KV budget: the CUDA context, prefill activations, workspaces."""
+
+
+def placement(weights_bytes: int, kv_bytes: int, free_per_device: list[int], requested: str | None) -> str:
+    """Where the model goes (transformers' `device_map`): "cpu" without a GPU, "auto" (spread over every GPU)
+    when `requested` so and there are several, else "cuda:0" (the whole model on GPU 0). Raises
+    `ModelLoadError` where the weights alone (plus `RESERVE_BYTES`) do not fit GPU 0's free memory but several
+    GPUs could hold them: spreading is never silent. Weights that fit beside less than the KV budget
+    (`kv_bytes`) still go on GPU 0: the out-of-memory row cap bounds the batch (app/engine/oom.py); the caller
+    warns. Pure: sizes in bytes, `free_per_device` as `torch.cuda.mem_get_info` gives them."""
+    if not free_per_device:
+        return "cpu"
+    if requested == "auto" and len(free_per_device) > 1:
+        return "auto"
+    if len(free_per_device) > 1 and weights_bytes + RESERVE_BYTES > free_per_device[0]:
+        raise ModelLoadError(
+            f"The weights ({weights_bytes / GIB:.1f} GiB) do not fit GPU 0 ({free_per_device[0] / GIB:.1f} GiB "
+            f"free); pass --device-map auto to spread the model over the {len(free_per_device)} GPUs."
+        )
+    return "cuda:0"
+
+
+def weights_bytes(path: Path, dtype: torch.dtype) -> int | None:
+    """The checkpoint's weights in `dtype`, from its safetensors files' sizes (the sharded index's shards, else
+    model.safetensors: a Mistral-format consolidated.safetensors beside them is not counted twice); None where
+    they are not on disk."""
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        files = [path / shard for shard in shards]
+    else:
+        files = [path / "model.safetensors"]
+    if not files or not all(f.is_file() for f in files):
+        return None
+    stored = sum(f.stat().st_size for f in files)
+    saved = str(_config(path).get("torch_dtype") or _config(path).get("dtype") or "bfloat16")
+    ratio = _itemsize(dtype) / _itemsize(_DTYPES.get(saved, torch.bfloat16))
+    return int(stored * ratio)
+
+
+def kv_bytes(path: Path, dtype: torch.dtype, tokens: int) -> int:
+    """The KV cache of `tokens` positions (the engine's `max_running_tokens`): keys and values of every layer."""
+    text = _config(path).get("text_config", {})
+    heads = int(text.get("num_attention_heads", 32))
+    head_dim = int(text.get("head_dim") or int(text.get("hidden_size", 4096)) // heads)
+    per_token = 2 * int(text.get("num_hidden_layers", 32)) * int(text.get("num_key_value_heads", heads)) * head_dim
+    return per_token * _itemsize(dtype) * tokens
+
+
+def _config(path: Path) -> dict[str, Any]:
+    config = path / "config.json"
+    return dict(json.loads(config.read_text(encoding="utf-8"))) if config.is_file() else {}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _device_map(settings: Settings, path: str, device: str, dtype: torch.dtype) -> str:
+    """`placement` on this machine (GPU 0's free memory, the checkpoint's sizes), logged with why."""
+    if device != "cuda":
+        return device
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    local = Path(path) if Path(path).is_dir() else _cached(path)
+    weights = weights_bytes(local, dtype) if local is not None else None
+    kv = kv_bytes(local, dtype, settings.max_running_tokens) if local is not None else 0
+    chosen = placement(weights or 0, kv, free, settings.device_map)
+    sizes = f"weights {'unknown' if weights is None else f'{weights / GIB:.1f} GiB'}, KV budget {kv / GIB:.1f} GiB"
+    gpus = ", ".join(f"cuda:{i} {f / GIB:.1f} GiB free" for i, f in enumerate(free))
+    log.info("placing the model on %s (%s; %s)", chosen, sizes, gpus)
+    if chosen == "cuda:0" and (weights or 0) + kv + RESERVE_BYTES > free[0]:
+        log.warning(
+            "the weights and the KV budget (--max-running-tokens) do not fit GPU 0 together: batches will be "
+            "capped by out-of-memory errors; lower --max-running-tokens%s",
+            " or pass --device-map auto" if len(free) > 1 else "",
+        )
+    return chosen
+
+
+def _cached(model: str) -> Path | None:
+    """A hub checkpoint's directory in the local cache, where it is there already."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # not cached: its size is unknown before the download
+        return None
+
+
+def log_memory(model: Any) -> None:
+    """Each GPU the model uses: what torch holds there and what is free."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    for index in devices:
+        free, total = torch.cuda.mem_get_info(index)
+        held = torch.cuda.memory_allocated(index)
+        log.info("cuda:%d: model %.1f GiB, %.1f GiB free of %.1f GiB", index, held / GIB, free / GIB, total / GIB)
+
+
 def load_model(settings: Settings) -> LoadedModel:
     from transformers import AutoProcessor, VoxtralForConditionalGeneration
 
@@ -190,8 +293,7 @@ def load_model(settings: Settings) -> LoadedModel:
     check_model_source(path)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    # device_map="auto" spreads a checkpoint larger than one GPU over every GPU of the machine.
-    device_map: Any = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
+    device_map = _device_map(settings, path, device, dtype)
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = VoxtralForConditionalGeneration.from_pretrained(
@@ -204,6 +306,7 @@ def load_model(settings: Settings) -> LoadedModel:
             "For a demo without weights use --model tiny."
         ) from exc
     model.eval()
+    log_memory(model)
     first_device = next(model.parameters()).device
     attention = str(getattr(model.config, "_attn_implementation", settings.attn_implementation))
     fingerprint = system_fingerprint(path, str(dtype).removeprefix("torch."), attention, first_device.type)

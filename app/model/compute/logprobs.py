@@ -11,12 +11,18 @@ On a CPU the exponentials are taken unshifted: a float32 row overflows only if a
 the log of the vocabulary) and loses precision only when every logit is below ~-58, and both show in the sum
 (not finite, or tiny), so those rows alone are computed again shifted by their maximum. On a GPU it is shifted
 by the row's maximum, a few kernels, the log taken in float64. The alternatives are a `topk` of the raw logits
-(ranked there, so the first is exactly the argmax) less the normaliser; the chosen tokens' logits are gathered;
+less the normaliser; the chosen tokens' logits are gathered;
 all of it joins the chosen ids in the sampler's single transfer to the host (as float64, which holds every token
 id exactly), and the subtraction is done there in float64, capped at 0: an unshifted float32 `exp` is within an
 ulp, so a near-certain token's logit can exceed its normaliser by ~1e-7, and a probability above 1 is never
 sent. A row whose token changes after that transfer (a re-draw from more candidates, a grammar's closing token)
 has its logit gathered again, only then.
+
+Ties: `topk` does not promise an order among equal values (CUDA's does not), and bfloat16 logits tie often.
+The sampler never takes a token from it (a greedy row's is its argmax, the lowest index of the maximum); on
+the host the alternatives are put in one order, whatever `topk` gave: by value, the row's own token first among
+equal values, then by id; where the token ties with the last alternative but `topk` left it out, it takes that
+place. So a greedy row's first alternative is always its token.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ class Logprobs:
     asked: list[int]
     """How many alternatives each of them wants."""
     raw: torch.Tensor
-    """Their raw logits: the alternatives are ranked on these, so the first is exactly their argmax."""
+    """Their raw logits: the alternatives are ranked on these."""
     normalizers: torch.Tensor
     """float64, one per asking row."""
     top: int
@@ -71,14 +77,6 @@ class Logprobs:
         if self._best is None:
             self._best = topk(self.raw, self.top)
         return self._best
-
-    def argmax(self, greedy: list[int]) -> torch.Tensor | None:
-        """The greedy rows' tokens from the top alternatives, when every one of them asked for some: one
-        `topk` pass then serves both (valid only where the scores are the raw logits, the caller's check)."""
-        if not self.top or not set(greedy) <= set(self.rows):
-            return None
-        index = torch.tensor([self.rows.index(i) for i in greedy], device=self.raw.device)
-        return self.best()[1].index_select(0, index)[:, 0]
 
     @classmethod
     def of(cls, logits: torch.Tensor, rows: Sequence[Row], live: Sequence[int]) -> Logprobs | None:
@@ -115,10 +113,22 @@ class Logprobs:
         out = {}
         for j, i in enumerate(self.rows):
             norm = norms[j]
-            top = tuple((int(ids[m]), min(values[m] - norm, 0.0)) for m in range(j * k, j * k + self.asked[j]))
+            best = ranked(values[j * k : (j + 1) * k], ids[j * k : (j + 1) * k], tokens[i], chosen[j])
+            top = tuple((token, min(value - norm, 0.0)) for value, token in best[: self.asked[j]])
             out[i] = TokenLogprob(tokens[i], min(chosen[j] - norm, 0.0), top)
         return out
 
     def _gather(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         raw = self.raw if rows is None else self.raw.index_select(0, rows)
         return raw.gather(1, tokens.view(-1, 1).to(raw.device)).squeeze(1).double()
+
+
+def ranked(values: Sequence[float], ids: Sequence[float], token: int, logit: float) -> list[tuple[float, int]]:
+    """One row's alternatives (`values`, `ids`: its `topk`, in any order among equal values) as (raw logit,
+    id), in one order: by value, `token` (the row's own, raw logit `logit`) first among equal values, then
+    by id. Where `token` ties with the last one but is not among them, it takes that place."""
+    entries = [(value, int(i)) for value, i in zip(values, ids, strict=True)]
+    if entries and all(i != token for _, i in entries) and logit >= min(value for value, _ in entries):
+        entries.remove(min(entries, key=lambda e: (e[0], -e[1])))
+        entries.append((logit, token))
+    return sorted(entries, key=lambda e: (-e[0], e[1] != token, e[1]))

@@ -69,7 +69,7 @@ class Sampler:
         scores = apply(penalised, bits[full], index) if bits is not None and full else penalised
         live = [i for i in range(len(rows)) if i not in errors]
         probs = Logprobs.of(logits, rows, live)
-        out, drawn, extra = _choose(scores, rows, live, probs, raw=scores is logits and not constrained)
+        out, drawn, extra = _choose(scores, rows, live, probs)
         if bits is not None and len(full) < len(constrained):
             _fix_refused(out, scores, bits, constrained, set(full))
         for i in [i for i, row in enumerate(rows) if row.constraint is not None and i not in errors]:
@@ -150,13 +150,12 @@ def _column(values: Sequence[float], device: torch.device, dtype: torch.dtype = 
 
 # -- choosing ----------------------------------------------------------------------------------------
 def _choose(
-    scores: torch.Tensor, rows: Sequence[Row], live: list[int], probs: Logprobs | None, raw: bool = False
+    scores: torch.Tensor, rows: Sequence[Row], live: list[int], probs: Logprobs | None
 ) -> tuple[list[int], list[int], list[float]]:
     """Greedy rows' argmax and sampled rows' draws, to the host in one transfer with the asked log-probs.
     Rows that `draw` flags are drawn again with more candidates (another transfer, only then).
-    Returns the tokens, the tokens as first drawn, and the log-prob values of that transfer. `raw`: the
-    scores are the logits themselves (no penalty, no mask in this batch)."""
-    tokens, flags, cut, cut_params = _first_draw(scores, rows, live, probs if raw else None)
+    Returns the tokens, the tokens as first drawn, and the log-prob values of that transfer."""
+    tokens, flags, cut, cut_params = _first_draw(scores, rows, live)
     if probs is None:
         host: list[float] = torch.cat([tokens, flags]).tolist()
     else:  # float64 holds every token id exactly: still one tensor, one transfer
@@ -176,17 +175,16 @@ def _choose(
 
 
 def _first_draw(
-    scores: torch.Tensor, rows: Sequence[Row], live: list[int], probs: Logprobs | None = None
+    scores: torch.Tensor, rows: Sequence[Row], live: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, list[int], _Params | None]:
-    """On the device: every row's token, and which truncating rows (`cut`) must be drawn again. Greedy rows
-    that ask for alternatives take the first of them (`probs`, given only when the scores are the raw
-    logits): that `topk` is needed anyway, and an argmax is another pass over 131,072 logits a row."""
+    """On the device: every row's token, and which truncating rows (`cut`) must be drawn again. A greedy
+    row's token is its argmax, the lowest index of its maximum, whether or not it asks for alternatives:
+    never the first of a `topk`, which does not promise the lowest index among equal values (CUDA's does
+    not), so asking for log-probs never changes a greedy answer."""
     tokens = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
     greedy = [i for i in live if rows[i].sampling.temperature <= 0]
     if greedy:
-        best = probs.argmax(greedy) if probs is not None else None
-        if best is None:
-            best = host_argmax(scores, greedy)
+        best = host_argmax(scores, greedy)
         tokens = _put(tokens, greedy, best if best is not None else take_rows(scores, greedy).argmax(-1))
     sampled = [i for i in live if rows[i].sampling.temperature > 0]
     cut = [i for i in sampled if _truncates(rows[i])]

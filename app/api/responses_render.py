@@ -1,0 +1,79 @@
+"""Typed responses -> OpenAI's Response object and its output items (`Response` in OpenAI's spec)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.serving.responses_schemas import CreateResponseRequest
+from app.serving.responses_values import CallOut, OutputItem, ResponseObject, TokenUsage
+
+
+def response(value: ResponseObject) -> dict[str, Any]:
+    """The whole object: status, output, usage, and the request's settings echoed."""
+    return {
+        "id": value.id,
+        "object": "response",
+        "created_at": value.created_at,
+        "status": value.status,
+        "completed_at": value.completed_at,
+        "error": None if value.error is None else {"code": "server_error", "message": value.error},
+        "incomplete_details": {"reason": "max_output_tokens"} if value.status == "incomplete" else None,
+        "output": [item(i) for i in value.output],
+        "usage": usage(value.usage) if value.usage is not None else None,
+        **settings(value.request),
+    }
+
+
+def settings(request: CreateResponseRequest) -> dict[str, Any]:
+    tools = [
+        t.model_dump(mode="json", include={"type", "name", "description", "parameters", "strict"})
+        for t in request.tools or ()
+    ]
+    choice = request.tool_choice
+    fmt = request.text.format if request.text is not None and request.text.format is not None else None
+    return {
+        "model": request.model,
+        "instructions": request.instructions,
+        "max_output_tokens": request.max_output_tokens,
+        "previous_response_id": request.previous_response_id,
+        "store": request.store is not False,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "tools": tools,
+        "tool_choice": choice.model_dump(mode="json")
+        if choice is not None and not isinstance(choice, str)
+        else choice or "auto",
+        "parallel_tool_calls": request.parallel_tool_calls is not False,
+        "text": {"format": fmt.model_dump(mode="json", by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
+        "truncation": "disabled",
+        "metadata": request.metadata or {},
+        "reasoning": None,
+    }
+
+
+def item(value: OutputItem) -> dict[str, Any]:
+    if isinstance(value, CallOut):
+        return {
+            "type": "function_call",
+            "id": value.id,
+            "call_id": value.call_id,
+            "name": value.name,
+            "arguments": value.arguments,
+            "status": value.status,
+        }
+    parts = [text_part(value.text)] if value.status != "in_progress" else []
+    return {"type": "message", "id": value.id, "status": value.status, "role": "assistant", "content": parts}
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def usage(value: TokenUsage) -> dict[str, Any]:
+    return {
+        "input_tokens": value.input_tokens,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": value.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": value.input_tokens + value.output_tokens,
+    }

@@ -9,8 +9,8 @@ from app.serving.responses_values import CallOut, OutputItem, ResponseObject, To
 
 
 def response(value: ResponseObject) -> dict[str, Any]:
-    """The whole object: status, output, usage, and the request's settings echoed."""
-    return {
+    """The whole object: status, output, usage (absent until known), and the request's settings echoed."""
+    body: dict[str, Any] = {
         "id": value.id,
         "object": "response",
         "created_at": value.created_at,
@@ -19,9 +19,11 @@ def response(value: ResponseObject) -> dict[str, Any]:
         "error": None if value.error is None else {"code": "server_error", "message": value.error},
         "incomplete_details": {"reason": "max_output_tokens"} if value.status == "incomplete" else None,
         "output": [item(i) for i in value.output],
-        "usage": usage(value.usage) if value.usage is not None else None,
         **settings(value.request),
     }
+    if value.usage is not None:
+        body["usage"] = usage(value.usage)
+    return body
 
 
 def settings(request: CreateResponseRequest) -> dict[str, Any]:

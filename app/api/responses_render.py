@@ -27,12 +27,10 @@ def response(value: ResponseObject) -> dict[str, Any]:
 
 
 def settings(request: CreateResponseRequest) -> dict[str, Any]:
-    tools = [
-        t.model_dump(mode="json", include={"type", "name", "description", "parameters", "strict"})
-        for t in request.tools or ()
-    ]
-    choice = request.tool_choice
-    fmt = request.text.format if request.text is not None and request.text.format is not None else None
+    """The request's settings as the response echoes them (OpenAI's defaults where it set none)."""
+    tool_fields = {"type", "name", "description", "parameters", "strict"}
+    choice, text = request.tool_choice, request.text
+    fmt = text.format if text is not None else None
     return {
         "model": request.model,
         "instructions": request.instructions,
@@ -41,10 +39,8 @@ def settings(request: CreateResponseRequest) -> dict[str, Any]:
         "store": request.store is not False,
         "temperature": request.temperature,
         "top_p": request.top_p,
-        "tools": tools,
-        "tool_choice": choice.model_dump(mode="json")
-        if choice is not None and not isinstance(choice, str)
-        else choice or "auto",
+        "tools": [t.model_dump(mode="json", include=tool_fields) for t in request.tools or ()],
+        "tool_choice": choice.model_dump(mode="json") if not isinstance(choice, str | None) else choice or "auto",
         "parallel_tool_calls": request.parallel_tool_calls is not False,
         "text": {"format": fmt.model_dump(mode="json", by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
         "truncation": "disabled",

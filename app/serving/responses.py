@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from app.errors import ResponseNotFound
+from app.errors import ResponseNotFound, VoxtralError
 from app.serving import responses_input
 from app.serving.chat import ChatAnswer, ChatServing, ChoiceResult
 from app.serving.deltas import Usage
@@ -31,6 +31,8 @@ from app.serving.responses_values import (
     new_id,
 )
 from app.serving.schemas import Message
+
+_CHAT_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
 class ResponseAnswer:
@@ -96,7 +98,11 @@ class ResponsesServing:
         previous response is gone."""
         history = await self.store.conversation(body.previous_response_id) if body.previous_response_id else []
         turn = responses_input.input_messages(body)
-        answer = await self.chats.start(responses_input.chat_request(body, history + turn), record)
+        try:
+            answer = await self.chats.start(responses_input.chat_request(body, history + turn), record)
+        except VoxtralError as exc:  # chat's refusals, with the parameter named as this request names it
+            exc.param = _CHAT_PARAMS.get(exc.param or "", exc.param)
+            raise
         return ResponseAnswer(ResponseObject(body), answer, turn, self.store if body.store is not False else None)
 
     async def get(self, response_id: str) -> ResponseObject:

@@ -64,8 +64,9 @@ def test_instructions(client: Any) -> None:
 
 
 def test_instructions_with_audio_are_a_400(client: Any) -> None:
-    with pytest.raises(openai.BadRequestError, match="system"):
+    with pytest.raises(openai.BadRequestError, match="system") as refused:
         client.responses.create(model="tiny", input=ask(AUDIO_PART), instructions="Be brief.", max_output_tokens=4)
+    assert refused.value.param == "input"  # chat's refusal, named in Responses' terms
 
 
 def test_a_forced_tool_call_and_its_output(client: Any) -> None:

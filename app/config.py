@@ -2,8 +2,8 @@
 
 Read once at start-up and injected into `app.wiring.Wiring(settings)`; no other module reads the
 environment. Settings are grouped by concern, one class each (`ModelSettings`, `ServerSettings`,
-`LimitSettings`, `RealtimeSettings`, `EngineSettings`), composed into the flat `Settings` that every
-reader uses (`settings.max_batch_size`). Each field's docstring is what `--help` and the README show,
+`LimitSettings`, `RealtimeSettings`, `ResponsesSettings`, `EngineSettings`), composed into the flat `Settings`
+that every reader uses (`settings.max_batch_size`). Each field's docstring is what `--help` and the README show,
 including the trade-off it makes; each group's validators check its own fields.
 """
 
@@ -220,6 +220,31 @@ class RealtimeSettings(BaseSettings):
         return int(self.realtime_max_message_mb * 1024 * 1024)
 
 
+class ResponsesSettings(BaseSettings):
+    """Responses: where /v1/responses keeps stored responses (`store: true`, OpenAI's default) for GET and for
+    follow-ups that name a `previous_response_id`, and for how long."""
+
+    model_config = _GROUP
+
+    responses_db: Path | None = None
+    """SQLite file of stored responses (created if missing). Default: `responses.sqlite3` under --cache-dir.
+    `:memory:` keeps them only until the server stops. Each response keeps its input as sent, audio included."""
+    responses_max_age_h: float = 720.0
+    """Stored responses older than this are gone (30 days, as OpenAI keeps them). Shorter keeps less user
+    content, audio included, on disk; a follow-up naming an expired response gets a 400."""
+    responses_max_stored: int = 10000
+    """Most stored responses; past it the oldest are dropped first."""
+    responses_max_db_mb: float = 2048.0
+    """Most megabytes of stored input and output (audio as sent, base64); past it the oldest are dropped first.
+    One request may carry up to --max-upload-mb of audio, so this bounds the disk a flood of them can take."""
+
+    @model_validator(mode="after")
+    def _check_responses(self) -> Self:
+        if self.responses_max_age_h <= 0 or self.responses_max_stored < 1 or self.responses_max_db_mb <= 0:
+            raise ValueError("responses_max_age_h and responses_max_db_mb must be > 0, responses_max_stored >= 1")
+        return self
+
+
 class EngineSettings(BaseSettings):
     """Engine: the queue, how rows are batched, and the threads the work runs on."""
 
@@ -282,6 +307,7 @@ GROUPS: tuple[type[BaseSettings], ...] = (
     ServerSettings,
     LimitSettings,
     RealtimeSettings,
+    ResponsesSettings,
     EngineSettings,
 )
 """The groups in the order `--help` and the README list them."""
@@ -290,7 +316,7 @@ GROUPS: tuple[type[BaseSettings], ...] = (
 # Every setting, flat: `settings.<field>` whatever its group, and every group's validators run. The bases
 # are listed in reverse of `GROUPS` because pydantic collects fields from the last base first. No
 # docstring: pydantic-settings would print it at the top of `serve --help`.
-class Settings(EngineSettings, RealtimeSettings, LimitSettings, ServerSettings, ModelSettings):
+class Settings(EngineSettings, ResponsesSettings, RealtimeSettings, LimitSettings, ServerSettings, ModelSettings):
     model_config = SettingsConfigDict(
         env_prefix="VOXTRAL_",
         cli_kebab_case=True,

@@ -61,6 +61,14 @@ class ModelNotFound(VoxtralError):
     code = "model_not_found"
 
 
+class ResponseNotFound(VoxtralError):
+    """A stored response (/v1/responses/{id}) that does not exist, was deleted or has expired."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class PayloadTooLarge(VoxtralError):
     status = 413
     type = "invalid_request_error"

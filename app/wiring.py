@@ -32,6 +32,8 @@ from app.metrics import Metrics
 from app.model.compute.loader import LoadedModel, ModelLoadError, load_model
 from app.model.runtime import ModelRuntime
 from app.serving.realtime.service import RealtimeServing
+from app.serving.response_store import ResponseStore, Retention
+from app.serving.responses import ResponsesServing
 from app.serving.service import Serving
 
 log = logging.getLogger(__name__)
@@ -73,9 +75,23 @@ class Wiring:
         self.engine = self._engine(runtime)
         serving = Serving(self.settings, self.engine, runtime)
         realtime = RealtimeServing(serving.prep, serving.transcriptions, self.settings, self.metrics)
+        responses = ResponsesServing(serving.chats, await self._response_store())
         return AppContext(
-            self.settings, self.metrics, self.lifecycle, serving, realtime, self.created, model.random_weights
+            self.settings,
+            self.metrics,
+            self.lifecycle,
+            serving,
+            realtime,
+            responses,
+            self.created,
+            model.random_weights,
         )
+
+    async def _response_store(self) -> ResponseStore:
+        s = self.settings
+        path = s.responses_db or s.cache_dir / "responses.sqlite3"
+        retention = Retention(s.responses_max_age_h * 3600, s.responses_max_stored, int(s.responses_max_db_mb * 2**20))
+        return await ResponseStore.open(path, retention)
 
     def _engine(self, runtime: ModelRuntime) -> Engine:
         """Built on the event loop, which the engine's `on_fatal` (called from its worker thread) goes back to."""
@@ -110,6 +126,7 @@ class Wiring:
                 self.engine.stop()
             if self.context is not None:
                 self.context.serving.close()
+                self.context.responses.close()
 
     async def _start(self, state: Startup) -> None:
         """Load and build the context, start the engine, warm up, then ready (unless a drain came first)."""

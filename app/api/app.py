@@ -16,7 +16,7 @@ from app.api.demo import RandomWeightsHeader
 from app.api.lifecycle import DrainGuard, Lifecycle
 from app.api.middleware import BodyLimits, RequestContext, Route
 from app.api.realtime import route as realtime
-from app.api.routes import audio, chat, health, models, playground
+from app.api.routes import audio, chat, health, models, playground, responses
 from app.config import Settings
 from app.metrics import Metrics
 
@@ -26,7 +26,7 @@ def build_api(settings: Settings, metrics: Metrics, lifecycle: Lifecycle, lifesp
     app = FastAPI(title="voxtral-server", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     openapi.install(app)
-    routers = (audio.router, chat.router, models.router, health.router)
+    routers = (audio.router, chat.router, responses.router, models.router, health.router)
     for router in routers:
         app.include_router(router)
     app.include_router(realtime.router)

@@ -21,6 +21,7 @@ from app.config import Settings
 from app.errors import ModelNotReady
 from app.metrics import Metrics
 from app.serving.realtime.service import RealtimeServing
+from app.serving.responses import ResponsesServing
 from app.serving.service import Serving
 
 STATE_KEY = "ctx"
@@ -34,6 +35,7 @@ class AppContext:
     lifecycle: Lifecycle
     serving: Serving
     realtime: RealtimeServing
+    responses: ResponsesServing
     created: int
     """Unix time the app was built: the `created` of /v1/models."""
     random_weights: bool = False

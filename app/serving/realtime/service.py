@@ -10,7 +10,7 @@ from app.config import Settings
 from app.errors import TooManySessions
 from app.metrics import Metrics
 from app.serving.prep import Prep
-from app.serving.realtime.detector import SharedDetector
+from app.serving.realtime.detector import SharedDetector, SharedTurnEnd
 from app.serving.realtime.events import Emit
 from app.serving.realtime.session import Session, Shared
 from app.serving.transcription import TranscriptionServing
@@ -29,7 +29,13 @@ class RealtimeServing:
         self.slots = Slots(settings.realtime_max_sessions)
         detector = SharedDetector(prep)
         self.shared = Shared(
-            prep, detector, transcriptions, metrics, settings.model_id, settings.realtime_max_utterance_s
+            prep,
+            detector,
+            transcriptions,
+            metrics,
+            settings.model_id,
+            settings.realtime_max_utterance_s,
+            SharedTurnEnd(prep),
         )
 
     def admit(self, model: str | None) -> None:

@@ -83,7 +83,8 @@ def features(audio: np.ndarray) -> np.ndarray:
     power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2
     log = np.log10(np.maximum(power @ mel_filters(), 1e-10)).T
     log = np.maximum(log, log.max() - 8.0)
-    return ((log + 4.0) / 4.0).astype(np.float32)
+    scaled: np.ndarray = ((log + 4.0) / 4.0).astype(np.float32)
+    return scaled
 
 
 def probabilities(clips: list[np.ndarray]) -> list[float]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soundfile as sf
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -32,7 +33,7 @@ from tests.support.realtime_client import (
     texts,
     two_utterances,
 )
-from tests.support.server import RunningServer, serve
+from tests.support.server import AUDIO, RunningServer, serve
 
 KEY = "sk-realtime-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -186,6 +187,21 @@ def test_semantic_vad_ends_each_turn_and_transcribes(server: RunningServer) -> N
     for end, stop in zip((0.5 + length, 3.5 + 2 * length), stopped, strict=True):
         assert end + 0.1 <= stop["audio_end_ms"] / 1000 <= end + 2.0 + 0.5, (end, stop)
     assert [item for item, _, _ in texts(events)] == [c["item_id"] for c in committed]
+    raw.ws.close()
+
+
+def test_semantic_vad_ends_a_finished_sentence_at_its_pause_not_after_the_wait(server: RunningServer) -> None:
+    """Real speech ending at a full stop (jfk.wav, 11 s): the turn-end model ends the turn at the first pause
+    after it, long before eagerness low's 8 s; pauses inside the speech it judges unfinished do not cut it."""
+    jfk = np.asarray(sf.read(AUDIO / "jfk.wav", dtype="float32")[0])
+    raw = session(server)
+    raw.update(turn_detection={"type": "semantic_vad", "eagerness": "low"})
+    raw.append(encode(np.concatenate([jfk, gap(9.0)]), "audio/pcm"), chunk_bytes("audio/pcm"))
+    events = raw.until("input_audio_buffer.speech_stopped")
+    stopped = events[-1]["audio_end_ms"] / 1000
+    assert stopped < 12.0, (stopped, events)  # speech ends at ~10.7 s; the 8 s wait would end it at ~18.5 s
+    assert len(of(events, "speech_started")) == 1 and len(of(events, "committed")) == 0
+    raw.until(COMPLETED)
     raw.ws.close()
 
 

@@ -32,15 +32,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 SERVED = "/v1/audio/transcriptions, /v1/audio/translations, /v1/chat/completions, /v1/realtime and /v1/models"
 UNSERVED = {
-    "/v1/audio/speech": "This server does not synthesise speech (it serves Voxtral, a speech-to-text model)",
+    "/v1/audio/speech": "This server does not synthesise speech (Voxtral is a speech-to-text model). ",
 }
 """OpenAI routes a client may try here that this server will not serve, and why."""
 
 
 def unknown_route(method: str, path: str) -> str:
     """A 404's message, as OpenAI words it ("Invalid URL (POST /v1/x)"), saying what this server serves."""
-    why = UNSERVED.get(path.rstrip("/"), "This server has no such route")
-    return f"Invalid URL ({method} {path}). {why}: it serves {SERVED}."
+    why = UNSERVED.get(path.rstrip("/"), "")
+    return f"Invalid URL ({method} {path}): not found. {why}This server serves {SERVED}."
 
 
 def install(app: FastAPI) -> None:

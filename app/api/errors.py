@@ -30,6 +30,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"Invalid request: {param or 'body'}: {message}", param
 
 
+SERVED = "/v1/audio/transcriptions, /v1/audio/translations, /v1/chat/completions, /v1/realtime and /v1/models"
+UNSERVED = {
+    "/v1/audio/speech": "This server does not synthesise speech (Voxtral is a speech-to-text model). ",
+}
+"""OpenAI routes a client may try here that this server will not serve, and why."""
+
+
+def unknown_route(method: str, path: str) -> str:
+    """A 404's message, as OpenAI words it ("Invalid URL (POST /v1/x)"), saying what this server serves."""
+    why = UNSERVED.get(path.rstrip("/"), "")
+    return f"Invalid URL ({method} {path}): not found. {why}This server serves {SERVED}."
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(VoxtralError)
     async def _domain(request: Request, exc: VoxtralError) -> JSONResponse:
@@ -43,7 +56,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind, None, None), exc.status_code, headers=exc.headers)
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # Starlette's answer for a path no route has
+            message = unknown_route(request.method, request.url.path)
+        return JSONResponse(error_body(message, kind, None, None), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -34,7 +34,11 @@ def usage(transcript: Transcript) -> dict[str, Any]:
 
 
 def json_body(transcript: Transcript) -> dict[str, Any]:
+    """A transcription's `languages` (what gpt-transcribe returns, and LiveKit reads) when the language is
+    known: asked for, or announced by the model; left out otherwise, and from translations."""
     body: dict[str, Any] = {"text": transcript.text, "usage": usage(transcript)}
+    if transcript.options.task == "transcribe" and transcript.language:
+        body["languages"] = [{"code": transcript.language}]
     if transcript.options.include_logprobs:
         body["logprobs"] = logprob_entries(transcript.logprobs)
     return body

@@ -101,6 +101,19 @@ def test_unknown_model_is_404(client: Any) -> None:
     assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
+def test_speech_synthesis_is_a_404_naming_what_is_served(http: Any, client: Any) -> None:
+    error = assert_openai_error(
+        http.post("/v1/audio/speech", json={"model": "tts-1", "input": "hi", "voice": "a"}), 404
+    )
+    assert error["type"] == "invalid_request_error" and "POST /v1/audio/speech" in error["message"]
+    assert "does not synthesise speech" in error["message"] and "/v1/audio/transcriptions" in error["message"]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.audio.speech.create(model="tts-1", input="hello", voice="alloy")
+    assert "does not synthesise speech" in info.value.message
+    other = assert_openai_error(http.get("/v1/nowhere"), 404)
+    assert other["message"].startswith("Invalid URL (GET /v1/nowhere)") and "/v1/realtime" in other["message"]
+
+
 def test_missing_file_is_400_not_422(http: Any) -> None:
     assert_openai_error(http.post("/v1/audio/transcriptions", data={"model": "tiny"}), 400)
 

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import soundfile as sf
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -24,13 +26,14 @@ from tests.support.realtime_client import (
     Raw,
     chunk_bytes,
     encode,
+    gap,
     open_session,
     sentence,
     spec,
     texts,
     two_utterances,
 )
-from tests.support.server import RunningServer, serve
+from tests.support.server import AUDIO, RunningServer, serve
 
 KEY = "sk-realtime-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -126,7 +129,9 @@ REFUSED = [
     ({"type": "input_audio_buffer.append"}, "audio"),
     (update(type="realtime"), "session.type"),
     (update(audio={"input": {"format": {"type": "audio/wav"}}}), None),
-    (update(audio={"input": {"turn_detection": {"type": "semantic_vad"}}}), None),
+    (update(audio={"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "eager"}}}), None),
+    (update(audio={"input": {"turn_detection": {"type": "model_vad"}}}), None),
+    (update(audio={"input": {"noise_reduction": {"type": "near_field"}}}), "session.audio.input.noise_reduction"),
     (update(audio={"input": {"transcription": {"model": "nope"}}}), None),
     (update(audio={"input": {"transcription": {"language": "xx"}}}), None),
     (update(include=["item.input_audio_transcription.avg_logprob"]), "session.include"),
@@ -147,6 +152,56 @@ def test_refused_events_get_error_events_and_the_session_goes_on(server: Running
     raw.append(encode(sentence(), "audio/pcm"), 4800)
     raw.send(type="input_audio_buffer.commit")
     assert raw.until(COMPLETED)[-1]["transcript"] is not None
+    raw.ws.close()
+
+
+def test_unsupported_settings_are_refused_and_the_session_keeps_its_config(server: RunningServer) -> None:
+    """As OpenAI answers a value it does not support: an error event naming it, and the update is not applied."""
+    raw = session(server)
+    semantic = {"type": "semantic_vad", "eagerness": "low"}
+    before = raw.update(turn_detection=semantic)["session"]["audio"]["input"]
+    assert before["turn_detection"] == semantic
+    for kind in ("near_field", "far_field"):
+        raw.send(**update(audio={"input": {"noise_reduction": {"type": kind}, "turn_detection": None}}), event_id=kind)
+        error = raw.until("error")[-1]["error"]
+        assert (error["param"], error["event_id"]) == ("session.audio.input.noise_reduction", kind), error
+        assert "not supported yet" in error["message"] and error["code"] == "unsupported"
+    assert raw.update()["session"]["audio"]["input"] == before  # the effective configuration, unchanged
+    assert raw.update(noise_reduction=None)["session"]["audio"]["input"] == before  # null: none asked for
+    transcribes(raw)
+    raw.ws.close()
+
+
+def test_semantic_vad_ends_each_turn_and_transcribes(server: RunningServer) -> None:
+    """Two sentences 3 s apart with eagerness high: each turn ends, at the latest 2 s after speech stops."""
+    speech = sentence()
+    length = speech.shape[0] / 16000
+    audio = np.concatenate([gap(0.5), speech, gap(3.0), speech, gap(3.0)])
+    raw = session(server)
+    echoed = raw.update(turn_detection={"type": "semantic_vad", "eagerness": "high", "create_response": True})
+    assert echoed["session"]["audio"]["input"]["turn_detection"] == {"type": "semantic_vad", "eagerness": "high"}
+    raw.append(encode(audio, "audio/pcm"), chunk_bytes("audio/pcm"))
+    events = raw.until(COMPLETED, 2)
+    started, stopped, committed = of(events, "speech_started"), of(events, "speech_stopped"), of(events, "committed")
+    assert len(started) == len(stopped) == len(committed) == 2, events
+    for end, stop in zip((0.5 + length, 3.5 + 2 * length), stopped, strict=True):
+        assert end + 0.1 <= stop["audio_end_ms"] / 1000 <= end + 2.0 + 0.5, (end, stop)
+    assert [item for item, _, _ in texts(events)] == [c["item_id"] for c in committed]
+    raw.ws.close()
+
+
+def test_semantic_vad_ends_a_finished_sentence_at_its_pause_not_after_the_wait(server: RunningServer) -> None:
+    """Real speech ending at a full stop (jfk.wav, 11 s): the turn-end model ends the turn at the first pause
+    after it, long before eagerness low's 8 s; pauses inside the speech it judges unfinished do not cut it."""
+    jfk = np.asarray(sf.read(AUDIO / "jfk.wav", dtype="float32")[0])
+    raw = session(server)
+    raw.update(turn_detection={"type": "semantic_vad", "eagerness": "low"})
+    raw.append(encode(np.concatenate([jfk, gap(9.0)]), "audio/pcm"), chunk_bytes("audio/pcm"))
+    events = raw.until("input_audio_buffer.speech_stopped")
+    stopped = events[-1]["audio_end_ms"] / 1000
+    assert stopped < 12.0, (stopped, events)  # speech ends at ~10.7 s; the 8 s wait would end it at ~18.5 s
+    assert len(of(events, "speech_started")) == 1 and len(of(events, "committed")) == 0
+    raw.until(COMPLETED)
     raw.ws.close()
 
 

@@ -47,6 +47,14 @@ def test_json_body(http: httpx.Client, client: Any) -> None:
     assert result.text == r.json()["text"] and result.usage.type == "tokens"
 
 
+def test_json_languages_and_verbose_json_language(client: Any) -> None:
+    asked = transcribe(client, language="fr")
+    assert asked.to_dict()["languages"] == [{"code": "fr"}]
+    assert transcribe(client, language="fr", response_format="verbose_json").language == "french"
+    # The random tiny model announces no language: none is detected, so none is named.
+    assert "languages" not in transcribe(client).to_dict()
+
+
 def test_text_is_plain_text_with_a_newline(client: Any) -> None:
     text = transcribe(client, response_format="text")
     assert isinstance(text, str) and text.endswith("\n") and text.strip() == transcribe(client).text

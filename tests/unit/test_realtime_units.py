@@ -8,8 +8,8 @@ import pytest
 
 from app import vad
 from app.audio_formats import ALAW, ULAW, InputDecoder
-from app.serving.realtime.config import ServerVad
-from app.serving.realtime.turns import START_WINDOWS, AudioBuffer, Turn, TurnDetector
+from app.serving.realtime.config import SemanticVad, ServerVad
+from app.serving.realtime.turns import START_WINDOWS, AudioBuffer, SemanticTurns, Turn, TurnDetector
 from app.vad import WINDOW
 
 
@@ -61,6 +61,31 @@ def test_turns_feed_in_pieces_like_at_once() -> None:
     detector = TurnDetector(vad)
     pieces = [t for at in range(0, 500, 3) for t in detector.feed(probs[at : at + 3])]
     assert pieces == whole and START_WINDOWS == 3
+
+
+def test_semantic_turns_ask_at_each_pause_and_wait_at_most_the_eagerness() -> None:
+    assert [SemanticVad(e).max_wait_s for e in ("low", "medium", "high", "auto")] == [8, 4, 2, 4]  # type: ignore[arg-type]
+    turns = SemanticTurns(SemanticVad("high"))
+    got = turns.feed(windows((0.1, 10), (0.9, 30), (0.1, 20)))
+    assert got == [Turn("start", 10 * WINDOW), Turn("pause", 47 * WINDOW)]  # 200 ms: 7 quiet windows
+    assert turns.position == 47 * WINDOW  # the windows after the pause wait for the decision
+    assert turns.decided(got[-1], complete=False) == [] and turns.position == 60 * WINDOW
+    got = turns.feed(windows((0.9, 20), (0.1, 10)))  # speech resumes: the same utterance, no new start
+    assert got == [Turn("pause", 87 * WINDOW)]
+    assert turns.decided(got[-1], complete=False) == []
+    # Judged unfinished again, and the silence lasts: the turn ends 2 s after speech stopped (80 windows in).
+    assert turns.feed(windows((0.1, 100))) == [Turn("stop", 143 * WINDOW)]  # 80 * 512 + 32000 <= 143 * 512
+
+
+def test_semantic_turns_a_complete_pause_ends_the_turn_and_the_next_speech_starts_another() -> None:
+    turns = SemanticTurns(SemanticVad())
+    got = turns.feed(windows((0.9, 10), (0.1, 10), (0.9, 10), (0.1, 10)))
+    assert got == [Turn("start", 0), Turn("pause", 17 * WINDOW)]
+    assert turns.decided(got[-1], complete=True) == [Turn("start", 20 * WINDOW), Turn("pause", 37 * WINDOW)]
+    turns.restart(speaking=False)  # a commit by hand forgets a pause judged unfinished
+    assert turns.decided(Turn("pause", 37 * WINDOW), complete=False) == []
+    turns.restart(speaking=False)
+    assert turns.feed(windows((0.1, 300))) == []
 
 
 def test_audio_buffer_takes_and_drops_by_position() -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.api.transcripts import compression_ratio, cue_text, srt_body, timestamp, vtt_body
+from app.api.transcripts import compression_ratio, cue_text, json_body, srt_body, timestamp, vtt_body
 from app.chunking import Piece, VadOptions, pieces_from, split_at_silences, whole
 from app.errors import InvalidRequest
 from app.serving.transcripts import (
@@ -158,6 +158,15 @@ def test_detected_language_is_the_most_common() -> None:
     assert Transcript(TranscriptionOptions(language="de"), 3.0, pieces).language == "de"
     assert Transcript(TranscriptionOptions(task="translate"), 3.0, pieces).language == "en"
     assert Transcript(TranscriptionOptions(), 3.0, []).language is None
+
+
+def test_json_names_the_detected_language_in_languages() -> None:
+    """`languages`, as gpt-transcribe returns it (LiveKit reads it): the language known, never a guess."""
+    pieces = [PieceResult(0, 1, "a", [], 1, code) for code in ("fr", "en", "fr")]
+    assert json_body(Transcript(TranscriptionOptions(), 3.0, pieces))["languages"] == [{"code": "fr"}]
+    assert json_body(Transcript(TranscriptionOptions(language="de"), 3.0, pieces))["languages"] == [{"code": "de"}]
+    assert "languages" not in json_body(Transcript(TranscriptionOptions(), 3.0, [PieceResult(0, 1, "a", [], 1)]))
+    assert "languages" not in json_body(Transcript(TranscriptionOptions(task="translate"), 3.0, pieces))
 
 
 def test_check_language() -> None:

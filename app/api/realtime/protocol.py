@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -21,7 +21,16 @@ from app.audio_formats import AudioFormat
 from app.errors import InvalidRequest, UnsupportedFeature, VoxtralError
 from app.serving.realtime import commands as cmd
 from app.serving.realtime import events as ev
-from app.serving.realtime.config import KEEP, ServerVad, SessionConfig, TranscriptionSettings, UpdateSettings
+from app.serving.realtime.config import (
+    KEEP,
+    Eagerness,
+    SemanticVad,
+    ServerVad,
+    SessionConfig,
+    TranscriptionSettings,
+    TurnDetection,
+    UpdateSettings,
+)
 
 LOGPROBS = "item.input_audio_transcription.logprobs"
 _DELTA = "conversation.item.input_audio_transcription.delta"
@@ -50,18 +59,30 @@ class TranscriptionIn(_Wire):
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
 
 
-class TurnDetectionIn(_Wire):
+class ServerVadIn(_Wire):
+    """`create_response`, `interrupt_response`, `idle_timeout_ms` concern responses, which a transcription
+    session never creates: accepted and ignored, as any field this server does not know."""
+
     type: Literal["server_vad"]
     threshold: float | None = Field(None, ge=0.0, le=1.0)
     prefix_padding_ms: int | None = Field(None, ge=0, le=10_000)
     silence_duration_ms: int | None = Field(None, ge=32, le=10_000)
 
 
+class SemanticVadIn(_Wire):
+    type: Literal["semantic_vad"]
+    eagerness: Eagerness | None = None
+
+
+class NoiseReductionIn(_Wire):
+    type: Literal["near_field", "far_field"]
+
+
 class InputIn(_Wire):
     format: FormatIn | None = None
     transcription: TranscriptionIn | None = None
-    turn_detection: TurnDetectionIn | None = None
-    noise_reduction: dict[str, Any] | None = None
+    turn_detection: Annotated[ServerVadIn | SemanticVadIn, Field(discriminator="type")] | None = None
+    noise_reduction: NoiseReductionIn | None = None
 
 
 class AudioIn(_Wire):
@@ -149,21 +170,28 @@ def _settings(session: SessionIn) -> UpdateSettings:
     if session.include and any(item != LOGPROBS for item in session.include):
         raise InvalidRequest(f"session.include may only hold {LOGPROBS!r}.", param="session.include")
     audio = session.audio.input if session.audio and session.audio.input else InputIn()
+    if audio.noise_reduction is not None:
+        raise UnsupportedFeature(
+            f"noise_reduction {audio.noise_reduction.type!r} is not supported yet: this server applies no noise "
+            "reduction. Send null or leave it out.",
+            param="session.audio.input.noise_reduction",
+        )
     t = audio.transcription
     vad = audio.turn_detection
     return UpdateSettings(
         format=KEEP if audio.format is None else audio.format.type,
         transcription=KEEP if t is None else TranscriptionSettings(t.model, t.language, t.prompt),
-        turn_detection=KEEP if "turn_detection" not in audio.model_fields_set else _server_vad(vad),
+        turn_detection=KEEP if "turn_detection" not in audio.model_fields_set else _turn_detection(vad),
         logprobs=KEEP if session.include is None else LOGPROBS in session.include,
     )
 
 
-def _server_vad(vad: TurnDetectionIn | None) -> ServerVad | None:
+def _turn_detection(vad: ServerVadIn | SemanticVadIn | None) -> TurnDetection | None:
+    """The turn detection `vad` names, its fields left out at OpenAI's defaults (None: manual commits)."""
     if vad is None:
         return None
     given = {k: v for k, v in vad.model_dump(exclude={"type"}).items() if v is not None}
-    return replace(ServerVad(), **given)
+    return replace(SemanticVad() if isinstance(vad, SemanticVadIn) else ServerVad(), **given)
 
 
 # -- server events ---------------------------------------------------------------------------------
@@ -204,7 +232,7 @@ def session_object(config: SessionConfig, session_id: str) -> dict[str, Any]:
     """RealtimeTranscriptionSessionCreateResponseGA (no `noise_reduction`: this server applies none)."""
     transcription = {"model": config.model, "language": config.language, "prompt": config.prompt}
     fmt: dict[str, Any] = {"type": config.format} | ({"rate": 24000} if config.format == "audio/pcm" else {})
-    vad = None if config.turn_detection is None else {"type": "server_vad", **asdict(config.turn_detection)}
+    vad = _vad_object(config.turn_detection)
     return {
         "type": "transcription",
         "id": session_id,
@@ -219,6 +247,12 @@ def session_object(config: SessionConfig, session_id: str) -> dict[str, Any]:
             }
         },
     }
+
+
+def _vad_object(vad: TurnDetection | None) -> dict[str, Any] | None:
+    if vad is None:
+        return None
+    return {"type": "semantic_vad" if isinstance(vad, SemanticVad) else "server_vad", **asdict(vad)}
 
 
 def _delta(e: ev.TranscriptionDelta) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Literal
 
 from app.audio_formats import AudioFormat
 
@@ -16,6 +17,29 @@ class ServerVad:
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
+
+
+Eagerness = Literal["low", "medium", "high", "auto"]
+MAX_WAIT_S: dict[str, float] = {"low": 8.0, "medium": 4.0, "high": 2.0, "auto": 4.0}
+"""OpenAI's most waiting after speech stops, per eagerness, before a turn ends whatever the model says."""
+
+
+@dataclass(frozen=True)
+class SemanticVad:
+    """OpenAI's semantic_vad: Silero hears the speech, Smart Turn decides whether a pause ends the turn
+    (`app.serving.realtime.turns.SemanticTurns`); `eagerness` bounds how long a pause it judged
+    unfinished may last."""
+
+    eagerness: Eagerness = "auto"
+    prefix_padding_ms = 300
+    """Not a setting of semantic_vad: server_vad's default, so both cut utterances alike."""
+
+    @property
+    def max_wait_s(self) -> float:
+        return MAX_WAIT_S[self.eagerness]
+
+
+TurnDetection = ServerVad | SemanticVad
 
 
 @dataclass(frozen=True)
@@ -46,7 +70,7 @@ class SessionConfig:
     format: AudioFormat = "audio/pcm"
     language: str | None = None
     prompt: str | None = None
-    turn_detection: ServerVad | None = field(default_factory=ServerVad)
+    turn_detection: TurnDetection | None = field(default_factory=ServerVad)
     logprobs: bool = False
     """include: ["item.input_audio_transcription.logprobs"]: deltas and completions carry their tokens'."""
 
@@ -71,5 +95,5 @@ class UpdateSettings:
 
     format: AudioFormat | Keep = KEEP
     transcription: TranscriptionSettings | Keep = KEEP
-    turn_detection: ServerVad | None | Keep = KEEP
+    turn_detection: TurnDetection | None | Keep = KEEP
     logprobs: bool | Keep = KEEP

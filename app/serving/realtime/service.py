@@ -11,7 +11,7 @@ from app.errors import TooManySessions
 from app.metrics import Metrics
 from app.refusals import Refusals
 from app.serving.prep import Prep
-from app.serving.realtime.detector import SharedDetector
+from app.serving.realtime.detector import SharedDetector, SharedTurnEnd
 from app.serving.realtime.events import Emit
 from app.serving.realtime.session import Session, Shared
 from app.serving.transcription import TranscriptionServing
@@ -39,6 +39,7 @@ class RealtimeServing:
             max_pending_utterances=settings.realtime_max_pending_utterances,
             refusals=Refusals(metrics),
             max_buffer_s=settings.realtime_max_buffer_s,
+            turn_end=SharedTurnEnd(prep),
         )
 
     def admit(self, model: str | None) -> None:

@@ -1,8 +1,9 @@
 """One transcription session's state machine: typed commands in, typed events out (through `emit`).
 
 It owns the input decoder, the speech detector's stream, the uncommitted audio and the `Transcriber`.
-The speech detector runs in a prep thread, batched with the other sessions' (`SharedDetector`); large
-appends are decoded there too. A session handles one command at a time, so its events keep their order.
+The speech detector runs in a prep thread, batched with the other sessions' (`SharedDetector`), and so
+does semantic_vad's turn-end model (`SharedTurnEnd`); large appends are decoded there too. A session
+handles one command at a time, so its events keep their order.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from app.refusals import Refusals
 from app.serving.prep import Prep
 from app.serving.realtime import events as ev
 from app.serving.realtime.commands import AppendAudio, Command, Commit, UpdateSession
-from app.serving.realtime.config import ServerVad, SessionConfig
-from app.serving.realtime.detector import SharedDetector
+from app.serving.realtime.config import SessionConfig
+from app.serving.realtime.detector import SharedDetector, SharedTurnEnd
 from app.serving.realtime.events import ConnectionGone, Emit, new_id
 from app.serving.realtime.transcriber import Share, Transcriber
-from app.serving.realtime.turns import AudioBuffer, Turn, TurnDetector
+from app.serving.realtime.turns import COMPLETE, AudioBuffer, SemanticTurns, Turn, detector
 from app.serving.transcription import TranscriptionServing
 from app.serving.transcripts import TranscriptionOptions, check_language
 from app.vad import VadStream
@@ -54,6 +55,7 @@ class Shared:
     refusals: Refusals
     max_buffer_s: float
     """Most uncommitted audio a session holds; an append past it is refused before it is decoded."""
+    turn_end: SharedTurnEnd
 
 
 class Session:
@@ -66,7 +68,7 @@ class Session:
         self.buffer = AudioBuffer()
         self.decoder = InputDecoder(self.config.format)
         self.stream = VadStream()
-        self.detector = TurnDetector(self.config.turn_detection or ServerVad())
+        self.detector = detector(self.config.turn_detection)
         self.utterance: tuple[str, int] | None = None  # (item id, start sample) while speech goes on
         self.last_item: str | None = None
 
@@ -116,7 +118,7 @@ class Session:
         if config.turn_detection is None:
             self.utterance = None  # manual commits from now on: the buffer keeps what was said
         self.config = config
-        self.detector = TurnDetector(config.turn_detection or ServerVad(), position)
+        self.detector = detector(config.turn_detection, position)
         await self.emit(ev.SessionUpdated(self.id, config))
 
     def _check_transcription(self, model: str | None, language: str | None) -> str | None:
@@ -137,8 +139,13 @@ class Session:
                 await self._commit(self.buffer.take(start, start + self._max_samples))
             return
         probs = await self.shared.detector.push(self.stream, samples)
-        for turn in self.detector.feed(probs):
-            await self._turn(turn)
+        turns = self.detector.feed(probs)
+        while turns:
+            turn = turns.pop(0)
+            if turn.kind == "pause":  # semantic_vad: the turn-end model decides; later windows wait for it
+                turns = await self._pause(turn)
+            else:
+                await self._turn(turn)
         await self._cut_if_too_long()
         if self.utterance is None:  # idle: keep only what a coming utterance's prefix padding needs
             self.buffer.drop_before(self.detector.position - self._prefix_samples)
@@ -172,6 +179,21 @@ class Session:
             await self._started(max(self.buffer.start, turn.at - self._prefix_samples))
         elif self.utterance is not None:
             await self._stop_and_commit(turn.at)
+
+    async def _pause(self, pause: Turn) -> list[Turn]:
+        """Ask the turn-end model about the utterance up to `pause`; end the turn there if it is complete."""
+        assert isinstance(self.detector, SemanticTurns)
+        complete = self.utterance is None
+        if self.utterance is not None:
+            audio = self.buffer.peek(self.utterance[1], pause.at)
+            try:
+                complete = await self.shared.turn_end.complete(audio) >= COMPLETE
+            except Exception:  # the model failed: the pause ends the turn, as a plain VAD's would
+                log.exception("realtime session %s: the turn-end model failed", self.id)
+                complete = True
+            if complete:
+                await self._stop_and_commit(pause.at)
+        return self.detector.decided(pause, complete)
 
     async def _started(self, start: int) -> None:
         self.utterance = (new_id("item"), start)

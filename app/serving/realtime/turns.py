@@ -7,6 +7,11 @@ OpenAI's `server_vad` fields map onto Silero's probabilities (`app.vad`, one per
   hysteresis) for this long; `audio_end_ms` is then, so it includes the silence, as OpenAI's does.
 - `prefix_padding_ms`: the utterance starts this long before the detected speech (`audio_start_ms`).
 
+`semantic_vad` (`SemanticTurns`) hears speech the same way (OpenAI's default threshold), and asks the
+turn-end model at each pause of `PAUSE_MS`: a "pause" turn, which the session answers with `decided`. A
+pause judged the end of the turn ends it there; one judged unfinished lets the utterance go on: speech
+resuming continues it, and silence lasting the eagerness's `max_wait_s` since speech stopped ends it.
+
 Pure state, no I/O: the session feeds it on the event loop with the probabilities the shared detector
 computed in a prep thread. Positions are samples at 16 kHz since the session's first audio.
 """
@@ -18,16 +23,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.audio import SAMPLE_RATE
-from app.serving.realtime.config import ServerVad
+from app.serving.realtime.config import SemanticVad, ServerVad, TurnDetection
 from app.vad import WINDOW
 
 START_WINDOWS = 3
 HYSTERESIS = 0.15
+PAUSE_MS = 200
+"""semantic_vad asks the turn-end model after this much silence (pipecat's stop_secs with Smart Turn)."""
+COMPLETE = 0.5
+"""A pause whose P(turn complete) is at least this ends the turn (Smart Turn's own cut)."""
 
 
 @dataclass(frozen=True)
 class Turn:
-    kind: str  # "start" or "stop"
+    kind: str  # "start", "stop", or (semantic_vad) "pause": ask the turn-end model, then call `decided`
     at: int  # sample position
 
 
@@ -64,6 +73,55 @@ class TurnDetector:
         self.speaking, self._run, self._quiet_since = speaking, 0, None
 
 
+class SemanticTurns:
+    """semantic_vad's turns: a `TurnDetector` hearing pauses of PAUSE_MS, and the waits between them."""
+
+    def __init__(self, vad: SemanticVad, position: int = 0) -> None:
+        self.vad = vad
+        self.speech = TurnDetector(ServerVad(silence_duration_ms=PAUSE_MS), position)
+        self._paused_since: int | None = None  # silence start of a pause judged unfinished
+        self._held = np.zeros(0, np.float32)  # windows after an unanswered pause
+
+    @property
+    def position(self) -> int:
+        return self.speech.position
+
+    def feed(self, probs: np.ndarray) -> list[Turn]:
+        """Turns up to the first pause, which is last: the windows after it wait for `decided`."""
+        turns: list[Turn] = []
+        wait = int(self.vad.max_wait_s * SAMPLE_RATE)
+        for index in range(probs.shape[0]):
+            for turn in self.speech.feed(probs[index : index + 1]):
+                if turn.kind == "stop":
+                    self._held = probs[index + 1 :]
+                    return [*turns, Turn("pause", turn.at)]
+                if self._paused_since is None:
+                    turns.append(turn)  # a start; one after an unfinished pause continues the utterance
+                self._paused_since = None
+            if self._paused_since is not None and self.position - self._paused_since >= wait:
+                self._paused_since = None
+                turns.append(Turn("stop", self.position))
+        return turns
+
+    def decided(self, pause: Turn, complete: bool) -> list[Turn]:
+        """After the session asked about `pause`: the turns of the windows held since."""
+        quiet = -(-PAUSE_MS * SAMPLE_RATE // 1000 // WINDOW) * WINDOW  # the whole windows a pause takes
+        self._paused_since = None if complete else pause.at - quiet
+        held, self._held = self._held, np.zeros(0, np.float32)
+        return self.feed(held)
+
+    def restart(self, speaking: bool) -> None:
+        self.speech.restart(speaking)
+        self._paused_since = None
+
+
+def detector(vad: TurnDetection | None, position: int = 0) -> TurnDetector | SemanticTurns:
+    """The turns of `vad` (a TurnDetector with OpenAI's defaults when off: it is then not fed)."""
+    if isinstance(vad, SemanticVad):
+        return SemanticTurns(vad, position)
+    return TurnDetector(vad or ServerVad(), position)
+
+
 class AudioBuffer:
     """The session's uncommitted 16 kHz audio: [start, end) of the session's timeline."""
 
@@ -83,10 +141,14 @@ class AudioBuffer:
 
     def take(self, start: int, stop: int) -> np.ndarray:
         """Samples [start, stop) (clipped to what is held); everything before `stop` is dropped."""
-        held = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
-        out = held[max(0, start - self.start) : max(0, stop - self.start)]
+        out = self.peek(start, stop)
         self.drop_before(stop)
         return out
+
+    def peek(self, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) (clipped to what is held), kept."""
+        held = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
+        return held[max(0, start - self.start) : max(0, stop - self.start)]
 
     def drop_before(self, position: int) -> None:
         """Forget audio before `position` (idle audio older than the prefix padding)."""

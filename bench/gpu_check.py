@@ -43,8 +43,47 @@ from app.model.text.prompts import Encoded, Prompter  # noqa: E402
 from app.types import SamplingParams  # noqa: E402
 
 WEIGHT_BYTES_MINI = 7.2e9
-HBM_BYTES_PER_S = 4.3e12
-"""Reading Voxtral Mini's bf16 weights once at the H200's measured copy rate: 1.7 ms, the floor of a step."""
+"""Voxtral Mini's bf16 decoder and head: reading them once is the floor of a decode step."""
+DATASHEET_BYTES_PER_S = (  # (words all in the device's name, memory bandwidth); the first match wins
+    (("H200",), 4.8e12),
+    (("H100", "PCIe"), 2.0e12),
+    (("H100", "NVL"), 3.9e12),
+    (("H100",), 3.35e12),  # SXM
+    (("A100", "80GB"), 2.0e12),
+    (("A100",), 1.555e12),  # 40GB
+    (("L40S",), 0.864e12),
+)
+"""NVIDIA's datasheet figures (peak, not measured): a copy reaches ~80-90 % of them, so a floor taken from
+them is a little optimistic. A card not listed is measured (`copy_bandwidth`)."""
+
+
+def datasheet_bandwidth(name: str) -> float | None:
+    """Bytes a second of the card called `name` (torch.cuda.get_device_name), when it is listed."""
+    for words, rate in DATASHEET_BYTES_PER_S:
+        if all(word.lower() in name.lower() for word in words):
+            return rate
+    return None
+
+
+def copy_bandwidth(device: torch.device, size: int = 2**30, repeats: int = 5) -> float:
+    """Bytes a second moved by a device-to-device copy (read plus write), the best of `repeats`."""
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first warms up
+        with timed(device) as t:
+            target.copy_(source)
+        best = min(best, t.get("event_s", t["wall_s"]))
+    return 2 * size / best
+
+
+def floor_bandwidth(device: torch.device) -> tuple[float, str]:
+    """The memory bandwidth a step's floor is taken at, and where it comes from: the card's datasheet
+    figure by its name, or a measured copy where the name is not listed."""
+    listed = datasheet_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if listed is not None:
+        return listed, "datasheet"
+    return copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26), "measured copy"
 
 
 class Report:
@@ -93,6 +132,9 @@ def env(args: argparse.Namespace, report: Report) -> None:
         free, total = torch.cuda.mem_get_info()
         fields |= {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
         fields |= {"free_gib": round(free / 2**30, 1), "total_gib": round(total / 2**30, 1)}
+        device = torch.device("cuda")
+        fields |= {"datasheet_tb_s": (datasheet_bandwidth(torch.cuda.get_device_name()) or 0) / 1e12 or None}
+        fields |= {"copy_tb_s": round(copy_bandwidth(device) / 1e12, 2)}
     report("env", **fields)
 
 
@@ -231,7 +273,8 @@ def _mini(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.small:
         text |= {"num_hidden_layers": 1, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4}
         text |= {"num_key_value_heads": 2, "head_dim": 64}
-        audio |= {"num_hidden_layers": 1, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2}
+        # the projector stacks intermediate_size / hidden_size frames a token: 4, as in Mini
+        audio |= {"num_hidden_layers": 1, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 2}
     config = VoxtralConfig(audio_config=audio, text_config=text, audio_token_id=AUDIO_TOKEN_ID)
     config.save_pretrained(work)  # the processor is read back as a checkpoint's would be
     torch.manual_seed(0)
@@ -264,7 +307,9 @@ def _text_rows(prompter: Prompter, count: int) -> list[Row]:
 def _decode_steps(
     gen: BatchGenerator, prompter: Prompter, device: torch.device, report: Report, batches: list[int]
 ) -> None:
-    bound_ms = 1000 * WEIGHT_BYTES_MINI / HBM_BYTES_PER_S
+    bandwidth, source = floor_bandwidth(device)
+    bound_ms = 1000 * WEIGHT_BYTES_MINI / bandwidth
+    report("floor", bandwidth_tb_s=round(bandwidth / 1e12, 3), source=source, bound_ms=round(bound_ms, 3))
     for batch in batches:
         state, logits = gen.prefill(_text_rows(prompter, batch))
         tokens = logits.argmax(-1)

@@ -12,8 +12,12 @@ PACKAGES=(
   transformers mistral-common llguidance fastapi starlette uvicorn python-multipart opentelemetry-api
   pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
   pydantic-extra-types pycountry jsonschema jsonschema-specifications referencing rpds-py soundfile cffi
-  pycparser soxr
+  pycparser soxr silero-vad websockets
 )
+# pyproject's dependencies that are NOT fetched: the GPU image has them (bench/gpu_preflight.py checks their
+# versions there), or the server does without them (av, above). tests/project/test_gpu_wheels.py holds that
+# every dependency in pyproject.toml is in PACKAGES or here.
+ON_IMAGE=(torch accelerate numpy prometheus-client av)
 pins=()
 for name in "${PACKAGES[@]}"; do
   pins+=("$name==$(.venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")

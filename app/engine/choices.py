@@ -14,6 +14,7 @@ import torch
 from app.engine.item import WorkItem
 from app.engine.runner import ModelRunner
 from app.model.compute.generate import BatchState, Row
+from app.model.compute.transfer import upload
 from app.types import GenerationResult
 
 
@@ -27,7 +28,7 @@ def fan_out(
     keep = [i for i, row in enumerate(state.rows) for _ in range(row.sampling.choices)]
     copied = generator.select(state, keep)
     copied.rows = [_choice(state.rows[i], keep[:k].count(i), items) for k, i in enumerate(keep)]
-    return copied, logits.index_select(0, torch.tensor(keep, device=logits.device))
+    return copied, logits.index_select(0, upload(keep, logits.device, torch.long))
 
 
 def row_of(item: WorkItem, index: int = 0) -> Row:

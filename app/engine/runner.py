@@ -19,8 +19,8 @@ class ModelRunner(Protocol):
         """Run the prompts of `rows`; their batch state and next-token logits."""
         ...
 
-    def step(self, state: BatchState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row of `state`; the next logits."""
+    def step(self, state: BatchState, tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Feed one token per row of `state` (host ids, or a tensor); the next logits."""
         ...
 
     def select(self, state: BatchState, keep: list[int]) -> BatchState:

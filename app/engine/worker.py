@@ -267,7 +267,7 @@ class ModelWorker:
             if len(rows) < len(state.rows):
                 state = self.generator.select(state, keep)
             self.sampler.prefetch(rows)  # grammar masks fill while the forward pass runs
-            self._logits = self.generator.step(state, torch.tensor(tokens))
+            self._logits = self.generator.step(state, tokens)  # uploaded pinned: the host does not wait
             self._state = state
         except torch.OutOfMemoryError as exc:
             self._preempt(rows, exc)

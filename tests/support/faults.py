@@ -39,7 +39,7 @@ class FaultyGenerator:
         self._before("merge", b.rows)
         return self._inner.merge(a, b)
 
-    def step(self, state: BatchState, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, state: BatchState, tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:
         self._before("step", state.rows)
         return self._inner.step(state, tokens)
 

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.model.compute.transfer import upload
+
 _SCAN_BLOCK = 32_768
 
 
@@ -82,7 +84,7 @@ class LogMel:
         # end included, because its tail is zeros too.
         touched = min(frames, (n + self.n_fft // 2 - 1) // self.hop + 1)
         waveform = torch.zeros(min(padded, n + self.n_fft), dtype=torch.float32, device=self.device)
-        waveform[:n] = torch.from_numpy(np.ascontiguousarray(audio[:n], dtype=np.float32)).to(self.device)
+        waveform[:n] = upload(torch.from_numpy(np.ascontiguousarray(audio[:n], dtype=np.float32)), self.device)
         stft = torch.stft(waveform, self.n_fft, self.hop, window=self.window, return_complex=True)
         # The projection of an all-zero frame is exactly zero: project only the touched frames (a
         # narrower GEMM may sum in another order than the reference's: equal within rounding only).

@@ -29,6 +29,7 @@ from app.model.compute.features import LogMel
 from app.model.compute.kvcache import GrowingCache, assemble, gather
 from app.model.compute.row import Row
 from app.model.compute.sampling import sample
+from app.model.compute.transfer import upload
 
 __all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
 
@@ -71,7 +72,11 @@ class BatchState:
     rows: list[Row]
     cache: GrowingCache
     attention_mask: torch.Tensor
+    """[rows, width] on the device: each row's history is right-aligned, zeros (padding) on its left."""
     next_positions: torch.Tensor
+    lengths: list[int]
+    """The host's copy of `next_positions`: each row's tokens in the cache, so the padding of
+    `attention_mask` is known without reading it back from the device."""
 
 
 class BatchGenerator:
@@ -103,26 +108,29 @@ class BatchGenerator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         audios = [audio for r in rows for audio in r.audios]
         features = self.log_mel.batch(audios).to(self.device, self.model.dtype) if audios else None
+        lengths = [len(p) for p in prompts]
+        mask_on_device = upload(mask, self.device)
         out = self.model.model(
-            input_ids=ids.to(self.device),
+            input_ids=upload(ids, self.device),
             input_features=features,
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
+            attention_mask=self._mask(mask_on_device, lengths, width),
+            position_ids=upload(positions, self.device),
             cache=GrowingCache(self.num_layers),
             use_cache=True,
         )
-        lengths = torch.tensor([len(p) for p in prompts])
-        state = BatchState(list(rows), out.cache, mask.to(self.device), lengths.to(self.device))
+        state = BatchState(list(rows), out.cache, mask_on_device, upload(lengths, self.device, torch.long), lengths)
         return state, self.project(out.last_hidden_state[:, -1, :])
 
     @torch.inference_mode()
-    def step(self, state: BatchState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one sampled token per row; return the next logits."""
+    def step(self, state: BatchState, tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Feed one sampled token per row (host ids are uploaded pinned, without a wait); return the next
+        logits."""
         ones = torch.ones((len(state.rows), 1), dtype=state.attention_mask.dtype, device=self.device)
         state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+        state.lengths = [n + 1 for n in state.lengths]
         out = self.model.model(
-            input_ids=tokens.view(-1, 1).to(self.device),
-            attention_mask=state.attention_mask,
+            input_ids=upload(tokens, self.device, torch.long).view(-1, 1),
+            attention_mask=self._mask(state.attention_mask, state.lengths, 1),
             position_ids=state.next_positions.view(-1, 1),
             cache=state.cache,
             use_cache=True,
@@ -130,6 +138,26 @@ class BatchGenerator:
         state.cache = out.cache
         state.next_positions = state.next_positions + 1
         return self.project(out.last_hidden_state[:, -1, :])
+
+    def _mask(self, mask: torch.Tensor, lengths: list[int], queries: int) -> torch.Tensor | None:
+        """The attention mask handed to transformers for `queries` new positions, in the form its
+        `create_causal_mask` builds from the 2D `mask`, decided on the host: given a 2D mask it asks the device
+        whether there is padding (masking_utils' `fast_all` in an `if`, a sync every step). No padding: None,
+        from which it builds what an all-ones mask gives. Padding, for sdpa and eager attention: their 4D
+        mask, causal and padded, the same values (True, or 0, where a row attends). Other kernels: the 2D mask."""
+        width = mask.shape[1]
+        if min(lengths) == width:
+            return None
+        kind = getattr(self.model.config, "_attn_implementation", None)
+        if kind not in ("sdpa", "eager"):
+            return mask
+        keys = torch.arange(width, device=mask.device)
+        causal = keys.unsqueeze(0) <= torch.arange(width - queries, width, device=mask.device).unsqueeze(1)
+        allowed = causal[None, None] & mask.bool()[:, None, None, :]
+        if kind == "sdpa":
+            return allowed
+        dtype = self.model.dtype
+        return torch.where(allowed, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of each row's last hidden state ([rows, hidden] -> [rows, vocab])."""
@@ -141,12 +169,13 @@ class BatchGenerator:
 
     def select(self, state: BatchState, keep: list[int]) -> BatchState:
         """Keep only the rows at `keep`, and drop cache columns no remaining row attends to."""
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        index = upload(keep, self.device, torch.long)
         mask = state.attention_mask.index_select(0, index)
-        start = int(mask.any(0).nonzero()[0].item()) if mask.numel() else 0
+        lengths = [state.lengths[i] for i in keep]
+        start = mask.shape[1] - max(lengths) if lengths else 0  # the first column a kept row attends to
         cache = gather(state.cache, index, start)
         positions = state.next_positions.index_select(0, index)
-        return BatchState([state.rows[i] for i in keep], cache, mask[:, start:], positions)
+        return BatchState([state.rows[i] for i in keep], cache, mask[:, start:], positions, lengths)
 
     def merge(self, a: BatchState, b: BatchState) -> BatchState:
         """One state for both groups: the shorter history is left-padded with masked zeros."""
@@ -154,7 +183,7 @@ class BatchGenerator:
         cache = assemble([a.cache, b.cache], width)
         mask = torch.cat([_lpad_mask(a.attention_mask, width), _lpad_mask(b.attention_mask, width)])
         positions = torch.cat([a.next_positions, b.next_positions])
-        return BatchState(a.rows + b.rows, cache, mask, positions)
+        return BatchState(a.rows + b.rows, cache, mask, positions, a.lengths + b.lengths)
 
 
 def _lpad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch
 
 from app.model.compute.row import Row, take_rows
 from app.model.compute.topk import topk
+from app.model.compute.transfer import upload
 from app.types import TokenLogprob
 
 SAFE_SUM = 1e-20
@@ -91,7 +92,7 @@ class Logprobs:
     def device_parts(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Normalisers, chosen tokens' logits, then the top alternatives' logits and ids, flat, as float64:
         appended to the tokens' transfer."""
-        chosen = self._gather(tokens.index_select(0, torch.tensor(self.rows, device=tokens.device)))
+        chosen = self._gather(tokens.index_select(0, upload(self.rows, tokens.device, torch.long)))
         parts = [self.normalizers, chosen.double()]
         if self.top:
             values, ids = self.best()
@@ -105,8 +106,8 @@ class Logprobs:
         norms, chosen = host[:n], list(host[n : 2 * n])
         changed = [j for j, i in enumerate(self.rows) if tokens[i] != drawn[i]]
         if changed:
-            again = torch.tensor([tokens[self.rows[j]] for j in changed], device=self.raw.device)
-            fresh = self._gather(again, torch.tensor(changed, device=self.raw.device)).tolist()
+            again = upload([tokens[self.rows[j]] for j in changed], self.raw.device, torch.long)
+            fresh = self._gather(again, upload(changed, self.raw.device, torch.long)).tolist()
             for j, value in zip(changed, fresh, strict=True):
                 chosen[j] = value
         values, ids = host[2 * n : 2 * n + n * k], host[2 * n + n * k : 2 * n + 2 * n * k]

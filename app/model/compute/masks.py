@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from app.model.compute.row import Row, take_rows
+from app.model.compute.transfer import upload
 
 
 @dataclass
@@ -111,7 +112,7 @@ def apply(scores: torch.Tensor, bits: torch.Tensor, index: list[int]) -> torch.T
     masked = torch.where(allowed, take_rows(scores, index), float("-inf"))
     if len(index) == scores.shape[0]:
         return masked
-    return scores.index_put((torch.tensor(index, device=scores.device),), masked)
+    return scores.index_put((upload(index, scores.device, torch.long),), masked)
 
 
 def allows(words: np.ndarray, token: int) -> bool:
@@ -226,6 +227,15 @@ def few_ids(words: np.ndarray, vocab: int) -> np.ndarray | None:
 
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
 """The 8 bits of every byte value, lowest first: on a GPU, unpacking is one gather from this table."""
+_BYTE_BITS_ON: dict[torch.device, torch.Tensor] = {}
+"""`_BYTE_BITS` on each device it was needed on: uploaded once, not at every step."""
+
+
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    table = _BYTE_BITS_ON.get(device)
+    if table is None:
+        table = _BYTE_BITS_ON[device] = _BYTE_BITS.to(device)
+    return table
 
 
 def unpack(bits: torch.Tensor, vocab: int, device: torch.device | None = None) -> torch.Tensor:
@@ -238,7 +248,7 @@ def unpack(bits: torch.Tensor, vocab: int, device: torch.device | None = None) -
         ones = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")  # 0 or 1 per byte
         flat = torch.from_numpy(ones).view(torch.bool)  # a view, not a 4 MB conversion
     else:
-        flat = unpack_by_table(bits.to(device, non_blocking=True))
+        flat = unpack_by_table(upload(bits, device))
     if flat.shape[1] >= vocab:
         return flat[:, :vocab]
     return torch.nn.functional.pad(flat, (0, vocab - flat.shape[1]), value=False)
@@ -247,4 +257,4 @@ def unpack(bits: torch.Tensor, vocab: int, device: torch.device | None = None) -
 def unpack_by_table(bits: torch.Tensor) -> torch.Tensor:
     """The device path of `unpack`, where `bits` already is (tests run it on the CPU against numpy's)."""
     packed = bits.contiguous().view(torch.uint8).long()
-    return _BYTE_BITS.to(bits.device)[packed].view(bits.shape[0], -1)
+    return _byte_bits(bits.device)[packed].view(bits.shape[0], -1)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from app.model.compute.transfer import upload
 from app.types import Constraint, SamplingParams, TokenLogprob
 
 
@@ -43,4 +44,4 @@ def take_rows(scores: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
     copy at 32 x 131,072 logits)."""
     if list(index) == list(range(scores.shape[0])):
         return scores
-    return scores.index_select(0, torch.tensor(list(index), device=scores.device))
+    return scores.index_select(0, upload(list(index), scores.device, torch.long))

@@ -32,6 +32,7 @@ from app.model.compute.logprobs import Logprobs
 from app.model.compute.masks import MaskFiller, apply, greedy_masked, host_argmax, matcher
 from app.model.compute.row import Row, take_rows
 from app.model.compute.topk import topk
+from app.model.compute.transfer import upload
 from app.types import Sampled
 
 TIERS = (32, 1024)
@@ -128,14 +129,16 @@ def _penalised(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     ids = torch.full((len(picked), max(len(rows[i].generated) for i in picked)), vocab, dtype=torch.long)
     for j, i in enumerate(picked):
         ids[j, : len(rows[i].generated)] = torch.tensor(rows[i].generated)
-    ids = ids.to(device, non_blocking=True)
+    ids = upload(ids, device)
     counts = torch.zeros((len(picked), vocab + 1), device=device).scatter_add_(
         1, ids, torch.ones(ids.shape, device=device)
     )
     counts = counts[:, :vocab]
-    presence = _column([rows[i].sampling.presence_penalty for i in picked], device)
-    frequency = _column([rows[i].sampling.frequency_penalty for i in picked], device)
-    index = torch.tensor(picked, device=device)
+    presence, frequency = _columns(
+        [[rows[i].sampling.presence_penalty for i in picked], [rows[i].sampling.frequency_penalty for i in picked]],
+        device,
+    )
+    index = upload(picked, device, torch.long)
     penalised = logits.index_select(0, index) - presence * (counts > 0) - frequency * counts
     return logits.index_put((index,), penalised)
 
@@ -144,8 +147,11 @@ def _penalises(row: Row) -> bool:
     return row.sampling.presence_penalty != 0 or row.sampling.frequency_penalty != 0
 
 
-def _column(values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True).unsqueeze(1)
+def _columns(values: Sequence[Sequence[float]], device: torch.device) -> list[torch.Tensor]:
+    """Float32 columns (rows, 1) on `device` of each list of `values`, in one upload: float64 on the host,
+    which holds each Python float exactly, so each column is what `torch.tensor(column, float32)` makes."""
+    table = upload(torch.tensor(values, dtype=torch.float64), device)
+    return [column.float().unsqueeze(1) for column in table]
 
 
 # -- choosing ----------------------------------------------------------------------------------------
@@ -166,11 +172,12 @@ def _choose(
     for candidates in (*TIERS[1:], scores.shape[1]):
         if not again or cut_params is None:
             break
-        params = cut_params.select(torch.tensor(again, device=scores.device))
+        params = cut_params.select(upload(again, scores.device, torch.long))
         tokens_again, flagged = draw(take_rows(scores, [cut[j] for j in again]), params, candidates)
-        for j, token in zip(again, tokens_again.tolist(), strict=True):
+        read = torch.cat([tokens_again, flagged.long()]).tolist()  # one transfer a tier
+        for j, token in zip(again, read[: len(again)], strict=True):
             out[cut[j]] = int(token)
-        again = [j for j, flag in zip(again, flagged.tolist(), strict=True) if flag]
+        again = [j for j, flag in zip(again, read[len(again) :], strict=True) if flag]
     return out, drawn, host[len(rows) + len(flags) :]
 
 
@@ -202,7 +209,7 @@ def _first_draw(
 def _put(tokens: torch.Tensor, index: list[int], values: torch.Tensor) -> torch.Tensor:
     if index == list(range(tokens.shape[0])):
         return values
-    return tokens.index_copy(0, torch.tensor(index, device=tokens.device), values)
+    return tokens.index_copy(0, upload(index, tokens.device, torch.long), values)
 
 
 def _truncates(row: Row) -> bool:
@@ -225,12 +232,16 @@ class _Params:
     @classmethod
     def of(cls, rows: Sequence[Row], device: torch.device) -> _Params:
         s = [r.sampling for r in rows]
+        columns = [[x.temperature for x in s], [x.top_p for x in s], [float(max(0, x.top_k)) for x in s]]
+        columns += [[x.min_p for x in s], [_uniform(r) for r in rows]]
+        table = upload(torch.tensor(columns, dtype=torch.float64), device)  # one upload a step
+        t, p, k, m, u = (column.unsqueeze(1) for column in table)
         return cls(
-            _column([x.temperature for x in s], device),
-            _column([x.top_p for x in s], device),
-            _column([max(0, x.top_k) for x in s], device, torch.long),
-            _column([x.min_p for x in s], device),
-            _column([_uniform(r) for r in rows], device, torch.float64),
+            t.float(),
+            p.float(),
+            k.long(),
+            m.float(),
+            u,
             any(_truncates(r) for r in rows),
             max(max(0, x.top_k) for x in s),
         )

@@ -168,11 +168,13 @@ def call_site() -> str:
         path = Path(frame.filename)
         if path == Path(__file__) or path == _TRANSFER or "/torch/" in frame.filename:
             continue
-        try:
+        parts = path.parts
+        if "site-packages" in parts:  # a library's, wherever its venv lies (CI's is inside the clone)
+            where = "/".join(parts[parts.index("site-packages") + 1 :])
+        elif path.is_relative_to(ROOT):
             where = str(path.relative_to(ROOT))
-        except ValueError:
-            parts = path.parts
-            where = "/".join(parts[parts.index("site-packages") + 1 :]) if "site-packages" in parts else str(path)
+        else:
+            where = str(path)
         return f"{where}:{frame.lineno} {frame.name}"
     return "?"
 

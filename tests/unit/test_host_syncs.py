@@ -143,7 +143,7 @@ CASES = {
     "min_p": Case([SamplingParams(temperature=1.0, min_p=0.05, seed=2)] * 3, uploads=2),
     "constrained greedy (json_object)": Case([GREEDY] * 3, uploads=2, spec=JSON),
     "constrained sampled (json_object)": Case([DEFAULT] * 3, uploads=3, spec=JSON),
-    "log-probs, greedy": Case([SamplingParams(logprobs=3)] * 3, uploads=3),
+    "log-probs, greedy": Case([SamplingParams(logprobs=3)] * 3, uploads=2),
     "log-probs, sampled": Case([SamplingParams(temperature=0.2, top_p=0.95, seed=1, logprobs=2)] * 3, uploads=3),
     "n = 3": Case([SamplingParams(temperature=0.2, top_p=0.95, seed=1, choices=3)], uploads=2),
     "audio rows": Case([GREEDY] * 2, uploads=1, audio=True),

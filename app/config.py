@@ -194,6 +194,9 @@ class RealtimeSettings(BaseSettings):
     realtime_max_pending_events: int = 256
     """Server events waiting for a slow client. When full, the session stops reading the client (which then
     cannot send faster than it reads) and decoding for it waits: memory stays bounded whatever the client does."""
+    realtime_max_pending_mb: float = 2.0
+    """The same events in bytes: a client that leaves more than this unread is closed with 1008 (`slow reader`),
+    whatever the events' sizes. Bounds a session's outbox at --realtime-max-sessions times this."""
 
     realtime_max_pending_utterances: int = 4
     """Utterances of one session committed and not yet answered. A commit past this is answered at once with
@@ -211,13 +214,19 @@ class RealtimeSettings(BaseSettings):
             raise ValueError("realtime_max_utterance_s must be between 1 and 30 (Voxtral's window)")
         if self.realtime_max_buffer_s < self.realtime_max_utterance_s:
             raise ValueError("realtime_max_buffer_s must be at least realtime_max_utterance_s")
-        if self.realtime_idle_timeout_s <= 0 or self.realtime_max_message_mb <= 0:
-            raise ValueError("realtime_idle_timeout_s and realtime_max_message_mb must be greater than 0")
+        if self.realtime_idle_timeout_s <= 0 or self.realtime_max_message_mb <= 0 or self.realtime_max_pending_mb <= 0:
+            raise ValueError(
+                "realtime_idle_timeout_s, realtime_max_message_mb and realtime_max_pending_mb must be greater than 0"
+            )
         return self
 
     @property
     def realtime_max_message_bytes(self) -> int:
         return int(self.realtime_max_message_mb * 1024 * 1024)
+
+    @property
+    def realtime_max_pending_bytes(self) -> int:
+        return int(self.realtime_max_pending_mb * 1024 * 1024)
 
 
 class ResponsesSettings(BaseSettings):

@@ -35,6 +35,12 @@ GOING_AWAY = 1001
 """The close code of a session ended by a drain: the client should reconnect (to another replica)."""
 INTERNAL_ERROR = 1011
 """The close code of a session ended by a bug in this server (logged with its traceback)."""
+SLOW_READER = 1008
+"""The close code of a session whose client left more than --realtime-max-pending-mb of events unread."""
+
+
+class SlowReader(ConnectionGone):
+    """The client reads too slowly: its unread events passed the byte bound."""
 
 
 @router.websocket("/v1/realtime")
@@ -67,7 +73,11 @@ class Connection:
         self, websocket: WebSocket, service: RealtimeServing, settings: Settings, lifecycle: Lifecycle
     ) -> None:
         self.ws, self.settings, self.lifecycle = websocket, settings, lifecycle
-        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(settings.realtime_max_pending_events)
+        self.outbox: asyncio.Queue[str | None] = asyncio.Queue(settings.realtime_max_pending_events)
+        self.unsent = 0
+        """Bytes of the events in the outbox and the one being sent: at most --realtime-max-pending-mb."""
+        self.too_slow = asyncio.Event()
+        """Set once the client left too much unread: every later event is refused and the reader stops."""
         self.closed = False
         self.session = service.session(self.emit)
 
@@ -77,9 +87,19 @@ class Connection:
         await self._put(wire.render(event))
 
     async def _put(self, message: dict[str, Any] | None) -> None:
+        """Queue one server event (None: the end), serialised now so that the outbox is counted in bytes.
+        Raises ConnectionGone once the client is gone, SlowReader once it leaves too much unread."""
         if self.closed:
             raise ConnectionGone
-        await self.outbox.put(message)
+        if self.too_slow.is_set():
+            raise SlowReader
+        text = dumps(message).decode() if message is not None else None
+        size = len(text) if text is not None else 0
+        if self.unsent and self.unsent + size > self.settings.realtime_max_pending_bytes:
+            self.too_slow.set()
+            raise SlowReader
+        self.unsent += size
+        await self.outbox.put(text)
 
     async def run(self) -> int:
         """The session, from session.created to its close code (0: the client left first)."""
@@ -88,34 +108,46 @@ class Connection:
         try:
             await self.session.start()
             code = await self._read()
-            if code:  # idle or draining: answer what was committed, then end the writes
+            if code in (1000, GOING_AWAY):  # idle or draining: answer what was committed, then end the writes
                 await self.session.close(flush=True)
                 await self._put(None)
                 await writer
+        except SlowReader:
+            code = SLOW_READER
         except ConnectionGone:
             code = 0
         except Exception:  # a bug: close with 1011, and leave no task of the session pending
             log.exception("realtime session %s failed", self.session.id)
             code = INTERNAL_ERROR
         finally:
-            if code in (0, INTERNAL_ERROR):
+            if code == SLOW_READER:
+                limit = self.settings.realtime_max_pending_mb
+                log.warning(
+                    "realtime session %s: its client left over %g MB unread: closed (1008)", self.session.id, limit
+                )
+            if code in (0, INTERNAL_ERROR, SLOW_READER):
                 self.session.cancel()
             writer.cancel()
             with contextlib.suppress(Exception):
                 if code and self.ws.application_state == WebSocketState.CONNECTED:
-                    await self.ws.close(code=code)
+                    reason = "slow reader: too many events unread" if code == SLOW_READER else ""
+                    await self.ws.close(code=code, reason=reason)
         return code
 
     async def _read(self) -> int:
         """Hand client events to the session until the client leaves (0), goes idle (1000) or a drain starts
         (1001). A pending receive is never cancelled while the session goes on: that could lose a message."""
         stopping = asyncio.ensure_future(self.lifecycle.stopping.wait())
+        too_slow = asyncio.ensure_future(self.too_slow.wait())
         receive: asyncio.Future[Any] | None = None
         try:
             while True:
                 receive = receive or asyncio.ensure_future(self.ws.receive())
                 idle = self.settings.realtime_idle_timeout_s
-                done, _ = await asyncio.wait({receive, stopping}, timeout=idle, return_when="FIRST_COMPLETED")
+                wake = {receive, stopping, too_slow}
+                done, _ = await asyncio.wait(wake, timeout=idle, return_when="FIRST_COMPLETED")
+                if too_slow in done:
+                    return SLOW_READER
                 if stopping in done:
                     return GOING_AWAY
                 if receive not in done:
@@ -128,6 +160,7 @@ class Connection:
                 await self._handle(message)
         finally:
             stopping.cancel()
+            too_slow.cancel()
             if receive is not None:
                 receive.cancel()
 
@@ -176,9 +209,10 @@ class Connection:
 
     async def _write(self) -> None:
         try:
-            while (event := await self.outbox.get()) is not None:
+            while (text := await self.outbox.get()) is not None:
                 async with asyncio.timeout(self.settings.realtime_idle_timeout_s):  # a reader that never reads
-                    await self.ws.send_text(dumps(event).decode())
+                    await self.ws.send_text(text)
+                self.unsent -= len(text)
         except (WebSocketDisconnect, RuntimeError, TimeoutError, OSError) as exc:
             log.info("realtime session %s: client gone while sending (%s)", self.session.id, type(exc).__name__)
         finally:

@@ -81,11 +81,14 @@ class Denoiser:
         """The enhanced samples completed by `samples` (in order; the rest wait for the next push)."""
         self._input = np.concatenate([self._input, samples.astype(np.float32, copy=False)])
         count = (self._input.shape[0] - HOP) // HOP
-        out = np.empty(count * HOP, np.float32)
-        for index in range(count):
-            frame = self._frame(self._input[index * HOP : index * HOP + FRAME])
-            out[index * HOP : (index + 1) * HOP] = self._tail + frame[:HOP]
-            self._tail = frame[HOP:]
+        frames = np.lib.stride_tricks.sliding_window_view(self._input, FRAME)[::HOP][:count]
+        spec = np.fft.rfft(frames * _WINDOW, axis=-1)  # every frame's transform at once: only the network steps
+        enhanced = np.stack([self._step(row) for row in spec]) if count else spec
+        waves = (np.fft.irfft(enhanced + DRY[self.kind] * spec, FRAME, axis=-1) * _WINDOW).astype(np.float32)
+        heads = np.concatenate([self._tail[None], waves[:-1, HOP:]]) if count else waves
+        out = (heads + waves[:, :HOP]).reshape(-1)  # overlap-add: each hop is one frame's tail and the next's head
+        if count:
+            self._tail = waves[-1, HOP:]
         self._input = self._input[count * HOP :]
         skip = min(self._lead, out.shape[0])
         self._lead -= skip
@@ -99,14 +102,13 @@ class Denoiser:
         self._reset()
         return out
 
-    def _frame(self, frame: np.ndarray) -> np.ndarray:
-        """One windowed frame through the network, back in time (still to be overlap-added)."""
-        spec = np.fft.rfft(frame * _WINDOW)
+    def _step(self, spec: np.ndarray) -> np.ndarray:
+        """One frame's spectrum through the network (its caches carried to the next)."""
         mix = np.stack([spec.real, spec.imag], axis=-1).astype(np.float32)[None, :, None, :]
         enh, *caches = session().run(None, {"mix": mix, **self._caches})
         self._caches = dict(zip(self._caches, caches, strict=True))
-        out = enh[0, :, 0, 0] + 1j * enh[0, :, 0, 1] + DRY[self.kind] * spec
-        return (np.fft.irfft(out, FRAME) * _WINDOW).astype(np.float32)
+        out: np.ndarray = enh[0, :, 0, 0] + 1j * enh[0, :, 0, 1]
+        return out
 
 
 def denoise(audio: np.ndarray, kind: NoiseReduction) -> np.ndarray:

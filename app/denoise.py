@@ -81,14 +81,7 @@ class Denoiser:
         """The enhanced samples completed by `samples` (in order; the rest wait for the next push)."""
         self._input = np.concatenate([self._input, samples.astype(np.float32, copy=False)])
         count = (self._input.shape[0] - HOP) // HOP
-        frames = np.lib.stride_tricks.sliding_window_view(self._input, FRAME)[::HOP][:count]
-        spec = np.fft.rfft(frames * _WINDOW, axis=-1)  # every frame's transform at once: only the network steps
-        enhanced = np.stack([self._step(row) for row in spec]) if count else spec
-        waves = (np.fft.irfft(enhanced + DRY[self.kind] * spec, FRAME, axis=-1) * _WINDOW).astype(np.float32)
-        heads = np.concatenate([self._tail[None], waves[:-1, HOP:]]) if count else waves
-        out = (heads + waves[:, :HOP]).reshape(-1)  # overlap-add: each hop is one frame's tail and the next's head
-        if count:
-            self._tail = waves[-1, HOP:]
+        out = self._frames(count) if count > 0 else np.zeros(0, np.float32)
         self._input = self._input[count * HOP :]
         skip = min(self._lead, out.shape[0])
         self._lead -= skip
@@ -100,6 +93,17 @@ class Denoiser:
         owed = self._owed
         out = self.push(np.zeros(FRAME, np.float32))[:owed]
         self._reset()
+        return out
+
+    def _frames(self, count: int) -> np.ndarray:
+        """The output of the first `count` frames of the input, overlap-added to the last push's tail."""
+        frames = np.lib.stride_tricks.sliding_window_view(self._input, FRAME)[::HOP][:count]
+        spec = np.fft.rfft(frames * _WINDOW, axis=-1)  # every frame's transform at once: only the network steps
+        enhanced = np.stack([self._step(row) for row in spec])
+        waves = (np.fft.irfft(enhanced + DRY[self.kind] * spec, FRAME, axis=-1) * _WINDOW).astype(np.float32)
+        heads = np.concatenate([self._tail[None], waves[:-1, HOP:]])  # each hop: a frame's tail, the next's head
+        self._tail = waves[-1, HOP:]
+        out: np.ndarray = (heads + waves[:, :HOP]).reshape(-1)
         return out
 
     def _step(self, spec: np.ndarray) -> np.ndarray:

@@ -41,12 +41,13 @@ def test_noisy_speech_comes_closer_to_the_clean_speech() -> None:
     assert error_after <= error_before / 2, (error_before, error_after)
 
 
-def test_a_stream_pushed_in_chunks_gives_the_whole_clips_output_at_most_32_ms_late() -> None:
-    clean = speech()
+@pytest.mark.parametrize("append", [7, 160, 320, 4800])
+def test_a_stream_pushed_in_chunks_gives_the_whole_clips_output_at_most_32_ms_late(append: int) -> None:
+    clean = speech()[:16000]
     stream, parts = Denoiser("near_field"), []
-    for at in range(0, clean.shape[0], 320):  # 20 ms appends
-        parts.append(stream.push(clean[at : at + 320]))
-        assert min(clean.shape[0], at + 320) - sum(p.shape[0] for p in parts) <= 511
+    for at in range(0, clean.shape[0], append):  # appends of 7 samples to 300 ms
+        parts.append(stream.push(clean[at : at + append]))
+        assert min(clean.shape[0], at + append) - sum(p.shape[0] for p in parts) <= 511
     parts.append(stream.flush())
     assert np.array_equal(np.concatenate(parts), denoise(clean, "near_field"))
     assert stream.push(clean[:1024]).shape[0] == 1024 - 256  # flushed: it starts afresh

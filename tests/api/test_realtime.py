@@ -179,14 +179,19 @@ def noisy(speech: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
     return (audio + noise * np.sqrt(power / np.mean(noise**2))).astype(np.float32)
 
 
-def test_noise_reduction_is_echoed_and_noisy_speech_transcribes(server: RunningServer) -> None:
-    """near_field on a sentence in white noise at 10 dB SNR (noise in the pauses too): one utterance, its
-    edges near the sentence's, transcribed; switching to far_field and back to null is echoed each time."""
+@pytest.mark.parametrize(
+    ("kind", "other", "snr"), [("near_field", "far_field", 10.0), ("far_field", "near_field", 0.0)]
+)
+def test_noise_reduction_is_echoed_and_noisy_speech_transcribes(
+    server: RunningServer, kind: str, other: str, snr: float
+) -> None:
+    """A sentence in white noise at 10 or 0 dB SNR (noise in the pauses too), server VAD: one utterance, its
+    edges near the sentence's, transcribed; switching type and then to null is echoed each time."""
     raw = session(server)
-    echoed = raw.update(noise_reduction={"type": "near_field"}, turn_detection={"type": "server_vad"})
-    assert echoed["session"]["audio"]["input"]["noise_reduction"] == {"type": "near_field"}
+    echoed = raw.update(noise_reduction={"type": kind}, turn_detection={"type": "server_vad"})
+    assert echoed["session"]["audio"]["input"]["noise_reduction"] == {"type": kind}
     speech = sentence()
-    raw.append(encode(noisy(speech, 10.0), "audio/pcm"), chunk_bytes("audio/pcm"))
+    raw.append(encode(noisy(speech, snr), "audio/pcm"), chunk_bytes("audio/pcm"))
     events = raw.until(COMPLETED)
     started, stopped = of(events, "speech_started"), of(events, "speech_stopped")
     assert len(started) == len(stopped) == 1, events
@@ -194,8 +199,8 @@ def test_noise_reduction_is_echoed_and_noisy_speech_transcribes(server: RunningS
     assert 0.8 - 0.3 - 0.2 <= started[0]["audio_start_ms"] / 1000 <= 0.8 - 0.3 + 0.2, started  # prefix padding 300
     assert 0.8 + length <= stopped[0]["audio_end_ms"] / 1000 <= 0.8 + length + 0.5 + 0.3, stopped
     assert events[-1]["transcript"] is not None
-    assert raw.update(noise_reduction={"type": "far_field"})["session"]["audio"]["input"]["noise_reduction"] == {
-        "type": "far_field"
+    assert raw.update(noise_reduction={"type": other})["session"]["audio"]["input"]["noise_reduction"] == {
+        "type": other
     }
     assert "noise_reduction" not in raw.update(noise_reduction=None)["session"]["audio"]["input"]  # off
     transcribes(raw)

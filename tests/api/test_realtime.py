@@ -131,7 +131,7 @@ REFUSED = [
     (update(audio={"input": {"format": {"type": "audio/wav"}}}), None),
     (update(audio={"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "eager"}}}), None),
     (update(audio={"input": {"turn_detection": {"type": "model_vad"}}}), None),
-    (update(audio={"input": {"noise_reduction": {"type": "near_field"}}}), "session.audio.input.noise_reduction"),
+    (update(audio={"input": {"noise_reduction": {"type": "studio"}}}), "session.audio.input.noise_reduction.type"),
     (update(audio={"input": {"transcription": {"model": "nope"}}}), None),
     (update(audio={"input": {"transcription": {"language": "xx"}}}), None),
     (update(include=["item.input_audio_transcription.avg_logprob"]), "session.include"),
@@ -155,19 +155,54 @@ def test_refused_events_get_error_events_and_the_session_goes_on(server: Running
     raw.ws.close()
 
 
-def test_unsupported_settings_are_refused_and_the_session_keeps_its_config(server: RunningServer) -> None:
-    """As OpenAI answers a value it does not support: an error event naming it, and the update is not applied."""
+def test_refused_settings_leave_the_session_its_config(server: RunningServer) -> None:
+    """As OpenAI answers a value it does not take: an error event naming it, and the update is not applied."""
     raw = session(server)
     semantic = {"type": "semantic_vad", "eagerness": "low"}
     before = raw.update(turn_detection=semantic)["session"]["audio"]["input"]
-    assert before["turn_detection"] == semantic
-    for kind in ("near_field", "far_field"):
+    assert before["turn_detection"] == semantic and "noise_reduction" not in before
+    for kind in ("studio", "none"):
         raw.send(**update(audio={"input": {"noise_reduction": {"type": kind}, "turn_detection": None}}), event_id=kind)
         error = raw.until("error")[-1]["error"]
-        assert (error["param"], error["event_id"]) == ("session.audio.input.noise_reduction", kind), error
-        assert "not supported yet" in error["message"] and error["code"] == "unsupported"
+        assert (error["param"], error["event_id"]) == ("session.audio.input.noise_reduction.type", kind), error
     assert raw.update()["session"]["audio"]["input"] == before  # the effective configuration, unchanged
     assert raw.update(noise_reduction=None)["session"]["audio"]["input"] == before  # null: none asked for
+    transcribes(raw)
+    raw.ws.close()
+
+
+def noisy(speech: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
+    """`speech` with white noise at `snr_db` (against the speech's own power) over it and around it."""
+    audio = np.concatenate([gap(0.8), speech, gap(1.5)])
+    noise = np.random.default_rng(seed).standard_normal(audio.shape[0]).astype(np.float32)
+    power = float(np.mean(speech**2)) / 10 ** (snr_db / 10)
+    return (audio + noise * np.sqrt(power / np.mean(noise**2))).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("kind", "other", "snr"), [("near_field", "far_field", 10.0), ("far_field", "near_field", 0.0)]
+)
+def test_noise_reduction_is_echoed_and_noisy_speech_transcribes(
+    server: RunningServer, kind: str, other: str, snr: float
+) -> None:
+    """A sentence in white noise at 10 or 0 dB SNR (noise in the pauses too), server VAD: one utterance, its
+    edges near the sentence's, transcribed; switching type and then to null is echoed each time."""
+    raw = session(server)
+    echoed = raw.update(noise_reduction={"type": kind}, turn_detection={"type": "server_vad"})
+    assert echoed["session"]["audio"]["input"]["noise_reduction"] == {"type": kind}
+    speech = sentence()
+    raw.append(encode(noisy(speech, snr), "audio/pcm"), chunk_bytes("audio/pcm"))
+    events = raw.until(COMPLETED)
+    started, stopped = of(events, "speech_started"), of(events, "speech_stopped")
+    assert len(started) == len(stopped) == 1, events
+    length = speech.shape[0] / 16000
+    assert 0.8 - 0.3 - 0.2 <= started[0]["audio_start_ms"] / 1000 <= 0.8 - 0.3 + 0.2, started  # prefix padding 300
+    assert 0.8 + length <= stopped[0]["audio_end_ms"] / 1000 <= 0.8 + length + 0.5 + 0.3, stopped
+    assert events[-1]["transcript"] is not None
+    assert raw.update(noise_reduction={"type": other})["session"]["audio"]["input"]["noise_reduction"] == {
+        "type": other
+    }
+    assert "noise_reduction" not in raw.update(noise_reduction=None)["session"]["audio"]["input"]  # off
     transcribes(raw)
     raw.ws.close()
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app.api.render import logprob_entries
 from app.api.transcripts import usage
 from app.audio_formats import AudioFormat
+from app.denoise import NoiseReduction
 from app.errors import InvalidRequest, UnsupportedFeature, VoxtralError
 from app.serving.realtime import commands as cmd
 from app.serving.realtime import events as ev
@@ -75,7 +76,7 @@ class SemanticVadIn(_Wire):
 
 
 class NoiseReductionIn(_Wire):
-    type: Literal["near_field", "far_field"]
+    type: NoiseReduction
 
 
 class InputIn(_Wire):
@@ -170,12 +171,6 @@ def _settings(session: SessionIn) -> UpdateSettings:
     if session.include and any(item != LOGPROBS for item in session.include):
         raise InvalidRequest(f"session.include may only hold {LOGPROBS!r}.", param="session.include")
     audio = session.audio.input if session.audio and session.audio.input else InputIn()
-    if audio.noise_reduction is not None:
-        raise UnsupportedFeature(
-            f"noise_reduction {audio.noise_reduction.type!r} is not supported yet: this server applies no noise "
-            "reduction. Send null or leave it out.",
-            param="session.audio.input.noise_reduction",
-        )
     t = audio.transcription
     vad = audio.turn_detection
     return UpdateSettings(
@@ -183,7 +178,12 @@ def _settings(session: SessionIn) -> UpdateSettings:
         transcription=KEEP if t is None else TranscriptionSettings(t.model, t.language, t.prompt),
         turn_detection=KEEP if "turn_detection" not in audio.model_fields_set else _turn_detection(vad),
         logprobs=KEEP if session.include is None else LOGPROBS in session.include,
+        noise_reduction=KEEP if "noise_reduction" not in audio.model_fields_set else _noise(audio.noise_reduction),
     )
+
+
+def _noise(given: NoiseReductionIn | None) -> NoiseReduction | None:
+    return None if given is None else given.type
 
 
 def _turn_detection(vad: ServerVadIn | SemanticVadIn | None) -> TurnDetection | None:
@@ -229,10 +229,12 @@ def render(e: ev.Event) -> dict[str, Any]:
 
 
 def session_object(config: SessionConfig, session_id: str) -> dict[str, Any]:
-    """RealtimeTranscriptionSessionCreateResponseGA (no `noise_reduction`: this server applies none)."""
+    """RealtimeTranscriptionSessionCreateResponseGA (`noise_reduction` only when on: its schema is not
+    nullable)."""
     transcription = {"model": config.model, "language": config.language, "prompt": config.prompt}
     fmt: dict[str, Any] = {"type": config.format} | ({"rate": 24000} if config.format == "audio/pcm" else {})
     vad = _vad_object(config.turn_detection)
+    noise = {} if config.noise_reduction is None else {"noise_reduction": {"type": config.noise_reduction}}
     return {
         "type": "transcription",
         "id": session_id,
@@ -244,6 +246,7 @@ def session_object(config: SessionConfig, session_id: str) -> dict[str, Any]:
                 "format": fmt,
                 "transcription": {k: v for k, v in transcription.items() if v is not None},
                 "turn_detection": vad,
+                **noise,
             }
         },
     }

@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Literal
 
 from app.audio_formats import AudioFormat
+from app.denoise import NoiseReduction
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class SessionConfig:
     turn_detection: TurnDetection | None = field(default_factory=ServerVad)
     logprobs: bool = False
     """include: ["item.input_audio_transcription.logprobs"]: deltas and completions carry their tokens'."""
+    noise_reduction: NoiseReduction | None = None
+    """The denoiser the session's audio goes through before VAD and the model (`app.denoise`), or none."""
 
     def updated(self, update: UpdateSettings, check: Check) -> SessionConfig:
         """This config with the fields `update` names (None turn detection: manual commits)."""
@@ -86,6 +89,8 @@ class SessionConfig:
             new = replace(new, turn_detection=update.turn_detection)
         if not isinstance(update.logprobs, Keep):
             new = replace(new, logprobs=update.logprobs)
+        if not isinstance(update.noise_reduction, Keep):
+            new = replace(new, noise_reduction=update.noise_reduction)
         return new
 
 
@@ -97,3 +102,4 @@ class UpdateSettings:
     transcription: TranscriptionSettings | Keep = KEEP
     turn_detection: TurnDetection | None | Keep = KEEP
     logprobs: bool | Keep = KEEP
+    noise_reduction: NoiseReduction | None | Keep = KEEP

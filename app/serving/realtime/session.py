@@ -2,8 +2,11 @@
 
 It owns the input decoder, the speech detector's stream, the uncommitted audio and the `Transcriber`.
 The speech detector runs in a prep thread, batched with the other sessions' (`SharedDetector`), and so
-does semantic_vad's turn-end model (`SharedTurnEnd`); large appends are decoded there too. A session
-handles one command at a time, so its events keep their order.
+does semantic_vad's turn-end model (`SharedTurnEnd`); large appends are decoded there too. With
+`noise_reduction` on, every append is decoded and denoised (`app.denoise.Denoiser`, the session's own
+stream) in a prep thread, before the detector and the buffer see it: the denoiser holds back at most
+32 ms, and keeps the timeline (its output sample `i` is input sample `i`). A session handles one command
+at a time, so its events keep their order.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from app.audio import SAMPLE_RATE
 from app.audio_formats import InputDecoder
+from app.denoise import Denoiser
 from app.errors import AudioTooLong, InternalError, InvalidRequest, VoxtralError
 from app.metrics import Metrics
 from app.refusals import Refusals
@@ -69,6 +73,8 @@ class Session:
         self.decoder = InputDecoder(self.config.format)
         self.stream = VadStream()
         self.detector = detector(self.config.turn_detection)
+        self.denoiser: Denoiser | None = None
+        self._held: np.ndarray | None = None  # a denoiser's last output, when noise reduction was turned off
         self.utterance: tuple[str, int] | None = None  # (item id, start sample) while speech goes on
         self.last_item: str | None = None
 
@@ -117,9 +123,21 @@ class Session:
             self.stream, position = VadStream(), self.buffer.end  # the detector was not fed meanwhile
         if config.turn_detection is None:
             self.utterance = None  # manual commits from now on: the buffer keeps what was said
+        await self._denoise_as(config)
         self.config = config
         self.detector = detector(config.turn_detection, position)
         await self.emit(ev.SessionUpdated(self.id, config))
+
+    async def _denoise_as(self, config: SessionConfig) -> None:
+        """Start, retune or stop the denoiser; what a stopped one held comes before the next append's audio."""
+        kind = config.noise_reduction
+        if kind is not None and self.denoiser is not None:
+            self.denoiser.kind = kind
+        elif kind is not None:
+            self.denoiser = Denoiser(kind)
+        elif self.denoiser is not None:
+            self._held = await self.shared.prep.run(self.denoiser.flush)
+            self.denoiser = None
 
     def _check_transcription(self, model: str | None, language: str | None) -> str | None:
         try:
@@ -162,9 +180,18 @@ class Session:
             )
 
     async def _decode(self, audio: str) -> np.ndarray:
-        if len(audio) <= INLINE_BASE64:  # a usual 20-100 ms chunk: cheaper here than a hop to a thread
-            return self._ingest(audio)
-        return await self.shared.prep.run(self._ingest, audio)
+        if self.denoiser is not None:
+            samples = await self.shared.prep.run(self._ingest_denoised, audio, self.denoiser)
+        elif len(audio) <= INLINE_BASE64:  # a usual 20-100 ms chunk: cheaper here than a hop to a thread
+            samples = self._ingest(audio)
+        else:
+            samples = await self.shared.prep.run(self._ingest, audio)
+        if self._held is not None:
+            samples, self._held = np.concatenate([self._held, samples]), None
+        return samples
+
+    def _ingest_denoised(self, audio: str, denoiser: Denoiser) -> np.ndarray:
+        return denoiser.push(self._ingest(audio))
 
     def _ingest(self, audio: str) -> np.ndarray:
         """base64 -> 16 kHz samples."""
@@ -173,6 +200,16 @@ class Session:
         except (binascii.Error, ValueError):
             raise InvalidRequest("audio is not valid base64.", param="audio", code="invalid_value") from None
         return self.decoder.push(raw)
+
+    async def _flush(self) -> np.ndarray:
+        """What the decoder and the denoiser hold, for a manual commit (the denoiser then starts afresh)."""
+        tail = self.decoder.flush()
+        if self._held is not None:
+            tail, self._held = np.concatenate([self._held, tail]), None
+        if self.denoiser is None:
+            return tail
+        denoiser = self.denoiser
+        return await self.shared.prep.run(lambda: np.concatenate([denoiser.push(tail), denoiser.flush()]))
 
     async def _turn(self, turn: Turn) -> None:
         if turn.kind == "start":
@@ -216,7 +253,7 @@ class Session:
 
     async def _commit_by_hand(self) -> None:
         if self.config.turn_detection is None:  # (with VAD the stream goes on; its next samples stay in line)
-            self.buffer.append(self.decoder.flush())
+            self.buffer.append(await self._flush())
         start = self.utterance[1] if self.utterance is not None else self.buffer.start
         if self.buffer.end - start < MIN_COMMIT_S * SAMPLE_RATE:
             raise InvalidRequest(

@@ -24,9 +24,9 @@ after each fault, after `--settle-s`. RSS after rounds 2 and 3 near round 1's me
     python bench/faults.py
     python bench/faults.py --jemalloc /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 
-`BENCH_TRACEMALLOC=/tmp/snap` runs the server under tracemalloc (25 frames) and has it write a snapshot to
-/tmp/snap.N after each round (N = 0 after the warm-up), for `python bench/faults.py --diff A B` (top 25 by
-file and line). Appends the figures and the exact command to bench/RESULTS.md (--out).
+`BENCH_TRACEMALLOC=/tmp/snap` has the server start tracemalloc (5 frames) after the warm-up and write a
+snapshot to /tmp/snap.N after round N, for `python bench/faults.py --diff A B` (top 25 by file and line).
+Appends the figures and the exact command to bench/RESULTS.md (--out).
 """
 
 from __future__ import annotations
@@ -247,13 +247,16 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
 
 
 def serve_traced() -> None:
-    """The server under tracemalloc: SIGUSR1 writes a snapshot to $BENCH_TRACEMALLOC.N (N = 0, 1, ...)."""
-    tracemalloc.start(25)
+    """The server with a tracemalloc switch: the first SIGUSR1 starts tracing (after the warm-up: tracing the
+    model's load would take minutes), each later one writes a snapshot to $BENCH_TRACEMALLOC.N (N = 1, 2, ...)."""
     taken = [0]
 
     def dump(*_: object) -> None:
-        tracemalloc.take_snapshot().dump(f"{os.environ['BENCH_TRACEMALLOC']}.{taken[0]}")
-        taken[0] += 1
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(5)
+        else:
+            taken[0] += 1
+            tracemalloc.take_snapshot().dump(f"{os.environ['BENCH_TRACEMALLOC']}.{taken[0]}")
 
     signal.signal(signal.SIGUSR1, dump)
     sys.argv = ["app.main", *sys.argv[2:]]

@@ -25,7 +25,8 @@ after each fault, after `--settle-s`. RSS after rounds 2 and 3 near round 1's me
     python bench/faults.py --jemalloc /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 
 `BENCH_TRACEMALLOC=/tmp/snap` has the server start tracemalloc (5 frames) after the warm-up and write a
-snapshot to /tmp/snap.N after round N, for `python bench/faults.py --diff A B` (top 25 by file and line).
+snapshot to /tmp/snap.N after round N (and /tmp/snap.N.gc after a `gc.collect()`), for
+`python bench/faults.py --diff A B` (top 25 by file and line).
 Appends the figures and the exact command to bench/RESULTS.md (--out).
 """
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -257,6 +259,8 @@ def serve_traced() -> None:
         else:
             taken[0] += 1
             tracemalloc.take_snapshot().dump(f"{os.environ['BENCH_TRACEMALLOC']}.{taken[0]}")
+            gc.collect()  # and again without what only the garbage collector frees (cycles)
+            tracemalloc.take_snapshot().dump(f"{os.environ['BENCH_TRACEMALLOC']}.{taken[0]}.gc")
 
     signal.signal(signal.SIGUSR1, dump)
     sys.argv = ["app.main", *sys.argv[2:]]

@@ -26,11 +26,12 @@ keep it off the event loop (a prep thread).
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from app.onnx_models import cpu_session
 
 MODEL = Path(__file__).resolve().parent / "data" / "gtcrn-simple.onnx"
 FRAME, HOP = 512, 256
@@ -39,23 +40,10 @@ DRY: dict[str, float] = {"near_field": 0.1, "far_field": 0.0}
 """Amplitude of the original added to the network's output, per type."""
 _WINDOW = np.sqrt(0.5 - 0.5 * np.cos(2 * np.pi * np.arange(FRAME) / FRAME)).astype(np.float32)
 
-_lock = threading.Lock()
-_session: Any = None
-
 
 def session() -> Any:
     """The shared onnxruntime session, loaded once per process."""
-    global _session
-    with _lock:
-        if _session is None:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.intra_op_num_threads = options.inter_op_num_threads = 1  # one frame is too small to split
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            _session = ort.InferenceSession(str(MODEL), sess_options=options, providers=["CPUExecutionProvider"])
-    return _session
+    return cpu_session(MODEL)
 
 
 class Denoiser:

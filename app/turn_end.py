@@ -14,7 +14,6 @@ intra-op thread (callers keep it off the event loop: a prep thread).
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from app.audio import SAMPLE_RATE
+from app.onnx_models import cpu_session
 
 MODEL = Path(__file__).resolve().parent / "data" / "smart-turn-v3.2-cpu.onnx"
 SECONDS = 8
@@ -29,24 +29,12 @@ SAMPLES = SECONDS * SAMPLE_RATE
 N_FFT, HOP, N_MELS = 400, 160, 80
 FRAMES = SAMPLES // HOP  # 800: the extractor drops the STFT's last frame
 
-_lock = threading.Lock()
-_session: Any = None
 _filters: np.ndarray | None = None
 
 
 def session() -> Any:
     """The shared onnxruntime session, loaded once per process."""
-    global _session
-    with _lock:
-        if _session is None:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.intra_op_num_threads = options.inter_op_num_threads = 1  # like Silero: see docs/PERF.md
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            _session = ort.InferenceSession(str(MODEL), sess_options=options, providers=["CPUExecutionProvider"])
-    return _session
+    return cpu_session(MODEL)
 
 
 def mel_filters() -> np.ndarray:

@@ -8,7 +8,6 @@ Latency and memory under the same faults are measured in bench/faults.py."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import socket
@@ -19,13 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from websockets.client import ClientProtocol
-from websockets.uri import parse_uri
 
 from app.model.compute.loader import LoadedModel
 from tests.support.checks import assert_openai_error, wait_until
 from tests.support.production_server import Production, production
-from tests.support.realtime_client import COMPLETED, Raw, encode, gap, open_session, sentence
+from tests.support.realtime_client import COMPLETED, Raw, encode, gap, never_reading, open_session, sentence
 
 FAILED = "conversation.item.input_audio_transcription.failed"
 MAX_CONNECTIONS = 8
@@ -60,29 +57,10 @@ def silent_connections(server: Production, count: int) -> list[socket.socket]:
 
 
 def never_reads(server: Production) -> int | None:
-    """A client with a 4 KiB receive window that sends `session.update`s (each echoed whole) and reads
-    nothing until it can send no more; the close code the server sent it (None: not closed)."""
-    host, port = "127.0.0.1", server.port
+    """A client that sends `session.update`s (each echoed whole) and reads nothing: the close code it got."""
     message = json.dumps({"type": "session.update", "session": {"type": "transcription", **PROMPT}}).encode()
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((host, port))
-        sock.settimeout(5)
-        client = ClientProtocol(parse_uri(ws_url(server)))
-        client.send_request(client.connect())
-        sock.sendall(b"".join(client.data_to_send()))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(1)
-        client.receive_data(head)
-        with contextlib.suppress(OSError):
-            for _ in range(3000):
-                client.send_text(message)
-                sock.sendall(b"".join(client.data_to_send()))
-        with contextlib.suppress(OSError):
-            while chunk := sock.recv(65536):
-                client.receive_data(chunk)
-        return client.close_rcvd.code if client.close_rcvd else None
+    closed = never_reading(ws_url(server), message)
+    return closed.code if closed is not None else None
 
 
 def nine_forty_minute_parts() -> dict[str, Any]:

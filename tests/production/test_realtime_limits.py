@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,16 +15,24 @@ from typing import Any
 
 import numpy as np
 import pytest
-from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
-from websockets.uri import parse_uri
 
 from app.api.lifecycle import DrainGuard, Lifecycle
 from app.model.compute.loader import LoadedModel
 from tests.support.checks import wait_until
 from tests.support.production_server import production
-from tests.support.realtime_client import COMPLETED, Raw, encode, gap, open_session, sentence, texts, two_utterances
+from tests.support.realtime_client import (
+    COMPLETED,
+    Raw,
+    encode,
+    gap,
+    never_reading,
+    open_session,
+    sentence,
+    texts,
+    two_utterances,
+)
 from tests.support.server import RunningServer, serve
 
 
@@ -210,28 +216,8 @@ def test_a_client_that_leaves_too_much_unread_is_closed_with_1008(loaded: Loaded
     socket with a tiny receive window, so unread events pile up on the server) is closed with 1008 and a
     reason, and its session's place is freed."""
     with serve(loaded, tiny_dir, realtime_max_pending_mb=0.05) as running:
-        host, port = running.base_url.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
-        sock.connect((host, int(port)))
-        sock.settimeout(5)
-        client = ClientProtocol(parse_uri(ws_url(running)))
-        client.send_request(client.connect())
-        sock.sendall(b"".join(client.data_to_send()))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(1)
-        client.receive_data(head)
-        assert client.events_received()[0].status_code == 101
         update = {"type": "transcription", "audio": {"input": {"transcription": {"prompt": "p" * 4000}}}}
-        message = json.dumps({"type": "session.update", "session": update}).encode()
-        with contextlib.suppress(OSError):  # the server stops reading once it has closed the session
-            for _ in range(3000):  # ~13 MB of echoes if nothing stopped it
-                client.send_text(message)
-                sock.sendall(b"".join(client.data_to_send()))
-        with contextlib.suppress(OSError):
-            while chunk := sock.recv(65536):
-                client.receive_data(chunk)
-        assert client.close_rcvd is not None, "the server never closed the session"
-        assert (client.close_rcvd.code, client.close_rcvd.reason) == (1008, "slow reader: too many events unread")
+        closed = never_reading(ws_url(running), json.dumps({"type": "session.update", "session": update}).encode())
+        assert closed is not None, "the server never closed the session"
+        assert (closed.code, closed.reason) == (1008, "slow reader: too many events unread")
         wait_until(lambda: running.context.realtime.slots.open == 0, "the session's place is freed")

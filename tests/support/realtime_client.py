@@ -4,9 +4,11 @@ schemas (when OPENAI_OPENAPI_SPEC names the spec), plus the audio it streams in 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 import yaml
+from websockets.client import ClientProtocol
+from websockets.frames import Close
 from websockets.sync.client import ClientConnection, connect
+from websockets.uri import parse_uri
 
 from app.audio_formats import ALAW, ULAW
 
@@ -141,3 +146,29 @@ def texts(events: list[dict[str, Any]]) -> Iterator[tuple[str, str, str]]:
         if event["type"] == COMPLETED:
             deltas = "".join(e["delta"] for e in events if e["type"] == DELTA and e["item_id"] == event["item_id"])
             yield event["item_id"], deltas, event["transcript"]
+
+
+def never_reading(url: str, message: bytes, sends: int = 3000) -> Close | None:
+    """A client with a 4 KiB receive window that sends `message` up to `sends` times and reads nothing until
+    it can send no more (the server stopped reading, or closed): the close frame the server sent it, if any."""
+    address = url.removeprefix("ws://").split("/")[0].split(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+        sock.connect((address[0], int(address[1])))
+        sock.settimeout(5)
+        client = ClientProtocol(parse_uri(url))
+        client.send_request(client.connect())
+        sock.sendall(b"".join(client.data_to_send()))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        client.receive_data(head)
+        assert client.events_received()[0].status_code == 101
+        with contextlib.suppress(OSError):  # the server stops reading once it has closed the session
+            for _ in range(sends):
+                client.send_text(message)
+                sock.sendall(b"".join(client.data_to_send()))
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                client.receive_data(chunk)
+        return client.close_rcvd

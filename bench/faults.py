@@ -40,10 +40,8 @@ import json
 import os
 import resource
 import runpy
-import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +49,6 @@ import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from subprocess import PIPE
 from typing import Any
@@ -216,14 +213,6 @@ async def phase(url: str, args: argparse.Namespace, fault: str | None) -> tuple[
     return done, Counter(json.loads(out))
 
 
-def figures(outcomes: list[rt.Outcome]) -> str:
-    latencies = sorted(x for o in outcomes for x in o.latencies)
-    p95 = latencies[max(0, round(0.95 * len(latencies)) - 1)]
-    failed = sum(o.failed for o in outcomes) + sum(len(o.errors) for o in outcomes)
-    done = sum(len(o.completed) for o in outcomes)
-    return f"{statistics.median(latencies):.3f} | {p95:.3f} | {latencies[-1]:.3f} | {done} | {failed}"
-
-
 def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen[bytes]:
     cmd = [
         "serve", "--model", "tiny", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
@@ -237,15 +226,7 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
     if args.jemalloc:
         env["LD_PRELOAD"] = args.jemalloc
     proc = subprocess.Popen(cmd, cwd=rt.ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                return proc
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server never ready:\n" + log.read_text())
+    return rt.wait_ready(proc, port, log)
 
 
 def serve_traced() -> None:
@@ -285,13 +266,13 @@ def settled_rss(proc: subprocess.Popen[bytes], settle_s: float) -> float:
 def run(args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes]) -> tuple[list[str], list[str]]:
     rows, rss_rows = [], []
     outcomes, _ = asyncio.run(phase(url, args, None))
-    rows.append(f"| warm-up | alone | {figures(outcomes)} | |")
+    rows.append(f"| warm-up | alone | {rt.figures(outcomes)} | |")
     warm = settled_rss(proc, args.settle_s)
     for round_ in range(1, args.rounds + 1):
         after = []
         for fault in args.faults.split(","):
             outcomes, tally = asyncio.run(phase(url, args, fault))
-            rows.append(f"| {round_} | {fault} | {figures(outcomes)} | {dict(tally)} |")
+            rows.append(f"| {round_} | {fault} | {rt.figures(outcomes)} | {dict(tally)} |")
             print(rows[-1], flush=True)
             after.append(psutil.Process(proc.pid).memory_info().rss / 2**20)
         end = settled_rss(proc, args.settle_s)
@@ -361,14 +342,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(60)
-    load = os.getloadavg()
-    text = report(rows, rss_rows, args)
-    command = "python bench/faults.py " + shlex.join(sys.argv[1:])
-    header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `{command.strip()}`, load average at the end {load[0]:.2f}"
-    print(header + "\n\n" + text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(f"\n{header}\n\n{text}\n")
+    rt.publish("faults.py", report(rows, rss_rows, args), args.out)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,9 @@ import argparse
 import asyncio
 import base64
 import json
-import os
-import shlex
-import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from subprocess import PIPE
 
@@ -96,14 +92,6 @@ async def phase(url: str, args: argparse.Namespace, flooding: bool) -> tuple[lis
     return outcomes, Flood(**json.loads(out))
 
 
-def figures(outcomes: list[rt.Outcome]) -> str:
-    latencies = sorted(x for o in outcomes for x in o.latencies)
-    p95 = latencies[max(0, round(0.95 * len(latencies)) - 1)]
-    failed = sum(o.failed for o in outcomes) + sum(len(o.errors) for o in outcomes)
-    done = sum(len(o.completed) for o in outcomes)
-    return f"{statistics.median(latencies):.3f} | {p95:.3f} | {latencies[-1]:.3f} | {done} | {failed}"
-
-
 def report(alone: list[rt.Outcome], beside: list[rt.Outcome], tally: Flood, args: argparse.Namespace) -> str:
     return "\n".join(
         [
@@ -111,8 +99,8 @@ def report(alone: list[rt.Outcome], beside: list[rt.Outcome], tally: Flood, args
             "",
             "| phase | p50 | p95 | max | completed | failed |",
             "| --- | --- | --- | --- | --- | --- |",
-            f"| alone | {figures(alone)} |",
-            f"| beside the flood | {figures(beside)} |",
+            f"| alone | {rt.figures(alone)} |",
+            f"| beside the flood | {rt.figures(beside)} |",
             "",
             f"The flooding session: {tally.commits} commits ({args.flood_commits} at once every "
             f"{args.flood_every_s:g} s), {tally.completed} completed, {tally.refused} refused "
@@ -151,14 +139,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(60)
     assert tally is not None
-    load = os.getloadavg()
-    text = report(alone, beside, tally, args)
-    command = "python bench/flood.py " + shlex.join(sys.argv[1:])
-    header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `{command.strip()}`, load average before the end {load[0]:.2f}"
-    print(header + "\n\n" + text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(f"\n{header}\n\n{text}\n")
+    rt.publish("flood.py", report(alone, beside, tally, args), args.out)
 
 
 if __name__ == "__main__":

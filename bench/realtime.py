@@ -128,6 +128,11 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOXTRAL_")}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return wait_ready(proc, port, log)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`proc` once its /ready answers 200 (the server listens while it loads); exits with its log otherwise."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -139,6 +144,27 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("server never ready:\n" + log.read_text())
+
+
+def figures(outcomes: list[Outcome]) -> str:
+    """`p50 | p95 | max | completed | failed` of the sessions' end-of-speech to `.completed` latencies."""
+    latencies = sorted(x for o in outcomes for x in o.latencies)
+    p95 = latencies[max(0, round(0.95 * len(latencies)) - 1)]
+    failed = sum(o.failed for o in outcomes) + sum(len(o.errors) for o in outcomes)
+    done = sum(len(o.completed) for o in outcomes)
+    return f"{statistics.median(latencies):.3f} | {p95:.3f} | {latencies[-1]:.3f} | {done} | {failed}"
+
+
+def publish(script: str, text: str, out: str | None) -> None:
+    """Print a run's figures under a header with the time, the exact command and the load, and append them
+    to `out` (bench/RESULTS.md by default)."""
+    command = f"python bench/{script} " + shlex.join(sys.argv[1:])
+    load = os.getloadavg()[0]
+    header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `{command.strip()}`, load average at the end {load:.2f}"
+    print(header + "\n\n" + text)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(f"\n{header}\n\n{text}\n")
 
 
 async def run_all(url: str, args: argparse.Namespace) -> list[Outcome]:
@@ -196,14 +222,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(60)
-    load = os.getloadavg()
     text = report(outcomes, tuple(a - b for a, b in zip(after, before, strict=True)), args)  # type: ignore[arg-type]
-    command = "python bench/realtime.py " + shlex.join(sys.argv[1:])
-    header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `{command.strip()}`, load average before the end {load[0]:.2f}"
-    print(header + "\n" + text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(f"\n{header}\n\n{text}\n")
+    publish("realtime.py", text, args.out)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,10 @@ class RequestQueue:
     def held_by(self, owner: str) -> int:
         """Places `owner` holds: queued requests and reservations."""
         with self._cond:
-            return self._reserved[owner] + sum(item.owner == owner for item in self._items)
+            return self._held(owner)
+
+    def _held(self, owner: str) -> int:
+        return self._reserved[owner] + sum(item.owner == owner for item in self._items)
 
     def _check_room(self, wanted: int, owner: str, group: int, reserved: bool = False) -> None:
         """`wanted` new places for a group of `group` requests of `owner` (`reserved`: one of them holds a
@@ -62,7 +65,7 @@ class RequestQueue:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         if len(self._items) + self._reserved.total() + wanted > self.max_size:
             raise QueueFull(f"The server is at capacity ({self.max_size} requests queued); retry shortly.")
-        held = self._reserved[owner] - int(reserved) + sum(item.owner == owner for item in self._items)
+        held = self._held(owner) - int(reserved)
         if over_share(held, group, self.max_per_owner):
             raise RateLimited(
                 f"This client already has {held} requests waiting (at most {self.max_per_owner}); retry when "

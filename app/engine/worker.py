@@ -161,7 +161,7 @@ class ModelWorker:
             if new:
                 state, logits = fan_out(self.generator, state, logits, self._items)
         except Exception as exc:
-            self._fail(self._owners(rows), exc)
+            self._fail(self._items_of(rows), exc)
         else:
             self._join(state, logits)
         finally:
@@ -204,7 +204,7 @@ class ModelWorker:
             log.warning("out of memory merging rows: %d rows wait for room", len(self._preempted))
             return
         except Exception as exc:
-            return self._fail(self._owners(state.rows), exc)
+            return self._fail(self._items_of(state.rows), exc)
         self._state, self._logits = merged, merged_logits
 
     def _prefill(self, rows: list[Row]) -> tuple[BatchState, torch.Tensor]:
@@ -273,7 +273,7 @@ class ModelWorker:
             self._preempt(rows, exc)
         except Exception as exc:
             self._state = self._logits = None
-            self._fail(self._owners(rows), exc)
+            self._fail(self._items_of(rows), exc)
         else:
             self.scheduler.cap.on_clean_step()
 
@@ -283,7 +283,7 @@ class ModelWorker:
         self._state = self._logits = None
         torch.cuda.empty_cache()  # every GPU's cache, not only the current one's: CUDA's allocator empties them all
         if len(rows) == 1:  # one row alone does not fit: nothing to split
-            return self._fail(self._owners(rows), exc)
+            return self._fail(self._items_of(rows), exc)
         rows = still_wanted(rows, self._items)
         if not rows:
             return
@@ -294,7 +294,7 @@ class ModelWorker:
         self._bring_in(rows[:half])
 
     # -- the work items behind the rows --------------------------------------------------------
-    def _owners(self, rows: Iterable[Row]) -> list[WorkItem]:
+    def _items_of(self, rows: Iterable[Row]) -> list[WorkItem]:
         return [self._items[row.key] for row in rows]
 
     def _forget(self) -> None:

@@ -59,11 +59,16 @@ class Wiring:
         self.lifecycle = Lifecycle()
         self.created = int(time.time())
         self._born = time.monotonic()
-        self.context: AppContext | None = None
-        """Set once by the lifespan, before the engine starts (a drain may come during the warm-up)."""
+        self.startup = Startup(settings, self.metrics, self.lifecycle)
+        """What the lifespan yields at once; its `context` is set once start-up has built it."""
         self.engine: Engine | None = None
         """The engine under the context's serving layer, built with it."""
         self.app = build_api(settings, self.metrics, self.lifecycle, self.lifespan)
+
+    @property
+    def context(self) -> AppContext | None:
+        """Set once by the start-up, before the engine starts (a drain may come during the warm-up)."""
+        return self.startup.context
 
     async def build_context(self) -> AppContext:
         """Load (unless given), then the model facade (a pass over the vocabulary: off the loop), the
@@ -113,10 +118,9 @@ class Wiring:
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[dict[str, Startup]]:
         """Yield the start-up state at once and start up in the background; on exit stop what started."""
-        state = Startup(self.settings, self.metrics, self.lifecycle)
-        starting = asyncio.create_task(self._start(state))
+        starting = asyncio.create_task(self._start())
         try:
-            yield {STATE_KEY: state}
+            yield {STATE_KEY: self.startup}
         finally:
             self.lifecycle.ready, self.lifecycle.draining = False, True
             starting.cancel()  # a load in its thread runs on; nothing waits for it
@@ -128,12 +132,12 @@ class Wiring:
                 self.context.serving.close()
                 self.context.responses.close()
 
-    async def _start(self, state: Startup) -> None:
+    async def _start(self) -> None:
         """Load and build the context, start the engine, warm up, then ready (unless a drain came first)."""
         lifecycle = self.lifecycle
         try:
             lifecycle.stage = "loading the model"
-            ctx = self.context = state.context = await self.build_context()
+            ctx = self.startup.context = await self.build_context()
             assert self.engine is not None  # built with the context
             lifecycle.stage = "warming up"
             self.engine.start()

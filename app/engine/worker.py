@@ -91,7 +91,7 @@ class ModelWorker:
 
     @property
     def _shape(self) -> Shape:
-        return (self.running, self._state.attention_mask.shape[1]) if self._state is not None else (0, 0)
+        return (self.running, self._state.width) if self._state is not None else (0, 0)
 
     def start(self) -> None:
         self._thread.start()

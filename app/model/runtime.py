@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from app.model.compute.features import LogMel
-from app.model.compute.generate import WEIGHT_MAJOR, BatchGenerator
+from app.model.compute.generate import BatchGenerator
 from app.model.compute.loader import LoadedModel
-from app.model.fingerprint import with_variant
 from app.model.text.callstream import CallReader, ChatOutput, chat_output
 from app.model.text.constrained import Constrainer
 from app.model.text.detok import IncrementalDecoder
@@ -49,11 +48,7 @@ class ModelRuntime:
         )
         pad_id = int(tekken.pad_id)
         generator = BatchGenerator(loaded.model, pad_token_id=pad_id, log_mel=log_mel)
-        fingerprint = loaded.fingerprint
-        if generator.weight_major:
-            log.info("a few rows project weight-major: measured faster than lm_head on this CPU")
-            fingerprint = with_variant(fingerprint, WEIGHT_MAJOR)
-        return cls(prompter, generator, read_vocab(tekken), fingerprint)
+        return cls(prompter, generator, read_vocab(tekken), loaded.fingerprint)
 
     @property
     def eos_id(self) -> int:

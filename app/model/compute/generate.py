@@ -1,104 +1,118 @@
-"""Batched generation with per-row sampling, over the real transformers forward pass.
+"""Batched generation with per-row sampling: prefill by transformers' forward pass, decode by the lean step.
 
-`model.generate` forces one parameter set per batch and cannot take new rows mid-flight, so
-the decode loop lives here: prefill a group of rows (left-padded, explicit positions), step
-all running rows with the KV cache, sample each row with its own parameters, drop finished
-rows and merge freshly prefilled ones in between steps. Left padding with zeroed attention
-keeps every row's output identical to running it alone.
+`model.generate` forces one parameter set per batch and cannot take new rows mid-flight, so the decode loop
+lives here: prefill a group of rows (left-padded, explicit positions) with the real model, place each row's
+keys and values in a slot of the preallocated cache (app/model/compute/slots.py), step all running rows with
+the lean decoder (app/model/compute/decoder.py, replayed as a CUDA graph where there is one), sample each row
+with its own parameters, drop finished rows and add freshly prefilled ones in between steps.
 
-The output projection (hidden -> vocabulary logits) is taken here, after the decoder, so that a CPU model can
-project 2 to `WEIGHT_MAJOR_ROWS` rows weight-major, `W @ h.T`, where that CPU's kernels make it clearly faster
-than `lm_head`'s `F.linear`. Which one wins differs between CPUs, so it is measured when the model loads
-(`weight_major_pays`; docs/PERF.md#model-weight-major-projection). Its logits are column-major: cheap to reduce
-for a few rows, not for many. One row keeps `lm_head` (bit-equal to `model.generate`). Float32 only: its logits
-differ from `F.linear`'s by ~1e-6 relative, far inside the gaps the parity tests decide on; bfloat16 keeps
-`lm_head`, whose near-ties are one bfloat16 step apart and whose kernels differ between CPUs. On a GPU,
-`lm_head` as it is.
+A step runs in slot order, padded to one of a few row counts and widths (`batch_sizes`, `widths`): its
+shapes come from a short list, so CUDA can replay a captured graph of it. A batch's rows keep their order;
+their slots need not follow it (the step's `order` input puts the logits back in row order), so a row that
+leaves costs nothing and a row that joins is copied into its slot once. Slots are compacted only when the
+rows' highest slot would pad the step to a larger size than their number needs.
+
+Slot ownership: the states `prefill`, `select` and `merge` return hold slots; `select` and `merge` spend the
+states they are given (their slots pass to the result, or are free), and a state dropped unspent frees its
+slots when it is collected.
 """
 
 from __future__ import annotations
 
-import time
+import gc
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from app.model.compute.decoder import LeanDecoder
 from app.model.compute.features import LogMel
-from app.model.compute.kvcache import GrowingCache, assemble, gather
+from app.model.compute.graphs import StepGraphs
+from app.model.compute.kvcache import GrowingCache
 from app.model.compute.row import Row
 from app.model.compute.sampling import sample
+from app.model.compute.slots import CachePlan, CacheShape, SlotCache, batch_sizes, padded, plan, width_of, widths
 from app.model.compute.transfer import upload
 
 __all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
 
-WEIGHT_MAJOR_ROWS = 8
-"""The most rows projected weight-major on a CPU (module docstring)."""
-WEIGHT_MAJOR = "weight-major"
-"""The variant a weight-major CPU model adds to its `system_fingerprint` (app/model/fingerprint.py)."""
-WEIGHT_MAJOR_GAIN = 0.8
-"""Weight-major is taken only if it costs at most this fraction of `F.linear` when measured at load: where the
-two are close, `lm_head` (the model's own call) is kept, and timing noise cannot flip the choice."""
+CPU_CACHE_BYTES = 4 * 2**30
+"""The KV cache budget of a CPU model when none is given (as vLLM's CPU backend's default); touched only as
+far as rows reach."""
+DEFAULT_ROWS = 32
+DEFAULT_LEN = 32768
 
 
-def weight_major_pays(weight: torch.Tensor, rows: int = 4, repeats: int = 5) -> bool:
-    """Whether, on this CPU, `rows` rows project with `W @ h.T` (and a host argmax of each row, as the sampler
-    takes it) clearly faster than with `F.linear`: the best of `repeats` timings of each, taking turns."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return False
-    hidden = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0), dtype=weight.dtype)
-
-    def linear() -> None:
-        [row.argmax() for row in torch.nn.functional.linear(hidden, weight).numpy()]
-
-    def major() -> None:
-        [row.argmax() for row in (weight @ hidden.T).T.numpy()]
-
-    best = {linear: float("inf"), major: float("inf")}
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for way in best:
-                started = time.perf_counter()
-                way()
-                best[way] = min(best[way], time.perf_counter() - started)
-    return best[major] <= WEIGHT_MAJOR_GAIN * best[linear]
-
-
-@dataclass
+@dataclass(eq=False)
 class BatchState:
-    """KV cache and bookkeeping of the rows currently being decoded (same order as `rows`)."""
+    """The rows currently decoding, in batch order, with the slot and the cached length of each."""
 
     rows: list[Row]
-    cache: GrowingCache
-    attention_mask: torch.Tensor
-    """[rows, width] on the device: each row's history is right-aligned, zeros (padding) on its left."""
-    next_positions: torch.Tensor
+    slots: list[int]
     lengths: list[int]
-    """The host's copy of `next_positions`: each row's tokens in the cache, so the padding of
-    `attention_mask` is known without reading it back from the device."""
+    """Tokens of each row in the cache: its next token goes at this position."""
+    spent: bool = field(default=False, repr=False)
+
+    @property
+    def width(self) -> int:
+        """The longest row's tokens: what the running-token budget counts."""
+        return max(self.lengths, default=0)
 
 
 class BatchGenerator:
-    """Stateless over requests: owns the model and turns rows into logits."""
+    """Stateless over requests: owns the model, the slot cache and the step, and turns rows into logits."""
 
-    def __init__(self, model: Any, pad_token_id: int, log_mel: LogMel, weight_major: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        pad_token_id: int,
+        log_mel: LogMel,
+        cache: CachePlan | None = None,
+        eager: bool = False,
+    ) -> None:
+        """`cache`: slots and positions (None: `DEFAULT_ROWS` rows of the model's context, up to
+        `DEFAULT_LEN`); `eager`: never capture CUDA graphs (`--enforce-eager`)."""
         self.model = model
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self.text_config = model.config.text_config
         self.num_layers = int(self.text_config.num_hidden_layers)
         self.log_mel = log_mel
-        if weight_major is None:
-            weight_major = weight_major_pays(model.lm_head.weight)
-        self.weight_major = weight_major and self.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
-        """2 to WEIGHT_MAJOR_ROWS rows project with `W @ h.T` (see the module docstring); None: measured here."""
+        self.shape = CacheShape.of(self.text_config, model.dtype)
+        context = int(getattr(self.text_config, "max_position_embeddings", DEFAULT_LEN))
+        self.plan = cache or default_plan(self.shape, context)
+        language = model.model.language_model
+        layers = language.layers[: self.num_layers]
+        devices = [layer.self_attn.q_proj.weight.device for layer in layers]
+        self.cache = SlotCache(self.shape, self.plan, devices)
+        self.decoder = LeanDecoder(language, model.lm_head)
+        self.graphs = StepGraphs(self.decoder, self.cache, self.device)
+        self.sizes = batch_sizes(self.plan.slots)
+        self.widths = widths(self.plan.max_len)
+        self.eager = eager
+        self._states: weakref.WeakSet[BatchState] = weakref.WeakSet()
+
+    @property
+    def max_rows(self) -> int:
+        """Rows that can decode at once: the cache's slots."""
+        return self.plan.slots
+
+    def capture(self) -> None:
+        """Capture the step for every batch size and width (CUDA only, unless eager); call after warm-up."""
+        if not self.eager:
+            self.graphs.capture(self.sizes, self.widths)
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[Row]) -> tuple[BatchState, torch.Tensor]:
-        """Run the prompts of `rows` (audio encoder included); return their state and next-token logits."""
+        """Run the prompts of `rows` (audio encoder included), place them in free slots; return their state and
+        next-token logits."""
         # A preempted row comes back with its generated tokens: recompute them as prompt.
         prompts = [r.input_ids + r.generated for r in rows]
+        if max(len(p) for p in prompts) >= self.plan.max_len:
+            raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit {self.plan.max_len}")
         width = max(len(p) for p in prompts)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -109,35 +123,59 @@ class BatchGenerator:
         audios = [audio for r in rows for audio in r.audios]
         features = self.log_mel.batch(audios).to(self.device, self.model.dtype) if audios else None
         lengths = [len(p) for p in prompts]
-        mask_on_device = upload(mask, self.device)
         out = self.model.model(
             input_ids=upload(ids, self.device),
             input_features=features,
-            attention_mask=self._mask(mask_on_device, lengths, width),
+            attention_mask=self._mask(upload(mask, self.device), lengths, width),
             position_ids=upload(positions, self.device),
             cache=GrowingCache(self.num_layers),
             use_cache=True,
         )
-        state = BatchState(list(rows), out.cache, mask_on_device, upload(lengths, self.device, torch.long), lengths)
+        slots = self._free(len(rows))
+        kv = out.cache.kv()
+        for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
+            self.cache.place(slot, [(k[i, :, width - length :], v[i, :, width - length :]) for k, v in kv])
+        state = self._hold(BatchState(list(rows), slots, lengths))
         return state, self.project(out.last_hidden_state[:, -1, :])
 
     @torch.inference_mode()
     def step(self, state: BatchState, tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """Feed one sampled token per row (host ids are uploaded pinned, without a wait); return the next
-        logits."""
-        ones = torch.ones((len(state.rows), 1), dtype=state.attention_mask.dtype, device=self.device)
-        state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+        """Feed one sampled token per row (host ids: uploaded with the step's other inputs in one pinned copy);
+        return the next logits, [rows, vocab], in the state's row order."""
+        assert not state.spent, "a state passed to select or merge is spent"
+        longest = max(state.lengths) + 1
+        if longest > self.plan.max_len:
+            raise ValueError(f"a row reached the cache's {self.plan.max_len} positions")
+        self._compact(state)
+        rows = padded(max(state.slots) + 1, self.sizes)
+        width = width_of(longest, self.plan.max_len)
+        self.cache.ready(width)
+        slots = np.asarray(state.slots)
+        packed = np.zeros((4, rows), dtype=np.int64)  # numpy: the host's bookkeeping launches nothing
+        packed[0] = self.pad_token_id
+        packed[2] = self.cache.scratch
+        packed[0, slots] = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else list(tokens)
+        packed[1, slots] = state.lengths
+        packed[2, slots] = slots
+        packed[3, : len(slots)] = slots
+        host = torch.from_numpy(packed)
+        logits = self.graphs.run(host.pin_memory() if self.device.type == "cuda" else host, width)
         state.lengths = [n + 1 for n in state.lengths]
-        out = self.model.model(
-            input_ids=upload(tokens, self.device, torch.long).view(-1, 1),
-            attention_mask=self._mask(state.attention_mask, state.lengths, 1),
-            position_ids=state.next_positions.view(-1, 1),
-            cache=state.cache,
-            use_cache=True,
-        )
-        state.cache = out.cache
-        state.next_positions = state.next_positions + 1
-        return self.project(out.last_hidden_state[:, -1, :])
+        return logits[: len(state.rows)]
+
+    def _compact(self, state: BatchState) -> None:
+        """Move the rows of high slots into free low ones when they would pad the step beyond what their
+        number needs (one copy of each moved row's history)."""
+        need = padded(len(state.slots), self.sizes)
+        if padded(max(state.slots) + 1, self.sizes) == need:
+            return
+        held = self._held(besides=state)
+        free = [s for s in range(need) if s not in held and s not in state.slots]
+        moving = [i for i, slot in enumerate(state.slots) if slot >= need][: len(free)]
+        targets = free[: len(moving)]
+        self.cache.copy([state.slots[i] for i in moving], targets, max(state.lengths[i] for i in moving))
+        for i, slot in zip(moving, targets, strict=True):
+            state.slots[i] = slot
 
     def _mask(self, mask: torch.Tensor, lengths: list[int], queries: int) -> torch.Tensor | None:
         """The attention mask handed to transformers for `queries` new positions, in the form its
@@ -161,31 +199,55 @@ class BatchGenerator:
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of each row's last hidden state ([rows, hidden] -> [rows, vocab])."""
-        if self.weight_major and 1 < hidden.shape[0] <= WEIGHT_MAJOR_ROWS:
-            weight: torch.Tensor = self.model.lm_head.weight
-            return (weight @ hidden.T).T
         logits: torch.Tensor = self.model.lm_head(hidden)
         return logits.float()
 
     def select(self, state: BatchState, keep: list[int]) -> BatchState:
-        """Keep only the rows at `keep`, and drop cache columns no remaining row attends to."""
-        index = upload(keep, self.device, torch.long)
-        mask = state.attention_mask.index_select(0, index)
-        lengths = [state.lengths[i] for i in keep]
-        start = mask.shape[1] - max(lengths) if lengths else 0  # the first column a kept row attends to
-        cache = gather(state.cache, index, start)
-        positions = state.next_positions.index_select(0, index)
-        return BatchState([state.rows[i] for i in keep], cache, mask[:, start:], positions, lengths)
+        """The rows at `keep`, in that order (a repeated index copies the row into a free slot, once); `state`
+        is spent, and the slots of the rows not kept are free."""
+        seen: set[int] = set()
+        slots: list[int] = []
+        copies: list[int] = []
+        for i in keep:
+            slots.append(state.slots[i] if i not in seen else -1)
+            if i in seen:
+                copies.append(len(slots) - 1)
+            seen.add(i)
+        state.spent = True
+        if copies:
+            fresh = self._free(len(copies), besides=set(slots))
+            sources = [state.slots[keep[j]] for j in copies]
+            self.cache.copy(sources, fresh, max(state.lengths[keep[j]] for j in copies))
+            for j, slot in zip(copies, fresh, strict=True):
+                slots[j] = slot
+        rows = [state.rows[i] for i in keep]
+        return self._hold(BatchState(rows, slots, [state.lengths[i] for i in keep]))
 
     def merge(self, a: BatchState, b: BatchState) -> BatchState:
-        """One state for both groups: the shorter history is left-padded with masked zeros."""
-        width = max(a.attention_mask.shape[1], b.attention_mask.shape[1])
-        cache = assemble([a.cache, b.cache], width)
-        mask = torch.cat([_lpad_mask(a.attention_mask, width), _lpad_mask(b.attention_mask, width)])
-        positions = torch.cat([a.next_positions, b.next_positions])
-        return BatchState(a.rows + b.rows, cache, mask, positions, a.lengths + b.lengths)
+        """One state with the rows of both, in that order; no cache moves. Both are spent."""
+        a.spent = b.spent = True
+        return self._hold(BatchState(a.rows + b.rows, a.slots + b.slots, a.lengths + b.lengths))
+
+    # -- slots ---------------------------------------------------------------------------------------
+    def _hold(self, state: BatchState) -> BatchState:
+        self._states.add(state)
+        return state
+
+    def _held(self, besides: BatchState | None = None) -> set[int]:
+        return {s for st in list(self._states) if not st.spent and st is not besides for s in st.slots}
+
+    def _free(self, count: int, besides: set[int] | None = None) -> list[int]:
+        """The `count` lowest slots no live state holds (nor `besides`)."""
+        for attempt in range(2):
+            taken = self._held() | (besides or set())
+            free = [s for s in range(self.plan.slots) if s not in taken][:count]
+            if len(free) == count:
+                return free
+            if attempt == 0:
+                gc.collect()  # a state dropped inside a reference cycle (an exception's traceback) frees here
+        raise RuntimeError(f"no free KV cache slot for {count} rows ({self.plan.slots} slots)")
 
 
-def _lpad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - mask.shape[1]
-    return mask if missing == 0 else torch.nn.functional.pad(mask, (missing, 0))
+def default_plan(shape: CacheShape, max_position: int) -> CachePlan:
+    """`DEFAULT_ROWS` rows of the model's context (at most `DEFAULT_LEN`) within the CPU budget."""
+    return plan(shape, DEFAULT_ROWS, min(max_position, DEFAULT_LEN), CPU_CACHE_BYTES)

@@ -1,0 +1,137 @@
+"""The KV cache decoding runs over: allocated once, one slot of `max_len` positions a row.
+
+Each layer keeps keys and values in one buffer each, [slots + 1, max_len, kv_heads, head_dim]; a row holds
+one slot, its position p at index p, from the prefill that placed it until it leaves. Rows join and leave
+by slot index: nothing is regathered or reallocated while the server runs, and a decode step reads the
+first `rows` slots as a view (the step runs in slot order, `padded` rows wide). The last slot is scratch:
+padding rows of a step write there, so they never touch a slot a row holds.
+
+Positions a step reads but no row wrote must hold finite numbers (masked attention multiplies them by 0,
+and 0 x NaN is NaN). `ready(width)` zeroes every slot up to `width` before anything is read or written
+there, once: the cache is allocated untouched, so a CPU process holds only the positions rows reached.
+
+How many slots fit is a plan from a byte budget (`plan`), as vLLM sizes its cache from
+`--gpu-memory-utilization`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MIN_WIDTH = 128
+"""The fewest positions a step reads: widths are powers of two from here to `max_len` (few shapes)."""
+
+
+def batch_sizes(max_rows: int) -> tuple[int, ...]:
+    """The row counts a step is padded to: vLLM's capture sizes 1, 2, 4, 8, 16, 24, 32, ... up to `max_rows`,
+    which is always one of them."""
+    sizes = [s for s in (1, 2, 4) if s < max_rows] + list(range(8, max_rows, 8))
+    return (*sizes, max_rows)
+
+
+def padded(rows: int, sizes: Sequence[int]) -> int:
+    """The smallest size in `sizes` that holds `rows`."""
+    return next(size for size in sizes if size >= rows)
+
+
+def width_of(positions: int, max_len: int) -> int:
+    """The positions a step reads for rows whose longest has `positions` (the new token's included)."""
+    return min(max_len, max(MIN_WIDTH, 1 << math.ceil(math.log2(max(positions, 1)))))
+
+
+def widths(max_len: int) -> tuple[int, ...]:
+    """Every width `width_of` can answer for this `max_len`."""
+    out = [MIN_WIDTH << i for i in range(64) if MIN_WIDTH << i < max_len]
+    return (*out, max_len)
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What one position of one row costs in every layer."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def token_bytes(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, text_config: Any, dtype: torch.dtype) -> CacheShape:
+        heads = int(text_config.num_attention_heads)
+        head_dim = getattr(text_config, "head_dim", None) or int(text_config.hidden_size) // heads
+        kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+        return cls(int(text_config.num_hidden_layers), kv_heads, int(head_dim), dtype)
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    slots: int
+    """Rows that can decode at once."""
+    max_len: int
+    """Positions each row may reach (prompt, audio and output)."""
+
+    def bytes(self, shape: CacheShape) -> int:
+        return (self.slots + 1) * self.max_len * shape.token_bytes
+
+
+def plan(shape: CacheShape, max_rows: int, max_len: int, budget_bytes: int) -> CachePlan:
+    """As many slots of `max_len` positions as `budget_bytes` holds (the scratch slot included), at most
+    `max_rows`. Raises ValueError when not even one fits, with what to change."""
+    per_slot = max_len * shape.token_bytes
+    slots = min(max_rows, budget_bytes // per_slot - 1)
+    if slots < 1:
+        raise ValueError(
+            f"the KV cache budget ({budget_bytes / 2**30:.2f} GiB) does not hold two slots of {max_len} positions "
+            f"({per_slot / 2**30:.2f} GiB each): lower --context-length (--max-model-len) or raise "
+            "--gpu-memory-utilization (--kv-cache-memory-bytes on a CPU)"
+        )
+    return CachePlan(slots, max_len)
+
+
+class SlotCache:
+    """Keys and values of every layer, on each layer's device (`devices`)."""
+
+    def __init__(self, shape: CacheShape, cache_plan: CachePlan, devices: Sequence[torch.device]) -> None:
+        size = (cache_plan.slots + 1, cache_plan.max_len, shape.kv_heads, shape.head_dim)
+        self.keys = [torch.empty(size, dtype=shape.dtype, device=device) for device in devices]
+        self.values = [torch.empty(size, dtype=shape.dtype, device=device) for device in devices]
+        self.slots = cache_plan.slots
+        self.scratch = cache_plan.slots
+        """The slot padding rows write to; never read as a row's history."""
+        self.max_len = cache_plan.max_len
+        self.zeroed = 0
+        """Every slot holds finite numbers below this position."""
+
+    def ready(self, width: int) -> None:
+        """Make positions below `width` safe to read in every slot (zeroing what was never written)."""
+        if width <= self.zeroed:
+            return
+        for buffer in (*self.keys, *self.values):
+            buffer[:, self.zeroed : width].zero_()
+        self.zeroed = width
+
+    def place(self, slot: int, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A row's history (per layer: keys and values [kv_heads, length, head_dim]) into positions 0.. of `slot`."""
+        length = layers[0][0].shape[-2]
+        self.ready(width_of(length, self.max_len))
+        for keys, values, (k, v) in zip(self.keys, self.values, layers, strict=True):
+            keys[slot, :length].copy_(k.transpose(0, 1))
+            values[slot, :length].copy_(v.transpose(0, 1))
+
+    def copy(self, sources: Sequence[int], targets: Sequence[int], length: int) -> None:
+        """Positions below `length` of slots `sources` into slots `targets` (read before any is written)."""
+        if not sources:
+            return
+        src = torch.tensor(list(sources))
+        dst = torch.tensor(list(targets))
+        for buffer in (*self.keys, *self.values):
+            here_src, here_dst = src.to(buffer.device), dst.to(buffer.device)
+            buffer[:, :length].index_copy_(0, here_dst, buffer[:, :length].index_select(0, here_src))

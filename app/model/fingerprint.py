@@ -42,13 +42,6 @@ def system_fingerprint(checkpoint: str, dtype: str, attention: str, device: str)
     return f"fp_{digest[:10]}"
 
 
-def with_variant(fingerprint: str, variant: str) -> str:
-    """The fingerprint of a configuration that differs from `fingerprint`'s by a choice made after loading
-    (a CPU model's weight-major projection, app/model/compute/generate.py: measured per machine, and its logits differ
-    in the last bits, so two servers that chose differently may break a near-tie differently)."""
-    return f"fp_{hashlib.sha256(f'{fingerprint}/{variant}'.encode()).hexdigest()[:10]}"
-
-
 def checkpoint_identity(checkpoint: str) -> Any:
     """Every file of a local checkpoint directory; a hub id as its resolved snapshot, if cached."""
     directory = Path(checkpoint)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from app.model.compute.transfer import upload
+
 MIN_WIDTH = 128
 """The fewest positions a step reads: widths are powers of two from here to `max_len` (few shapes)."""
 
@@ -130,8 +132,12 @@ class SlotCache:
         """Positions below `length` of slots `sources` into slots `targets` (read before any is written)."""
         if not sources:
             return
-        src = torch.tensor(list(sources))
-        dst = torch.tensor(list(targets))
+        index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         for buffer in (*self.keys, *self.values):
-            here_src, here_dst = src.to(buffer.device), dst.to(buffer.device)
+            if buffer.device not in index:  # once per device, pinned: the host does not wait
+                index[buffer.device] = (
+                    upload(sources, buffer.device, torch.long),
+                    upload(targets, buffer.device, torch.long),
+                )
+            here_src, here_dst = index[buffer.device]
             buffer[:, :length].index_copy_(0, here_dst, buffer[:, :length].index_select(0, here_src))

@@ -177,20 +177,22 @@ def test_penalties_upload_and_never_wait(sim: Sim) -> None:
 
 
 def test_a_row_leaving_uploads_its_index_and_never_waits(sim: Sim) -> None:
-    """`select` knows from the host's lengths where the kept rows' history starts (no `nonzero().item()`)."""
+    """A row leaving frees its slot; the row in the highest slot moves into it (one pinned upload of the
+    slot pair, a copy on the device) so the step pads to the size the rows need."""
     run = decode(sim, _rows(sim, [GREEDY] * 3), leave=1)
     assert [len(waits(s)) for s in run.steps] == [1] * STEPS
     assert [len(uploads(s)) for s in run.steps] == [2] + [1] * (STEPS - 1)
 
 
 def test_a_new_batch_uploads_without_waiting(sim: Sim) -> None:
-    """The prefill's ids, mask, positions and lengths go up pinned; `n` copies the logits' rows by an
-    uploaded index. With audio, transformers' Voxtral reads back where the audio tokens are: a boolean-mask
+    """The prefill's ids, mask and positions go up pinned (each row's keys and values then go into its slot on
+    the device); `n` copies the logits' rows and the prefilled slot into fresh ones by uploaded indices. With
+    audio, transformers' Voxtral reads back where the audio tokens are: a boolean-mask
     index in its `get_placeholder_mask` (one read a prefill, outside this repository's code)."""
     text = decode(sim, _rows(sim, [GREEDY] * 3), steps=0)
-    assert waits(text.start) == [] and len(uploads(text.start)) == 4
+    assert waits(text.start) == [] and len(uploads(text.start)) == 3
     fanned = decode(sim, _rows(sim, [SamplingParams(choices=3)]), steps=0)
-    assert waits(fanned.start) == [] and len(uploads(fanned.start)) == 6
+    assert waits(fanned.start) == [] and len(uploads(fanned.start)) == 5
     audio = decode(sim, _rows(sim, [GREEDY] * 2, audio=True), steps=0)
     assert [w.split(" at ")[1].split(":")[0] for w in waits(audio.start)] == [
         "transformers/models/voxtral/modeling_voxtral.py"

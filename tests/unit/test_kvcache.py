@@ -7,7 +7,7 @@ import torch
 
 from app.model.compute.features import LogMel
 from app.model.compute.generate import BatchGenerator, Row, sample
-from app.model.compute.kvcache import GrowingCache, GrowingLayer, assemble, gather
+from app.model.compute.kvcache import GrowingLayer
 from app.model.compute.loader import LoadedModel
 from app.model.text.prompts import Prompter
 from app.types import SamplingParams
@@ -28,35 +28,6 @@ def test_appends_equal_concatenation_and_regrow_rarely() -> None:
         buffers.add(keys.untyped_storage().data_ptr())
     # 643 positions with 1/8 (at least 64) of room each time: a handful of buffers, not one per step.
     assert 2 <= len(buffers) <= 12
-
-
-def test_assemble_right_aligns_rows_with_zeros_on_the_left() -> None:
-    a, b = GrowingCache(1), GrowingCache(1)
-    a.update(torch.ones(2, 2, 5, 4), torch.ones(2, 2, 5, 4) * 2, 0)
-    b.update(torch.full((1, 2, 8, 4), 3.0), torch.full((1, 2, 8, 4), 4.0), 0)
-    cache = assemble([a, b], 8)
-    ((keys, values),) = cache.kv()
-    assert keys.shape == values.shape == (3, 2, 8, 4)
-    assert torch.equal(keys[:2, :, :3], torch.zeros(2, 2, 3, 4)) and torch.equal(keys[:2, :, 3:], a.kv()[0][0])
-    assert torch.equal(values[2], b.kv()[0][1][0])
-    assert cache.get_seq_length() == 8
-    # It keeps room: the next step writes in place.
-    before = keys.untyped_storage().data_ptr()
-    keys, _ = cache.update(torch.zeros(3, 2, 1, 4), torch.zeros(3, 2, 1, 4), 0)
-    assert keys.shape[-2] == 9 and keys.untyped_storage().data_ptr() == before
-
-
-def test_gather_keeps_chosen_rows_from_a_position_and_leaves_room() -> None:
-    cache = GrowingCache(2)
-    keys = [torch.randn(4, 2, 10, 3) for _ in range(2)]
-    for i, k in enumerate(keys):
-        cache.update(k, -k, i)
-    kept = gather(cache, torch.tensor([3, 1]), 4)
-    for i, (k, v) in enumerate(kept.kv()):
-        assert torch.equal(k, keys[i][[3, 1], :, 4:]) and torch.equal(v, -keys[i][[3, 1], :, 4:])
-    before = kept.kv()[0][0].untyped_storage().data_ptr()
-    kept.update(torch.zeros(2, 2, 1, 3), torch.zeros(2, 2, 1, 3), 0)
-    assert kept.get_seq_length() == 7 and kept.kv()[0][0].untyped_storage().data_ptr() == before
 
 
 def test_long_greedy_decode_equals_model_generate(loaded: LoadedModel) -> None:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from app.model.compute.kvcache import GrowingCache, gather
 from app.model.compute.masks import unpack, unpack_by_table
 from app.model.compute.row import Row
 from app.model.compute.sampling import TIERS, Sampler, sample
+from app.model.compute.slots import CachePlan, CacheShape, SlotCache
 from app.model.text.constrained import Constrainer
 from app.model.values import FunctionSpec, OutputSpec
 from app.types import SamplingParams
@@ -204,22 +204,23 @@ class _DevicesMustMatch(TorchFunctionMode):
     """CUDA's rule, enforced on CPU: index_select's index must live on the indexed tensor's device."""
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.index_select and args[0].device != args[2].device:
+        indexing = (torch.index_select, torch.Tensor.index_select, torch.Tensor.index_copy_)
+        if func in indexing and args[0].device != args[2].device:
             raise RuntimeError(f"index on {args[2].device}, tensor on {args[0].device}")
         return func(*args, **(kwargs or {}))
 
 
-def test_gather_moves_the_row_index_to_each_layers_device() -> None:
+def test_slot_copies_index_each_layers_cache_on_its_device() -> None:
     """A cache spread over two devices (layer 0 on CPU, layer 1 on 'meta'), as `--device auto` spreads a
-    model over GPUs: gather must index each layer with an index on that layer's device."""
-    cache = GrowingCache(2)
-    for i, layer in enumerate(cache.growing):
-        k = torch.zeros(3, 2, 5, 4, device="cpu" if i == 0 else "meta")
-        layer.adopt(k, k.clone(), 5)
+    model over GPUs: a copy between slots indexes each layer with an index on that layer's device."""
+    shape = CacheShape(layers=2, kv_heads=2, head_dim=4, dtype=torch.float32)
+    cache = SlotCache(shape, CachePlan(slots=3, max_len=8), [torch.device("cpu"), torch.device("meta")])
+    cache.ready(8)
+    cache.keys[0][0, :5] = 1.0
     with _DevicesMustMatch():
-        out = gather(cache, torch.tensor([0, 2]), 1)
-    assert [layer.valid()[0].device.type for layer in out.growing] == ["cpu", "meta"]
-    assert [layer.valid()[0].shape for layer in out.growing] == [torch.Size([2, 2, 4, 4])] * 2
+        cache.copy([0], [2], 5)
+    assert [k.device.type for k in cache.keys] == ["cpu", "meta"]
+    assert bool((cache.keys[0][2, :5] == 1.0).all()) and bool((cache.keys[0][2, 5:] == 0.0).all())
 
 
 def test_chi_square_critical_values_are_what_the_tests_assume() -> None:

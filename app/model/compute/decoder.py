@@ -125,13 +125,14 @@ class LeanDecoder:
         qk = qk * step.cos + swapped * step.sin
         keys.view(-1, self.kv_heads, d).index_copy_(0, step.flat, qk[:, self.heads :])
         values.view(-1, self.kv_heads, d).index_copy_(0, step.flat, qkv[:, rotated * d :].view(rows, self.kv_heads, d))
+        # The query heads that share a KV head (consecutive, as transformers' repeat_kv pairs them) attend as that
+        # head's queries: the same keys for each, so no GQA support is needed from any attention kernel.
         attended = F.scaled_dot_product_attention(
-            qk[:, : self.heads].unsqueeze(2),
+            qk[:, : self.heads].view(rows, self.kv_heads, self.heads // self.kv_heads, d),
             keys[:rows, :width].transpose(1, 2),
             values[:rows, :width].transpose(1, 2),
             attn_mask=step.mask,
             scale=self.scaling,
-            enable_gqa=self.heads != self.kv_heads,
         )
         return torch.mm(attended.view(rows, self.heads * d), layer.out)
 

@@ -172,6 +172,8 @@ class BatchGenerator:
         held = self._held(besides=state)
         free = [s for s in range(need) if s not in held and s not in state.slots]
         moving = [i for i, slot in enumerate(state.slots) if slot >= need][: len(free)]
+        if not moving:  # every low slot is held by a state not yet merged: pad this step wider
+            return
         targets = free[: len(moving)]
         self.cache.copy([state.slots[i] for i in moving], targets, max(state.lengths[i] for i in moving))
         for i, slot in zip(moving, targets, strict=True):

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,7 +41,8 @@ class StepGraphs:
         self.cache = cache
         self.device = device
         self._graphs: dict[Shape, _Graph] = {}
-        self._pool: tuple[int, int] | None = None
+        self._pool: Any = None
+        """The graphs' shared memory pool (torch's opaque handle), once the first is captured."""
         self.seen: set[Shape] = set()
 
     @property
@@ -83,7 +85,7 @@ class StepGraphs:
     def _capture(self, rows: int, width: int) -> _Graph:
         packed = torch.zeros((4, rows), dtype=torch.long, device=self.device)
         packed[2] = self.cache.scratch  # warm-up and capture write only to the scratch slot
-        stream = torch.cuda.Stream(self.device)
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]  # torch's Stream is untyped
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):

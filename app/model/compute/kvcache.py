@@ -1,4 +1,7 @@
-"""A KV cache that appends a decode step in place instead of copying the whole history.
+"""The prefill's KV cache: appends in place instead of copying the whole history.
+
+Decoding runs over the slot cache (app/model/compute/slots.py); a prefill still runs transformers' forward
+pass, and its keys and values land here before they are placed in slots.
 
 transformers' `DynamicLayer` grows by `torch.cat` on every step, so each step copies every
 cached key and value of every row: O(length) per token, O(length^2) per request. For Voxtral
@@ -79,7 +82,7 @@ class GrowingLayer(DynamicLayer):
         raise NotImplementedError("the engine never repeats cache rows")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("the engine selects rows with kvcache.gather")
+        raise NotImplementedError("decoding rows live in the slot cache (app/model/compute/slots.py)")
 
 
 class GrowingCache(DynamicCache):
@@ -94,47 +97,5 @@ class GrowingCache(DynamicCache):
         return [layer.valid() for layer in self.growing]
 
 
-def gather(cache: GrowingCache, rows: torch.Tensor, start: int) -> GrowingCache:
-    """The `rows` of `cache` from position `start` on, copied once, straight into new buffers.
-
-    A model spread over several devices (`--device auto` on a multi-GPU machine) keeps each layer's
-    cache on that layer's device: the row index is copied to each device once, not used where it was
-    made (index_select across devices raises, which failed every row of a batch a row left)."""
-    out = GrowingCache(len(cache.growing))
-    index = {rows.device: rows}
-    for layer, (k, v) in zip(out.growing, cache.kv(), strict=True):
-        if k.device not in index:
-            index[k.device] = rows.to(k.device)
-        here = index[k.device]
-        width = k.shape[-2] - start
-        new_k, new_v = _empty_like(k, len(rows), width), _empty_like(v, len(rows), width)
-        torch.index_select(k[..., start:, :], 0, here, out=new_k[..., :width, :])
-        torch.index_select(v[..., start:, :], 0, here, out=new_v[..., :width, :])
-        layer.adopt(new_k, new_v, width)
-    return out
-
-
-def assemble(caches: list[GrowingCache], width: int) -> GrowingCache:
-    """One cache with the rows of `caches` in order, right-aligned to `width` positions: shorter
-    histories get zeros on the left (masked out by the caller), never uninitialised memory, which
-    could hold NaNs that survive masking."""
-    parts = [c.kv() for c in caches]
-    out = GrowingCache(len(parts[0]))
-    for i, layer in enumerate(out.growing):
-        layer.adopt(_stack([p[i][0] for p in parts], width), _stack([p[i][1] for p in parts], width), width)
-    return out
-
-
 def _empty_like(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     return t.new_empty((rows, t.shape[1], width + _room(width), t.shape[-1]))
-
-
-def _stack(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
-    out = _empty_like(tensors[0], sum(t.shape[0] for t in tensors), width)
-    row = 0
-    for t in tensors:
-        n, length = t.shape[0], t.shape[-2]
-        out[row : row + n, :, : width - length, :].zero_()
-        out[row : row + n, :, width - length : width, :] = t
-        row += n
-    return out

@@ -132,12 +132,9 @@ class SlotCache:
         """Positions below `length` of slots `sources` into slots `targets` (read before any is written)."""
         if not sources:
             return
-        index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        index: dict[torch.device, torch.Tensor] = {}
         for buffer in (*self.keys, *self.values):
-            if buffer.device not in index:  # once per device, pinned: the host does not wait
-                index[buffer.device] = (
-                    upload(sources, buffer.device, torch.long),
-                    upload(targets, buffer.device, torch.long),
-                )
-            here_src, here_dst = index[buffer.device]
-            buffer[:, :length].index_copy_(0, here_dst, buffer[:, :length].index_select(0, here_src))
+            if buffer.device not in index:  # once per device, in one pinned copy: the host does not wait
+                index[buffer.device] = upload(torch.tensor([list(sources), list(targets)]), buffer.device)
+            pair = index[buffer.device]
+            buffer[:, :length].index_copy_(0, pair[1], buffer[:, :length].index_select(0, pair[0]))

@@ -557,6 +557,9 @@ def main() -> None:
     parser.add_argument(
         "--full-vocab", action="store_true", help="the tiny model with the real 131,072-token vocabulary"
     )
+    parser.add_argument(
+        "--tiny-layers", type=int, default=2, help="decoder layers of the tiny model (30: Mini's depth, tiny widths)"
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="a checkpoint instead of the tiny model")
     parser.add_argument("--device", default="cpu", help="where (c) runs; cuda loads it in bfloat16")
     parser.add_argument("--skip-peer", action="store_true")
@@ -569,7 +572,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from app.model.tiny import build_tiny_model
 
-    model_dir = args.model_dir or build_tiny_model(work / "tiny", full_vocab=args.full_vocab)
+    model_dir = args.model_dir or build_tiny_model(
+        work / "tiny", full_vocab=args.full_vocab, text_layers=args.tiny_layers
+    )
     bodies = Bodies(args.tokens, str(model_dir), args.audio)
     args.seconds = bodies.seconds
     rows = [] if args.peer_only else ours_and_ceiling(model_dir, bodies, args, work)

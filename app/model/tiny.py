@@ -106,10 +106,15 @@ def save_processor(out: Path, tokenizer_version: str = "v11", num_vocab: int = N
 
 
 def build_tiny_model(
-    out_dir: str | Path, seed: int = 0, tokenizer_version: str = "v11", full_vocab: bool = False
+    out_dir: str | Path,
+    seed: int = 0,
+    tokenizer_version: str = "v11",
+    full_vocab: bool = False,
+    text_layers: int = 2,
 ) -> Path:
     """Write a complete random Voxtral checkpoint (weights, processor, tokenizer) to `out_dir`.
-    `full_vocab`: the real 131,072-token vocabulary instead of 3,000 ids (the model stays tiny otherwise)."""
+    `full_vocab`: the real 131,072-token vocabulary instead of 3,000 ids (the model stays tiny otherwise);
+    `text_layers`: decoder layers (30 is Mini's depth: at tiny widths a step then costs what it dispatches)."""
     import torch
     from transformers import VoxtralConfig, VoxtralForConditionalGeneration
 
@@ -131,7 +136,7 @@ def build_tiny_model(
             "vocab_size": len(tokenizer),
             "hidden_size": 64,
             "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": text_layers,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "head_dim": 16,

@@ -65,6 +65,9 @@ class StepGraphs:
         time it took and the memory the graphs hold. A no-op anywhere else."""
         if self.device.type != "cuda":
             return
+        if any(buffer.device != self.device for buffer in self.cache.keys):
+            log.info("the model spans several devices: the decode step runs eagerly (a graph cannot cross them)")
+            return
         started = time.perf_counter()
         before = torch.cuda.memory_allocated(self.device)
         self.cache.ready(max(widths))

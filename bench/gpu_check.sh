@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# The server at real scale on one GPU (H100, H200, ...), in at most 8 minutes, as one device call:
+# The server at real scale on one GPU (H100, H200, ...), in at most 9 minutes, as one device call:
 #   here, once:  bash bench/gpu_wheels.sh            (the wheels the GPU machine lacks, into .whl/)
-#   then:        run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   then:        run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=560)
 # Every result is a JSON line in $OUT/gpu_check.jsonl the moment it exists, so a timeout keeps what
 # ran; each section has its own time limit, and one that fails or times out leaves an error line and
-# the next one runs. Sections, in order (bench/gpu_check.py says what each measures):
-#   env, parity, split (~1 min together: the tiny model on CUDA, and split over cuda:0 and the CPU)
-#   mini (~2 min: Voxtral Mini's shapes, random bf16 weights built in memory: decode steps at batch
-#         1-128, the sampler, prefill of 32 x 30 s and of one 30-minute row)
-#   http (~3 min: the Mini-shaped checkpoint saved, served, and loaded at concurrency 32 with
-#         transcription and default-sampling chat: req/s, audio-s/s (RTFx), p50/p99)
+# the next one runs. The call as a whole keeps to BUDGET_S (default 525 s, counted from the start): a
+# section gets at most what is left, and one that would get less than its minimum is skipped with a
+# {"section": ..., "skipped": ...} line. Sections, in order (bench/gpu_check.py says what each measures):
+#   checks  env, parity, split (~1 min together: the tiny model on CUDA, and split over cuda:0 and the CPU)
+#   replay  decode step: eager vs replayed (issue 26; ~2.5 min): Voxtral Mini's shapes, random bf16 weights
+#           built in memory, 128 slots x 1,024 positions; the step at batch 1, 8, 32, 128 eager, then after
+#           capture (its time, graph memory), against the weight-read floor; greedy tokens replayed == eager;
+#           the steady step under torch.cuda.set_sync_debug_mode
+#   mini    the same model: the sampler, prefill of 32 x 30 s and of one 30-minute row (~2 min)
+#   http    the Mini-shaped checkpoint saved, served, and loaded at concurrency 32 with transcription and
+#           default-sampling chat: req/s, audio-s/s (RTFx), p50/p99 (~4 min with the build)
+# `bash bench/gpu_check.sh replay` (any of the names above, in any order) runs only those.
 # It stops at once, with one line saying why, when .whl/ is missing (exit 2), when a version on the machine
 # conflicts with pyproject.toml or with the wheels' own requirements (exit 3, bench/gpu_preflight.py), or when
-# there is no CUDA device (exit 4). `--dry-run` (for a CPU machine) goes on past each of these as far as it
-# can: the checks above, then every section's smoke test on the CPU (gpu_check.py --device cpu --small), and
-# says where a real run would have stopped.
+# there is no CUDA device (exit 4). `--dry-run` (for a CPU machine; first) goes on past each of these as far
+# as it can: the checks above, then every section's smoke test on the CPU (gpu_check.py --device cpu --small,
+# the replay section's code included), and says where a real run would have stopped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+[ "${1:-}" = "--dry-run" ] && DRY=1 && shift
+WANT=" ${*:-checks replay mini http} "
+BUDGET_S=${BUDGET_S:-525}
 OUT=${OUT:-/tmp/voxtral-gpu-check}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.jsonl"
@@ -44,26 +52,37 @@ python3 bench/gpu_preflight.py --site "$SITE" --out "$LOG" >/dev/null \
 python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
   || stop 4 "no CUDA device (torch.cuda.is_available() is false)"
 if [ $DRY -eq 1 ]; then
-  timeout 300 python3 bench/gpu_check.py env parity split mini --device cpu --small --out "$LOG"
+  timeout 420 python3 bench/gpu_check.py env parity split replay mini --device cpu --small --out "$LOG"
   echo "dry run done in $SECONDS s; a real run would have stopped at the first of: $(IFS=";"; echo "${STOPS[*]:-nothing}")"
   exit 0
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-section() {  # section NAME SECONDS COMMAND...: run it under a limit; say so in the log if it failed
-  local name=$1 limit=$2
-  shift 2
+section() {  # section NAME SECONDS MINIMUM COMMAND...: run it under a limit, at most what the call has left;
+  local name=$1 limit=$2 least=$3  # skip it, saying so, when that is under MINIMUM; log a failure
+  shift 3
+  case "$WANT" in *" $name "*) ;; *) return 0 ;; esac
+  local left=$((BUDGET_S - SECONDS))
+  [ $left -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt "$least" ]; then
+    echo "gpu_check: $name skipped: ${left} s of the call's ${BUDGET_S} s left, it needs ${least}" >&2
+    echo "{\"section\": \"$name\", \"skipped\": \"${left} s of the call's ${BUDGET_S} s left\"}" >>"$LOG"
+    return 0
+  fi
   local started=$SECONDS
-  timeout "$limit" "$@" 2>>"$OUT/$name.err"
+  LIMIT=$limit timeout "$limit" "$@" 2>>"$OUT/$name.err"
   local rc=$?
   [ $rc -eq 0 ] || echo "{\"section\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - started))}" >>"$LOG"
 }
-section checks 80 python3 bench/gpu_check.py env parity split --out "$LOG"
-section mini 130 python3 bench/gpu_check.py mini --out "$LOG"
+section checks 80 40 python3 bench/gpu_check.py env parity split --out "$LOG"
+# its own budget ends it (with a line for each part skipped) before the limit kills it
+section replay 170 90 bash -c 'python3 bench/gpu_check.py replay --budget-s $((LIMIT - 20)) --out "$0"' "$LOG"
+section mini 110 60 python3 bench/gpu_check.py mini --out "$LOG"
 MODEL=/tmp/voxtral-mini-random
-section build 90 python3 bench/random_mini.py "$MODEL" --device cuda
-section http 160 python3 bench/throughput.py --model-dir "$MODEL" --device cuda --audio tests/data/jfk.wav \
-  --n 128 --concurrency 32 --rounds 1 --workloads transcription,chat_default --max-batch-tokens 32768 \
-  --skip-single --skip-ceiling --skip-peer --out "$OUT/throughput.json"
+section http 250 150 bash -c '
+  timeout 90 python3 bench/random_mini.py "$1" --device cuda || exit 1
+  python3 bench/throughput.py --model-dir "$1" --device cuda --audio tests/data/jfk.wav \
+    --n 128 --concurrency 32 --rounds 1 --workloads transcription,chat_default --max-batch-tokens 32768 \
+    --skip-single --skip-ceiling --skip-peer --out "$0"' "$OUT/throughput.json" "$MODEL"
 [ -f "$OUT/throughput.json" ] && python3 - "$OUT/throughput.json" >>"$LOG" <<'PY'
 import json, sys
 for run in json.load(open(sys.argv[1])):

@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,22 +30,41 @@ VOCAB = 131_072
 """Voxtral Mini's vocabulary; VoxtralConfig's defaults are Voxtral Mini's other dimensions."""
 
 
-def build(out: Path, device: str, dtype: torch.dtype, layers: int | None = None, seed: int = 0) -> Path:
+def model(
+    out: Path,
+    device: str,
+    dtype: torch.dtype,
+    layers: int | None = None,
+    seed: int = 0,
+    text: dict[str, Any] | None = None,
+    audio: dict[str, Any] | None = None,
+) -> Any:
+    """The random model in memory, in eval mode, with its processor (and config) saved in `out` for
+    `AutoProcessor.from_pretrained`. `layers`: fewer layers in both towers (the real widths); `text`, `audio`:
+    other config values (bench/gpu_check.py's CPU smoke test shrinks the widths too)."""
     from transformers import VoxtralConfig, VoxtralForConditionalGeneration
 
     tokenizer = save_processor(out, num_vocab=VOCAB - NUM_SPECIAL)
-    text = {"model_type": "llama", "vocab_size": len(tokenizer), "bos_token_id": 1, "eos_token_id": 2}
-    text["pad_token_id"] = 11
-    audio: dict[str, object] = {"model_type": "voxtral_encoder"}
-    if layers is not None:  # smoke tests only: the real widths, fewer layers
-        text["num_hidden_layers"] = audio["num_hidden_layers"] = layers
-    config = VoxtralConfig(audio_config=audio, text_config=text, audio_token_id=AUDIO_TOKEN_ID)
+    text_config: dict[str, Any] = {"model_type": "llama", "vocab_size": len(tokenizer), "bos_token_id": 1}
+    text_config |= {"eos_token_id": 2, "pad_token_id": 11}
+    audio_config: dict[str, Any] = {"model_type": "voxtral_encoder"}
+    if layers is not None:
+        text_config["num_hidden_layers"] = audio_config["num_hidden_layers"] = layers
+    text_config |= text or {}
+    audio_config |= audio or {}
+    config = VoxtralConfig(audio_config=audio_config, text_config=text_config, audio_token_id=AUDIO_TOKEN_ID)
+    config.save_pretrained(out)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = VoxtralForConditionalGeneration(config).to(dtype)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 11
-    model.save_pretrained(out)
+        built = VoxtralForConditionalGeneration(config).to(dtype).eval()
+    built.generation_config.eos_token_id = 2
+    built.generation_config.pad_token_id = 11
+    return built
+
+
+def build(out: Path, device: str, dtype: torch.dtype, layers: int | None = None, seed: int = 0) -> Path:
+    """The random model saved as a checkpoint in `out`, processor included."""
+    model(out, device, dtype, layers, seed).save_pretrained(out)
     return out
 
 

@@ -16,7 +16,7 @@ How many slots fit is a plan from a byte budget (`plan`), as vLLM sizes its cach
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +26,7 @@ import torch
 from app.model.compute.transfer import upload
 
 MIN_WIDTH = 128
-"""The fewest positions a step reads: widths are powers of two from here to `max_len` (few shapes)."""
+"""The fewest positions a step reads (`widths`)."""
 
 
 def batch_sizes(max_rows: int) -> tuple[int, ...]:
@@ -42,13 +42,20 @@ def padded(rows: int, sizes: Sequence[int]) -> int:
 
 
 def width_of(positions: int, max_len: int) -> int:
-    """The positions a step reads for rows whose longest has `positions` (the new token's included)."""
-    return min(max_len, max(MIN_WIDTH, 1 << math.ceil(math.log2(max(positions, 1)))))
+    """The positions a step reads for rows whose longest has `positions` (the new token's included): the
+    smallest of `widths(max_len)` that holds them."""
+    return next(width for width in widths(max_len) if width >= min(positions, max_len))
 
 
+@functools.cache
 def widths(max_len: int) -> tuple[int, ...]:
-    """Every width `width_of` can answer for this `max_len`."""
-    out = [MIN_WIDTH << i for i in range(64) if MIN_WIDTH << i < max_len]
+    """The widths a step reads: 128, 192, 256, 384, 512, 768, ... (two a doubling, so a step reads at most
+    half again what its longest row holds, 20 % on average), up to `max_len`, which is always one."""
+    out: list[int] = []
+    width = MIN_WIDTH
+    while width < max_len:
+        out += [width] + ([width * 3 // 2] if width * 3 // 2 < max_len else [])
+        width *= 2
     return (*out, max_len)
 
 

@@ -24,7 +24,10 @@ message fit to show the user who sent the file.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -344,3 +347,25 @@ def _short(exc: BaseException) -> str:
     """FFmpeg's error text without the errno prefix and the '<none>' file name PyAV appends."""
     text = getattr(exc, "strerror", None) or str(exc)
     return str(text).split(": '<none>'")[0].strip() or type(exc).__name__
+
+
+# -- identity ------------------------------------------------------------------------------------------
+_KEYS: dict[int, tuple[weakref.ref[np.ndarray], bytes]] = {}
+"""`samples_key` of each array still alive, by its id: hashed once (in a request thread), read by the model's."""
+
+
+def samples_key(audio: np.ndarray) -> bytes:
+    """The identity of decoded samples: a 128-bit BLAKE2 of their float32 bytes and count (the audio encoder
+    cache's key). Remembered for the array's life, so the prompt builder hashes it off the model's thread and
+    the model finds it there."""
+    known = _KEYS.get(id(audio))
+    if known is not None and known[0]() is audio:
+        return known[1]
+    samples = np.ascontiguousarray(audio, dtype=np.float32)
+    digest = hashlib.blake2b(samples.data.cast("B"), digest_size=16)
+    digest.update(len(samples).to_bytes(8, "little"))
+    key = digest.digest()
+    ident = id(audio)
+    with contextlib.suppress(TypeError):  # an array that cannot be referenced weakly is hashed again next time
+        _KEYS[ident] = (weakref.ref(audio, lambda _: _KEYS.pop(ident, None)), key)
+    return key

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.audio import samples_key
 from app.model.compute.decoder import LeanDecoder
+from app.model.compute.encoder_cache import EncoderCache
 from app.model.compute.features import LogMel
 from app.model.compute.graphs import StepGraphs
 from app.model.compute.kvcache import GrowingCache
@@ -42,6 +44,8 @@ __all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
 CPU_CACHE_BYTES = 4 * 2**30
 """The KV cache budget of a CPU model when none is given (as vLLM's CPU backend's default); touched only as
 far as rows reach."""
+ENCODER_CACHE_BYTES = 256 * 2**20
+"""The audio encoder cache's default bound: ~110 windows of 30 s for Voxtral Mini in bfloat16 (2.3 MB each)."""
 DEFAULT_ROWS = 32
 DEFAULT_LEN = 32768
 
@@ -72,9 +76,11 @@ class BatchGenerator:
         log_mel: LogMel,
         cache: CachePlan | None = None,
         eager: bool = False,
+        encoder_cache_bytes: int = ENCODER_CACHE_BYTES,
     ) -> None:
         """`cache`: slots and positions (None: `DEFAULT_ROWS` rows of the model's context, up to
-        `DEFAULT_LEN`); `eager`: never capture CUDA graphs (`--enforce-eager`)."""
+        `DEFAULT_LEN`); `eager`: never capture CUDA graphs (`--enforce-eager`); `encoder_cache_bytes`: the
+        audio encoder cache's bound (app/model/compute/encoder_cache.py; 0: off)."""
         self.model = model
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
@@ -93,6 +99,8 @@ class BatchGenerator:
         self.sizes = batch_sizes(self.plan.slots)
         self.widths = widths(self.plan.max_len)
         self.eager = eager
+        self.audio_token_id = int(model.config.audio_token_id)
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self._states: weakref.WeakSet[BatchState] = weakref.WeakSet()
 
     @property
@@ -120,12 +128,9 @@ class BatchGenerator:
             ids[i, width - len(prompt) :] = torch.tensor(prompt)
             mask[i, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        audios = [audio for r in rows for audio in r.audios]
-        features = self.log_mel.batch(audios).to(self.device, self.model.dtype) if audios else None
         lengths = [len(p) for p in prompts]
-        out = self.model.model(
-            input_ids=upload(ids, self.device),
-            input_features=features,
+        out = self.model.model.language_model(
+            inputs_embeds=self._embed(ids, [audio for r in rows for audio in r.audios]),
             attention_mask=self._mask(upload(mask, self.device), lengths, width),
             position_ids=upload(positions, self.device),
             cache=GrowingCache(self.num_layers),
@@ -162,6 +167,41 @@ class BatchGenerator:
         logits = self.graphs.run(host.pin_memory() if self.device.type == "cuda" else host, width)
         state.lengths = [n + 1 for n in state.lengths]
         return logits[: len(state.rows)]
+
+    def _embed(self, ids: torch.Tensor, audios: list[np.ndarray]) -> torch.Tensor:
+        """The prompt's input embeddings with each audio's in place of its audio tokens, in prompt order (what
+        transformers' Voxtral does, with the audio tokens found on the host: no read-back)."""
+        embeds: torch.Tensor = self.model.model.get_input_embeddings()(upload(ids, self.device))
+        if not audios:
+            return embeds
+        audio = self._audio_embeddings(audios)
+        where = np.flatnonzero(ids.numpy().reshape(-1) == self.audio_token_id)
+        if len(where) != audio.shape[0]:
+            raise ValueError(f"{len(where)} audio tokens in the prompt, {audio.shape[0]} audio embeddings")
+        flat = embeds.view(-1, embeds.shape[-1])
+        flat.index_copy_(0, upload(torch.from_numpy(where), self.device), audio.to(flat.dtype))
+        return embeds
+
+    def _audio_embeddings(self, audios: list[np.ndarray]) -> torch.Tensor:
+        """The projected audio embeddings of `audios`, one after another: from the encoder cache where it holds
+        them, the rest encoded together and kept."""
+        keys = [samples_key(audio) for audio in audios]
+        found = [self.encoder_cache.get(key) for key in keys]
+        missing = [i for i, embedding in enumerate(found) if embedding is None]
+        if missing:
+            windows = [self.log_mel(audios[i]) for i in missing]
+            features = torch.cat(windows).to(self.device, self.model.dtype)
+            encoded = self.model.model.get_audio_features(features, return_dict=True).pooler_output
+            per_window = encoded.shape[0] // features.shape[0]
+            start = 0
+            for i, window in zip(missing, windows, strict=True):
+                count = window.shape[0] * per_window
+                part = encoded[start : start + count]
+                part = part.clone() if len(missing) > 1 else part  # a view would hold the whole batch's
+                self.encoder_cache.put(keys[i], part)
+                found[i] = part
+                start += count
+        return torch.cat([f for f in found if f is not None])
 
     def _compact(self, state: BatchState) -> None:
         """Move the rows of high slots into free low ones when they would pad the step beyond what their

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from app.audio import encode_wav_float32
+from app.audio import encode_wav_float32, samples_key
 from app.errors import InvalidRequest, UnsupportedFeature, first_line
 
 TRANSLATE_INSTRUCTION = "Translate this audio into English. Answer with the translation only."
@@ -79,7 +79,10 @@ class Prompter:
 
     # -- pieces ------------------------------------------------------------------------------
     def _encoded(self, tokenized: Any) -> Encoded:
-        return Encoded(list(tokenized.tokens), [a.audio_array for a in tokenized.audios])
+        audios = [a.audio_array for a in tokenized.audios]
+        for audio in audios:
+            samples_key(audio)  # hashed here, in a request thread: the model's thread finds it remembered
+        return Encoded(list(tokenized.tokens), audios)
 
 
 def _to_mistral_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -58,7 +58,8 @@ class ModelSettings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "voxtral-server"
     """Where `--model tiny` is built once and reused."""
     context_length: int = 32768
-    """Prompt (audio tokens included) + max_tokens must fit in this; larger requests get a 400."""
+    """Prompt (audio tokens included) + max_tokens must fit in this; larger requests get a 400. Each row's KV
+    cache slot holds this many positions, allocated up front: longer fits fewer rows in the same memory."""
 
     @field_validator("model_aliases", mode="before")
     @classmethod
@@ -269,7 +270,8 @@ class EngineSettings(BaseSettings):
     request, however many pieces a long file makes. Waiting requests join the batch round-robin across clients
     whatever this is."""
     max_batch_size: int = 32
-    """Rows decoded together. Larger raises throughput until the GPU is saturated, at some latency cost."""
+    """Rows decoded together. Larger raises throughput until the GPU is saturated, at some latency cost. Capped
+    at the KV cache slots that fit (--kv-cache-memory-bytes, --gpu-memory-utilization; logged at start-up)."""
     max_batch_tokens: int = 32768
     """Prompt tokens (audio tokens included) prefilled in one step; bounds activation memory. Running rows
     take a decode step between prefills, so a smaller budget also shortens their stalls. On a CPU a few rows of
@@ -279,9 +281,8 @@ class EngineSettings(BaseSettings):
     """Rows x longest row (prompt, audio and output so far) the running batch may hold when a request joins
     it: the KV cache each decode step reads, padding included (each row then grows by a token a step). When
     the oldest waiting request would not fit (a long audio among short rows), nothing joins until the batch
-    has drained enough, so it runs next. Lower bounds GPU memory and per-step cost; too low keeps batches
-    small. 131072 positions are about 16 GB of KV cache for Voxtral Mini, 21 GB for Small (bf16). A request
-    always runs alone."""
+    has drained enough, so it runs next. Lower bounds per-step cost; too low keeps batches small. The cache's
+    memory is allocated at start-up whatever this is (--gpu-memory-utilization). A request always runs alone."""
     max_wait_ms: float = 0.0
     """How long a batch may wait to fill up while the model is busy anyway; never while it is idle."""
     continuous_batching: bool = True
@@ -294,6 +295,18 @@ class EngineSettings(BaseSettings):
     prep_threads: int = 2
     """Threads that decode audio and tokenize prompts before the queue. More keeps a fast GPU fed from many
     uploads; on a small CPU they compete with the model worker for cores."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of each GPU's memory this server may use: weights, activations and the KV cache, which gets what
+    the weights and a prefill's activations (sized from --max-batch-tokens) leave. Higher fits more rows of
+    --context-length; lower leaves room for other processes on the GPU. Ignored on a CPU."""
+    kv_cache_memory_bytes: int | None = None
+    """KV cache size in bytes, on any device, instead of what --gpu-memory-utilization leaves (unset on a CPU:
+    4 GiB, touched only as far as rows reach). It is --max-batch-size slots of --context-length positions at
+    most, allocated at start-up; a budget that holds fewer caps the rows decoded at once, one that holds none
+    stops the start-up."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs: every decode step runs eagerly, paying the host a launch per kernel (slower
+    per token, most at small batches), for a faster start-up and the graphs' memory. No effect on a CPU."""
     torch_threads: int = 0
     """torch intra-op CPU threads (0: torch's default, one per core). Fewer leave cores to HTTP and audio work
     but slow the model more (docs/PERF.md, "Settings defaults"). GPU serving hardly uses them."""
@@ -308,6 +321,10 @@ class EngineSettings(BaseSettings):
             raise ValueError("max_batch_tokens and max_running_tokens must be at least 1")
         if self.prep_threads < 1 or self.torch_threads < 0:
             raise ValueError("prep_threads must be at least 1 and torch_threads at least 0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be greater than 0 and at most 1")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError("kv_cache_memory_bytes must be at least 1")
         return self
 
 
@@ -345,8 +362,12 @@ VLLM_FLAGS: dict[str, str] = {
     "--max-num-seqs": "--max-batch-size",
     "--max-num-batched-tokens": "--max-batch-tokens",
     "--max-model-len": "--context-length",
+    "--gpu-memory-utilization": "--gpu-memory-utilization",
+    "--kv-cache-memory-bytes": "--kv-cache-memory-bytes",
+    "--enforce-eager": "--enforce-eager",
 }
-"""vLLM's spellings of flags that mean the same here, so a `vllm serve` command line carries over."""
+"""vLLM's spellings of flags that mean the same here, so a `vllm serve` command line carries over (those spelled
+alike are listed too: their snake case is vLLM's as well)."""
 VLLM_IGNORED = frozenset({"--tokenizer-mode", "--config-format", "--load-format"})
 """vLLM flags Voxtral's model card asks for (`mistral` each): this server always reads Mistral's formats."""
 

@@ -76,7 +76,7 @@ class Wiring:
         model = self.loaded if self.loaded is not None else await _in_daemon_thread(self.load, self.settings)
         self.metrics.model_load_seconds.set(model.load_seconds)
         _warn_if_random(model)
-        runtime = await asyncio.to_thread(ModelRuntime.of, model, self.settings.model_id)
+        runtime = await asyncio.to_thread(ModelRuntime.of, model, self.settings)
         self.engine = self._engine(runtime)
         serving = Serving(self.settings, self.engine, runtime)
         realtime = RealtimeServing(serving.prep, serving.transcriptions, self.settings, self.metrics)
@@ -108,7 +108,7 @@ class Wiring:
 
         return Engine(
             self.wrap_generator(runtime.generator),
-            EngineConfig.from_settings(self.settings),
+            EngineConfig.from_settings(self.settings, max_rows=runtime.generator.max_rows),
             eos_token_ids={runtime.eos_id},
             decode=runtime.text,
             metrics=self.metrics,
@@ -133,7 +133,8 @@ class Wiring:
                 self.context.responses.close()
 
     async def _start(self) -> None:
-        """Load and build the context, start the engine, warm up, then ready (unless a drain came first)."""
+        """Load and build the context, start the engine, warm up, capture the decode step's CUDA graphs, then
+        ready (unless a drain came first)."""
         lifecycle = self.lifecycle
         try:
             lifecycle.stage = "loading the model"
@@ -142,6 +143,9 @@ class Wiring:
             lifecycle.stage = "warming up"
             self.engine.start()
             await ctx.serving.warm_up()
+            # The worker idles meanwhile: nothing is admitted before ready, and the warm-up was answered after its
+            # last step.
+            await asyncio.to_thread(ctx.serving.runtime.generator.capture)
         except Exception as exc:
             lifecycle.fail(f"start-up failed: {str(exc) or type(exc).__name__}")
             log.error("%s", lifecycle.failed, exc_info=not isinstance(exc, ModelLoadError))

@@ -31,10 +31,11 @@ class EngineConfig:
         return self.max_wait_ms / 1000.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> EngineConfig:
+    def from_settings(cls, settings: Settings, max_rows: int | None = None) -> EngineConfig:
+        """`max_rows`: the most rows the model can hold (its KV cache's slots), which caps `max_batch_size`."""
         return cls(
             max_queue=settings.max_queue,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=min(settings.max_batch_size, max_rows or settings.max_batch_size),
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_ms=settings.max_wait_ms,
             request_timeout_s=settings.request_timeout_s,

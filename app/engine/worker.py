@@ -270,6 +270,7 @@ class ModelWorker:
             self._logits = self.generator.step(state, tokens)  # uploaded pinned: the host does not wait
             self._state = state
         except torch.OutOfMemoryError as exc:
+            self.generator.select(state, [])  # its cache slots free now, not when collected: the recompute needs them
             self._preempt(rows, exc)
         except Exception as exc:
             self._state = self._logits = None

@@ -14,6 +14,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+from app.config import Settings
+from app.model.compute.budget import plan_cache
 from app.model.compute.features import LogMel
 from app.model.compute.generate import BatchGenerator
 from app.model.compute.loader import LoadedModel
@@ -37,9 +39,11 @@ class ModelRuntime:
     """`system_fingerprint` of every chat answer: the loaded model's, and the projection chosen on this CPU."""
 
     @classmethod
-    def of(cls, loaded: LoadedModel, model_id: str) -> ModelRuntime:
-        """A pass over the whole vocabulary, growing with its size: run it off the event loop."""
-        prompter = Prompter(loaded.processor, model_id)
+    def of(cls, loaded: LoadedModel, settings: Settings) -> ModelRuntime:
+        """The generator over a KV cache of the slots the settings' budget holds (allocated here: raises
+        `ModelLoadError` when it holds none), and a pass over the whole vocabulary, growing with its size: run it
+        off the event loop."""
+        prompter = Prompter(loaded.processor, settings.model_id)
         tekken = prompter.tekken
         log_mel = LogMel(
             loaded.processor.feature_extractor,
@@ -47,7 +51,10 @@ class ModelRuntime:
             device=loaded.device,
         )
         pad_id = int(tekken.pad_id)
-        generator = BatchGenerator(loaded.model, pad_token_id=pad_id, log_mel=log_mel)
+        cache = plan_cache(loaded.model, settings)
+        generator = BatchGenerator(
+            loaded.model, pad_token_id=pad_id, log_mel=log_mel, cache=cache, eager=settings.enforce_eager
+        )
         return cls(prompter, generator, read_vocab(tekken), loaded.fingerprint)
 
     @property

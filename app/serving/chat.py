@@ -86,7 +86,7 @@ class ChatServing:
     async def prepare(self, body: ChatCompletionRequest, record: RequestRecord | None = None) -> ChatJob:
         settings, runtime = self.settings, self.runtime
         self.prep.check_model(body.model)
-        chat.check_unsupported(body, settings.max_batch_size)
+        chat.check_unsupported(body, self.engine.config.max_batch_size)  # capped at the KV cache's slots
         spec = chat.output_spec(body)
         messages = [chat.message_fields(m) for m in body.messages]  # its refusals cost nothing: before the audio
         audios = await self._audios(body, record)

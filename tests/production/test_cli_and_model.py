@@ -67,6 +67,10 @@ def test_vllm_flag_spellings_carry_over() -> None:
     argv += ["--tokenizer_mode", "mistral", "--config-format=mistral", "--load_format", "mistral", "--port", "9"]
     s = Settings(_cli_parse_args=cli_args(argv))  # type: ignore[call-arg]
     assert (s.api_keys, s.max_batch_size, s.max_batch_tokens, s.context_length, s.port) == (["k1"], 4, 2048, 8192, 9)
+    kv = ["--gpu_memory_utilization", "0.5", "--kv-cache-memory-bytes=1073741824", "--enforce_eager"]
+    s = Settings(_cli_parse_args=cli_args(kv))  # type: ignore[call-arg]
+    assert (s.gpu_memory_utilization, s.kv_cache_memory_bytes, s.enforce_eager) == (0.5, 2**30, True)
+    assert Settings(_cli_parse_args=cli_args(["--enforce-eager"])).enforce_eager  # type: ignore[call-arg]
     assert cli_args(["--max-batch-size", "3", "--log_level", "info"]) == [
         "--max-batch-size",
         "3",
@@ -79,7 +83,7 @@ def test_settings_are_the_groups_fields_in_order_and_every_groups_checks_run() -
     """`Settings` is flat, but each field belongs to one group, and `--help` lists them group by group."""
     grouped = [name for group in GROUPS for name in group.__annotations__ if name in Settings.model_fields]
     assert grouped == list(Settings.model_fields)
-    bad = {"max_connections": 0, "realtime_max_utterance_s": 31.0, "max_queue": 0}
+    bad = {"max_connections": 0, "realtime_max_utterance_s": 31.0, "max_queue": 0, "gpu_memory_utilization": 1.5}
     for name, value in bad.items():
         with pytest.raises(ValueError, match=name):
             Settings.model_validate({name: value})

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from app.config import Settings
 from app.engine.choices import fan_out
 from app.model.compute.features import LogMel
 from app.model.compute.generate import BatchGenerator, BatchState, Row
@@ -53,7 +54,7 @@ def sim(loaded: LoadedModel) -> Iterator[Sim]:
     with device.on():
         log_mel = LogMel(loaded.processor.feature_extractor, 3000, DEVICE)
         generator = BatchGenerator(model, pad_token_id=11, log_mel=log_mel)
-        yield Sim(device, generator, Sampler(), Prompter(loaded.processor, "tiny"), ModelRuntime.of(loaded, "tiny"))
+        yield Sim(device, generator, Sampler(), Prompter(loaded.processor, "tiny"), ModelRuntime.of(loaded, Settings()))
 
 
 @dataclass

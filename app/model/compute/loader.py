@@ -192,9 +192,10 @@ def placement(weights_bytes: int, kv_bytes: int, free_per_device: list[int], req
     """Where the model goes (transformers' `device_map`): "cpu" without a GPU, "auto" (spread over every GPU)
     when `requested` so and there are several, else "cuda:0" (the whole model on GPU 0). Raises
     `ModelLoadError` where the weights alone (plus `RESERVE_BYTES`) do not fit GPU 0's free memory but several
-    GPUs could hold them: spreading is never silent. Weights that fit beside less than the KV budget
-    (`kv_bytes`) still go on GPU 0: the out-of-memory row cap bounds the batch (app/engine/oom.py); the caller
-    warns. Pure: sizes in bytes, `free_per_device` as `torch.cuda.mem_get_info` gives them."""
+    GPUs could hold them: spreading is never silent. Weights that fit beside less than the KV cache the settings
+    ask for (`kv_bytes`) still go on GPU 0: the cache then gets fewer slots, so fewer rows decode at once
+    (app/model/compute/budget.py); the caller warns. Pure: sizes in bytes, `free_per_device` as
+    `torch.cuda.mem_get_info` gives them."""
     if not free_per_device:
         return "cpu"
     if requested == "auto" and len(free_per_device) > 1:
@@ -226,7 +227,7 @@ def weights_bytes(path: Path, dtype: torch.dtype) -> int | None:
 
 
 def kv_bytes(path: Path, dtype: torch.dtype, tokens: int) -> int:
-    """The KV cache of `tokens` positions (the engine's `max_running_tokens`): keys and values of every layer."""
+    """The KV cache of `tokens` positions: keys and values of every layer."""
     text = _config(path).get("text_config", {})
     heads = int(text.get("num_attention_heads", 32))
     head_dim = int(text.get("head_dim") or int(text.get("hidden_size", 4096)) // heads)
@@ -250,18 +251,33 @@ def _device_map(settings: Settings, path: str, device: str, dtype: torch.dtype) 
     free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
     local = Path(path) if Path(path).is_dir() else _cached(path)
     weights = weights_bytes(local, dtype) if local is not None else None
-    kv = kv_bytes(local, dtype, settings.max_running_tokens) if local is not None else 0
+    kv = kv_wanted(settings, local, dtype)
     chosen = placement(weights or 0, kv, free, settings.device_map)
-    sizes = f"weights {'unknown' if weights is None else f'{weights / GIB:.1f} GiB'}, KV budget {kv / GIB:.1f} GiB"
+    sizes = f"weights {'unknown' if weights is None else f'{weights / GIB:.1f} GiB'}, KV cache {kv / GIB:.1f} GiB"
     gpus = ", ".join(f"cuda:{i} {f / GIB:.1f} GiB free" for i, f in enumerate(free))
-    log.info("placing the model on %s (%s; %s)", chosen, sizes, gpus)
-    if chosen == "cuda:0" and (weights or 0) + kv + RESERVE_BYTES > free[0]:
+    log.info("placing the model on %s (%s at most; %s)", chosen, sizes, gpus)
+    room = min(free[0], int(settings.gpu_memory_utilization * torch.cuda.mem_get_info(0)[1]))
+    if chosen == "cuda:0" and (weights or 0) + kv + RESERVE_BYTES > room:
         log.warning(
-            "the weights and the KV budget (--max-running-tokens) do not fit GPU 0 together: batches will be "
-            "capped by out-of-memory errors; lower --max-running-tokens%s",
+            "the weights and %d KV cache slots of %d positions (--max-batch-size, --context-length) do not fit "
+            "GPU 0 together: fewer slots will, so fewer rows decode at once (logged once loaded); lower "
+            "--context-length%s",
+            settings.max_batch_size,
+            settings.context_length,
             " or pass --device-map auto" if len(free) > 1 else "",
         )
     return chosen
+
+
+def kv_wanted(settings: Settings, path: Path | None, dtype: torch.dtype) -> int:
+    """The most KV cache the settings ask for: --kv-cache-memory-bytes, else --max-batch-size slots (and the
+    scratch slot padding rows write to) of --context-length positions (app/model/compute/slots.py); 0 where
+    the checkpoint's config is unknown."""
+    if settings.kv_cache_memory_bytes is not None:
+        return settings.kv_cache_memory_bytes
+    if path is None:
+        return 0
+    return kv_bytes(path, dtype, (settings.max_batch_size + 1) * settings.context_length)
 
 
 def _cached(model: str) -> Path | None:

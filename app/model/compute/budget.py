@@ -1,0 +1,133 @@
+"""How much memory the KV cache may take, and so how many rows decode at once: the slot plan of a loaded model.
+
+On CUDA the cache gets what `--gpu-memory-utilization` of each GPU leaves once the weights are loaded and a
+reserve is set aside for what a prefill and the decode step allocate (vLLM sizes its cache the same way, from
+a profiling run; here the reserve is arithmetic, `activation_reserve`). On a CPU the budget is fixed
+(`CPU_CACHE_BYTES`: the cache is touched only as far as rows reach). `--kv-cache-memory-bytes` overrides both.
+The plan is then as many slots of `--context-length` positions as the budget holds, at most `--max-batch-size`
+(app/model/compute/slots.py: `plan`); one that holds none fails the start-up in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.config import Settings
+from app.model.compute.generate import CPU_CACHE_BYTES
+from app.model.compute.loader import GIB, ModelLoadError
+from app.model.compute.slots import CachePlan, CacheShape, plan
+
+log = logging.getLogger(__name__)
+
+ACTIVATION_COPIES = 3
+"""[tokens, hidden + intermediate] tensors a prefill holds at its peak inside one decoder layer: the MLP's
+activated gate, its up projection and their product, beside the residual stream, the normed input and the
+layer's output. The audio encoder runs before the decoder layers and frees its activations first; for
+Voxtral's shapes its peak per audio token is lower."""
+OVERHEAD_BYTES = GIB
+"""What the reserve adds whatever the batch: the CUDA context and cuBLAS workspaces (which torch does not count
+in the memory it holds), the decode step's graphs and the sampler's per-row tensors. The memory past
+--gpu-memory-utilization is the margin for what this misjudges."""
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """One GPU the model uses, measured after loading the weights."""
+
+    total: int
+    held: int
+    """Bytes torch holds there: the weights placed on it."""
+    layers: int
+    """Decoder layers placed on it: its share of the cache."""
+
+
+def activation_reserve(text_config: Any, dtype: torch.dtype, tokens: int) -> int:
+    """Bytes a prefill of `tokens` (--max-batch-tokens) needs beside the weights and the slot cache: its own keys
+    and values, held until they are placed in slots, and `ACTIVATION_COPIES` of a layer's widest activations,
+    plus `OVERHEAD_BYTES`. An upper bound by arithmetic, not a measurement: a smaller --max-batch-tokens leaves
+    the cache more."""
+    shape = CacheShape.of(text_config, dtype)
+    width = int(text_config.hidden_size) + int(getattr(text_config, "intermediate_size", 0) or 0)
+    per_token = shape.token_bytes + ACTIVATION_COPIES * width * torch.empty((), dtype=dtype).element_size()
+    return tokens * per_token + OVERHEAD_BYTES
+
+
+def kv_budget(devices: Sequence[DeviceMemory], utilization: float, reserve: int, override: int | None) -> int:
+    """Bytes the whole KV cache may take: `override` when given; `CPU_CACHE_BYTES` without a GPU; else the
+    least any GPU allows, each holding its layers' share of every slot: `utilization` x its total, less what
+    torch holds there and `reserve` (on each GPU, as each runs its layers' prefill), scaled from its share to
+    the whole. Never negative. Pure: sizes in bytes."""
+    if override is not None:
+        return override
+    if not devices:
+        return CPU_CACHE_BYTES
+    layers = sum(d.layers for d in devices)
+    room = [(int(utilization * d.total) - d.held - reserve) * layers // d.layers for d in devices if d.layers]
+    return max(0, min(room))
+
+
+def device_memory(model: Any) -> list[DeviceMemory]:
+    """Each GPU the model's decoder layers are on, as it is now (none: a CPU model)."""
+    indices = [d.index or 0 for d in _layer_devices(model) if d.type == "cuda"]
+    return [
+        DeviceMemory(torch.cuda.mem_get_info(i)[1], torch.cuda.memory_allocated(i), indices.count(i))
+        for i in sorted(set(indices))
+    ]
+
+
+def _layer_devices(model: Any) -> list[torch.device]:
+    """The device of each decoder layer: where its part of the cache goes."""
+    layers = model.model.language_model.layers[: int(model.config.text_config.num_hidden_layers)]
+    return [layer.self_attn.q_proj.weight.device for layer in layers]
+
+
+def plan_cache(model: Any, settings: Settings) -> CachePlan:
+    """The slot plan for `model` as loaded, within the settings' budget; logged. Raises `ModelLoadError` (the
+    start-up fails in one line) when the budget holds no slot."""
+    text = model.config.text_config
+    shape = CacheShape.of(text, model.dtype)
+    reserve = activation_reserve(text, model.dtype, settings.max_batch_tokens)
+    devices = device_memory(model)
+    budget = kv_budget(devices, settings.gpu_memory_utilization, reserve, settings.kv_cache_memory_bytes)
+    try:
+        cache = plan(shape, settings.max_batch_size, settings.context_length, budget)
+    except ValueError as exc:
+        raise ModelLoadError(f"{exc}{_why(devices, reserve, settings)}") from exc
+    where = ", ".join(sorted({str(d) for d in _layer_devices(model)}))
+    gib = cache.bytes(shape) / GIB
+    log.info("KV cache: %d slots of %d positions, %.2f GiB on %s", cache.slots, cache.max_len, gib, where)
+    if cache.slots < settings.max_batch_size:
+        _warn_capped(cache, settings.max_batch_size, budget // shape.token_bytes)
+    return cache
+
+
+def _why(devices: Sequence[DeviceMemory], reserve: int, settings: Settings) -> str:
+    """Where a GPU's budget went, when it holds no slot."""
+    if not devices or settings.kv_cache_memory_bytes is not None:
+        return ""
+    held = ", ".join(f"{d.held / GIB:.1f} of {d.total / GIB:.1f} GiB" for d in devices)
+    return (
+        f" (--gpu-memory-utilization {settings.gpu_memory_utilization}; the weights hold {held}; a prefill's "
+        f"activations are given {reserve / GIB:.1f} GiB, lower --max-batch-tokens to give them less)"
+    )
+
+
+def _warn_capped(cache: CachePlan, max_rows: int, positions: int) -> None:
+    """The budget holds fewer slots than --max-batch-size: say so, and what would hold them all."""
+    fits = positions // (max_rows + 1)
+    log.warning(
+        "the KV cache holds %d slots of %d positions, fewer than --max-batch-size %d: at most %d rows decode at once. "
+        "To decode %d, lower --context-length (--max-model-len) to %d, or raise --gpu-memory-utilization "
+        "(--kv-cache-memory-bytes)",
+        cache.slots,
+        cache.max_len,
+        max_rows,
+        cache.slots,
+        max_rows,
+        fits,
+    )

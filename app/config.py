@@ -301,9 +301,9 @@ class EngineSettings(BaseSettings):
     --context-length; lower leaves room for other processes on the GPU. Ignored on a CPU."""
     kv_cache_memory_bytes: int | None = None
     """KV cache size in bytes, on any device, instead of what --gpu-memory-utilization leaves (unset on a CPU:
-    4 GiB, touched only as far as rows reach). It is --max-batch-size slots of --context-length positions at
-    most, allocated at start-up; a budget that holds fewer caps the rows decoded at once, one that holds none
-    stops the start-up."""
+    the machine's RAM, touched only as far as the decode steps read). It is --max-batch-size slots of
+    --context-length positions at most, allocated at start-up; a budget that holds fewer caps the rows decoded
+    at once, one that holds none stops the start-up."""
     enforce_eager: bool = False
     """Never capture CUDA graphs: every decode step runs eagerly, paying the host a launch per kernel (slower
     per token, most at small batches), for a faster start-up and the graphs' memory. No effect on a CPU."""

@@ -215,7 +215,7 @@ def test_slot_copies_index_each_layers_cache_on_its_device() -> None:
     model over GPUs: a copy between slots indexes each layer with an index on that layer's device."""
     shape = CacheShape(layers=2, kv_heads=2, head_dim=4, dtype=torch.float32)
     cache = SlotCache(shape, CachePlan(slots=3, max_len=8), [torch.device("cpu"), torch.device("meta")])
-    cache.ready(8)
+    cache.ready(8, 4)
     cache.keys[0][0, :5] = 1.0
     with _DevicesMustMatch():
         cache.copy([0], [2], 5)

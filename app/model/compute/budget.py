@@ -2,8 +2,9 @@
 
 On CUDA the cache gets what `--gpu-memory-utilization` of each GPU leaves once the weights are loaded and a
 reserve is set aside for what a prefill and the decode step allocate (vLLM sizes its cache the same way, from
-a profiling run; here the reserve is arithmetic, `activation_reserve`). On a CPU the budget is fixed
-(`CPU_CACHE_BYTES`: the cache is touched only as far as rows reach). `--kv-cache-memory-bytes` overrides both.
+a profiling run; here the reserve is arithmetic, `activation_reserve`). On a CPU the budget is the machine's
+physical memory: the cache is allocated untouched and a process holds only the positions its steps read
+(app/model/compute/slots.py), about what --max-running-tokens allows. `--kv-cache-memory-bytes` overrides both.
 The plan is then as many slots of `--context-length` positions as the budget holds, at most `--max-batch-size`
 (app/model/compute/slots.py: `plan`); one that holds none fails the start-up in one line.
 """
@@ -11,6 +12,7 @@ The plan is then as many slots of `--context-length` positions as the budget hol
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,17 +60,25 @@ def activation_reserve(text_config: Any, dtype: torch.dtype, tokens: int) -> int
 
 
 def kv_budget(devices: Sequence[DeviceMemory], utilization: float, reserve: int, override: int | None) -> int:
-    """Bytes the whole KV cache may take: `override` when given; `CPU_CACHE_BYTES` without a GPU; else the
+    """Bytes the whole KV cache may take: `override` when given; `physical_memory()` without a GPU; else the
     least any GPU allows, each holding its layers' share of every slot: `utilization` x its total, less what
     torch holds there and `reserve` (on each GPU, as each runs its layers' prefill), scaled from its share to
     the whole. Never negative. Pure: sizes in bytes."""
     if override is not None:
         return override
     if not devices:
-        return CPU_CACHE_BYTES
+        return physical_memory()
     layers = sum(d.layers for d in devices)
     room = [(int(utilization * d.total) - d.held - reserve) * layers // d.layers for d in devices if d.layers]
     return max(0, min(room))
+
+
+def physical_memory() -> int:
+    """The machine's RAM in bytes (`CPU_CACHE_BYTES` where the system does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return CPU_CACHE_BYTES
 
 
 def device_memory(model: Any) -> list[DeviceMemory]:

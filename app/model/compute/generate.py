@@ -154,7 +154,7 @@ class BatchGenerator:
         self._compact(state)
         rows = padded(max(state.slots) + 1, self.sizes)
         width = width_of(longest, self.plan.max_len)
-        self.cache.ready(width)
+        self.cache.ready(width, rows)
         slots = np.asarray(state.slots)
         packed = np.zeros((4, rows), dtype=np.int64)  # numpy: the host's bookkeeping launches nothing
         packed[0] = self.pad_token_id

@@ -70,7 +70,7 @@ class StepGraphs:
             return
         started = time.perf_counter()
         before = torch.cuda.memory_allocated(self.device)
-        self.cache.ready(max(widths))
+        self.cache.ready(max(widths), self.cache.slots + 1)
         for width in sorted(widths, reverse=True):
             for rows in sorted(sizes, reverse=True):
                 self._graphs[(rows, width)] = self._capture(rows, width)

@@ -7,8 +7,9 @@ first `rows` slots as a view (the step runs in slot order, `padded` rows wide). 
 padding rows of a step write there, so they never touch a slot a row holds.
 
 Positions a step reads but no row wrote must hold finite numbers (masked attention multiplies them by 0,
-and 0 x NaN is NaN). `ready(width)` zeroes every slot up to `width` before anything is read or written
-there, once: the cache is allocated untouched, so a CPU process holds only the positions rows reached.
+and 0 x NaN is NaN). `ready(width, slots)` zeroes the slots a step reads up to its width, once, where
+nothing was written: the cache is allocated untouched, so a CPU process holds only what its steps read
+(about what the running-token budget allows), not the whole allocation.
 
 How many slots fit is a plan from a byte budget (`plan`), as vLLM sizes its cache from
 `--gpu-memory-utilization`.
@@ -116,24 +117,26 @@ class SlotCache:
         self.scratch = cache_plan.slots
         """The slot padding rows write to; never read as a row's history."""
         self.max_len = cache_plan.max_len
-        self.zeroed = 0
-        """Every slot holds finite numbers below this position."""
+        self.zeroed = [0] * (cache_plan.slots + 1)
+        """Each slot holds finite numbers below this position (written there, or zeroed)."""
 
-    def ready(self, width: int) -> None:
-        """Make positions below `width` safe to read in every slot (zeroing what was never written)."""
-        if width <= self.zeroed:
-            return
-        for buffer in (*self.keys, *self.values):
-            buffer[:, self.zeroed : width].zero_()
-        self.zeroed = width
+    def ready(self, width: int, slots: int) -> None:
+        """Make positions below `width` of the first `slots` slots safe to read, zeroing only what was never
+        written: a process holds the positions its steps read, not the whole allocation."""
+        todo = [s for s in range(slots) if self.zeroed[s] < width]
+        for start, group in _runs(todo, self.zeroed):
+            for buffer in (*self.keys, *self.values):
+                buffer[group[0] : group[-1] + 1, start:width].zero_()
+            for slot in group:
+                self.zeroed[slot] = width
 
     def place(self, slot: int, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """A row's history (per layer: keys and values [kv_heads, length, head_dim]) into positions 0.. of `slot`."""
         length = layers[0][0].shape[-2]
-        self.ready(width_of(length, self.max_len))
         for keys, values, (k, v) in zip(self.keys, self.values, layers, strict=True):
             keys[slot, :length].copy_(k.transpose(0, 1))
             values[slot, :length].copy_(v.transpose(0, 1))
+        self.zeroed[slot] = max(self.zeroed[slot], length)
 
     def copy(self, sources: Sequence[int], targets: Sequence[int], length: int) -> None:
         """Positions below `length` of slots `sources` into slots `targets` (read before any is written)."""
@@ -145,3 +148,16 @@ class SlotCache:
                 index[buffer.device] = upload(torch.tensor([list(sources), list(targets)]), buffer.device)
             pair = index[buffer.device]
             buffer[:, :length].index_copy_(0, pair[1], buffer[:, :length].index_select(0, pair[0]))
+        for slot in targets:
+            self.zeroed[slot] = max(self.zeroed[slot], length)
+
+
+def _runs(slots: list[int], zeroed: list[int]) -> list[tuple[int, list[int]]]:
+    """`slots` (ascending) grouped into runs of consecutive slots zeroed up to the same position."""
+    runs: list[tuple[int, list[int]]] = []
+    for slot in slots:
+        if runs and runs[-1][1][-1] == slot - 1 and runs[-1][0] == zeroed[slot]:
+            runs[-1][1].append(slot)
+        else:
+            runs.append((zeroed[slot], [slot]))
+    return runs

@@ -4,7 +4,7 @@ against each row decoded alone, wherever the row is clear of a near-tie (as test
 Each flight below makes the generator move or reuse slots in one way the engine does: rows leaving from the
 middle (compaction copies rows of high slots into low ones), rows joining into freed slots, `select` with a
 repeated index (the `n` fan-out copies a row's history mid-decode), a step padded past its rows (padding
-rows write the scratch slot), rows crossing the 128 -> 256 width mid-decode, and a short row taking the
+rows write the scratch slot), rows crossing from width 128 to the next mid-decode, and a short row taking the
 slot a long row left (its stale history must stay masked). Every flight asserts the move really happened,
 so a test cannot pass blind."""
 
@@ -19,7 +19,7 @@ import torch
 from app.model.compute.features import LogMel
 from app.model.compute.generate import BatchGenerator, BatchState, Row, sample
 from app.model.compute.loader import LoadedModel
-from app.model.compute.slots import CachePlan
+from app.model.compute.slots import CachePlan, width_of
 from app.model.text.prompts import Prompter
 from app.types import SamplingParams
 from tests.support.audio_fixtures import JFK
@@ -117,7 +117,7 @@ def test_compaction_joins_padding_and_a_width_boundary_keep_every_rows_output(
 ) -> None:
     """Six rows in slots 0-5; the middle three leave, so the next step moves the rows of slots 4 and 5 into 1
     and 2 (4 rows, not 8); two rows join into slots 3 and 4, and the 5 rows step padded to 8 (3 padding rows
-    on the scratch slot); rows of 116-124 prompt tokens cross from width 128 to 256 while all this runs."""
+    on the scratch slot); rows of 116-124 prompt tokens cross from width 128 to the next while all this runs."""
     gen = _generator(loaded, log_mel, slots=8)
     words = ["word", "cat", "dog", "sun", "tree", "sky", "red", "blue"]
     requests = [_text(prompter, n, w) for n, w in zip([60, 20, 58, 9, 56, 30, 57, 14], words, strict=True)]
@@ -133,7 +133,7 @@ def test_compaction_joins_padding_and_a_width_boundary_keep_every_rows_output(
     assert state.slots == [0, 1, 2, 3, 4]
     while state.rows:
         state, logits = _tick(gen, state, logits, steps)
-    assert {(8, 128), (8, 256), (4, 128)} <= gen.graphs.seen
+    assert {(8, 128), (8, width_of(129, 1024)), (4, 128)} <= gen.graphs.seen  # the next width
     assert all(len(row.generated) == steps[row] for row in rows)
     _assert_as_alone(gen, list(zip(rows, requests, strict=True)), steps)
 
@@ -170,9 +170,9 @@ def test_a_short_row_in_the_slot_a_long_row_left_sees_none_of_its_history(
     loaded: LoadedModel, prompter: Prompter, log_mel: LogMel
 ) -> None:
     """A 45 s audio row (750 positions) leaves slot 1; a short row prefilled next takes that slot while an
-    11 s audio row keeps the step 512 wide, so the step reads the long row's stale keys past the short row's
-    length: masked, they change nothing. Compaction then moves the audio row, and later the short row, into
-    slot 0 over the stale history of the rows that left it, as safely."""
+    11 s audio row (381 positions) keeps the step 384-512 wide, so the step reads the long row's stale keys
+    past the short row's length: masked, they change nothing. Compaction then moves the audio row, and later
+    the short row, into slot 0 over the stale history of the rows that left it, as safely."""
     gen = _generator(loaded, log_mel, slots=3)
     requests = [_text(prompter, 10, "sun"), _audio(prompter, 45), _text(prompter, 8, "moon"), _audio(prompter, 11)]
     rows = [_row(r) for r in requests]
@@ -186,7 +186,7 @@ def test_a_short_row_in_the_slot_a_long_row_left_sees_none_of_its_history(
     assert state.slots == [0, 1, 2]  # the short row in the long row's slot
     for _ in range(2):
         state, logits = _tick(gen, state, logits, steps)
-    assert (3, 512) in gen.graphs.seen  # the short row read 512 positions of that slot
+    assert (3, width_of(len(requests[3].input_ids) + 1, 1024)) in gen.graphs.seen  # the short row read >= 384
     assert state.rows == [rows[2], rows[3]] and state.slots == [1, 0]  # the audio row over the first's history
     for _ in range(4):
         state, logits = _tick(gen, state, logits, steps)

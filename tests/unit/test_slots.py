@@ -61,39 +61,34 @@ def test_padded_examples() -> None:
 @pytest.mark.parametrize(
     ("max_len", "expected"),
     [
-        (32768, (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)),
-        (1000, (128, 256, 512, 1000)),
-        (256, (128, 256)),
+        (32768, (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768)),
+        (1000, (128, 192, 256, 384, 512, 768, 1000)),
+        (600, (128, 192, 256, 384, 512, 600)),
+        (256, (128, 192, 256)),
         (128, (128,)),
         (100, (100,)),
     ],
 )
-def test_widths_are_powers_of_two_from_128_and_max_len_itself(max_len: int, expected: tuple[int, ...]) -> None:
+def test_widths_are_two_a_doubling_from_128_and_max_len_itself(max_len: int, expected: tuple[int, ...]) -> None:
     assert widths(max_len) == expected
 
 
 def test_width_of_examples() -> None:
-    assert [width_of(p, 32768) for p in (0, 1, 127, 128, 129, 256, 257, 5000, 32768)] == [
-        128,
-        128,
-        128,
-        128,
-        256,
-        256,
-        512,
-        8192,
-        32768,
-    ]
-    assert [width_of(p, 1000) for p in (1, 129, 513, 1000)] == [128, 256, 1000, 1000]
+    examples = (0, 1, 127, 128, 129, 192, 193, 256, 257, 385, 5000, 32768)
+    assert [width_of(p, 32768) for p in examples] == [128, 128, 128, 128, 192, 192, 256, 256, 384, 512, 6144, 32768]
+    assert [width_of(p, 1000) for p in (1, 129, 513, 769, 1000)] == [128, 192, 768, 1000, 1000]
     assert width_of(50, 100) == 100  # a cache shorter than MIN_WIDTH: its one width
 
 
 @given(st.integers(1, 40000), st.data())
-def test_width_of_is_a_listed_width_that_holds_the_positions(max_len: int, data: st.DataObject) -> None:
+def test_width_of_is_the_smallest_listed_width_that_holds_the_positions(max_len: int, data: st.DataObject) -> None:
     positions = data.draw(st.integers(1, max_len))
     width = width_of(positions, max_len)
-    assert width in widths(max_len) and positions <= width <= max_len
-    assert width == max_len or width == MIN_WIDTH or width < 2 * positions  # the smallest that holds them
+    listed = widths(max_len)
+    assert width in listed and positions <= width <= max_len
+    assert all(w < positions for w in listed if w < width)
+    assert width == MIN_WIDTH or width == max_len or 2 * width < 3 * positions  # at most half again the row
+    assert list(listed) == sorted(set(listed)) and listed[-1] == max_len
 
 
 def test_cache_shape_counts_keys_and_values_of_every_layer() -> None:
@@ -179,14 +174,15 @@ def test_place_writes_positions_below_the_length_of_that_slot_only() -> None:
     cache = _cache()
     history = _history(150, seed=0)
     cache.place(1, history)
-    assert cache.zeroed == 256  # 150 positions: what a step over them reads is ready
+    ready = width_of(150, cache.max_len)
+    assert cache.zeroed == ready  # 150 positions: what a step over them reads is ready
     for layer, (k, v) in enumerate(history):
         assert torch.equal(cache.keys[layer][1, :150], k.transpose(0, 1))
         assert torch.equal(cache.values[layer][1, :150], v.transpose(0, 1))
     for buffer in _buffers(cache):
-        assert bool((buffer[1, 150:256] == 0).all())
-        assert bool((buffer[[0, 2, 3], :256] == 0).all())
-        assert bool(buffer[:, 256:].isnan().all())
+        assert bool((buffer[1, 150:ready] == 0).all())
+        assert bool((buffer[[0, 2, 3], :ready] == 0).all())
+        assert bool(buffer[:, ready:].isnan().all())
 
 
 def test_copy_moves_exactly_the_positions_asked_reading_before_writing() -> None:

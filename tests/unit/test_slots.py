@@ -136,27 +136,29 @@ def _buffers(cache: SlotCache) -> list[torch.Tensor]:
 
 def test_a_cache_holds_its_slots_and_a_scratch_slot_on_each_layers_device() -> None:
     cache = _cache(slots=3, max_len=512)
-    assert cache.scratch == cache.slots == 3 and cache.max_len == 512 and cache.zeroed == 0
+    assert cache.scratch == cache.slots == 3 and cache.max_len == 512 and cache.zeroed == [0] * 4
     assert len(cache.keys) == len(cache.values) == SHAPE.layers
     assert all(b.shape == (4, 512, 2, 4) and b.dtype == torch.float32 for b in _buffers(cache))
 
 
-def test_ready_zeroes_only_the_new_positions_and_never_shrinks() -> None:
+def test_ready_zeroes_only_the_new_positions_of_the_slots_read_and_never_shrinks() -> None:
     cache = _cache()
-    cache.ready(128)
+    cache.ready(128, 2)  # a step of 2 rows reads slots 0 and 1 up to 128
+    assert cache.zeroed == [128, 128, 0, 0]
     for buffer in _buffers(cache):
-        assert bool((buffer[:, :128] == 0).all()) and bool(buffer[:, 128:].isnan().all())
+        assert bool((buffer[:2, :128] == 0).all()) and bool(buffer[:2, 128:].isnan().all())
+        assert bool(buffer[2:].isnan().all())  # slots no step read stay untouched
     for buffer in _buffers(cache):
         buffer[1, 5] = 7.0  # a row's history: a later `ready` must keep it
-    cache.ready(256)
-    assert cache.zeroed == 256
+    cache.ready(256, 3)
+    assert cache.zeroed == [256, 256, 256, 0]
     for buffer in _buffers(cache):
         assert bool((buffer[1, 5] == 7.0).all())
-        assert bool((buffer[:, 128:256] == 0).all()) and bool(buffer[:, 256:].isnan().all())
+        assert bool((buffer[:3, 128:256] == 0).all()) and bool(buffer[:, 256:].isnan().all())
         buffer[0, 200] = 3.0
-    cache.ready(128)
-    cache.ready(256)
-    assert cache.zeroed == 256
+    cache.ready(128, 3)
+    cache.ready(256, 3)
+    assert cache.zeroed == [256, 256, 256, 0]
     for buffer in _buffers(cache):
         assert bool((buffer[0, 200] == 3.0).all()) and bool((buffer[1, 5] == 7.0).all())
         assert bool(buffer[:, 256:].isnan().all())
@@ -174,20 +176,24 @@ def test_place_writes_positions_below_the_length_of_that_slot_only() -> None:
     cache = _cache()
     history = _history(150, seed=0)
     cache.place(1, history)
-    ready = width_of(150, cache.max_len)
-    assert cache.zeroed == ready  # 150 positions: what a step over them reads is ready
+    assert cache.zeroed == [0, 150, 0, 0]  # finite below 150 in slot 1: what was written
     for layer, (k, v) in enumerate(history):
         assert torch.equal(cache.keys[layer][1, :150], k.transpose(0, 1))
         assert torch.equal(cache.values[layer][1, :150], v.transpose(0, 1))
     for buffer in _buffers(cache):
-        assert bool((buffer[1, 150:ready] == 0).all())
-        assert bool((buffer[[0, 2, 3], :ready] == 0).all())
+        assert bool(buffer[1, 150:].isnan().all()) and bool(buffer[[0, 2, 3]].isnan().all())
+    ready = width_of(151, cache.max_len)
+    cache.ready(ready, 2)  # the step after it zeroes past the history, never over it
+    for layer, (k, _) in enumerate(history):
+        assert torch.equal(cache.keys[layer][1, :150], k.transpose(0, 1))
+    for buffer in _buffers(cache):
+        assert bool((buffer[1, 150:ready] == 0).all()) and bool((buffer[0, :ready] == 0).all())
         assert bool(buffer[:, ready:].isnan().all())
 
 
 def test_copy_moves_exactly_the_positions_asked_reading_before_writing() -> None:
     cache = _cache(slots=4)
-    cache.ready(512)
+    cache.ready(512, 5)
     for buffer in _buffers(cache):
         buffer.copy_(torch.randn(buffer.shape))
     before = [b.clone() for b in _buffers(cache)]
@@ -204,7 +210,7 @@ def test_copy_moves_exactly_the_positions_asked_reading_before_writing() -> None
 
 def test_copy_fans_one_slot_out_to_several() -> None:
     cache = _cache(slots=4)
-    cache.ready(512)
+    cache.ready(512, 5)
     cache.place(2, _history(40, seed=1))
     before = [b.clone() for b in _buffers(cache)]
     cache.copy([2, 2], [0, 3], length=40)

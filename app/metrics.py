@@ -6,9 +6,38 @@ Names mirror vLLM's where a meaning exists there (`vllm:num_requests_waiting` ->
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+
+
+class CacheCounts(Protocol):
+    """What a cache says of itself (the audio encoder cache's `stats()`)."""
+
+    @property
+    def queries(self) -> int: ...
+    @property
+    def hits(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+
+
+class _CacheCollector(Collector):
+    """The audio encoder cache's counts, read when /metrics is scraped (the cache keeps them; no second copy)."""
+
+    def __init__(self, counts: Callable[[], CacheCounts]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        now = self.counts()
+        yield CounterMetricFamily("voxtral_encoder_cache_queries", "Audios looked up in the encoder cache", now.queries)
+        yield CounterMetricFamily("voxtral_encoder_cache_hits", "Audios whose encoder output was reused", now.hits)
+        yield GaugeMetricFamily("voxtral_encoder_cache_bytes", "Bytes the audio encoder cache holds", now.bytes)
 
 
 class Metrics:
@@ -88,6 +117,10 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+
+    def watch_encoder_cache(self, counts: Callable[[], CacheCounts]) -> None:
+        """Export the audio encoder cache's counts (`voxtral_encoder_cache_{queries,hits}_total`, `_bytes`)."""
+        self.registry.register(_CacheCollector(counts))
 
     def sample_gpu_memory(self) -> None:
         """Called at scrape time: a value read when Prometheus asks is never stale. No GPU: no series."""

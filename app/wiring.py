@@ -77,6 +77,7 @@ class Wiring:
         self.metrics.model_load_seconds.set(model.load_seconds)
         _warn_if_random(model)
         runtime = await asyncio.to_thread(ModelRuntime.of, model, self.settings)
+        self.metrics.watch_encoder_cache(runtime.generator.encoder_cache.stats)
         self.engine = self._engine(runtime)
         serving = Serving(self.settings, self.engine, runtime)
         realtime = RealtimeServing(serving.prep, serving.transcriptions, self.settings, self.metrics)

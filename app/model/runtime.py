@@ -53,7 +53,12 @@ class ModelRuntime:
         pad_id = int(tekken.pad_id)
         cache = plan_cache(loaded.model, settings)
         generator = BatchGenerator(
-            loaded.model, pad_token_id=pad_id, log_mel=log_mel, cache=cache, eager=settings.enforce_eager
+            loaded.model,
+            pad_token_id=pad_id,
+            log_mel=log_mel,
+            cache=cache,
+            eager=settings.enforce_eager,
+            encoder_cache_bytes=settings.encoder_cache_memory_bytes,
         )
         return cls(prompter, generator, read_vocab(tekken), loaded.fingerprint)
 

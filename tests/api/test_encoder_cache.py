@@ -7,8 +7,12 @@ audio reuse it."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import httpx
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.audio import samples_key
 from app.model.compute.encoder_cache import EncoderCache
@@ -18,7 +22,7 @@ from app.model.compute.loader import LoadedModel
 from app.model.compute.row import Row
 from app.model.text.prompts import Prompter
 from app.types import SamplingParams
-from tests.support.audio_fixtures import JFK
+from tests.support.audio_fixtures import DATA, JFK
 
 
 def test_the_cache_drops_the_least_recently_used_within_its_bytes() -> None:
@@ -80,3 +84,22 @@ def test_with_the_cache_off_the_logits_are_the_same(loaded: LoadedModel) -> None
     assert on.encoder_cache.stats().hits == 1
     assert torch.equal(hit, _prefill(off, prompter, audio, "What is said?"))
     assert off.encoder_cache.stats().entries == 0
+
+
+def _counts(http: httpx.Client) -> dict[str, float]:
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    return {s.name: s.value for f in families if f.name.startswith("voxtral_encoder_cache") for s in f.samples}
+
+
+def test_the_server_reuses_a_repeated_file_and_counts_it(client: Any, http: httpx.Client) -> None:
+    """The same file transcribed twice: one encoding, one reuse, counted (queries and hits as counters, bytes
+    as a gauge), with the same text."""
+    clip = (DATA / "jfk.wav").read_bytes()
+    before = _counts(http)
+    first = client.audio.transcriptions.create(model="tiny", file=("a.wav", clip), response_format="json")
+    again = client.audio.transcriptions.create(model="tiny", file=("b.wav", clip), response_format="json")
+    assert first.text == again.text
+    after = _counts(http)
+    assert after["voxtral_encoder_cache_queries_total"] - before["voxtral_encoder_cache_queries_total"] == 2
+    assert after["voxtral_encoder_cache_hits_total"] - before["voxtral_encoder_cache_hits_total"] == 1
+    assert after["voxtral_encoder_cache_bytes"] > 0

@@ -101,7 +101,7 @@ def plan_cache(model: Any, settings: Settings) -> CachePlan:
     start-up fails in one line) when the budget holds no slot."""
     text = model.config.text_config
     shape = CacheShape.of(text, model.dtype)
-    reserve = activation_reserve(text, model.dtype, settings.max_batch_tokens)
+    reserve = activation_reserve(text, model.dtype, settings.max_batch_tokens) + settings.encoder_cache_memory_bytes
     devices = device_memory(model)
     budget = kv_budget(devices, settings.gpu_memory_utilization, reserve, settings.kv_cache_memory_bytes)
     try:

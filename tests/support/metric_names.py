@@ -9,6 +9,8 @@ COUNTERS = {
     "voxtral_audio_seconds_total",
     "voxtral_realtime_utterances_total",
     "voxtral_refusals_total",
+    "voxtral_encoder_cache_queries_total",
+    "voxtral_encoder_cache_hits_total",
 }
 GAUGES = {
     "voxtral_num_requests_waiting",
@@ -17,6 +19,7 @@ GAUGES = {
     "voxtral_gpu_memory_bytes",
     "voxtral_gpu_memory_peak_bytes",
     "voxtral_realtime_sessions",
+    "voxtral_encoder_cache_bytes",
 }
 HISTOGRAMS = {
     "voxtral_e2e_request_latency_seconds",

@@ -1,5 +1,5 @@
-"""/v1/realtime limits and lifecycle: sessions at once, message size, the longest utterance, idle sessions,
-a client that reads slowly, and a drain that answers the utterance in progress before closing."""
+"""/v1/realtime limits and lifecycle: sessions at once, message size, events a second, the longest utterance,
+idle sessions, a client that reads slowly, and a drain that answers the utterance in progress before closing."""
 
 from __future__ import annotations
 
@@ -64,14 +64,17 @@ def test_sessions_over_the_limit_are_refused_at_the_upgrade(limited: RunningServ
     wait_until(lambda: limited.context.realtime.slots.open == 0, "the second session is closed")
 
 
-def test_refused_upgrades_are_logged_once_without_a_traceback(
+def test_refused_upgrades_are_logged_once_a_while_without_a_traceback(
     loaded: LoadedModel, tiny_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Anyone can knock: a refusal is one line at info or warning, never an error with a traceback, and the
-    429 says when to retry."""
+    """Anyone can knock: refusals are at most one line per status every 10 s, at info or warning, never an
+    error with a traceback; the line after a quiet spell says how many were not logged; the 429 says when to
+    retry."""
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="uvicorn.error")  # a server run by `serve` leaves it at warning
     with production(loaded, tiny_dir, api_keys=["sk-good"], realtime_max_sessions=1) as running:
+        now = [0.0]
+        running.server.config.ws.refusals.clock = lambda: now[0]
         good = {"additional_headers": {"Authorization": "Bearer sk-good"}}
         first = Raw(connect(ws_url(running), **good))  # type: ignore[arg-type]
         assert first.recv()["type"] == "session.created"
@@ -83,14 +86,21 @@ def test_refused_upgrades_are_logged_once_without_a_traceback(
             statuses.append(refused.value.response.status_code)
             if statuses[-1] == 429:
                 assert refused.value.response.headers["Retry-After"] == "1"
+        now[0] = 10.0  # the next 401 is logged again, with a count of those held back
+        with pytest.raises(InvalidStatus):
+            connect(ws_url(running))
         first.ws.close()
         wait_until(lambda: running.context.realtime.slots.open == 0, "the session is closed")
     assert statuses == [401, 401, 429] * 2
     said = [r for r in caplog.records if r.levelno >= logging.INFO]
-    lines = [r for r in said if "/v1/realtime" in r.getMessage() and "accepted" not in r.getMessage()]
-    assert len(lines) == len(statuses), [r.getMessage() for r in lines]
+    lines = [r.getMessage() for r in said if "/v1/realtime" in r.getMessage() and "accepted" not in r.getMessage()]
+    assert [line.split('" ', 1)[1] for line in lines] == [
+        "401",
+        "429",
+        "401 (3 more refused with it since the last line)",
+    ], lines
     assert not [r for r in said if "rejected" in r.getMessage()]  # once: websockets' repeat is at debug
-    assert all(r.levelno in (logging.INFO, logging.WARNING) for r in lines), [r.getMessage() for r in lines]
+    assert all(r.levelno in (logging.INFO, logging.WARNING) for r in said if "/v1/realtime" in r.getMessage())
     server_side = [r for r in said if not r.name.startswith("websockets.client")]
     loud = [r for r in server_side if r.levelno >= logging.ERROR or r.exc_info]
     assert not loud, [(r.name, r.getMessage()) for r in loud]
@@ -103,6 +113,30 @@ def test_an_event_over_the_size_limit_gets_an_error_and_the_session_goes_on(limi
     assert raw.update(turn_detection=None)["type"] == "session.updated"
     raw.ws.close()
     wait_until(lambda: limited.context.realtime.slots.open == 0, "the session is closed")
+
+
+def test_a_session_sending_past_its_rate_is_paced_and_loses_nothing(loaded: LoadedModel, tiny_dir: Path) -> None:
+    """Past --realtime-max-events-per-s (after its burst) the server leaves the session's socket unread a while:
+    every event is still answered, in order, none refused; another session is answered meanwhile."""
+    with serve(loaded, tiny_dir, realtime_max_events_per_s=20, realtime_events_burst=10) as running:
+        fast, other = open_session(running.base_url), open_session(running.base_url)
+        for n in range(50):
+            fast.send(type="input_audio_buffer.clear", event_id=f"c{n}")
+        started = time.monotonic()
+        other.send(type="input_audio_buffer.clear")
+        other.until("input_audio_buffer.cleared")
+        other_took = time.monotonic() - started
+        events = fast.until("input_audio_buffer.cleared", 50)
+        fast_took = time.monotonic() - started
+        assert [e["type"] for e in events] == ["input_audio_buffer.cleared"] * 50  # no error event
+        assert fast_took >= 1.5  # 40 events past the burst at 20 a second: 2 s, less what was read meanwhile
+        assert other_took < fast_took / 2
+        metrics = running.context.metrics.registry
+        assert metrics.get_sample_value("voxtral_realtime_throttled_events_total") >= 30
+        assert 1.5 <= metrics.get_sample_value("voxtral_realtime_throttled_seconds_total") <= fast_took
+        for raw in (fast, other):
+            raw.ws.close()
+        wait_until(lambda: running.context.realtime.slots.open == 0, "the sessions are closed")
 
 
 def test_the_longest_utterance_is_cut_and_committed(limited: RunningServer) -> None:

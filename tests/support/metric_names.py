@@ -9,6 +9,8 @@ COUNTERS = {
     "voxtral_audio_seconds_total",
     "voxtral_realtime_utterances_total",
     "voxtral_refusals_total",
+    "voxtral_realtime_throttled_seconds_total",
+    "voxtral_realtime_throttled_events_total",
 }
 GAUGES = {
     "voxtral_num_requests_waiting",

@@ -21,6 +21,7 @@ import numpy as np
 from app.audio import SAMPLE_RATE
 from app.audio_formats import InputDecoder
 from app.denoise import Denoiser
+from app.engine.fairness import part_of
 from app.errors import AudioTooLong, InternalError, InvalidRequest, VoxtralError
 from app.metrics import Metrics
 from app.refusals import Refusals
@@ -63,11 +64,13 @@ class Shared:
 
 
 class Session:
-    def __init__(self, shared: Shared, emit: Emit) -> None:
+    def __init__(self, shared: Shared, emit: Emit, client: str = "") -> None:
+        """`client`: the opaque key of the client (an API key's hash, an address): its sessions share its
+        places in the queue, and are served round-robin among themselves (app/engine/fairness.py)."""
         self.shared, self.emit = shared, emit
         self.id = new_id("sess")
         self.config = SessionConfig(model=shared.model)
-        share = Share(self.id, shared.max_pending_utterances, shared.refusals)
+        share = Share(part_of(client, self.id), shared.max_pending_utterances, shared.refusals)
         self.transcriber = Transcriber(shared.transcriptions, emit, shared.metrics, share)
         self.buffer = AudioBuffer()
         self.decoder = InputDecoder(self.config.format)

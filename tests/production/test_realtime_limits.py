@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import signal
@@ -20,6 +21,7 @@ from websockets.sync.client import connect
 
 from app.api.lifecycle import DrainGuard, Lifecycle
 from app.model.compute.loader import LoadedModel
+from app.types import PreparedRequest
 from tests.support.checks import wait_until
 from tests.support.production_server import production
 from tests.support.realtime_client import (
@@ -255,3 +257,29 @@ def test_a_client_that_leaves_too_much_unread_is_closed_with_1008(loaded: Loaded
         assert closed is not None, "the server never closed the session"
         assert (closed.code, closed.reason) == (1008, "slow reader: too many events unread")
         wait_until(lambda: running.context.realtime.slots.open == 0, "the session's place is freed")
+
+
+def test_a_session_that_leaves_mid_utterance_frees_its_audio_without_the_collector(
+    loaded: LoadedModel, tiny_dir: Path
+) -> None:
+    """Its utterances' tokenized audio (2 MB a 30 s window) and its buffer are freed by reference counting once
+    the session ends, not at the garbage collector's next full pass: no reference cycle holds them (a
+    cancelled task's error held its frames; a raised error held the frame that raised it)."""
+    with serve(loaded, tiny_dir) as running:
+        gc.collect()
+        gc.disable()
+        try:
+            raw = open_session(running.base_url)
+            raw.update(turn_detection=None)
+            speech = encode(np.concatenate([sentence(), gap(0.2)]), "audio/pcm")
+            for _ in range(3):
+                raw.append(speech, 4800)
+                raw.send(type="input_audio_buffer.commit")
+            raw.until("input_audio_buffer.committed", 3)
+            raw.append(speech, 4800)  # uncommitted audio in the buffer
+            raw.ws.close()
+            wait_until(lambda: running.context.realtime.slots.open == 0 and running.engine.idle, "all is over")
+            left = [o for o in gc.get_objects() if isinstance(o, PreparedRequest)]
+            assert not left, [len(o.input_ids) for o in left]
+        finally:
+            gc.enable()

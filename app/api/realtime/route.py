@@ -135,6 +135,7 @@ class Connection:
                 )
             if code in (0, INTERNAL_ERROR, SLOW_READER):
                 self.session.cancel()
+            self.session.release()
             writer.cancel()
             with contextlib.suppress(Exception):
                 if code and self.ws.application_state == WebSocketState.CONNECTED:

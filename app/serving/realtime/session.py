@@ -292,6 +292,15 @@ class Session:
         """The client is gone: stop decoding its utterances."""
         self.transcriber.cancel()
 
+    def release(self) -> None:
+        """The session has ended (after `close` or `cancel`): free its audio now, and let go of the connection
+        (`emit`), which holds this session: a reference cycle would keep both, and the uncommitted audio (up to
+        --realtime-max-buffer-s), until the garbage collector's next full pass."""
+        self.buffer = AudioBuffer()
+        self._held, self.denoiser = None, None
+        self.emit = _gone
+        self.transcriber.release()
+
     @property
     def _prefix_samples(self) -> int:
         vad = self.config.turn_detection
@@ -300,6 +309,10 @@ class Session:
     @property
     def _max_samples(self) -> int:
         return int(self.shared.max_utterance_s * SAMPLE_RATE)
+
+
+async def _gone(event: ev.Event) -> None:
+    raise ConnectionGone
 
 
 def _ms(samples: int) -> int:

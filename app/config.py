@@ -199,6 +199,15 @@ class RealtimeSettings(BaseSettings):
     """The same events in bytes: a client that leaves more than this unread is closed with 1008 (`slow reader`),
     whatever the events' sizes. Bounds a session's outbox at --realtime-max-sessions times this."""
 
+    realtime_max_events_per_s: float = 200.0
+    """Client events one session may send per second, sustained (a token bucket, refilled at this rate). Past it
+    the server stops reading that session's socket until the bucket refills: TCP back-pressure slows the client
+    down, nothing is refused and no event is lost, and a flood costs the server nothing beyond the events it
+    reads. A client streaming 20 ms chunks sends 50 appends/s (10 ms: 100); commits and updates are rare."""
+    realtime_events_burst: int = 400
+    """Events a session may send at once above that rate (the bucket's size): 8 s of 20 ms chunks, which a
+    client that reconnects or was held up by its network sends back to back."""
+
     realtime_max_pending_utterances: int = 4
     """Utterances of one session committed and not yet answered. A commit past this is answered at once with
     `conversation.item.input_audio_transcription.failed` (code `rate_limit_exceeded`) instead of queueing: a
@@ -211,6 +220,8 @@ class RealtimeSettings(BaseSettings):
             raise ValueError("realtime_max_sessions must be at least 0 and realtime_max_pending_events at least 1")
         if self.realtime_max_pending_utterances < 1:
             raise ValueError("realtime_max_pending_utterances must be at least 1")
+        if self.realtime_max_events_per_s <= 0 or self.realtime_events_burst < 1:
+            raise ValueError("realtime_max_events_per_s must be greater than 0 and realtime_events_burst at least 1")
         if not 1.0 <= self.realtime_max_utterance_s <= 30.0:
             raise ValueError("realtime_max_utterance_s must be between 1 and 30 (Voxtral's window)")
         if self.realtime_max_buffer_s < self.realtime_max_utterance_s:
@@ -265,10 +276,10 @@ class EngineSettings(BaseSettings):
     making them wait too long."""
     max_queued_per_client: int = 256
     """Queue places one client may hold at once: an API key (by a hash of it), or a client address when no key
-    is configured; each realtime session counts as a client of its own. More is a 429 `rate_limit_exceeded`
-    (with Retry-After) while the others still have room. A client with nothing queued may always queue one
-    request, however many pieces a long file makes. Waiting requests join the batch round-robin across clients
-    whatever this is."""
+    is configured, its realtime sessions' utterances included. More is a 429 `rate_limit_exceeded` (with
+    Retry-After; for an utterance, a `.failed` event with that code) while the others still have room. A client
+    with nothing queued may always queue one request, however many pieces a long file makes. Waiting requests
+    join the batch round-robin across clients, and across one client's realtime sessions, whatever this is."""
     max_batch_size: int = 32
     """Rows decoded together. Larger raises throughput until the GPU is saturated, at some latency cost. Capped
     at the KV cache slots that fit (--kv-cache-memory-bytes, --gpu-memory-utilization; logged at start-up)."""

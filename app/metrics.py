@@ -111,6 +111,18 @@ class Metrics:
         self.realtime_utterances = Counter(
             "voxtral_realtime_utterances", "Realtime utterances answered, by outcome", ["outcome"], registry=r
         )
+        self.realtime_throttled_seconds = Counter(
+            "voxtral_realtime_throttled_seconds",
+            "Seconds realtime sessions' sockets were left unread because their client sent events faster than "
+            "--realtime-max-events-per-s (summed over sessions)",
+            registry=r,
+        )
+        self.realtime_throttled_events = Counter(
+            "voxtral_realtime_throttled_events",
+            "Realtime client events after which a session's socket was left unread a while (its client was past "
+            "--realtime-max-events-per-s)",
+            registry=r,
+        )
         self.realtime_turn_latency = Histogram(
             "voxtral_realtime_turn_latency_seconds",
             "Realtime: speech_stopped (or the commit) to the transcription's .completed",

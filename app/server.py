@@ -12,6 +12,7 @@ fails (`failed()` turns true), the server shuts down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import signal
@@ -28,6 +29,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from app.api.middleware import send_error
 from app.config import Settings
 from app.errors import TooManyConnections
+from app.refusals import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,10 @@ class HeaderTimeoutProtocol(H11Protocol):
             self.transport.close()
 
 
+WS_RECEIVE_BUFFER = 256 * 1024
+"""Receive buffer of an upgraded WebSocket (Linux doubles it): under half a second of 100 ms appends read at
+the pace's 200 events/s (1.3 MB/s), several seconds of a real-time client's audio."""
+
 _OVER_LIMIT = "The server has too many open connections (limit %d); retry shortly, or reuse connections."
 
 
@@ -119,19 +125,35 @@ def protocol_class(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
 
 
 class QuietRefusalProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's WebSocket protocol (the one it picks by default), with a refused upgrade logged as one info
-    line (uvicorn's `"WebSocket /v1/realtime" 401`), no error and no traceback.
+    """uvicorn's WebSocket protocol (the one it picks by default), with refused upgrades logged as info lines
+    (uvicorn's `"WebSocket /v1/realtime" 401`), at most one per status every 10 s, none an error, no traceback.
 
-    Anyone can knock without a key, so each refusal (401, 404, 429, 503: ASGI's denial response) must cost
-    one quiet line. uvicorn 0.54 never marks the handshake done once a denial response is sent, so every
-    refusal also logged "ASGI callable returned without completing handshake." at error level (the fix
-    proposed upstream in uvicorn PR #3138, done here); websockets' own "connection rejected" repeat of it is
-    demoted to debug.
+    Anyone can knock without a key, so refusals (401, 404, 429, 503: ASGI's denial response) must cost the
+    log next to nothing: a line that follows others held back says how many (`refusals`, one per server,
+    set by `websocket_protocol`). uvicorn 0.54 never marks the handshake done once a denial response is
+    sent, so every refusal also logged "ASGI callable returned without completing handshake." at error level
+    (the fix proposed upstream in uvicorn PR #3138, done here); websockets' own "connection rejected" repeat
+    of it is demoted to debug.
+
+    An upgraded socket's receive buffer is fixed at `WS_RECEIVE_BUFFER`: when a session leaves its socket
+    unread (its client past the pace, app/api/realtime/pace.py) the client's sends stop within that much,
+    instead of after the tens of MB of kernel memory Linux's autotuning would grant; and its keepalive pongs,
+    queued behind what waits unread, still come back well within the ping timeout.
     """
+
+    refusals = Throttle()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, WS_RECEIVE_BUFFER)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn.logger = _RejectionsAtDebug(self.conn.logger, {})
+        self.logger = _RefusalLines(self.logger, self.refusals)  # type: ignore[assignment]
 
     async def send(self, message: Message) -> None:  # type: ignore[override]
         await super().send(message)  # type: ignore[arg-type]
@@ -144,6 +166,37 @@ class _RejectionsAtDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
         if isinstance(msg, str) and msg.startswith("connection rejected"):
             level = min(level, logging.DEBUG)
         super().log(level, msg, *args, **kwargs)
+
+
+_REFUSED = '%s - "WebSocket %s" %d'
+"""uvicorn's line for an upgrade answered with an HTTP response (address, path, status)."""
+
+
+class _RefusalLines(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """uvicorn's logger, with its refused-upgrade lines rate-limited per status by `throttle`."""
+
+    def __init__(self, logger: logging.Logger, throttle: Throttle) -> None:
+        super().__init__(logger, {})
+        self.throttle = throttle
+
+    @property
+    def level(self) -> int:  # uvicorn reads `logger.level` to decide on its trace lines
+        level: int = self.logger.level
+        return level
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if msg == _REFUSED and len(args) == 3:
+            held_back = self.throttle.allow(f"upgrade/{args[2]}")
+            if held_back is None:
+                return
+            if held_back:
+                msg, args = f"{_REFUSED} (%d more refused with it since the last line)", (*args, held_back)
+        super().log(level, msg, *args, **kwargs)
+
+
+def websocket_protocol() -> type[QuietRefusalProtocol]:
+    """The WebSocket protocol of one server: its own rate limit on refusal lines."""
+    return type("QuietRefusalProtocol", (QuietRefusalProtocol,), {"refusals": Throttle()})
 
 
 class DrainingServer(uvicorn.Server):
@@ -203,7 +256,7 @@ def build_server(app: object, settings: Settings, drain: Drain, failed: Failed =
         host=settings.host,
         port=settings.port,
         http=protocol_class(settings.header_read_timeout_s),
-        ws=QuietRefusalProtocol,
+        ws=websocket_protocol(),
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # float works: call_later
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,

@@ -10,6 +10,10 @@ what the flooding session got back (completed, refused with `rate_limit_exceeded
 
     python bench/flood.py                      # 8 sessions x 3 utterances, bursts of 600 commits every 1 s
     python bench/flood.py --out ''             # print only
+    python bench/flood.py --realtime-max-events-per-s 1e9   # the server without its per-session pace
+
+The flooding client sends as fast as the server reads: past the server's pace (`--realtime-max-events-per-s`,
+after its burst) its sends wait on TCP, so it reports the events a second it actually got through.
 
 Appends the figures and the exact command to bench/RESULTS.md (--out).
 """
@@ -19,15 +23,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
+import os
+import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import PIPE
 
 import realtime as rt  # bench/realtime.py: the server, the speech, the well-behaved sessions
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 COMMIT_AUDIO = base64.b64encode(bytes(int(24000 * 0.1) * 2)).decode()
 """100 ms of 24 kHz PCM (silence: with turn detection off a commit needs no speech)."""
@@ -39,6 +48,10 @@ class Flood:
     completed: int = 0
     refused: int = 0
     other: int = 0
+    seconds: float = 0.0
+    """From the first event sent to the last commit sent."""
+    closed: int = 0
+    """The close code, when the server closed the flooding session before every commit was answered."""
 
 
 async def flood(url: str, args: argparse.Namespace, stop: asyncio.Event) -> Flood:
@@ -47,16 +60,21 @@ async def flood(url: str, args: argparse.Namespace, stop: asyncio.Event) -> Floo
         update = {"type": "transcription", "audio": {"input": {"turn_detection": None}}}
         await ws.send(json.dumps({"type": "session.update", "session": update}))
         reader = asyncio.create_task(read_flood(ws, tally))
-        while not stop.is_set():
-            for _ in range(args.flood_commits):
-                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": COMMIT_AUDIO}))
-                await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-            tally.commits += args.flood_commits
-            with_timeout = asyncio.wait_for(stop.wait(), args.flood_every_s)
-            await asyncio.gather(with_timeout, return_exceptions=True)
-        while tally.completed + tally.refused + tally.other < tally.commits:  # every commit is answered
-            await asyncio.sleep(0.1)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionClosed):
+            while not stop.is_set():
+                for _ in range(args.flood_commits):
+                    await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": COMMIT_AUDIO}))
+                    await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+                tally.commits += args.flood_commits
+                tally.seconds = time.monotonic() - started
+                with_timeout = asyncio.wait_for(stop.wait(), args.flood_every_s)
+                await asyncio.gather(with_timeout, return_exceptions=True)
+        while not reader.done() and tally.completed + tally.refused + tally.other < tally.commits:
+            await asyncio.sleep(0.1)  # every commit is answered, unless the server closed the session
         reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        tally.closed = ws.close_code or 0  # still open (None) when every commit was answered
     return tally
 
 
@@ -103,10 +121,27 @@ def report(alone: list[rt.Outcome], beside: list[rt.Outcome], tally: Flood, args
             f"| beside the flood | {rt.figures(beside)} |",
             "",
             f"The flooding session: {tally.commits} commits ({args.flood_commits} at once every "
-            f"{args.flood_every_s:g} s), {tally.completed} completed, {tally.refused} refused "
-            f"(rate_limit_exceeded), {tally.other} failed otherwise.",
+            f"{args.flood_every_s:g} s; {2 * tally.commits / max(tally.seconds, 1e-9):.0f} client events/s got "
+            f"through), {tally.completed} completed, {tally.refused} refused (rate_limit_exceeded), {tally.other} "
+            "failed otherwise"
+            + (f"; its connection closed with code {tally.closed} before all were answered." if tally.closed else "."),
         ]
     )
+
+
+def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen[bytes]:
+    """bench/realtime.py's server, with `--realtime-max-events-per-s` passed on when given."""
+    given = args.realtime_max_events_per_s
+    pace = [] if given is None else ["--realtime-max-events-per-s", given]
+    cmd = [
+        sys.executable, "-m", "app.main", "serve", "--model", "tiny", "--port", str(port),
+        "--max-batch-size", str(args.max_batch_size), "--realtime-max-sessions", str(args.sessions),
+        "--transcription-tokens-per-audio-s", str(args.tokens_per_s), "--transcription-min-tokens", "4",
+        "--log-level", "warning", *pace,
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXTRAL_")}
+    proc = subprocess.Popen(cmd, cwd=rt.ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return rt.wait_ready(proc, port, log)
 
 
 def main() -> None:
@@ -119,6 +154,7 @@ def main() -> None:
     parser.add_argument("--spread-s", type=float, default=None)
     parser.add_argument("--flood-commits", type=int, default=600)
     parser.add_argument("--flood-every-s", type=float, default=1.0)
+    parser.add_argument("--realtime-max-events-per-s", default=None, help="the server's pace (default: its own)")
     parser.add_argument("--out", default=str(rt.ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--flood-url", default=None, help=argparse.SUPPRESS)  # the flooding child process
     args = parser.parse_args()
@@ -128,7 +164,7 @@ def main() -> None:
     url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
     server_args = argparse.Namespace(**{**vars(args), "sessions": args.sessions + 1})
     with tempfile.TemporaryDirectory() as tmp:
-        proc = rt.start_server(port, server_args, Path(tmp) / "server.log")
+        proc = start_server(port, server_args, Path(tmp) / "server.log")
         try:
             alone, _ = asyncio.run(phase(url, args, flooding=False))
             beside, tally = asyncio.run(phase(url, args, flooding=True))

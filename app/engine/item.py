@@ -85,7 +85,10 @@ class WorkItem:
         while True:
             event = await self._events.get()
             if isinstance(event, BaseException):
-                raise event
+                try:
+                    raise event
+                finally:  # its traceback holds this frame: a local naming it would keep both (and the
+                    del event  # request's audio) in a cycle until the collector's next full pass
             if isinstance(event, GenerationResult):
                 self.result = event
                 return

@@ -1,7 +1,8 @@
 """The one bounded queue between the event loop and the model worker.
 
-Full means `QueueFull` (429) at once rather than an unbounded wait; one owner (client) past its share
-means `RateLimited` (429) while the others still have room. Batches are taken in fair order, round-robin
+Full means `QueueFull` (429) at once rather than an unbounded wait; one client past its share means
+`RateLimited` (429) while the others still have room (an owner `client/part`, a realtime session, counts
+against its client's share: fairness.py). Batches are taken in fair order, round-robin
 across owners (fairness.py). Entries whose client went away, or whose deadline passed, are skipped when a
 batch is taken, before they cost compute.
 """
@@ -14,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from app.engine.batcher import select_batch
-from app.engine.fairness import fair_order, over_share
+from app.engine.fairness import client_of, fair_order, over_share
 from app.engine.item import WorkItem
 from app.engine.scheduler import Take
 from app.errors import QueueFull, RateLimited, RequestTimeout, ShuttingDown
@@ -29,7 +30,7 @@ class RequestQueue:
         self._cond = threading.Condition()
         self._closed = False
         self._reserved: Counter[str] = Counter()
-        """Places admitted but still being prepared (audio decoding, features), by owner: they count as queued."""
+        """Places admitted but still being prepared (audio decoding, features), by client: they count as queued."""
         self._on_change = on_change or (lambda depth: None)
 
     def __len__(self) -> int:
@@ -39,24 +40,26 @@ class RequestQueue:
         """Claim a place before the expensive preparation, so an overloaded server refuses at once."""
         with self._cond:
             self._check_room(1, owner, 1)
-            self._reserved[owner] += 1
+            self._reserved[client_of(owner)] += 1
 
     def release(self, owner: str = "") -> None:
         with self._cond:
             self._unreserve(owner)
 
     def _unreserve(self, owner: str) -> None:
-        self._reserved[owner] -= 1
-        if self._reserved[owner] <= 0:
-            del self._reserved[owner]
+        client = client_of(owner)
+        self._reserved[client] -= 1
+        if self._reserved[client] <= 0:
+            del self._reserved[client]
 
     def held_by(self, owner: str) -> int:
-        """Places `owner` holds: queued requests and reservations."""
+        """Places `owner`'s client holds (all its parts): queued requests and reservations."""
         with self._cond:
             return self._held(owner)
 
     def _held(self, owner: str) -> int:
-        return self._reserved[owner] + sum(item.owner == owner for item in self._items)
+        client = client_of(owner)
+        return self._reserved[client] + sum(client_of(item.owner) == client for item in self._items)
 
     def _check_room(self, wanted: int, owner: str, group: int, reserved: bool = False) -> None:
         """`wanted` new places for a group of `group` requests of `owner` (`reserved`: one of them holds a

@@ -1,6 +1,7 @@
 """Fair sharing, through real sockets and HTTP against the real app (issue 32, point 1): a session that floods
 commits is refused past its share while another session's utterances all complete; over HTTP an API key past
-its share of the queue gets a 429 `rate_limit_exceeded` while another key is still served."""
+its share of the queue gets a 429 `rate_limit_exceeded` while another key is still served; the realtime sessions
+of one key share that key's places."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 from app.model.compute.loader import LoadedModel
 from tests.support.checks import assert_openai_error, wait_until
-from tests.support.realtime_client import COMPLETED, encode, gap, open_session, sentence
+from tests.support.realtime_client import COMPLETED, Raw, encode, gap, open_session, sentence
 from tests.support.server import RunningServer, serve
 
 FAILED = "conversation.item.input_audio_transcription.failed"
@@ -120,3 +121,51 @@ def test_an_api_key_past_its_share_of_the_queue_gets_429_while_another_key_is_se
     assert {name: r.status_code for name, r in answers.items()} == {"running": 200, "queued": 200, "other": 200}
     metrics = keyed.context.metrics.registry
     assert metrics.get_sample_value("voxtral_refusals_total", {"reason": "client_queued"}) == 1
+
+
+def _manual(server: RunningServer, key: str) -> Raw:
+    raw = open_session(server.base_url, additional_headers={"Authorization": f"Bearer {key}"})
+    raw.update(turn_detection=None)
+    return raw
+
+
+def _say(raw: Raw) -> None:
+    raw.append(encode(np.concatenate([sentence(), gap(0.2)]), "audio/pcm"), 4800)
+    raw.send(type="input_audio_buffer.commit")
+
+
+def test_the_realtime_sessions_of_one_key_share_its_places_in_the_queue(keyed: RunningServer) -> None:
+    """--max-queued-per-client 1: sk-a's first session holds one utterance in the model and one queued, so a
+    second session of sk-a is refused (as another HTTP request of sk-a would be) while sk-b's is queued."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(stage: str, rows: list[Any]) -> None:
+        if stage == "prefill" and not release.is_set():
+            entered.set()
+            release.wait(30)
+
+    first, second, other = _manual(keyed, "sk-a"), _manual(keyed, "sk-a"), _manual(keyed, "sk-b")
+    metrics = keyed.context.metrics.registry
+    refusals_before = metrics.get_sample_value("voxtral_refusals_total", {"reason": "client_queued"}) or 0
+    keyed.generator.fault = hold  # type: ignore[union-attr]
+    try:
+        _say(first)
+        assert entered.wait(30)  # sk-a's first utterance is in the model, not queued
+        _say(first)
+        wait_until(lambda: keyed.engine.waiting == 1, "sk-a's second utterance is queued")
+        _say(second)
+        refused = second.until(FAILED)[-1]
+        assert refused["error"]["code"] == "rate_limit_exceeded"
+        _say(other)
+        wait_until(lambda: keyed.engine.waiting == 2, "sk-b's utterance is queued beside it")
+    finally:
+        release.set()
+        keyed.generator.fault = None  # type: ignore[union-attr]
+    assert [e["type"] for e in _answers(first.until(COMPLETED, 2))] == [COMPLETED] * 2
+    assert [e["type"] for e in _answers(other.until(COMPLETED))] == [COMPLETED]
+    _say(second)  # once sk-a's are answered, its second session is served
+    assert _answers(second.until(COMPLETED))[-1]["type"] == COMPLETED
+    assert metrics.get_sample_value("voxtral_refusals_total", {"reason": "client_queued"}) == refusals_before + 1
+    for raw in (first, second, other):
+        raw.ws.close()
+    wait_until(lambda: keyed.context.realtime.slots.open == 0, "the sessions are closed")

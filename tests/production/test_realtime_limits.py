@@ -1,10 +1,11 @@
-"""/v1/realtime limits and lifecycle: sessions at once, message size, the longest utterance, idle sessions,
-a client that reads slowly, and a drain that answers the utterance in progress before closing."""
+"""/v1/realtime limits and lifecycle: sessions at once, message size, events a second, the longest utterance,
+idle sessions, a client that reads slowly, and a drain that answers the utterance in progress before closing."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import signal
@@ -20,6 +21,7 @@ from websockets.sync.client import connect
 
 from app.api.lifecycle import DrainGuard, Lifecycle
 from app.model.compute.loader import LoadedModel
+from app.types import PreparedRequest
 from tests.support.checks import wait_until
 from tests.support.production_server import production
 from tests.support.realtime_client import (
@@ -64,14 +66,17 @@ def test_sessions_over_the_limit_are_refused_at_the_upgrade(limited: RunningServ
     wait_until(lambda: limited.context.realtime.slots.open == 0, "the second session is closed")
 
 
-def test_refused_upgrades_are_logged_once_without_a_traceback(
+def test_refused_upgrades_are_logged_once_a_while_without_a_traceback(
     loaded: LoadedModel, tiny_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Anyone can knock: a refusal is one line at info or warning, never an error with a traceback, and the
-    429 says when to retry."""
+    """Anyone can knock: refusals are at most one line per status every 10 s, at info or warning, never an
+    error with a traceback; the line after a quiet spell says how many were not logged; the 429 says when to
+    retry."""
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="uvicorn.error")  # a server run by `serve` leaves it at warning
     with production(loaded, tiny_dir, api_keys=["sk-good"], realtime_max_sessions=1) as running:
+        now = [0.0]
+        running.server.config.ws.refusals.clock = lambda: now[0]
         good = {"additional_headers": {"Authorization": "Bearer sk-good"}}
         first = Raw(connect(ws_url(running), **good))  # type: ignore[arg-type]
         assert first.recv()["type"] == "session.created"
@@ -83,14 +88,21 @@ def test_refused_upgrades_are_logged_once_without_a_traceback(
             statuses.append(refused.value.response.status_code)
             if statuses[-1] == 429:
                 assert refused.value.response.headers["Retry-After"] == "1"
+        now[0] = 10.0  # the next 401 is logged again, with a count of those held back
+        with pytest.raises(InvalidStatus):
+            connect(ws_url(running))
         first.ws.close()
         wait_until(lambda: running.context.realtime.slots.open == 0, "the session is closed")
     assert statuses == [401, 401, 429] * 2
     said = [r for r in caplog.records if r.levelno >= logging.INFO]
-    lines = [r for r in said if "/v1/realtime" in r.getMessage() and "accepted" not in r.getMessage()]
-    assert len(lines) == len(statuses), [r.getMessage() for r in lines]
+    lines = [r.getMessage() for r in said if "/v1/realtime" in r.getMessage() and "accepted" not in r.getMessage()]
+    assert [line.split('" ', 1)[1] for line in lines] == [
+        "401",
+        "429",
+        "401 (3 more refused with it since the last line)",
+    ], lines
     assert not [r for r in said if "rejected" in r.getMessage()]  # once: websockets' repeat is at debug
-    assert all(r.levelno in (logging.INFO, logging.WARNING) for r in lines), [r.getMessage() for r in lines]
+    assert all(r.levelno in (logging.INFO, logging.WARNING) for r in said if "/v1/realtime" in r.getMessage())
     server_side = [r for r in said if not r.name.startswith("websockets.client")]
     loud = [r for r in server_side if r.levelno >= logging.ERROR or r.exc_info]
     assert not loud, [(r.name, r.getMessage()) for r in loud]
@@ -103,6 +115,30 @@ def test_an_event_over_the_size_limit_gets_an_error_and_the_session_goes_on(limi
     assert raw.update(turn_detection=None)["type"] == "session.updated"
     raw.ws.close()
     wait_until(lambda: limited.context.realtime.slots.open == 0, "the session is closed")
+
+
+def test_a_session_sending_past_its_rate_is_paced_and_loses_nothing(loaded: LoadedModel, tiny_dir: Path) -> None:
+    """Past --realtime-max-events-per-s (after its burst) the server leaves the session's socket unread a while:
+    every event is still answered, in order, none refused; another session is answered meanwhile."""
+    with serve(loaded, tiny_dir, realtime_max_events_per_s=20, realtime_events_burst=10) as running:
+        fast, other = open_session(running.base_url), open_session(running.base_url)
+        for n in range(50):
+            fast.send(type="input_audio_buffer.clear", event_id=f"c{n}")
+        started = time.monotonic()
+        other.send(type="input_audio_buffer.clear")
+        other.until("input_audio_buffer.cleared")
+        other_took = time.monotonic() - started
+        events = fast.until("input_audio_buffer.cleared", 50)
+        fast_took = time.monotonic() - started
+        assert [e["type"] for e in events] == ["input_audio_buffer.cleared"] * 50  # no error event
+        assert fast_took >= 1.5  # 40 events past the burst at 20 a second: 2 s, less what was read meanwhile
+        assert other_took < fast_took / 2
+        metrics = running.context.metrics.registry
+        assert metrics.get_sample_value("voxtral_realtime_throttled_events_total") >= 30
+        assert 1.5 <= metrics.get_sample_value("voxtral_realtime_throttled_seconds_total") <= fast_took
+        for raw in (fast, other):
+            raw.ws.close()
+        wait_until(lambda: running.context.realtime.slots.open == 0, "the sessions are closed")
 
 
 def test_the_longest_utterance_is_cut_and_committed(limited: RunningServer) -> None:
@@ -221,3 +257,29 @@ def test_a_client_that_leaves_too_much_unread_is_closed_with_1008(loaded: Loaded
         assert closed is not None, "the server never closed the session"
         assert (closed.code, closed.reason) == (1008, "slow reader: too many events unread")
         wait_until(lambda: running.context.realtime.slots.open == 0, "the session's place is freed")
+
+
+def test_a_session_that_leaves_mid_utterance_frees_its_audio_without_the_collector(
+    loaded: LoadedModel, tiny_dir: Path
+) -> None:
+    """Its utterances' tokenized audio (2 MB a 30 s window) and its buffer are freed by reference counting once
+    the session ends, not at the garbage collector's next full pass: no reference cycle holds them (a
+    cancelled task's error held its frames; a raised error held the frame that raised it)."""
+    with serve(loaded, tiny_dir) as running:
+        gc.collect()
+        gc.disable()
+        try:
+            raw = open_session(running.base_url)
+            raw.update(turn_detection=None)
+            speech = encode(np.concatenate([sentence(), gap(0.2)]), "audio/pcm")
+            for _ in range(3):
+                raw.append(speech, 4800)
+                raw.send(type="input_audio_buffer.commit")
+            raw.until("input_audio_buffer.committed", 3)
+            raw.append(speech, 4800)  # uncommitted audio in the buffer
+            raw.ws.close()
+            wait_until(lambda: running.context.realtime.slots.open == 0 and running.engine.idle, "all is over")
+            left = [o for o in gc.get_objects() if isinstance(o, PreparedRequest)]
+            assert not left, [len(o.input_ids) for o in left]
+        finally:
+            gc.enable()

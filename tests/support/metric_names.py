@@ -11,6 +11,8 @@ COUNTERS = {
     "voxtral_refusals_total",
     "voxtral_encoder_cache_queries_total",
     "voxtral_encoder_cache_hits_total",
+    "voxtral_realtime_throttled_seconds_total",
+    "voxtral_realtime_throttled_events_total",
 }
 GAUGES = {
     "voxtral_num_requests_waiting",

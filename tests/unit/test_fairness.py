@@ -11,7 +11,7 @@ import pytest
 
 from app.engine.batcher import select_batch
 from app.engine.config import EngineConfig
-from app.engine.fairness import fair_order, over_share
+from app.engine.fairness import client_of, fair_order, over_share, part_of
 from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
 from app.engine.scheduler import Scheduler, Take
@@ -51,6 +51,24 @@ def test_an_owner_holding_rows_already_goes_after_those_holding_none() -> None:
 def test_with_one_owner_the_fair_order_is_the_age_order() -> None:
     assert fair_order(["a"] * 5)[0] == [0, 1, 2, 3, 4]
     assert fair_order([]) == ([], [])
+
+
+def test_one_client_s_parts_share_its_rounds_and_take_turns_within_them() -> None:
+    # Client k's line, round-robin by session: k/a, k/b, k/a, k/a; client j is served beside k's first.
+    order, rounds = fair_order(["k/a", "k/a", "k/a", "k/b", "j"])
+    assert order == [0, 4, 3, 1, 2] and rounds == [0, 0, 1, 2, 3]
+    # Rows in the worker count for the part and for its client: k/a holds 2, so k/b's goes first, after j's.
+    order, rounds = fair_order(["k/a", "k/b", "j"], held={"k/a": 2})
+    assert order == [2, 1, 0] and rounds == [0, 2, 3]
+    # Many sessions of one client cost another client nothing: j's next request is always in round 0 or 1.
+    order, _ = fair_order([f"k/{n}" for n in range(10)] + ["j", "j"])
+    assert order[:2] == [0, 10] and order.index(11) == 3
+
+
+def test_an_owner_names_its_client_and_part() -> None:
+    assert part_of("key:1a2b", "sess_x") == "key:1a2b/sess_x"
+    assert client_of("key:1a2b/sess_x") == client_of("key:1a2b") == "key:1a2b"
+    assert client_of("addr:::1") == "addr:::1"
 
 
 def test_a_lower_round_goes_before_a_closer_length() -> None:
@@ -118,6 +136,21 @@ def test_an_owner_past_its_share_is_refused_while_others_still_have_room(loop: a
     queue.release("a")
     queue.put(_item(loop, "a"))  # a place given back is the owner's again
     assert queue.held_by("a") == 3
+
+
+def test_the_parts_of_one_client_are_capped_together(loop: asyncio.AbstractEventLoop) -> None:
+    queue = RequestQueue(10, max_per_owner=3)
+    queue.reserve("k/a")
+    queue.put(_item(loop, "k/a"))
+    queue.put(_item(loop, "k/b"))
+    with pytest.raises(RateLimited):  # a third session of the same key: the key's share is taken
+        queue.put(_item(loop, "k/c"))
+    with pytest.raises(RateLimited):
+        queue.reserve("k")
+    queue.put(_item(loop, "j/a"))  # another client is not refused
+    assert queue.held_by("k/c") == queue.held_by("k") == 3
+    queue.put_many([_item(loop, "k/a")], reserved=True)  # the reservation is taken over, not counted twice
+    assert queue.held_by("k/a") == 3
 
 
 def test_the_scheduler_hands_the_queue_what_each_owner_holds() -> None:

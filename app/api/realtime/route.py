@@ -1,5 +1,6 @@
 """`GET /v1/realtime` (WebSocket): admit the session (model, session limit), then pump events between the
-socket and the serving layer's `Session`: one reader, one writer, a bounded outbox between them.
+socket and the serving layer's `Session`: one reader, one writer, a bounded outbox between them. The reader
+is paced (`--realtime-max-events-per-s`, pace.py): a client sending faster has its socket left unread a while.
 
 A refused upgrade is an HTTP answer in OpenAI's error shape (ASGI's WebSocket denial response). A session
 ends when the client leaves (its pending utterances are cancelled), or after the idle timeout or on a drain
@@ -18,11 +19,13 @@ from typing import Any
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from app.api.clients import client_key
 from app.api.context import RANDOM_WEIGHTS_HEADER, Context
 from app.api.errors import error_response
 from app.api.jsonbody import dumps
 from app.api.lifecycle import Lifecycle
 from app.api.realtime import protocol as wire
+from app.api.realtime.pace import TokenBucket
 from app.config import Settings
 from app.errors import InternalError, InvalidRequest, VoxtralError
 from app.serving.realtime import events as ev
@@ -54,7 +57,8 @@ async def realtime(websocket: WebSocket, ctx: Context) -> None:
         offered = websocket.scope.get("subprotocols", [])
         marked = [(RANDOM_WEIGHTS_HEADER.encode(), b"true")] if ctx.random_weights else None
         await websocket.accept(subprotocol="realtime" if "realtime" in offered else None, headers=marked)
-        connection = Connection(websocket, service, ctx.settings, ctx.lifecycle)
+        client = client_key(websocket, ctx.settings)
+        connection = Connection(websocket, service, ctx.settings, ctx.lifecycle, client)
         code = await connection.run()
         log.info("realtime session %s ended (close code %d; 0: the client left)", connection.session.id, code)
     finally:
@@ -70,16 +74,20 @@ async def _deny(websocket: WebSocket, exc: VoxtralError) -> None:
 
 class Connection:
     def __init__(
-        self, websocket: WebSocket, service: RealtimeServing, settings: Settings, lifecycle: Lifecycle
+        self, websocket: WebSocket, service: RealtimeServing, settings: Settings, lifecycle: Lifecycle, client: str
     ) -> None:
+        """`client`: the opaque key of the client (its API key's hash, or its address): the sessions of one
+        client share its places in the queue."""
         self.ws, self.settings, self.lifecycle = websocket, settings, lifecycle
+        self.metrics = service.metrics
+        self.pace = TokenBucket(settings.realtime_max_events_per_s, settings.realtime_events_burst)
         self.outbox: asyncio.Queue[str | None] = asyncio.Queue(settings.realtime_max_pending_events)
         self.unsent = 0
         """Bytes of the events in the outbox and the one being sent: at most --realtime-max-pending-mb."""
         self.too_slow = asyncio.Event()
         """Set once the client left too much unread: every later event is refused and the reader stops."""
         self.closed = False
-        self.session = service.session(self.emit)
+        self.session = service.session(self.emit, client)
 
     async def emit(self, event: ev.Event) -> None:
         """Queue a session's event as its server event; waits while the outbox is full (a slow client),
@@ -127,6 +135,7 @@ class Connection:
                 )
             if code in (0, INTERNAL_ERROR, SLOW_READER):
                 self.session.cancel()
+            self.session.release()
             writer.cancel()
             with contextlib.suppress(Exception):
                 if code and self.ws.application_state == WebSocketState.CONNECTED:
@@ -158,11 +167,22 @@ class Connection:
                 if message["type"] == "websocket.disconnect":
                     return 0
                 await self._handle(message)
+                if pause := self.pace.take():
+                    await self._paced(pause, stopping, too_slow)
         finally:
             stopping.cancel()
             too_slow.cancel()
             if receive is not None:
                 receive.cancel()
+
+    async def _paced(self, pause: float, *wake: asyncio.Future[Any]) -> None:
+        """The client is past --realtime-max-events-per-s: leave its socket unread for `pause` s (uvicorn stops
+        reading it, so TCP slows the client), or until a drain or a slow-reader close wakes the reader."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait(wake, timeout=pause)
+        self.metrics.realtime_throttled_seconds.inc(loop.time() - started)
+        self.metrics.realtime_throttled_events.inc()
 
     async def _idle(self) -> int:
         idle = self.settings.realtime_idle_timeout_s

@@ -56,6 +56,7 @@ class RealtimeServing:
         self.slots.open -= 1
         self.metrics.realtime_sessions.dec()
 
-    def session(self, emit: Emit) -> Session:
-        """A new session of an admitted client; its events go to `emit`."""
-        return Session(self.shared, emit)
+    def session(self, emit: Emit, client: str = "") -> Session:
+        """A new session of an admitted client (`client`: its opaque key, whose share of the queue the session
+        takes from); its events go to `emit`."""
+        return Session(self.shared, emit, client)

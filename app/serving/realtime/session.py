@@ -21,6 +21,7 @@ import numpy as np
 from app.audio import SAMPLE_RATE
 from app.audio_formats import InputDecoder
 from app.denoise import Denoiser
+from app.engine.fairness import part_of
 from app.errors import AudioTooLong, InternalError, InvalidRequest, VoxtralError
 from app.metrics import Metrics
 from app.refusals import Refusals
@@ -63,11 +64,13 @@ class Shared:
 
 
 class Session:
-    def __init__(self, shared: Shared, emit: Emit) -> None:
+    def __init__(self, shared: Shared, emit: Emit, client: str = "") -> None:
+        """`client`: the opaque key of the client (an API key's hash, an address): its sessions share its
+        places in the queue, and are served round-robin among themselves (app/engine/fairness.py)."""
         self.shared, self.emit = shared, emit
         self.id = new_id("sess")
         self.config = SessionConfig(model=shared.model)
-        share = Share(self.id, shared.max_pending_utterances, shared.refusals)
+        share = Share(part_of(client, self.id), shared.max_pending_utterances, shared.refusals)
         self.transcriber = Transcriber(shared.transcriptions, emit, shared.metrics, share)
         self.buffer = AudioBuffer()
         self.decoder = InputDecoder(self.config.format)
@@ -289,6 +292,15 @@ class Session:
         """The client is gone: stop decoding its utterances."""
         self.transcriber.cancel()
 
+    def release(self) -> None:
+        """The session has ended (after `close` or `cancel`): free its audio now, and let go of the connection
+        (`emit`), which holds this session: a reference cycle would keep both, and the uncommitted audio (up to
+        --realtime-max-buffer-s), until the garbage collector's next full pass."""
+        self.buffer = AudioBuffer()
+        self._held, self.denoiser = None, None
+        self.emit = _gone
+        self.transcriber.release()
+
     @property
     def _prefix_samples(self) -> int:
         vad = self.config.turn_detection
@@ -297,6 +309,10 @@ class Session:
     @property
     def _max_samples(self) -> int:
         return int(self.shared.max_utterance_s * SAMPLE_RATE)
+
+
+async def _gone(event: ev.Event) -> None:
+    raise ConnectionGone
 
 
 def _ms(samples: int) -> int:

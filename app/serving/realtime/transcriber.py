@@ -63,7 +63,8 @@ class Transcriber:
     def __init__(self, transcriptions: TranscriptionServing, emit: Emit, metrics: Metrics, share: Share) -> None:
         self.transcriptions, self.emit, self.metrics, self.share = transcriptions, emit, metrics, share
         self._pending: asyncio.Queue[Utterance | None] = asyncio.Queue()
-        self._task = asyncio.create_task(self._deliver())
+        self._task: asyncio.Task[None] | None = asyncio.create_task(self._deliver())
+        """None once released: a task that ended with an error holds its frames, which hold this transcriber."""
         self.unanswered = 0
         """Utterances committed and not yet answered: a session waiting for them is not idle."""
         self.queued = 0
@@ -93,11 +94,21 @@ class Transcriber:
     async def finish(self) -> None:
         """Deliver every utterance committed so far, then stop."""
         self._pending.put_nowait(None)
-        await self._task
+        if self._task is not None:
+            await self._task
+
+    def release(self) -> None:
+        """The session is over (after `finish` or `cancel`): let go of the connection (`emit`), which holds
+        the session, and of the delivering task. A cancelled task holds its error, whose traceback holds the
+        task's frames: this transcriber, and the run of the utterance it was streaming (its tokenized audio, 2
+        MB a 30 s window). Dropped here, they are freed at once rather than at the collector's next full pass."""
+        self.emit = _gone
+        self._task = None
 
     def cancel(self) -> None:
         """The client is gone: stop decoding for it."""
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
         while not self._pending.empty():
             utterance = self._pending.get_nowait()
             if utterance is not None:
@@ -106,6 +117,9 @@ class Transcriber:
     async def _deliver(self) -> None:
         while (utterance := await self._pending.get()) is not None:
             try:
+                if utterance.refused is not None:  # answered, not raised: a raised error's traceback would hold
+                    await self._fail(utterance, utterance.refused)  # the utterance, and so itself, in a cycle
+                    continue
                 await self._stream(utterance)
                 self.unanswered -= 1
             except ConnectionGone:
@@ -123,9 +137,7 @@ class Transcriber:
                 self.queued -= utterance.started is not None
 
     async def _stream(self, utterance: Utterance) -> None:
-        if utterance.started is None:
-            assert utterance.refused is not None
-            raise utterance.refused
+        assert utterance.started is not None
         run = await utterance.started
         item = utterance.item_id
         text, scores = "", list[TokenScore]()
@@ -145,6 +157,10 @@ class Transcriber:
         self.unanswered -= 1
         self.metrics.realtime_utterances.labels("failed").inc()
         await self.emit(TranscriptionFailed(utterance.item_id, exc))
+
+
+async def _gone(event: object) -> None:
+    raise ConnectionGone
 
 
 def _cancel_run(task: asyncio.Task[TranscriptionRun]) -> None:

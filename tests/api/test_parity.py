@@ -22,16 +22,6 @@ from tests.support.mel_checks import assert_mel_close
 from tests.support.server import AUDIO, make_settings, serve
 
 
-@pytest.fixture(scope="module")
-def prompter(loaded: LoadedModel) -> Prompter:
-    return Prompter(loaded.processor, "tiny")
-
-
-@pytest.fixture(scope="module")
-def log_mel(loaded: LoadedModel) -> LogMel:
-    return LogMel(loaded.processor.feature_extractor, 3000)
-
-
 def test_transcription_prompt_matches_apply_transcription_request(
     loaded: LoadedModel, prompter: Prompter, log_mel: LogMel
 ) -> None:

@@ -29,16 +29,6 @@ TIE_TOL = 1e-3
 tests/api/test_parity.py, where the figure is argued)."""
 
 
-@pytest.fixture(scope="module")
-def prompter(loaded: LoadedModel) -> Prompter:
-    return Prompter(loaded.processor, "tiny")
-
-
-@pytest.fixture(scope="module")
-def log_mel(loaded: LoadedModel) -> LogMel:
-    return LogMel(loaded.processor.feature_extractor, 3000)
-
-
 def _generator(loaded: LoadedModel, log_mel: LogMel, slots: int, max_len: int = 1024) -> BatchGenerator:
     return BatchGenerator(loaded.model, pad_token_id=11, log_mel=log_mel, cache=CachePlan(slots, max_len))
 

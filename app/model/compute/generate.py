@@ -42,8 +42,8 @@ from app.model.compute.transfer import upload
 __all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
 
 CPU_CACHE_BYTES = 4 * 2**30
-"""The KV cache budget of a CPU model when none is given (as vLLM's CPU backend's default); touched only as
-far as rows reach."""
+"""The KV cache budget of a generator built without a plan (tests, benchmarks), as vLLM's CPU backend's default;
+the server plans from the machine's RAM (app/model/compute/budget.py). Touched only as far as steps read."""
 ENCODER_CACHE_BYTES = 256 * 2**20
 """The audio encoder cache's default bound: ~110 windows of 30 s for Voxtral Mini in bfloat16 (2.3 MB each)."""
 DEFAULT_ROWS = 32

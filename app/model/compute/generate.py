@@ -33,7 +33,7 @@ from app.model.compute.decoder import LeanDecoder
 from app.model.compute.encoder_cache import EncoderCache
 from app.model.compute.features import LogMel
 from app.model.compute.graphs import StepGraphs
-from app.model.compute.kvcache import GrowingCache
+from app.model.compute.kvcache import PrefillCache
 from app.model.compute.row import Row
 from app.model.compute.sampling import sample
 from app.model.compute.slots import CachePlan, CacheShape, SlotCache, batch_sizes, padded, plan, width_of, widths
@@ -119,9 +119,9 @@ class BatchGenerator:
         next-token logits."""
         # A preempted row comes back with its generated tokens: recompute them as prompt.
         prompts = [r.input_ids + r.generated for r in rows]
-        if max(len(p) for p in prompts) >= self.plan.max_len:
-            raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit {self.plan.max_len}")
         width = max(len(p) for p in prompts)
+        if width >= self.plan.max_len:
+            raise ValueError(f"a prompt of {width} tokens does not fit {self.plan.max_len}")
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):
@@ -133,7 +133,7 @@ class BatchGenerator:
             inputs_embeds=self._embed(ids, [audio for r in rows for audio in r.audios]),
             attention_mask=self._mask(upload(mask, self.device), lengths, width),
             position_ids=upload(positions, self.device),
-            cache=GrowingCache(self.num_layers),
+            cache=PrefillCache(self.num_layers),
             use_cache=True,
         )
         slots = self._free(len(rows))

@@ -16,12 +16,14 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 
 from app.config import TINY_MODEL, Settings
+from app.model.compute.slots import CacheShape
 from app.model.fingerprint import system_fingerprint
 from app.model.tiny import build_tiny_model, is_tiny
 
@@ -227,12 +229,11 @@ def weights_bytes(path: Path, dtype: torch.dtype) -> int | None:
 
 
 def kv_bytes(path: Path, dtype: torch.dtype, tokens: int) -> int:
-    """The KV cache of `tokens` positions: keys and values of every layer."""
-    text = _config(path).get("text_config", {})
-    heads = int(text.get("num_attention_heads", 32))
-    head_dim = int(text.get("head_dim") or int(text.get("hidden_size", 4096)) // heads)
-    per_token = 2 * int(text.get("num_hidden_layers", 32)) * int(text.get("num_key_value_heads", heads)) * head_dim
-    return per_token * _itemsize(dtype) * tokens
+    """The KV cache of `tokens` positions: keys and values of every layer, read from the checkpoint's config
+    before the model is loaded (a 7B-sized Mistral where it says nothing)."""
+    text = {"num_attention_heads": 32, "hidden_size": 4096, "num_hidden_layers": 32}
+    text |= _config(path).get("text_config", {})
+    return CacheShape.of(SimpleNamespace(**text), dtype).token_bytes * tokens
 
 
 def _config(path: Path) -> dict[str, Any]:

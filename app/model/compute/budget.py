@@ -22,7 +22,7 @@ import torch
 from app.config import Settings
 from app.model.compute.generate import CPU_CACHE_BYTES
 from app.model.compute.loader import GIB, ModelLoadError
-from app.model.compute.slots import CachePlan, CacheShape, plan
+from app.model.compute.slots import CachePlan, CacheShape, layer_devices, plan
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +83,11 @@ def physical_memory() -> int:
 
 def device_memory(model: Any) -> list[DeviceMemory]:
     """Each GPU the model's decoder layers are on, as it is now (none: a CPU model)."""
-    indices = [d.index or 0 for d in _layer_devices(model) if d.type == "cuda"]
+    indices = [d.index or 0 for d in layer_devices(model) if d.type == "cuda"]
     return [
         DeviceMemory(torch.cuda.mem_get_info(i)[1], torch.cuda.memory_allocated(i), indices.count(i))
         for i in sorted(set(indices))
     ]
-
-
-def _layer_devices(model: Any) -> list[torch.device]:
-    """The device of each decoder layer: where its part of the cache goes."""
-    layers = model.model.language_model.layers[: int(model.config.text_config.num_hidden_layers)]
-    return [layer.self_attn.q_proj.weight.device for layer in layers]
 
 
 def plan_cache(model: Any, settings: Settings) -> CachePlan:
@@ -108,7 +102,7 @@ def plan_cache(model: Any, settings: Settings) -> CachePlan:
         cache = plan(shape, settings.max_batch_size, settings.context_length, budget)
     except ValueError as exc:
         raise ModelLoadError(f"{exc}{_why(devices, reserve, settings)}") from exc
-    where = ", ".join(sorted({str(d) for d in _layer_devices(model)}))
+    where = ", ".join(sorted({str(d) for d in layer_devices(model)}))
     gib = cache.bytes(shape) / GIB
     log.info("KV cache: %d slots of %d positions, %.2f GiB on %s", cache.slots, cache.max_len, gib, where)
     if cache.slots < settings.max_batch_size:

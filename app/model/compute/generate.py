@@ -36,7 +36,17 @@ from app.model.compute.graphs import StepGraphs
 from app.model.compute.kvcache import PrefillCache
 from app.model.compute.row import Row
 from app.model.compute.sampling import sample
-from app.model.compute.slots import CachePlan, CacheShape, SlotCache, batch_sizes, padded, plan, width_of, widths
+from app.model.compute.slots import (
+    CachePlan,
+    CacheShape,
+    SlotCache,
+    batch_sizes,
+    layer_devices,
+    padded,
+    plan,
+    width_of,
+    widths,
+)
 from app.model.compute.transfer import upload
 
 __all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
@@ -90,11 +100,8 @@ class BatchGenerator:
         self.shape = CacheShape.of(self.text_config, model.dtype)
         context = int(getattr(self.text_config, "max_position_embeddings", DEFAULT_LEN))
         self.plan = cache or default_plan(self.shape, context)
-        language = model.model.language_model
-        layers = language.layers[: self.num_layers]
-        devices = [layer.self_attn.q_proj.weight.device for layer in layers]
-        self.cache = SlotCache(self.shape, self.plan, devices)
-        self.decoder = LeanDecoder(language, model.lm_head)
+        self.cache = SlotCache(self.shape, self.plan, layer_devices(model))
+        self.decoder = LeanDecoder(model.model.language_model, model.lm_head)
         self.graphs = StepGraphs(self.decoder, self.cache, self.device)
         self.sizes = batch_sizes(self.plan.slots)
         self.widths = widths(self.plan.max_len)

@@ -106,6 +106,12 @@ def plan(shape: CacheShape, max_rows: int, max_len: int, budget_bytes: int) -> C
     return CachePlan(slots, max_len)
 
 
+def layer_devices(model: Any) -> list[torch.device]:
+    """The device of each decoder layer of a Voxtral model: where its part of the cache goes."""
+    layers = model.model.language_model.layers[: int(model.config.text_config.num_hidden_layers)]
+    return [layer.self_attn.q_proj.weight.device for layer in layers]
+
+
 class SlotCache:
     """Keys and values of every layer, on each layer's device (`devices`)."""
 

@@ -306,12 +306,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--traced"]:
         return serve_traced()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, default=8)
-    parser.add_argument("--utterances", type=int, default=3)
-    parser.add_argument("--pause-s", type=float, default=1.5)
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--tokens-per-s", type=float, default=5.0)
-    parser.add_argument("--spread-s", type=float, default=None)
+    rt.session_args(parser, sessions=8)
     parser.add_argument("--flood-commits", type=int, default=600)
     parser.add_argument("--flood-every-s", type=float, default=1000.0)
     parser.add_argument("--idle", type=int, default=2000)

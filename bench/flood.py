@@ -146,12 +146,7 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, default=8)
-    parser.add_argument("--utterances", type=int, default=3)
-    parser.add_argument("--pause-s", type=float, default=1.5)
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--tokens-per-s", type=float, default=5.0)
-    parser.add_argument("--spread-s", type=float, default=None)
+    rt.session_args(parser, sessions=8)
     parser.add_argument("--flood-commits", type=int, default=600)
     parser.add_argument("--flood-every-s", type=float, default=1.0)
     parser.add_argument("--realtime-max-events-per-s", default=None, help="the server's pace (default: its own)")

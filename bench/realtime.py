@@ -196,9 +196,9 @@ def report(outcomes: list[Outcome], batches: tuple[float, float, float], args: a
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, default=32)
+def session_args(parser: argparse.ArgumentParser, sessions: int) -> None:
+    """The well-behaved sessions' options, shared by this benchmark and those that run beside them."""
+    parser.add_argument("--sessions", type=int, default=sessions)
     parser.add_argument("--utterances", type=int, default=3)
     parser.add_argument("--pause-s", type=float, default=1.5)
     parser.add_argument("--max-batch-size", type=int, default=32)
@@ -206,6 +206,11 @@ def main() -> None:
     parser.add_argument(
         "--spread-s", type=float, default=None, help="session starts spread over this (default: one sentence+pause)"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    session_args(parser, sessions=32)
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     args = parser.parse_args()
     port = free_port()

@@ -3,7 +3,7 @@
 # (git-ignored) the Python 3.12 x86-64 wheels the GPU machine lacks, at the versions this checkout's
 # .venv runs. That machine has torch, transformers 5.17, numpy, httpx, accelerate, huggingface-hub,
 # tokenizers, safetensors, prometheus-client and more, and no network (.library/device/KINDS.md).
-# About 36 MB: PyAV (36 MB more) stays behind, since the server imports it only for containers
+# About 85 MB (bitsandbytes alone is 43 MB): PyAV (36 MB more) stays behind, since the server imports it only for containers
 # libsndfile cannot read and the benches send WAV (tests/data/jfk.wav travels with the tree).
 # Then: bench/gpu_check.sh (or bench/gpu.sh).
 set -euo pipefail
@@ -12,7 +12,7 @@ PACKAGES=(
   transformers mistral-common llguidance fastapi starlette uvicorn python-multipart opentelemetry-api
   pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
   pydantic-extra-types pycountry jsonschema jsonschema-specifications referencing rpds-py soundfile cffi
-  pycparser soxr silero-vad websockets onnxruntime flatbuffers protobuf
+  pycparser soxr silero-vad websockets onnxruntime flatbuffers protobuf torchao bitsandbytes jiwer rapidfuzz click
 )
 # pyproject's dependencies that are NOT fetched: the GPU image has them (bench/gpu_preflight.py checks their
 # versions there), or the server does without them (av, above). tests/project/test_gpu_wheels.py holds that

@@ -1,7 +1,9 @@
 """Prometheus instruments, on a registry passed in so several apps can live in one process (tests).
 
 Names mirror vLLM's where a meaning exists there (`vllm:num_requests_waiting` ->
-`voxtral_num_requests_waiting`, same units), so dashboards and autoscalers translate.
+`voxtral_num_requests_waiting`, same units), so dashboards and autoscalers translate. Three series carry
+vLLM's own names and meanings too (`watch_scheduler`): those a Gateway API Inference Extension endpoint
+picker reads from each pod.
 """
 
 from __future__ import annotations
@@ -38,6 +40,39 @@ class _CacheCollector(Collector):
         yield CounterMetricFamily("voxtral_encoder_cache_queries", "Audios looked up in the encoder cache", now.queries)
         yield CounterMetricFamily("voxtral_encoder_cache_hits", "Audios whose encoder output was reused", now.hits)
         yield GaugeMetricFamily("voxtral_encoder_cache_bytes", "Bytes the audio encoder cache holds", now.bytes)
+
+
+class SchedulerCounts(Protocol):
+    """What the engine holds at one moment (app/engine/stats.py `SchedulerStats`), with vLLM's meanings."""
+
+    @property
+    def num_running_reqs(self) -> int: ...
+    @property
+    def num_waiting_reqs(self) -> int: ...
+    @property
+    def kv_cache_usage(self) -> float: ...
+
+
+class _SchedulerCollector(Collector):
+    """vLLM's scheduler gauges, with its names, help texts and labels (`model_name`, `engine`: one engine
+    here, "0"), read from the engine when /metrics is scraped: what a gateway's endpoint picker reads from a
+    vLLM pod. Before the engine exists (`counts` gives None) nothing waits or runs: zeros, as vLLM seeds them."""
+
+    def __init__(self, counts: Callable[[], SchedulerCounts | None], model_name: str) -> None:
+        self.counts, self.labels = counts, {"model_name": model_name, "engine": "0"}
+
+    def collect(self) -> Iterable[Metric]:
+        now = self.counts()
+        values = (now.num_running_reqs, now.num_waiting_reqs, now.kv_cache_usage) if now is not None else (0, 0, 0)
+        series = (
+            ("vllm:num_requests_running", "Number of requests in model execution batches."),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+        )
+        for (name, help_text), value in zip(series, values, strict=True):
+            family = GaugeMetricFamily(name, help_text, labels=list(self.labels))
+            family.add_metric(list(self.labels.values()), value)
+            yield family
 
 
 class Metrics:
@@ -133,6 +168,11 @@ class Metrics:
     def watch_encoder_cache(self, counts: Callable[[], CacheCounts]) -> None:
         """Export the audio encoder cache's counts (`voxtral_encoder_cache_{queries,hits}_total`, `_bytes`)."""
         self.registry.register(_CacheCollector(counts))
+
+    def watch_scheduler(self, counts: Callable[[], SchedulerCounts | None], model_name: str) -> None:
+        """Export the engine's `vllm:num_requests_{waiting,running}` and `vllm:kv_cache_usage_perc` (vLLM's
+        meanings; the `voxtral_*` gauges keep theirs), labelled with the served model's name."""
+        self.registry.register(_SchedulerCollector(counts, model_name))
 
     def sample_gpu_memory(self) -> None:
         """Called at scrape time: a value read when Prometheus asks is never stale. No GPU: no series."""

@@ -28,6 +28,7 @@ from app.config import Settings
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.runner import Wrap, as_is
+from app.engine.stats import SchedulerStats
 from app.metrics import Metrics
 from app.model.compute.loader import LoadedModel, ModelLoadError, load_model
 from app.model.runtime import ModelRuntime
@@ -64,11 +65,16 @@ class Wiring:
         self.engine: Engine | None = None
         """The engine under the context's serving layer, built with it."""
         self.app = build_api(settings, self.metrics, self.lifecycle, self.lifespan)
+        self.metrics.watch_scheduler(self._scheduler_stats, settings.model_id)
 
     @property
     def context(self) -> AppContext | None:
         """Set once by the start-up, before the engine starts (a drain may come during the warm-up)."""
         return self.startup.context
+
+    def _scheduler_stats(self) -> SchedulerStats | None:
+        """The engine's counts for /metrics; None until start-up has built it."""
+        return self.engine.stats() if self.engine is not None else None
 
     async def build_context(self) -> AppContext:
         """Load (unless given), then the model facade (a pass over the vocabulary: off the loop), the

@@ -25,6 +25,9 @@ class EngineConfig:
     """None: no budget on the running batch's KV cache (the settings always give one)."""
     max_queued_per_owner: int | None = None
     """Queue places one owner (a client) may hold; None: no cap but the queue's."""
+    kv_cache_slots: int | None = None
+    """The model's KV cache slots (rows it can hold at once), what `vllm:kv_cache_usage_perc` divides by;
+    None: not known (an engine built without a model plan reports a usage of 0)."""
 
     @property
     def max_wait_s(self) -> float:
@@ -42,4 +45,5 @@ class EngineConfig:
             continuous_batching=settings.continuous_batching,
             max_running_tokens=settings.max_running_tokens,
             max_queued_per_owner=settings.max_queued_per_client,
+            kv_cache_slots=max_rows,
         )

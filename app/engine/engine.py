@@ -1,5 +1,5 @@
 """The engine's small interface to the serving layer: admission, submit (which returns a `Ticket`: result or
-events, cancel, stats), drain, and what it holds (`waiting`, `running`, `idle`).
+events, cancel, stats), drain, and what it holds (`waiting`, `running`, `idle`, and `stats()` with vLLM's meanings).
 
 Callers see only this and the ticket; the queue, the work items, the scheduler and the worker thread stay
 private behind it.
@@ -18,6 +18,7 @@ from app.engine.fatal import DEVICE_FAILED
 from app.engine.item import WorkItem
 from app.engine.queue import RequestQueue
 from app.engine.runner import ModelRunner
+from app.engine.stats import SchedulerStats
 from app.engine.ticket import Ticket
 from app.engine.worker import ModelWorker
 from app.errors import DeviceFailed, QueueFull, RateLimited, ShuttingDown
@@ -160,6 +161,16 @@ class Engine:
     def running(self) -> int:
         """Rows in the batch being decoded."""
         return self._worker.running
+
+    def stats(self) -> SchedulerStats:
+        """What the engine holds now, with vLLM's meanings (app/engine/stats.py); any thread may ask. Each
+        count is read once, as the worker left it: a scrape in the middle of a merge may count a row twice."""
+        worker, slots = self._worker, self.config.kv_cache_slots
+        return SchedulerStats(
+            num_running_reqs=worker.running + worker.prefilling,
+            num_waiting_reqs=self.waiting + worker.parked,
+            kv_cache_usage=min(1.0, worker.slots_used / slots) if slots else 0.0,
+        )
 
     @property
     def idle(self) -> bool:

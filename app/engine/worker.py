@@ -85,6 +85,22 @@ class ModelWorker:
         """Rows this worker still owes an answer: running, being prefilled, or parked after an OOM."""
         return self.running + len(self._preempted) + self._prefilling
 
+    @property
+    def prefilling(self) -> int:
+        """Rows out of the queue (or the parked list) being prefilled to join the batch."""
+        return self._prefilling
+
+    @property
+    def parked(self) -> int:
+        """Rows pushed out by an out-of-memory error, waiting to be prefilled again."""
+        return len(self._preempted)
+
+    @property
+    def slots_used(self) -> int:
+        """KV cache slots the running batch holds (one a row; rows being prefilled join it at the merge)."""
+        state = self._state
+        return len(state.slots) if state is not None else 0
+
     def item(self, key: int) -> WorkItem | None:
         """The work item of the rows carrying `key`, while this worker holds them (any thread may ask)."""
         return self._items.get(key)

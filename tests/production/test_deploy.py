@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.support.metric_names import HISTOGRAMS, METRICS
+from tests.support.metric_names import HISTOGRAMS, METRICS, VLLM_TWINS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -39,7 +39,7 @@ K8S_VERSION = "1.30"
 
 QUEUE_METRIC = "voxtral_num_requests_waiting"
 # Digits included: `[a-z_]+` alone would read voxtral_e2e_... as "voxtral_e".
-METRIC_RE = re.compile(r"\bvoxtral_[a-z0-9_]+")
+METRIC_RE = re.compile(r"\b(?:voxtral_|vllm:)[a-z0-9_]+")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 MIN_STARTUP_BUDGET_S = 15 * 60
@@ -527,7 +527,7 @@ def test_grafana_queries_use_only_exported_metrics() -> None:
 
 def test_grafana_covers_every_metric_and_required_panel() -> None:
     used = set().union(*(referenced_metrics(e) for e in dashboard_exprs()))
-    assert used == METRICS, f"metrics without a panel: {sorted(METRICS - used)}"
+    assert used == METRICS - VLLM_TWINS, f"metrics without a panel: {sorted(METRICS - VLLM_TWINS - used)}"
     titles = " | ".join(p["title"].lower() for p in dashboard_panels())
     for words in (
         "request rate by status",
@@ -541,6 +541,7 @@ def test_grafana_covers_every_metric_and_required_panel() -> None:
         "audio seconds",
         "real-time factor",
         "gpu memory",
+        "kv cache usage",
     ):
         assert words in titles, words
     p99 = [
@@ -551,3 +552,113 @@ def test_grafana_covers_every_metric_and_required_panel() -> None:
     ]
     assert any("voxtral_e2e_request_latency_seconds_bucket" in e for e in p99)
     assert any("voxtral_time_to_first_token_seconds_bucket" in e for e in p99)
+
+
+# --- Gateway API Inference Extension -------------------------------------------------------------
+
+GATEWAY = K8S_EXTRAS / "gateway"
+SCHEMAS = ROOT / "deploy" / "schemas"
+CUSTOM_SCHEMAS = {
+    ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepool-v1.json",
+    ("gateway.networking.k8s.io/v1", "Gateway"): "gateway-v1.json",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-v1.json",
+}
+GATEWAY_MANIFESTS = sorted(p.name for p in GATEWAY.glob("*.yaml") if p.name != "kustomization.yaml")
+VLLM_SPECS = {
+    "queuedRequestsSpec": "vllm:num_requests_waiting",
+    "runningRequestsSpec": "vllm:num_requests_running",
+    "kvUsageSpec": "vllm:kv_cache_usage_perc",
+}
+
+
+def closed(schema: Any) -> Any:
+    """The CRD schema with unknown fields refused: the API server prunes or (strict field validation)
+    rejects a field its structural schema does not declare; JSON Schema allows it unless told."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: closed(value) for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_validator(manifest: dict[str, Any]) -> jsonschema.Draft7Validator:
+    schema = json.loads((SCHEMAS / CUSTOM_SCHEMAS[manifest["apiVersion"], manifest["kind"]]).read_text())
+    return jsonschema.Draft7Validator(closed(schema))
+
+
+def test_gateway_kustomization_lists_every_file() -> None:
+    kustomization = load_k8s("kustomization.yaml", GATEWAY)
+    assert kustomization["kind"] == "Kustomization"
+    assert sorted(kustomization["resources"]) == GATEWAY_MANIFESTS
+
+
+@pytest.mark.parametrize("name", GATEWAY_MANIFESTS)
+def test_gateway_manifest_validates(name: str) -> None:
+    """Custom resources against their CRD's published schema (deploy/schemas/README.md), the rest against
+    Kubernetes' own, strictly."""
+    import kubernetes_validate
+
+    manifest = load_k8s(name, GATEWAY)
+    if (manifest["apiVersion"], manifest["kind"]) in CUSTOM_SCHEMAS:
+        errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in crd_validator(manifest).iter_errors(manifest)]
+        assert not errors, f"{name}: {errors}"
+        return
+    try:
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{name}: {'.'.join(map(str, exc.path))}: {exc.message}")
+
+
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [("inferencepool.yaml", ("spec",)), ("httproute.yaml", ("spec", "rules", 0)), ("gateway.yaml", ("spec",))],
+)
+def test_crd_validation_rejects_an_unknown_field(name: str, where: tuple[str | int, ...]) -> None:
+    manifest = load_k8s(name, GATEWAY)
+    node: Any = manifest
+    for key in where:
+        node = node[key]
+    node["replicaAffinity"] = {}
+    assert list(crd_validator(manifest).iter_errors(manifest)), f"{name}: an unknown field passed"
+
+
+def test_inference_pool_selects_the_servers_pods_and_names_the_picker() -> None:
+    pool = load_k8s("inferencepool.yaml", GATEWAY)["spec"]
+    pod_labels = load_k8s("deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+    assert pool["selector"]["matchLabels"].items() <= pod_labels.items()
+    container_ports = {p["containerPort"] for p in main_container(load_k8s("deployment.yaml"))["ports"]}
+    assert [p["number"] for p in pool["targetPorts"]] == [8000] and 8000 in container_ports
+    picker = load_k8s("epp-service.yaml", GATEWAY)
+    assert pool["endpointPickerRef"]["name"] == picker["metadata"]["name"]
+    assert pool["endpointPickerRef"]["port"]["number"] in {p["port"] for p in picker["spec"]["ports"]}
+    epp = load_k8s("epp-deployment.yaml", GATEWAY)["spec"]["template"]
+    assert picker["spec"]["selector"].items() <= epp["metadata"]["labels"].items()
+    args = epp["spec"]["containers"][0]["args"]
+    assert args[args.index("--pool-name") + 1] == load_k8s("inferencepool.yaml", GATEWAY)["metadata"]["name"]
+
+
+def test_picker_reads_the_servers_vllm_series() -> None:
+    config = yaml.safe_load(load_k8s("epp-configmap.yaml", GATEWAY)["data"]["default-plugins.yaml"])
+    assert config["kind"] == "EndpointPickerConfig"
+    [extractor] = [p for p in config["plugins"] if p["type"] == "core-metrics-extractor"]
+    [engine] = extractor["parameters"]["engineConfigs"]
+    assert {k: engine[k] for k in VLLM_SPECS} == VLLM_SPECS
+    assert set(VLLM_SPECS.values()) <= METRICS  # the server exports them (tests/production/test_production_metrics.py)
+    assert all(engine[k] == "" or engine[k] in METRICS for k in engine if k.endswith("Spec"))
+    [source] = [p for p in config["plugins"] if p["type"] == "metrics-data-source"]
+    assert source["parameters"]["path"] == "/metrics"
+
+
+def test_route_sends_v1_to_the_pool_and_realtime_to_the_service() -> None:
+    route = load_k8s("httproute.yaml", GATEWAY)
+    gateway = load_k8s("gateway.yaml", GATEWAY)
+    assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+    by_path = {r["matches"][0]["path"]["value"]: r["backendRefs"] for r in route["spec"]["rules"]}
+    [pool] = by_path["/v1"]
+    assert (pool["group"], pool["kind"], pool["name"]) == ("inference.networking.k8s.io", "InferencePool", "voxtral")
+    [service] = by_path["/v1/realtime"]
+    assert service["kind"] == "Service" and service["name"] == load_k8s("service.yaml")["metadata"]["name"]
+    assert service["port"] in {p["port"] for p in load_k8s("service.yaml")["spec"]["ports"]}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import Metrics
+from app.model.compute.generate import BatchGenerator
 from app.model.compute.loader import LoadedModel
-from tests.support.metric_names import COUNTERS, METRICS
+from tests.support.metric_names import COUNTERS, METRICS, VLLM_GAUGES
 from tests.support.server import AUDIO, serve
 
 JFK_SECONDS = 11.0
@@ -64,7 +68,7 @@ def test_exported_names_are_exactly_what_the_dashboards_use(running: Any) -> Non
         names.add(family.name + "_total" if family.type == "counter" else family.name)
     assert names == METRICS
     assert {n for n in names if n.endswith("_total")} == COUNTERS
-    assert all(n.startswith("voxtral_") for n in names)
+    assert all(n.startswith("voxtral_") for n in names - VLLM_GAUGES)
 
 
 def test_requests_move_every_counter(running: Any) -> None:
@@ -153,3 +157,65 @@ def _text(metrics: Metrics) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(metrics.registry).decode()
+
+
+VLLM_LABELS = {"model_name": "tiny", "engine": "0"}
+
+
+def vllm_gauges(samples: Samples) -> tuple[float, float, float]:
+    """(waiting, running, KV cache usage) as a gateway's endpoint picker reads them."""
+    return tuple(  # type: ignore[return-value]
+        value(samples, f"vllm:{name}", **VLLM_LABELS)
+        for name in ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc")
+    )
+
+
+def test_vllm_gauges_at_idle_carry_vllms_labels(running: Any) -> None:
+    with running.http() as http:
+        samples = scrape(http)
+    for name in VLLM_GAUGES:
+        assert (name, tuple(sorted(VLLM_LABELS.items()))) in samples, name
+    assert vllm_gauges(samples) == (0, 0, 0)
+
+
+def test_vllm_gauges_while_a_stream_holds_a_slot_and_another_waits(running: Any) -> None:
+    """The worker is held inside a decode step of one streaming chat: it runs, holding one of the plan's
+    slots, and a second chat sent meanwhile waits in the queue. Released, both finish and all return to 0."""
+    generator = running.generator.inner
+    assert isinstance(generator, BatchGenerator)
+    slots = generator.plan.slots
+    stepping, release = threading.Event(), threading.Event()
+
+    def hold(stage: str, rows: list[Any]) -> None:
+        if stage == "step":
+            stepping.set()
+            release.wait(60)
+
+    def send(stream: bool) -> None:
+        with running.http() as client:
+            chat(client, stream=stream)
+
+    running.generator.fault = hold
+    try:
+        with running.http() as http, ThreadPoolExecutor(2) as pool:
+            streaming = pool.submit(send, True)
+            assert stepping.wait(60), "the streaming chat never reached a decode step"
+            assert vllm_gauges(scrape(http)) == (0, 1, pytest.approx(1 / slots))
+            queued = pool.submit(send, False)
+            held = _until(lambda: scrape(http), lambda s: vllm_gauges(s)[0] == 1)
+            assert vllm_gauges(held) == (1, 1, pytest.approx(1 / slots))
+            release.set()
+            streaming.result(timeout=60)
+            queued.result(timeout=60)
+            assert vllm_gauges(scrape(http)) == (0, 0, 0)
+    finally:
+        release.set()
+        running.generator.fault = None
+
+
+def _until(read: Any, done: Any, timeout_s: float = 60) -> Samples:
+    """`read()` again until `done` holds of it (the second request reaches the queue on its own time)."""
+    deadline = time.monotonic() + timeout_s
+    while not done(samples := read()):
+        assert time.monotonic() < deadline, "the condition never held"
+    return samples

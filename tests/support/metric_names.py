@@ -23,6 +23,14 @@ GAUGES = {
     "voxtral_realtime_sessions",
     "voxtral_encoder_cache_bytes",
 }
+VLLM_GAUGES = {
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+    "vllm:kv_cache_usage_perc",
+}
+"""vLLM's names and meanings (labels `model_name`, `engine`): what a gateway's endpoint picker reads."""
+VLLM_TWINS = {"vllm:num_requests_waiting", "vllm:num_requests_running"}
+"""vLLM series a dashboard shows through their `voxtral_*` twins (the same counts, parked rows placed apart)."""
 HISTOGRAMS = {
     "voxtral_e2e_request_latency_seconds",
     "voxtral_time_to_first_token_seconds",
@@ -32,4 +40,4 @@ HISTOGRAMS = {
     "voxtral_real_time_factor",
     "voxtral_realtime_turn_latency_seconds",
 }
-METRICS = COUNTERS | GAUGES | HISTOGRAMS
+METRICS = COUNTERS | GAUGES | VLLM_GAUGES | HISTOGRAMS

@@ -1,4 +1,4 @@
-"""Command line: `voxtral-server serve [flags]` and `voxtral-server tiny-model DIR`."""
+"""Command line: `voxtral-server serve [flags]`, `eval DIR [flags]` (the quality gate) and `tiny-model DIR`."""
 
 from __future__ import annotations
 
@@ -54,13 +54,19 @@ def _tiny(argv: list[str]) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    from app.eval.cli import main
+
+    return main(argv)
+
+
 def cli(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # `serve` replaces it from its settings
-    commands = {"serve": _serve, "tiny-model": _tiny}
+    commands = {"serve": _serve, "eval": _eval, "tiny-model": _tiny}
     if not argv or argv[0] not in commands:
         print(
-            "usage: voxtral-server {serve,tiny-model} [options]   (serve --help for every setting)",
+            "usage: voxtral-server {serve,eval,tiny-model} [options]   (serve --help for every setting)",
             file=sys.stderr,
         )
         return 2

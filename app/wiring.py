@@ -113,14 +113,7 @@ class Wiring:
             with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone already
                 loop.call_soon_threadsafe(self.lifecycle.fail, f"the device failed: {reason}")
 
-        return Engine(
-            self.wrap_generator(runtime.generator),
-            EngineConfig.from_settings(self.settings, max_rows=runtime.generator.max_rows),
-            eos_token_ids={runtime.eos_id},
-            decode=runtime.text,
-            metrics=self.metrics,
-            on_fatal=device_failed,
-        )
+        return build_engine(self.settings, runtime, self.metrics, device_failed, self.wrap_generator)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[dict[str, Startup]]:
@@ -167,6 +160,25 @@ class Wiring:
     async def drain(self) -> bool:
         """Start of shutdown (SIGTERM): /ready turns 503, new /v1 requests 503, accepted ones finish."""
         return await self.lifecycle.drain(self.engine, self.settings.drain_timeout_s)
+
+
+def build_engine(
+    settings: Settings,
+    runtime: ModelRuntime,
+    metrics: Metrics,
+    on_fatal: Callable[[str], None] | None = None,
+    wrap_generator: Wrap = as_is,
+) -> Engine:
+    """The engine over `runtime`'s generator with the server's limits (not started): the server's and
+    `voxtral-server eval`'s one recipe."""
+    return Engine(
+        wrap_generator(runtime.generator),
+        EngineConfig.from_settings(settings, max_rows=runtime.generator.max_rows),
+        eos_token_ids={runtime.eos_id},
+        decode=runtime.text,
+        metrics=metrics,
+        on_fatal=on_fatal,
+    )
 
 
 def create_app(

@@ -17,6 +17,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
+TINY_REALTIME_MODEL = "tiny-realtime"
+"""The random tiny Voxtral Realtime (app/model/tiny.py), built once under --cache-dir like `tiny`."""
 
 _GROUP = SettingsConfigDict(env_prefix="VOXTRAL_", extra="ignore", use_attribute_docstrings=True)
 """Each group alone reads the same environment as `Settings`; attribute docstrings are its help."""
@@ -36,7 +38,8 @@ class ModelSettings(BaseSettings):
 
     model: str = TINY_MODEL
     """Checkpoint to serve: a local directory, a Hugging Face hub id (e.g. mistralai/Voxtral-Mini-3B-2507),
-    or `tiny` for the built-in random demo model (tests and `make serve`)."""
+    or `tiny` for the built-in random demo model (tests and `make serve`); `tiny-realtime` for a random tiny
+    Voxtral Realtime."""
     served_model_name: str | None = None
     """Model id clients send and /v1/models lists. Defaults to the --model value."""
     model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)

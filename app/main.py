@@ -35,7 +35,7 @@ def _serve(argv: list[str]) -> int:
 
 
 def _tiny(argv: list[str]) -> int:
-    from app.model.tiny import build_tiny_model
+    from app.model.tiny import build_tiny_model, build_tiny_realtime_model
 
     parser = argparse.ArgumentParser(prog="voxtral-server tiny-model", description="Build the random tiny Voxtral.")
     parser.add_argument("directory")
@@ -46,7 +46,12 @@ def _tiny(argv: list[str]) -> int:
         action="store_true",
         help="the real checkpoints' 131,072-token vocabulary (for benchmarks of per-token work); default 3,000",
     )
+    parser.add_argument("--realtime", action="store_true", help="a random tiny Voxtral Realtime (streaming) instead")
     args = parser.parse_args(argv)
+    if args.realtime:
+        path = build_tiny_realtime_model(args.directory, seed=args.seed)
+        print(f"tiny random Voxtral Realtime written to {path} (random weights, for tests and demos)")
+        return 0
     path = build_tiny_model(
         args.directory, seed=args.seed, tokenizer_version=args.tokenizer_version, full_vocab=args.full_vocab
     )

@@ -165,3 +165,93 @@ def build_tiny_model(
 
 def is_tiny(path: str | Path) -> bool:
     return (Path(path) / TINY_MARKER).exists()
+
+
+REALTIME_SPECIALS: dict[int, str] = {35: "[STREAMING_PAD]", 36: "[STREAMING_WORD]"}
+"""Voxtral Realtime's stream markers (mistral-common's names), at ranks the tiny tekken leaves free."""
+REALTIME_AUDIO: dict[str, Any] = {
+    "sampling_rate": 16000,
+    "frame_rate": 12.5,
+    "audio_encoding_config": {"num_mel_bins": 128, "hop_length": 160, "window_size": 400},
+    "transcription_format": "streaming",
+    "transcription_delay_ms": 480,
+    "streaming_look_ahead_ms": 2.5,
+    "streaming_look_back_ms": 52.5,
+    "streaming_n_left_pad_tokens": 32,
+}
+"""Voxtral-Mini-4B-Realtime-2602's tekken audio section: one token per 80 ms at 16 kHz, 480 ms default delay,
+32 left-pad tokens (mistral-common's `AudioConfig` streaming fields)."""
+REALTIME_ENCODER_WINDOW = 24
+"""The tiny encoder's sliding window in encoder frames (4 a token: ~0.5 s; the real one: 750, 15 s)."""
+REALTIME_DECODER_WINDOW = 48
+"""The tiny decoder's sliding window in tokens (~3.8 s; the real one: 8,192, ~11 min): small so that a
+10-minute test stream wraps both windows many times."""
+
+
+def build_realtime_tekken(num_vocab: int = NUM_VOCAB) -> dict[str, Any]:
+    """The tiny tekken.json with Voxtral Realtime's stream markers and streaming audio section."""
+    tekken = build_tekken("v11", num_vocab)
+    for special in tekken["special_tokens"]:
+        special["token_str"] = REALTIME_SPECIALS.get(special["rank"], special["token_str"])
+    tekken["audio"] = dict(REALTIME_AUDIO)
+    return tekken
+
+
+def build_tiny_realtime_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a complete random Voxtral Realtime checkpoint (weights, VoxtralRealtimeProcessor, a tekken with
+    the streaming audio settings) to `out_dir`; small sliding windows, the real model's per-token arithmetic
+    (8 mel frames -> 4 encoder frames -> 1 token, 6 delay tokens by default)."""
+    import torch
+    from transformers import (  # type: ignore[attr-defined]
+        MistralCommonBackend,
+        VoxtralRealtimeConfig,
+        VoxtralRealtimeFeatureExtractor,
+        VoxtralRealtimeForConditionalGeneration,
+        VoxtralRealtimeProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tekken.json").write_text(json.dumps(build_realtime_tekken()), encoding="utf-8")
+    tokenizer = MistralCommonBackend(tokenizer_path=str(out / "tekken.json"))
+    VoxtralRealtimeProcessor(feature_extractor=VoxtralRealtimeFeatureExtractor(), tokenizer=tokenizer).save_pretrained(
+        out
+    )
+    config = VoxtralRealtimeConfig(
+        audio_config={
+            "model_type": "voxtral_realtime_encoder",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "head_dim": 16,
+            "num_mel_bins": 128,
+            "sliding_window": REALTIME_ENCODER_WINDOW,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "sliding_window": REALTIME_DECODER_WINDOW,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 11,
+        },
+    )
+    torch.manual_seed(seed)
+    model = VoxtralRealtimeForConditionalGeneration(config)
+    with torch.no_grad():  # as build_tiny_model: a larger std so that greedy tokens depend on the audio
+        for _, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.5)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 11
+    model.save_pretrained(out)
+    marker = {"seed": seed, "random_weights": True, "vocab_size": len(tokenizer), "realtime": True}
+    (out / TINY_MARKER).write_text(json.dumps(marker), encoding="utf-8")
+    log.info("built tiny random Voxtral Realtime in %s", out)
+    return out

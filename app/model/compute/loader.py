@@ -22,10 +22,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from app.config import TINY_MODEL, Settings
+from app.config import TINY_MODEL, TINY_REALTIME_MODEL, Settings
 from app.model.compute.slots import CacheShape
 from app.model.fingerprint import system_fingerprint
-from app.model.tiny import build_tiny_model, is_tiny
+from app.model.tiny import build_tiny_model, build_tiny_realtime_model, is_tiny
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def preflight(settings: Settings) -> None:
     if device.type == "cuda":
         _check_cuda(settings.device, device)
     _check_dtype(resolve_dtype(settings.dtype, device.type), device)
-    if settings.model != TINY_MODEL:
+    if settings.model not in (TINY_MODEL, TINY_REALTIME_MODEL):
         check_model_source(settings.model)
         if Path(settings.model).is_dir():
             check_checkpoint_files(Path(settings.model))
@@ -140,7 +140,13 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def resolve_model_path(settings: Settings) -> str:
-    """`tiny` becomes a directory built once under the cache; anything else is passed through."""
+    """`tiny` (and `tiny-realtime`) become a directory built once under the cache; anything else is passed
+    through."""
+    if settings.model == TINY_REALTIME_MODEL:
+        target = settings.cache_dir / f"tiny-realtime-seed{settings.tiny_seed}"
+        if not is_tiny(target):
+            build_tiny_realtime_model(target, seed=settings.tiny_seed)
+        return str(target)
     if settings.model != TINY_MODEL:
         return settings.model
     target = settings.cache_dir / f"tiny-seed{settings.tiny_seed}"
@@ -300,8 +306,22 @@ def log_memory(model: Any) -> None:
         log.info("cuda:%d: model %.1f GiB, %.1f GiB free of %.1f GiB", index, held / GIB, free / GIB, total / GIB)
 
 
+REALTIME_MODEL_TYPE = "voxtral_realtime"
+
+
+def model_class(path: str) -> Any:
+    """The transformers class of a checkpoint: Voxtral Realtime where its config.json says `voxtral_realtime`
+    (a local directory or a cached hub id), else Voxtral."""
+    from transformers import VoxtralForConditionalGeneration, VoxtralRealtimeForConditionalGeneration
+
+    local = Path(path) if Path(path).is_dir() else _cached(path)
+    if local is not None and _config(local).get("model_type") == REALTIME_MODEL_TYPE:
+        return VoxtralRealtimeForConditionalGeneration
+    return VoxtralForConditionalGeneration
+
+
 def load_model(settings: Settings) -> LoadedModel:
-    from transformers import AutoProcessor, VoxtralForConditionalGeneration
+    from transformers import AutoProcessor
 
     started = time.perf_counter()
     if settings.torch_threads > 0:
@@ -313,7 +333,7 @@ def load_model(settings: Settings) -> LoadedModel:
     device_map = _device_map(settings, path, device, dtype)
     try:
         processor = AutoProcessor.from_pretrained(path)
-        model = VoxtralForConditionalGeneration.from_pretrained(
+        model = model_class(path).from_pretrained(
             path, dtype=dtype, device_map=device_map, attn_implementation=settings.attn_implementation
         )
     except (OSError, ValueError) as exc:

@@ -1,0 +1,265 @@
+"""Streams in, tokens out: the realtime engine's state machine over `RealtimeForward` (contract: the package
+docstring, app/model/realtime/__init__.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.model.compute.slots import batch_sizes, padded
+from app.model.realtime.forward import RealtimeForward, Rows
+from app.model.realtime.pool import StreamPool
+from app.model.realtime.timing import FrameGeometry, delay_tokens
+from app.model.text.detok import IncrementalDecoder
+
+
+@dataclass(frozen=True)
+class StreamStep:
+    """One token a tick emitted for one stream.
+
+    `frame`: the audio token-frame (80 ms, from 0 at the stream's first sample) whose forward emitted it: its
+    audio ended at (frame + 1) * 80 ms, and it speaks for audio about `delay` frames earlier. `text`: the
+    text this token completes (may be empty: special tokens, a character still incomplete). `final`: the last
+    token of a flushed stream (its text then holds the decoder's remainder); the stream is finished."""
+
+    stream: int
+    token: int
+    text: str
+    frame: int
+    final: bool
+
+
+@dataclass(frozen=True)
+class TickResult:
+    """What one `tick` did: the steps in stream order, and the rows its forwards ran (padding included)."""
+
+    steps: tuple[StreamStep, ...]
+    rows: int
+    padded_rows: int
+
+
+@dataclass
+class _Stream:
+    slot: int
+    delay: int
+    decoder: IncrementalDecoder
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    base: int = 0
+    """Absolute sample index (after the left pad) of pending[0]."""
+    received: int = 0
+    emitted: int = 0
+    last_token: int = 0
+    flushed_at: int | None = None
+    """Samples received when flushed (the padding then follows); None while open to audio."""
+    finished: bool = False
+
+
+class RealtimeEngine:
+    """Every open stream's state and the batched tick. One thread owns it (see the package docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        max_streams: int,
+        pieces: Sequence[bytes] | None = None,
+        pad_batches: bool = True,
+    ) -> None:
+        self.model = model
+        self.geometry = FrameGeometry.of(processor)
+        self.default_delay_ms = int(processor.mistral_common_audio_config.transcription_delay_ms)
+        self.pool = StreamPool.allocate(model, max_streams)
+        self.forward = RealtimeForward(model, self.pool)
+        self._extractor = processor.feature_extractor
+        tokenizer = processor.tokenizer.tokenizer.instruct_tokenizer
+        self._bos = int(tokenizer.tokenizer.bos_id)
+        self._pad = int(tokenizer.audio_encoder.streaming_pad)
+        self._pieces = pieces if pieces is not None else _pieces(tokenizer.tokenizer)
+        self._sizes = batch_sizes(max_streams) if pad_batches else None
+        self._streams: dict[int, _Stream] = {}
+        self._free = list(range(max_streams - 1, -1, -1))
+        self._next_id = 0
+        self._device = next(model.parameters()).device
+
+    # -- the serving layer's calls ---------------------------------------------------------------------------
+
+    def open(self, delay: str | int | None = None) -> int:
+        """A new stream (an OpenAI delay name, milliseconds, or None for the checkpoint's default); its id.
+        Raises ValueError on a bad delay, RuntimeError when every slot is taken."""
+        tokens = delay_tokens(delay, self.default_delay_ms)
+        if not self._free:
+            raise RuntimeError(f"all {self.pool.slots} realtime stream slots are in use")
+        slot = self._free.pop()
+        self.pool.reset(slot)
+        stream_id, self._next_id = self._next_id, self._next_id + 1
+        decoder = IncrementalDecoder.from_bytes(lambda ids: b"".join(self._pieces[i] for i in ids))
+        self._streams[stream_id] = _Stream(slot, tokens, decoder)
+        return stream_id
+
+    def feed(self, stream: int, samples: np.ndarray) -> None:
+        """Append float32 mono 16 kHz samples. Raises KeyError for an unknown stream, ValueError after flush."""
+        state = self._streams[stream]
+        if state.flushed_at is not None:
+            raise ValueError(f"stream {stream} was flushed: open a new one for more audio")
+        self._append(state, np.asarray(samples, dtype=np.float32).reshape(-1))
+
+    def flush(self, stream: int) -> None:
+        """End of speech (a commit): append the model's right padding (silence) so the next ticks decode every
+        frame received, the last step marked `final`. Idempotent."""
+        state = self._streams[stream]
+        if state.flushed_at is not None:
+            return
+        state.flushed_at = state.received
+        pad = self.geometry.flush_samples(state.received, state.delay)
+        self._append(state, np.zeros(pad, dtype=np.float32))
+
+    def close(self, stream: int) -> None:
+        """Forget the stream and free its slot (at once: between ticks). Unknown ids are ignored."""
+        state = self._streams.pop(stream, None)
+        if state is not None:
+            self._free.append(state.slot)
+
+    def backlog(self, stream: int) -> int:
+        """Tokens the stream's audio allows that no tick has emitted yet (1 while keeping up)."""
+        state = self._streams[stream]
+        return self.geometry.tokens_ready(state.received, state.delay) - state.emitted
+
+    def held_samples(self, stream: int) -> int:
+        """Audio samples the host keeps for the stream: at most one step's window and what came since the last
+        tick while the ticks keep up."""
+        return int(self._streams[stream].pending.shape[0])
+
+    def ready(self) -> bool:
+        """Whether a tick would step any stream."""
+        return any(self._due(s) for s in self._streams.values())
+
+    @property
+    def streams(self) -> int:
+        return len(self._streams)
+
+    def cache_bytes(self) -> int:
+        """Bytes of every stream cache (allocated once at construction: constant)."""
+        return self.pool.nbytes()
+
+    def tick(self) -> TickResult:
+        """Step every stream with a new token-frame: each a token. Streams at their first frame run a prompt
+        forward (one per delay among them); all others run ONE forward of one token each."""
+        due = sorted((sid for sid, s in self._streams.items() if self._due(s)), key=lambda sid: sid)
+        first = [sid for sid in due if self._streams[sid].emitted == 0]
+        steps = [sid for sid in due if self._streams[sid].emitted > 0]
+        results: dict[int, StreamStep] = {}
+        rows = padded_rows = 0
+        for delay in sorted({self._streams[sid].delay for sid in first}):
+            group = [sid for sid in first if self._streams[sid].delay == delay]
+            results |= self._run(group, self._prompt_rows(group))
+            rows += len(group)
+            padded_rows += len(group)
+        if steps:
+            size = padded(len(steps), self._sizes) if self._sizes else len(steps)
+            results |= self._run(steps, self._step_rows(steps, size))
+            rows += len(steps)
+            padded_rows += size
+        return TickResult(tuple(results[sid] for sid in due), rows, padded_rows)
+
+    # -- internals ------------------------------------------------------------------------------------------
+
+    def _append(self, state: _Stream, samples: np.ndarray) -> None:
+        state.pending = np.concatenate([state.pending, samples])
+        state.received += samples.shape[0]
+
+    def _due(self, state: _Stream) -> bool:
+        return not state.finished and self.geometry.tokens_ready(state.received, state.delay) > state.emitted
+
+    def _take(self, state: _Stream, start: int, length: int, next_start: int) -> np.ndarray:
+        """Samples [start, start + length) (absolute), then drop what no later window reads."""
+        chunk = state.pending[start - state.base : start - state.base + length]
+        drop = next_start - state.base
+        state.pending, state.base = state.pending[drop:], next_start
+        return chunk
+
+    def _prompt_rows(self, group: list[int]) -> Rows:
+        g = self.geometry
+        delay = self._streams[group[0]].delay
+        left = np.zeros(g.left_pad_tokens * g.samples_per_token, dtype=np.float32)
+        audio = []
+        for sid in group:
+            state = self._streams[sid]
+            chunk = self._take(state, 0, g.first_samples(delay), g.window_start(delay, 1))
+            audio.append(np.concatenate([left, chunk]))
+        features = self._log_mel(np.stack(audio), center=True)
+        prompt = [self._bos] + [self._pad] * (g.prompt_tokens(delay) - 1)
+        n = len(group)
+        return Rows(
+            slots=self._tensor([self._streams[sid].slot for sid in group]),
+            features=features,
+            tokens=self._tensor([prompt] * n),
+            encoder_seen=self._tensor([0] * n),
+            decoder_seen=self._tensor([0] * n),
+            delays=self._tensor([delay] * n),
+        )
+
+    def _step_rows(self, group: list[int], size: int) -> Rows:
+        g = self.geometry
+        audio, slots, tokens, seen, delays = [], [], [], [], []
+        for sid in group:
+            state = self._streams[sid]
+            start = g.window_start(state.delay, state.emitted)
+            audio.append(self._take(state, start, g.step_samples, start + g.samples_per_token))
+            slots.append(state.slot)
+            tokens.append([state.last_token])
+            seen.append(g.prompt_tokens(state.delay) + state.emitted - 1)
+            delays.append(state.delay)
+        filler = size - len(group)
+        audio += [np.zeros(g.step_samples, dtype=np.float32)] * filler
+        per_token = self.downsample_frames
+        return Rows(
+            slots=self._tensor(slots + [self.pool.scratch] * filler),
+            features=self._log_mel(np.stack(audio), center=False),
+            tokens=self._tensor(tokens + [[0]] * filler),
+            encoder_seen=self._tensor([s * per_token for s in seen] + [0] * filler),
+            decoder_seen=self._tensor(seen + [0] * filler),
+            delays=self._tensor(delays + [0] * filler),
+        )
+
+    @property
+    def downsample_frames(self) -> int:
+        """Encoder frames a token (the projector's downsampling)."""
+        return int(self.model.config.downsample_factor)
+
+    def _run(self, group: list[int], rows: Rows) -> dict[int, StreamStep]:
+        tokens = self.forward(rows)[: len(group)].tolist()
+        out = {}
+        for sid, token in zip(group, tokens, strict=True):
+            out[sid] = self._emit(sid, int(token))
+        return out
+
+    def _emit(self, sid: int, token: int) -> StreamStep:
+        state = self._streams[sid]
+        frame = state.delay + state.emitted
+        state.emitted += 1
+        state.last_token = token
+        text = state.decoder.push([token])
+        final = state.flushed_at is not None and not self._due(state)
+        if final:
+            text += state.decoder.flush()
+            state.finished = True
+        return StreamStep(sid, token, text, frame, final)
+
+    def _log_mel(self, audio: np.ndarray, center: bool) -> torch.Tensor:
+        """[rows, mels, frames] as the processor computes it (float32 STFT), in the model's dtype."""
+        waveform = torch.from_numpy(audio).to(torch.float32)
+        features = self._extractor._torch_extract_fbank_features(waveform, "cpu", center)
+        return features.to(self._device, dtype=self.model.lm_head.weight.dtype)  # type: ignore[no-any-return]
+
+    def _tensor(self, values: list[Any]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self._device)
+
+
+def _pieces(tekken: Any) -> list[bytes]:
+    """Each token id's bytes (special tokens: none), as app/model/text/vocabulary.py reads them."""
+    n_special = tekken.num_special_tokens
+    return [b"" if i < n_special else bytes(tekken.id_to_byte_piece(i)) for i in range(tekken.n_words)]

@@ -1,0 +1,103 @@
+"""One batched forward of Voxtral Realtime over many streams: each row its own positions, caches and delay.
+
+transformers' own modules compute everything (convolutions, encoder and decoder layers, projector, head), each
+called as `VoxtralRealtimeForConditionalGeneration.generate` calls it while streaming; only the caches differ:
+the rows' slots in a `StreamPool` stand in for transformers' per-call caches (`RingView` is what the attention
+layers see), so rows at different positions and with different delays share one forward. The delay enters
+the decoder only through `t_cond`, a per-vector function (`ada_rms_norm` of the time embedding), so a
+[rows, 1, hidden] `t_cond` conditions each row on its own delay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.model.realtime.pool import RingView, StreamPool
+
+
+@dataclass
+class Rows:
+    """One forward's rows: slots, features, previous tokens, positions and delays (all on the model's device).
+
+    `features` [rows, mels, frames]: the log-mel of each row's new audio; `tokens` [rows, new]: decoder inputs
+    (the prompt at the first forward, else the last emitted token); `encoder_seen` / `decoder_seen` [rows]:
+    positions each stack has seen; `delays` [rows] delay tokens."""
+
+    slots: torch.Tensor
+    features: torch.Tensor
+    tokens: torch.Tensor
+    encoder_seen: torch.Tensor
+    decoder_seen: torch.Tensor
+    delays: torch.Tensor
+
+
+class RealtimeForward:
+    """Greedy next tokens for a batch of rows, updating their slots' caches in place."""
+
+    def __init__(self, model: Any, pool: StreamPool) -> None:
+        self.model = model
+        self.pool = pool
+        inner = model.model
+        self.tower = inner.audio_tower
+        self.text = inner.language_model
+        self.projector = inner.multi_modal_projector
+        self.time_embedding = inner.time_embedding
+        self.downsample = int(model.config.downsample_factor)
+        self.audio_hidden = int(model.config.audio_config.hidden_size)
+
+    @torch.inference_mode()
+    def __call__(self, rows: Rows) -> torch.Tensor:
+        """[rows] the greedy token after each row's last position."""
+        audio = self._audio_embeds(rows)
+        embeds = self.text.embed_tokens(rows.tokens) + audio
+        hidden = self._decode(embeds, rows)
+        logits: torch.Tensor = self.model.lm_head(hidden[:, -1:])
+        return logits[:, -1].argmax(dim=-1)
+
+    def _conv(self, conv: Any, state: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """A causal convolution continuing each row's left context, which it then advances."""
+        padded = torch.cat([state[slots], x], dim=-1)
+        state[slots] = x[:, :, -conv.left_pad :]
+        return torch.nn.functional.gelu(torch.nn.Conv1d.forward(conv, padded))
+
+    def _audio_embeds(self, rows: Rows) -> torch.Tensor:
+        """[rows, new, hidden]: the encoder and projector over each row's new mel frames."""
+        conv = self.pool.conv
+        x = self._conv(self.tower.embedder.conv1, conv.conv1, rows.features, rows.slots)
+        x = self._conv(self.tower.embedder.conv2, conv.conv2, x, rows.slots).permute(0, 2, 1)
+        x = self._layers(self.tower, x, RingView(self.pool.encoder, rows.slots, rows.encoder_seen), {})
+        x = self.tower.norm(x)
+        x = x.reshape(x.shape[0], -1, self.audio_hidden * self.downsample)
+        return self.projector(x)  # type: ignore[no-any-return]
+
+    def _decode(self, embeds: torch.Tensor, rows: Rows) -> torch.Tensor:
+        t_cond = torch.stack([self._t_cond(int(d)) for d in rows.delays.tolist()])
+        view = RingView(self.pool.decoder, rows.slots, rows.decoder_seen)
+        return self.text.norm(self._layers(self.text, embeds, view, {"t_cond": t_cond}))  # type: ignore[no-any-return]
+
+    def _t_cond(self, delay: int) -> torch.Tensor:
+        """[1, hidden] the time embedding of `delay`, computed as transformers computes it."""
+        dtype = self.model.lm_head.weight.dtype
+        device = self.model.lm_head.weight.device
+        return self.time_embedding(torch.full((1,), delay, device=device, dtype=dtype))[None]  # type: ignore[no-any-return]
+
+    def _layers(self, stack: Any, x: torch.Tensor, view: RingView, extra: dict[str, Any]) -> torch.Tensor:
+        """Every layer of `stack` over `x` [rows, new, hidden] at the rows' positions, then the ring written."""
+        positions = view.seen[:, None] + torch.arange(x.shape[1], device=x.device)
+        embeddings = stack.rotary_emb(x, position_ids=positions)
+        mask = view.mask(x.shape[1])
+        for layer in stack.layers:
+            x = layer(
+                x,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=view,
+                use_cache=True,
+                position_embeddings=embeddings,
+                **extra,
+            )
+        view.commit()
+        return x

@@ -15,6 +15,9 @@
 #   mini    the same model: the sampler, prefill of 32 x 30 s and of one 30-minute row (~2 min)
 #   http    the Mini-shaped checkpoint saved, served, and loaded at concurrency 32 with transcription and
 #           default-sampling chat: req/s, audio-s/s (RTFx), p50/p99 (~4 min with the build)
+#   tp2     only on a machine with 2 GPUs or more (else a skipped line): --tensor-parallel-size 2 (NCCL) against
+#           one GPU, per-token decode time taking turns (bench/tensor_parallel.py), on the Mini-shaped
+#           checkpoint the http section built (else the tiny model) (~2 min)
 # `bash bench/gpu_check.sh replay` (any of the names above, in any order) runs only those.
 # It stops at once, with one line saying why, when .whl/ is missing (exit 2), when a version on the machine
 # conflicts with pyproject.toml or with the wheels' own requirements (exit 3, bench/gpu_preflight.py), or when
@@ -25,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
-WANT=" ${*:-checks replay mini http} "
+WANT=" ${*:-checks replay mini http tp2} "
 BUDGET_S=${BUDGET_S:-525}
 OUT=${OUT:-/tmp/voxtral-gpu-check}
 mkdir -p "$OUT"
@@ -88,4 +91,13 @@ import json, sys
 for run in json.load(open(sys.argv[1])):
     print(json.dumps({"section": "http", **run}))
 PY
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$GPUS" -ge 2 ]; then
+  section tp2 150 90 bash -c '
+    model=tiny; [ -f "$1/config.json" ] && model=$1
+    python3 bench/tensor_parallel.py --model "$model" --device cuda --rounds 3 | sed "s/^{/{\"section\": \"tp2\", /" >>"$0"
+  ' "$LOG" "$MODEL"
+else
+  case "$WANT" in *" tp2 "*) echo "{\"section\": \"tp2\", \"skipped\": \"$GPUS GPU(s): needs 2\"}" >>"$LOG" ;; esac
+fi
 echo "done in $SECONDS s; $(wc -l <"$LOG") lines in $LOG"

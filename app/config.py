@@ -230,6 +230,16 @@ class RealtimeSettings(BaseSettings):
     `conversation.item.input_audio_transcription.failed` (code `rate_limit_exceeded`) instead of queueing: a
     session that commits faster than it is answered cannot take the queue from the others. Speech in real time
     has one or two pending."""
+    realtime_max_session_s: float = 3600.0
+    """Longest a realtime session may last (OpenAI's sessions end at 60 minutes). Reached, the session gets an
+    `error` event (code `session_expired`), its committed utterances are answered, and it is closed (1000)."""
+    realtime_max_streams: int = 32
+    """Voxtral Realtime models only: streams decoded at once (realtime utterances and HTTP transcriptions in
+    progress), each a slot of caches allocated at start-up. One tick steps all of them in one forward. A new
+    utterance past this gets an `error` event (a transcription: 429) until one ends."""
+    realtime_blank_speech_s: float = 10.0
+    """Voxtral Realtime models only: a stream that emits no text over this much audio the speech detector hears
+    as speech is logged and counted (`voxtral_realtime_blank_streams_total`): the model's blank-token rut."""
 
     @model_validator(mode="after")
     def _check_realtime(self) -> Self:
@@ -241,6 +251,11 @@ class RealtimeSettings(BaseSettings):
             raise ValueError("realtime_max_events_per_s must be greater than 0 and realtime_events_burst at least 1")
         if not 1.0 <= self.realtime_max_utterance_s <= 30.0:
             raise ValueError("realtime_max_utterance_s must be between 1 and 30 (Voxtral's window)")
+        if self.realtime_max_session_s <= 0 or self.realtime_max_streams < 1 or self.realtime_blank_speech_s <= 0:
+            raise ValueError(
+                "realtime_max_session_s and realtime_blank_speech_s must be greater than 0, "
+                "realtime_max_streams at least 1"
+            )
         if self.realtime_max_buffer_s < self.realtime_max_utterance_s:
             raise ValueError("realtime_max_buffer_s must be at least realtime_max_utterance_s")
         if self.realtime_idle_timeout_s <= 0 or self.realtime_max_message_mb <= 0 or self.realtime_max_pending_mb <= 0:

@@ -164,6 +164,36 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.realtime_streams = Gauge(
+            "voxtral_realtime_streams",
+            "Voxtral Realtime: streams being decoded (live utterances and HTTP transcriptions), of "
+            "--realtime-max-streams",
+            registry=r,
+        )
+        self.realtime_tick_rows = Histogram(
+            "voxtral_realtime_tick_rows",
+            "Voxtral Realtime: streams one tick stepped (each a token)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.realtime_tick_seconds = Histogram(
+            "voxtral_realtime_tick_seconds",
+            "Voxtral Realtime: time of one tick (every stream with a new 80 ms frame, one token each)",
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
+            registry=r,
+        )
+        self.realtime_tick_rtf = Histogram(
+            "voxtral_realtime_tick_real_time_factor",
+            "Voxtral Realtime: a tick's time over the 80 ms of audio it decodes per stream (over 1: falling behind)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0),
+            registry=r,
+        )
+        self.realtime_blank_streams = Counter(
+            "voxtral_realtime_blank_streams",
+            "Voxtral Realtime: streams that emitted no text over --realtime-blank-speech-s of audio the speech "
+            "detector heard as speech (the blank-token rut)",
+            registry=r,
+        )
 
     def watch_encoder_cache(self, counts: Callable[[], CacheCounts]) -> None:
         """Export the audio encoder cache's counts (`voxtral_encoder_cache_{queries,hits}_total`, `_bytes`)."""

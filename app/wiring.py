@@ -30,12 +30,15 @@ from app.engine.engine import Engine
 from app.engine.runner import Wrap, as_is
 from app.engine.stats import SchedulerStats
 from app.metrics import Metrics
-from app.model.compute.loader import LoadedModel, ModelLoadError, load_model
+from app.model.compute.loader import REALTIME_MODEL_TYPE, LoadedModel, ModelLoadError, load_model
+from app.model.realtime.engine import RealtimeEngine
 from app.model.runtime import ModelRuntime
 from app.serving.realtime.service import RealtimeServing
+from app.serving.realtime.streams import StreamLoop
 from app.serving.response_store import ResponseStore, Retention
 from app.serving.responses import ResponsesServing
 from app.serving.service import Serving
+from app.serving.streaming import StreamingServing
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ class Wiring:
         model = self.loaded if self.loaded is not None else await _in_daemon_thread(self.load, self.settings)
         self.metrics.model_load_seconds.set(model.load_seconds)
         _warn_if_random(model)
+        if model.model.config.model_type == REALTIME_MODEL_TYPE:
+            return await self._streaming_context(model)
         runtime = await asyncio.to_thread(ModelRuntime.of, model, self.settings)
         self.metrics.watch_encoder_cache(runtime.generator.encoder_cache.stats)
         self.engine = self._engine(runtime)
@@ -98,6 +103,19 @@ class Wiring:
             self.created,
             model.random_weights,
         )
+
+    async def _streaming_context(self, model: LoadedModel) -> AppContext:
+        """A Voxtral Realtime model: its stream caches (allocated once, off the loop), the ticking loop's
+        thread, and the serving layer over it (no engine: sessions and transcriptions stream)."""
+        s = self.settings
+        engine = await asyncio.to_thread(RealtimeEngine, model.model, model.processor, s.realtime_max_streams)
+        streams = StreamLoop(engine, self.metrics, s.realtime_max_streams)
+        streams.start()
+        serving = StreamingServing(s, streams)
+        realtime = RealtimeServing(serving.prep, None, s, self.metrics, streams)
+        responses = ResponsesServing(serving.chats, await self._response_store())
+        args = (s, self.metrics, self.lifecycle, serving, realtime, responses, self.created, model.random_weights)
+        return AppContext(*args)
 
     async def _response_store(self) -> ResponseStore:
         s = self.settings
@@ -139,13 +157,15 @@ class Wiring:
         try:
             lifecycle.stage = "loading the model"
             ctx = self.startup.context = await self.build_context()
-            assert self.engine is not None  # built with the context
             lifecycle.stage = "warming up"
-            self.engine.start()
+            if isinstance(ctx.serving, Serving):
+                assert self.engine is not None  # built with the context
+                self.engine.start()
             await ctx.serving.warm_up()
-            # The worker idles meanwhile: nothing is admitted before ready, and the warm-up was answered after its
-            # last step.
-            await asyncio.to_thread(ctx.serving.runtime.generator.capture)
+            if isinstance(ctx.serving, Serving):
+                # The worker idles meanwhile: nothing is admitted before ready, and the warm-up was answered
+                # after its last step.
+                await asyncio.to_thread(ctx.serving.runtime.generator.capture)
         except Exception as exc:
             lifecycle.fail(f"start-up failed: {str(exc) or type(exc).__name__}")
             log.error("%s", lifecycle.failed, exc_info=not isinstance(exc, ModelLoadError))

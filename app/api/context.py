@@ -23,6 +23,7 @@ from app.metrics import Metrics
 from app.serving.realtime.service import RealtimeServing
 from app.serving.responses import ResponsesServing
 from app.serving.service import Serving
+from app.serving.streaming import StreamingServing
 
 STATE_KEY = "ctx"
 """The key of the context in the lifespan's state (and so in each connection's `state`)."""
@@ -33,7 +34,8 @@ class AppContext:
     settings: Settings
     metrics: Metrics
     lifecycle: Lifecycle
-    serving: Serving
+    serving: Serving | StreamingServing
+    """`StreamingServing` for a Voxtral Realtime model (transcription only)."""
     realtime: RealtimeServing
     responses: ResponsesServing
     created: int

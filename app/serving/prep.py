@@ -26,7 +26,8 @@ Read = Callable[[int], Awaitable[bytes]]
 
 
 class Prep:
-    def __init__(self, settings: Settings, runtime: ModelRuntime) -> None:
+    def __init__(self, settings: Settings, runtime: ModelRuntime | None) -> None:
+        """`runtime`: None for a Voxtral Realtime model (app/serving/streaming.py)."""
         self.settings, self.runtime = settings, runtime
         self._pool = ThreadPoolExecutor(max_workers=settings.prep_threads, thread_name_prefix="voxtral-prep")
 

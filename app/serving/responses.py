@@ -31,6 +31,7 @@ from app.serving.responses_values import (
     new_id,
 )
 from app.serving.schemas import Message
+from app.serving.streaming import TranscriptionOnly
 
 _CHAT_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 
@@ -90,7 +91,8 @@ def output_items(choice: ChoiceResult) -> tuple[OutputItem, ...]:
 class ResponsesServing:
     """POST, GET and DELETE of /v1/responses, as typed calls."""
 
-    def __init__(self, chats: ChatServing, store: ResponseStore) -> None:
+    def __init__(self, chats: ChatServing | TranscriptionOnly, store: ResponseStore) -> None:
+        """`chats`: `TranscriptionOnly` for a Voxtral Realtime model (every response is a 400)."""
         self.chats, self.store = chats, store
 
     async def start(self, body: CreateResponseRequest, record: RequestRecord | None = None) -> ResponseAnswer:

@@ -27,7 +27,7 @@ AUDIO = DATA  # the committed clips; tests never read outside the repository
 
 
 def make_settings(cache_dir: Path, **overrides: Any) -> Settings:
-    return Settings(model="tiny", cache_dir=cache_dir, **overrides)
+    return Settings(**({"model": "tiny", "cache_dir": cache_dir} | overrides))
 
 
 def free_port() -> int:

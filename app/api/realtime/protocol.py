@@ -34,6 +34,8 @@ from app.serving.realtime.config import (
 )
 
 LOGPROBS = "item.input_audio_transcription.logprobs"
+_DELAY_FIELD = {False: "delay", True: "delay_ms"}
+"""How a session echoes its delay: OpenAI's name as `delay`, milliseconds as our `delay_ms`."""
 _DELTA = "conversation.item.input_audio_transcription.delta"
 MAX_PROMPT_CHARS = 4096
 """`transcription.prompt` (OpenAI states no limit; Voxtral's transcription takes no prompt: it is only echoed)."""
@@ -55,9 +57,14 @@ class FormatIn(_Wire):
 
 
 class TranscriptionIn(_Wire):
+    """`delay`: OpenAI's latency knob; `delay_ms` (an extension, over `delay` when both are given): the delay in
+    milliseconds, a multiple of 80 from 80 to 2,400 (Voxtral Realtime's token-frames)."""
+
     model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
     language: str | None = Field(None, max_length=MAX_LANGUAGE_CHARS)
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    delay: Literal["minimal", "low", "medium", "high", "xhigh"] | None = None
+    delay_ms: int | None = None
 
 
 class ServerVadIn(_Wire):
@@ -175,11 +182,15 @@ def _settings(session: SessionIn) -> UpdateSettings:
     vad = audio.turn_detection
     return UpdateSettings(
         format=KEEP if audio.format is None else audio.format.type,
-        transcription=KEEP if t is None else TranscriptionSettings(t.model, t.language, t.prompt),
+        transcription=KEEP if t is None else _transcription(t),
         turn_detection=KEEP if "turn_detection" not in audio.model_fields_set else _turn_detection(vad),
         logprobs=KEEP if session.include is None else LOGPROBS in session.include,
         noise_reduction=KEEP if "noise_reduction" not in audio.model_fields_set else _noise(audio.noise_reduction),
     )
+
+
+def _transcription(t: TranscriptionIn) -> TranscriptionSettings:
+    return TranscriptionSettings(t.model, t.language, t.prompt, t.delay_ms if t.delay_ms is not None else t.delay)
 
 
 def _noise(given: NoiseReductionIn | None) -> NoiseReduction | None:
@@ -231,7 +242,8 @@ def render(e: ev.Event) -> dict[str, Any]:
 def session_object(config: SessionConfig, session_id: str) -> dict[str, Any]:
     """RealtimeTranscriptionSessionCreateResponseGA (`noise_reduction` only when on: its schema is not
     nullable)."""
-    transcription = {"model": config.model, "language": config.language, "prompt": config.prompt}
+    transcription: dict[str, Any] = {"model": config.model, "language": config.language, "prompt": config.prompt}
+    transcription[_DELAY_FIELD[isinstance(config.delay, int)]] = config.delay
     fmt: dict[str, Any] = {"type": config.format} | ({"rate": 24000} if config.format == "audio/pcm" else {})
     vad = _vad_object(config.turn_detection)
     noise = {} if config.noise_reduction is None else {"noise_reduction": {"type": config.noise_reduction}}

@@ -3,8 +3,9 @@ socket and the serving layer's `Session`: one reader, one writer, a bounded outb
 is paced (`--realtime-max-events-per-s`, pace.py): a client sending faster has its socket left unread a while.
 
 A refused upgrade is an HTTP answer in OpenAI's error shape (ASGI's WebSocket denial response). A session
-ends when the client leaves (its pending utterances are cancelled), or after the idle timeout or on a drain
-(both answer every committed utterance first, then close cleanly).
+ends when the client leaves (its pending utterances are cancelled), or after the idle timeout, at the maximum
+session length or on a drain (each answers every committed utterance first, then closes cleanly; the first
+two after an `error` event saying why).
 """
 
 from __future__ import annotations
@@ -149,18 +150,22 @@ class Connection:
         stopping = asyncio.ensure_future(self.lifecycle.stopping.wait())
         too_slow = asyncio.ensure_future(self.too_slow.wait())
         receive: asyncio.Future[Any] | None = None
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + self.settings.realtime_max_session_s
         try:
             while True:
+                if clock() >= deadline:
+                    return await self._expired()
                 receive = receive or asyncio.ensure_future(self.ws.receive())
-                idle = self.settings.realtime_idle_timeout_s
+                wait = min(self.settings.realtime_idle_timeout_s, deadline - clock())
                 wake = {receive, stopping, too_slow}
-                done, _ = await asyncio.wait(wake, timeout=idle, return_when="FIRST_COMPLETED")
+                done, _ = await asyncio.wait(wake, timeout=wait, return_when="FIRST_COMPLETED")
                 if too_slow in done:
                     return SLOW_READER
                 if stopping in done:
                     return GOING_AWAY
                 if receive not in done:
-                    if self.session.unanswered:  # waiting for its transcriptions is not idle
+                    if self.session.unanswered or clock() >= deadline:  # waiting for transcriptions is not idle
                         continue
                     return await self._idle()
                 message, receive = receive.result(), None
@@ -183,6 +188,13 @@ class Connection:
         await asyncio.wait(wake, timeout=pause)
         self.metrics.realtime_throttled_seconds.inc(loop.time() - started)
         self.metrics.realtime_throttled_events.inc()
+
+    async def _expired(self) -> int:
+        """The session reached --realtime-max-session-s: say so, then end it as an idle one ends (1000)."""
+        limit = self.settings.realtime_max_session_s
+        error = InvalidRequest(f"Your session hit the maximum duration of {limit:g} seconds.", code="session_expired")
+        await self.emit(ev.Error(error))
+        return 1000
 
     async def _idle(self) -> int:
         idle = self.settings.realtime_idle_timeout_s

@@ -50,6 +50,9 @@ class TranscriptionSettings:
     model: str | None = None
     language: str | None = None
     prompt: str | None = None
+    delay: str | int | None = None
+    """OpenAI's `delay` (minimal..xhigh) or our `delay_ms` extension: how far a Voxtral Realtime model's text
+    trails the speaker (None: the model's default); other models ignore it."""
 
 
 class Keep(Enum):
@@ -76,6 +79,8 @@ class SessionConfig:
     """include: ["item.input_audio_transcription.logprobs"]: deltas and completions carry their tokens'."""
     noise_reduction: NoiseReduction | None = None
     """The denoiser the session's audio goes through before VAD and the model (`app.denoise`), or none."""
+    delay: str | int | None = None
+    """`TranscriptionSettings.delay`, as given."""
 
     def updated(self, update: UpdateSettings, check: Check) -> SessionConfig:
         """This config with the fields `update` names (None turn detection: manual commits)."""
@@ -84,7 +89,8 @@ class SessionConfig:
             new = replace(new, format=update.format)
         if not isinstance(update.transcription, Keep):
             t = update.transcription
-            new = replace(new, model=t.model or new.model, language=check(t.model, t.language), prompt=t.prompt)
+            language = check(t.model, t.language)
+            new = replace(new, model=t.model or new.model, language=language, prompt=t.prompt, delay=t.delay)
         if not isinstance(update.turn_detection, Keep):
             new = replace(new, turn_detection=update.turn_detection)
         if not isinstance(update.logprobs, Keep):

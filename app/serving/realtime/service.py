@@ -14,6 +14,8 @@ from app.serving.prep import Prep
 from app.serving.realtime.detector import SharedDetector, SharedTurnEnd
 from app.serving.realtime.events import Emit
 from app.serving.realtime.session import Session, Shared
+from app.serving.realtime.streaming_session import StreamingSession
+from app.serving.realtime.streams import StreamLoop
 from app.serving.transcription import TranscriptionServing
 
 
@@ -25,7 +27,16 @@ class Slots:
 
 
 class RealtimeServing:
-    def __init__(self, prep: Prep, transcriptions: TranscriptionServing, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        prep: Prep,
+        transcriptions: TranscriptionServing | None,
+        settings: Settings,
+        metrics: Metrics,
+        streams: StreamLoop | None = None,
+    ) -> None:
+        """`streams`: a Voxtral Realtime model's ticking loop (sessions then stream, and `transcriptions` is
+        None); None: a Voxtral model, whose sessions transcribe each turn whole through `transcriptions`."""
         self.prep, self.metrics = prep, metrics
         self.slots = Slots(settings.realtime_max_sessions)
         detector = SharedDetector(prep)
@@ -40,6 +51,8 @@ class RealtimeServing:
             refusals=Refusals(metrics),
             max_buffer_s=settings.realtime_max_buffer_s,
             turn_end=SharedTurnEnd(prep),
+            streams=streams,
+            blank_speech_s=settings.realtime_blank_speech_s,
         )
 
     def admit(self, model: str | None) -> None:
@@ -59,4 +72,6 @@ class RealtimeServing:
     def session(self, emit: Emit, client: str = "") -> Session:
         """A new session of an admitted client (`client`: its opaque key, whose share of the queue the session
         takes from); its events go to `emit`."""
+        if self.shared.streams is not None:
+            return StreamingSession(self.shared, emit)
         return Session(self.shared, emit, client)

@@ -31,6 +31,7 @@ from app.serving.realtime.commands import AppendAudio, Command, Commit, UpdateSe
 from app.serving.realtime.config import SessionConfig
 from app.serving.realtime.detector import SharedDetector, SharedTurnEnd
 from app.serving.realtime.events import ConnectionGone, Emit, new_id
+from app.serving.realtime.streams import StreamLoop
 from app.serving.realtime.transcriber import Share, Transcriber
 from app.serving.realtime.turns import COMPLETE, AudioBuffer, SemanticTurns, Turn, detector
 from app.serving.transcription import TranscriptionServing
@@ -51,7 +52,8 @@ class Shared:
 
     prep: Prep
     detector: SharedDetector
-    transcriptions: TranscriptionServing
+    transcriptions: TranscriptionServing | None
+    """None with a Voxtral Realtime model (`streams`)."""
     metrics: Metrics
     model: str
     """A new session's model (the served model id)."""
@@ -61,17 +63,26 @@ class Shared:
     max_buffer_s: float
     """Most uncommitted audio a session holds; an append past it is refused before it is decoded."""
     turn_end: SharedTurnEnd
+    streams: StreamLoop | None = None
+    """A Voxtral Realtime model's ticking loop: sessions stream (`StreamingSession`); None: turns are
+    transcribed whole."""
+    blank_speech_s: float = 10.0
 
 
 class Session:
     def __init__(self, shared: Shared, emit: Emit, client: str = "") -> None:
         """`client`: the opaque key of the client (an API key's hash, an address): its sessions share its
         places in the queue, and are served round-robin among themselves (app/engine/fairness.py)."""
+        self._setup(shared, emit)
+        assert shared.transcriptions is not None
+        share = Share(part_of(client, self.id), shared.max_pending_utterances, shared.refusals)
+        self.transcriber = Transcriber(shared.transcriptions, emit, shared.metrics, share)
+
+    def _setup(self, shared: Shared, emit: Emit) -> None:
+        """The state every kind of session has (all but how its utterances are answered)."""
         self.shared, self.emit = shared, emit
         self.id = new_id("sess")
         self.config = SessionConfig(model=shared.model)
-        share = Share(part_of(client, self.id), shared.max_pending_utterances, shared.refusals)
-        self.transcriber = Transcriber(shared.transcriptions, emit, shared.metrics, share)
         self.buffer = AudioBuffer()
         self.decoder = InputDecoder(self.config.format)
         self.stream = VadStream()

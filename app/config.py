@@ -52,6 +52,12 @@ class ModelSettings(BaseSettings):
     """auto: spread the model over every visible GPU, layer by layer (transformers' device_map="auto": one GPU
     computes at a time, each step pays accelerate's hooks), for a checkpoint that does not fit one GPU. Unset:
     one GPU. The choice and each GPU's memory are logged at start-up."""
+    tensor_parallel_size: int = 1
+    """Ranks the decoder is sharded over (vLLM's flag): this process is rank 0 and serves HTTP; it starts N-1
+    worker processes itself (no torchrun), one GPU each with NCCL (cuda:0..N-1), or CPU processes over gloo.
+    transformers' tensor-parallel plan shards the decoder's projections, embedding and KV cache by head; the
+    audio encoder, projector and head are replicated. Every rank steps the same batch; CUDA graphs are off.
+    A rank that exits stops the server. Excludes --device-map auto."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto = bfloat16 on CUDA, float32 on CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -68,6 +74,14 @@ class ModelSettings(BaseSettings):
     @classmethod
     def _split_aliases(cls, value: object) -> object:
         return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> Self:
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
+        if self.tensor_parallel_size > 1 and self.device_map is not None:
+            raise ValueError("tensor_parallel_size and device_map are exclusive: a rank holds one device")
+        return self
 
     @property
     def model_id(self) -> str:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 
 def _serve(argv: list[str]) -> int:
@@ -29,9 +33,30 @@ def _serve(argv: list[str]) -> int:
     except ModelLoadError as exc:
         print(f"voxtral-server: {exc}", file=sys.stderr)
         return 2
+    if settings.tensor_parallel_size > 1:
+        return _serve_ranks(settings)
     wiring = Wiring(settings)  # the server listens at once; the model loads in the background
     build_server(wiring.app, settings, wiring.drain, wiring.failed).run()
     return 1 if wiring.failed() else 0
+
+
+def _serve_ranks(settings: Settings) -> int:
+    """`--tensor-parallel-size N`: start ranks 1..N-1, serve as rank 0; a lost rank stops the server (exit 1)."""
+    from app.model.ranks import Ranks
+    from app.server import build_server
+    from app.wiring import Wiring
+
+    ranks = Ranks(settings)
+    try:
+        wiring = Wiring(settings, load=ranks.load)
+
+        def failed() -> bool:
+            return wiring.failed() or ranks.lost is not None
+
+        build_server(wiring.app, settings, wiring.drain, failed).run()
+    finally:
+        ranks.stop()
+    return 1 if failed() else 0
 
 
 def _tiny(argv: list[str]) -> int:

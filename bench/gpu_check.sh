@@ -15,6 +15,9 @@
 #   mini    the same model: the sampler, prefill of 32 x 30 s and of one 30-minute row (~2 min)
 #   http    the Mini-shaped checkpoint saved, served, and loaded at concurrency 32 with transcription and
 #           default-sampling chat: req/s, audio-s/s (RTFx), p50/p99 (~4 min with the build)
+#   tp2     only on a machine with 2 GPUs or more (else a skipped line): --tensor-parallel-size 2 (NCCL) against
+#           one GPU, per-token decode time taking turns (bench/tensor_parallel.py), on the Mini-shaped
+#           checkpoint the http section built (else the tiny model) (~2 min)
 #   realtime  Voxtral-Mini-4B-Realtime-2602's shapes, random bf16 weights (issue 28; ~1.5 min,
 #           bench/realtime_ticks.py): the realtime engine's tick at 1, 32 and 128 streams against the 80 ms
 #           a token that real time allows; last, so a full run seldom reaches it: issue 28's call is
@@ -30,7 +33,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
-WANT=" ${*:-checks replay mini http realtime} "
+WANT=" ${*:-checks replay mini http tp2 realtime} "
 BUDGET_S=${BUDGET_S:-525}
 OUT=${OUT:-/tmp/voxtral-gpu-check}
 mkdir -p "$OUT"
@@ -94,5 +97,14 @@ import json, sys
 for run in json.load(open(sys.argv[1])):
     print(json.dumps({"section": "http", **run}))
 PY
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$GPUS" -ge 2 ]; then
+  section tp2 150 90 bash -c '
+    model=tiny; [ -f "$1/config.json" ] && model=$1
+    python3 bench/tensor_parallel.py --model "$model" --device cuda --rounds 3 | sed "s/^{/{\"section\": \"tp2\", /" >>"$0"
+  ' "$LOG" "$MODEL"
+else
+  case "$WANT" in *" tp2 "*) echo "{\"section\": \"tp2\", \"skipped\": \"$GPUS GPU(s): needs 2\"}" >>"$LOG" ;; esac
+fi
 section realtime 150 70 python3 bench/realtime_ticks.py --shapes mini --device cuda --sessions 1,32,128 --out "$LOG"
 echo "done in $SECONDS s; $(wc -l <"$LOG") lines in $LOG"

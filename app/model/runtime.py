@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 
 from app.config import Settings
 from app.model.compute.budget import plan_cache
 from app.model.compute.features import LogMel
 from app.model.compute.generate import BatchGenerator
 from app.model.compute.loader import LoadedModel
+from app.model.compute.parallel import LeaderGenerator
 from app.model.text.callstream import CallReader, ChatOutput, chat_output
 from app.model.text.constrained import Constrainer
 from app.model.text.detok import IncrementalDecoder
@@ -45,14 +46,11 @@ class ModelRuntime:
         off the event loop."""
         prompter = Prompter(loaded.processor, settings.model_id)
         tekken = prompter.tekken
-        log_mel = LogMel(
-            loaded.processor.feature_extractor,
-            frames_per_chunk=loaded.model.config.audio_config.max_source_positions * 2,
-            device=loaded.device,
-        )
+        log_mel = log_mel_of(loaded)
         pad_id = int(tekken.pad_id)
         cache = plan_cache(loaded.model, settings)
-        generator = BatchGenerator(
+        kind = BatchGenerator if loaded.followers is None else partial(LeaderGenerator, followers=loaded.followers)
+        generator = kind(
             loaded.model,
             pad_token_id=pad_id,
             log_mel=log_mel,
@@ -97,3 +95,12 @@ class ModelRuntime:
     def call_id(openai_id: str) -> str:
         """An OpenAI tool-call id in Mistral's 9-alphanumeric shape (deterministic; Mistral ids kept)."""
         return mistral_call_id(openai_id)
+
+
+def log_mel_of(loaded: LoadedModel) -> LogMel:
+    """The audio front end of `loaded`: log-mel windows as its encoder reads them, on its device."""
+    return LogMel(
+        loaded.processor.feature_extractor,
+        frames_per_chunk=loaded.model.config.audio_config.max_source_positions * 2,
+        device=loaded.device,
+    )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from app.model.compute.slots import SlotCache
@@ -44,33 +45,47 @@ def fuse(modules: list[torch.nn.Linear]) -> torch.Tensor:
     """One weight [sum of outputs, inputs] for `modules`, each module's weight then a view of its rows; where
     they already are (a second generator on the same model), that weight, not a copy."""
     done = getattr(modules[0], _FUSED, None)
-    if done is not None and done[1] == [m.weight.data_ptr() for m in modules]:
+    if done is not None and done[1] == [_held(m.weight).data_ptr() for m in modules]:
         fused: torch.Tensor = done[0]
         return fused
-    fused = torch.cat([m.weight.detach() for m in modules])
+    fused = torch.cat([_held(m.weight).detach() for m in modules])
     start = 0
     for module in modules:
-        rows = module.weight.shape[0]
-        module.weight.data = fused[start : start + rows]
+        rows = _held(module.weight).shape[0]
+        _held(module.weight).data = fused[start : start + rows]
         start += rows
-    setattr(modules[0], _FUSED, (fused, [m.weight.data_ptr() for m in modules]))
+    setattr(modules[0], _FUSED, (fused, [_held(m.weight).data_ptr() for m in modules]))
     return fused
+
+
+def _held(weight: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds of `weight`: itself, or a tensor-parallel DTensor's local shard (the object
+    the DTensor keeps, so rebinding its `.data` rebinds the shard the module's forward uses)."""
+    local: torch.Tensor = getattr(weight, "_local_tensor", weight)
+    return local
 
 
 class LeanDecoder:
     """Owns nothing but views of the model's weights."""
 
-    def __init__(self, language_model: Any, lm_head: torch.nn.Linear) -> None:
+    def __init__(self, language_model: Any, lm_head: torch.nn.Linear, group: Any = None) -> None:
+        """`group`: the tensor-parallel process group when the decoder is sharded (transformers' `tp_plan`: this
+        rank holds 1/size of the heads, of the MLP's width and of the vocabulary's embedding rows); None: one
+        process, no collective."""
         config = language_model.config
+        self.group = group
+        ranks = 1 if group is None else int(group.size())
         if getattr(config, "sliding_window", None) is not None:
             raise ValueError("the lean decode step has no sliding window")
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(config.num_key_value_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
-        self.intermediate = int(config.intermediate_size)
+        self.heads = int(config.num_attention_heads) // ranks
+        self.kv_heads = int(config.num_key_value_heads) // ranks
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.intermediate = int(config.intermediate_size) // ranks
         self.eps = float(config.rms_norm_eps)
         self.scaling = self.head_dim**-0.5
-        self.embed = language_model.embed_tokens.weight
+        self.embed = _held(language_model.embed_tokens.weight)
+        self.vocab_start = 0 if group is None else -(-int(config.vocab_size) // ranks) * int(group.rank())
+        """The first embedding row this rank holds (a DTensor's Shard(0) splits as torch.chunk does)."""
         self.norm = language_model.norm.weight
         self.inv_freq: torch.Tensor = language_model.rotary_emb.inv_freq
         self.rope_scaling = float(getattr(language_model.rotary_emb, "attention_scaling", 1.0))
@@ -89,10 +104,10 @@ class LeanDecoder:
         return _Layer(
             norm_in=layer.input_layernorm.weight,
             qkv=fuse([attn.q_proj, attn.k_proj, attn.v_proj]).t(),
-            out=attn.o_proj.weight.t(),
+            out=_held(attn.o_proj.weight).t(),
             norm_post=layer.post_attention_layernorm.weight,
             gate_up=fuse([mlp.gate_proj, mlp.up_proj]).t(),
-            down=mlp.down_proj.weight.t(),
+            down=_held(mlp.down_proj.weight).t(),
         )
 
     def __call__(self, packed: torch.Tensor, width: int, cache: SlotCache) -> torch.Tensor:
@@ -103,7 +118,7 @@ class LeanDecoder:
         3 for each output row, the step row it is (the batch's own order; padding repeats any)."""
         ids, positions, writes, order = packed[0], packed[1], packed[2], packed[3]
         step = _Step(self, ids, positions, writes * cache.max_len + positions, width)
-        x = F.embedding(ids, self.embed)
+        x = self._embedding(ids)
         for i, layer in enumerate(self.layers):
             keys, values = cache.keys[i], cache.values[i]
             if keys.device != x.device:  # a model spread over several devices
@@ -134,11 +149,29 @@ class LeanDecoder:
             attn_mask=step.mask,
             scale=self.scaling,
         )
-        return torch.mm(attended.view(rows, self.heads * d), layer.out)
+        return self._reduce(torch.mm(attended.view(rows, self.heads * d), layer.out))
 
     def _mlp(self, x: torch.Tensor, layer: _Layer, step: _Step) -> torch.Tensor:
         gate_up = torch.mm(_rms(x, layer.norm_post, step), layer.gate_up)
-        return torch.mm(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :], layer.down)
+        down = torch.mm(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :], layer.down)
+        return self._reduce(down)
+
+    # -- tensor parallelism: the only places ranks meet (none in one process) -------------------------
+    def _embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each row's embedding; sharded, each rank looks up the ids in its rows (zeros for the rest), summed."""
+        if self.group is None:
+            return F.embedding(ids, self.embed)
+        local = ids - self.vocab_start
+        held = (local >= 0) & (local < self.embed.shape[0])
+        x = F.embedding(local.clamp(0, self.embed.shape[0] - 1), self.embed) * held.unsqueeze(1).to(self.embed.dtype)
+        return self._reduce(x)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a row-sharded projection's partial output (the o_proj, down_proj and embedding
+        reductions transformers' hooks make in the prefill); itself in one process."""
+        if self.group is not None:
+            dist.all_reduce(partial, group=self.group)
+        return partial
 
 
 class _Step:

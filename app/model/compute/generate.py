@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -87,25 +87,30 @@ class BatchGenerator:
         cache: CachePlan | None = None,
         eager: bool = False,
         encoder_cache_bytes: int = ENCODER_CACHE_BYTES,
+        group: Any = None,
     ) -> None:
         """`cache`: slots and positions (None: `DEFAULT_ROWS` rows of the model's context, up to
         `DEFAULT_LEN`); `eager`: never capture CUDA graphs (`--enforce-eager`); `encoder_cache_bytes`: the
-        audio encoder cache's bound (app/model/compute/encoder_cache.py; 0: off)."""
+        audio encoder cache's bound (app/model/compute/encoder_cache.py; 0: off); `group`: the tensor-parallel
+        process group of a model loaded sharded (app/model/compute/parallel.py: this rank's cache holds its
+        share of the KV heads; steps run eagerly), None in one process."""
         self.model = model
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self.text_config = model.config.text_config
         self.num_layers = int(self.text_config.num_hidden_layers)
         self.log_mel = log_mel
-        self.shape = CacheShape.of(self.text_config, model.dtype)
+        shape = CacheShape.of(self.text_config, model.dtype)
+        ranks = 1 if group is None else int(group.size())
+        self.shape = replace(shape, kv_heads=shape.kv_heads // ranks)
         context = int(getattr(self.text_config, "max_position_embeddings", DEFAULT_LEN))
         self.plan = cache or default_plan(self.shape, context)
         self.cache = SlotCache(self.shape, self.plan, layer_devices(model))
-        self.decoder = LeanDecoder(model.model.language_model, model.lm_head)
+        self.decoder = LeanDecoder(model.model.language_model, model.lm_head, group)
         self.graphs = StepGraphs(self.decoder, self.cache, self.device)
         self.sizes = batch_sizes(self.plan.slots)
         self.widths = widths(self.plan.max_len)
-        self.eager = eager
+        self.eager = eager or group is not None
         self.audio_token_id = int(model.config.audio_token_id)
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self._states: weakref.WeakSet[BatchState] = weakref.WeakSet()
@@ -129,26 +134,34 @@ class BatchGenerator:
         width = max(len(p) for p in prompts)
         if width >= self.plan.max_len:
             raise ValueError(f"a prompt of {width} tokens does not fit {self.plan.max_len}")
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        slots = self._free(len(rows))
+        hidden = self._prefill_into(prompts, [audio for r in rows for audio in r.audios], slots)
+        state = self._hold(BatchState(list(rows), slots, [len(p) for p in prompts]))
+        return state, self.project(hidden)
+
+    def _prefill_into(self, prompts: list[list[int]], audios: list[np.ndarray], slots: list[int]) -> torch.Tensor:
+        """The device's part of a prefill: run `prompts` (left-padded, their audios in order) and place each
+        one's keys and values in its slot of `slots`; each prompt's last hidden state, [prompts, hidden]."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt) :] = torch.tensor(prompt)
             mask[i, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         lengths = [len(p) for p in prompts]
         out = self.model.model.language_model(
-            inputs_embeds=self._embed(ids, [audio for r in rows for audio in r.audios]),
+            inputs_embeds=self._embed(ids, audios),
             attention_mask=self._mask(upload(mask, self.device), lengths, width),
             position_ids=upload(positions, self.device),
             cache=PrefillCache(self.num_layers),
             use_cache=True,
         )
-        slots = self._free(len(rows))
         kv = out.cache.kv()
         for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
             self.cache.place(slot, [(k[i, :, width - length :], v[i, :, width - length :]) for k, v in kv])
-        state = self._hold(BatchState(list(rows), slots, lengths))
-        return state, self.project(out.last_hidden_state[:, -1, :])
+        hidden: torch.Tensor = out.last_hidden_state[:, -1, :]
+        return hidden
 
     @torch.inference_mode()
     def step(self, state: BatchState, tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -161,7 +174,6 @@ class BatchGenerator:
         self._compact(state)
         rows = padded(max(state.slots) + 1, self.sizes)
         width = width_of(longest, self.plan.max_len)
-        self.cache.ready(width, rows)
         slots = np.asarray(state.slots)
         packed = np.zeros((4, rows), dtype=np.int64)  # numpy: the host's bookkeeping launches nothing
         packed[0] = self.pad_token_id
@@ -170,10 +182,19 @@ class BatchGenerator:
         packed[1, slots] = state.lengths
         packed[2, slots] = slots
         packed[3, : len(slots)] = slots
-        host = torch.from_numpy(packed)
-        logits = self.graphs.run(host.pin_memory() if self.device.type == "cuda" else host, width)
+        logits = self._run(torch.from_numpy(packed), width)
         state.lengths = [n + 1 for n in state.lengths]
         return logits[: len(state.rows)]
+
+    def _run(self, host: torch.Tensor, width: int) -> torch.Tensor:
+        """The device's part of a step: the step's inputs `host` ([4, rows], `LeanDecoder`'s `packed`) over
+        `width` positions; the logits of every step row, in the order of `host[3]`."""
+        self.cache.ready(width, host.shape[1])
+        return self.graphs.run(host.pin_memory() if self.device.type == "cuda" else host, width)
+
+    def _copy(self, sources: list[int], targets: list[int], length: int) -> None:
+        """The device's part of a slot move: the first `length` positions of each source slot into its target."""
+        self.cache.copy(sources, targets, length)
 
     def _embed(self, ids: torch.Tensor, audios: list[np.ndarray]) -> torch.Tensor:
         """The prompt's input embeddings with each audio's in place of its audio tokens, in prompt order (what
@@ -222,7 +243,7 @@ class BatchGenerator:
         if not moving:  # every low slot is held by a state not yet merged: pad this step wider
             return
         targets = free[: len(moving)]
-        self.cache.copy([state.slots[i] for i in moving], targets, max(state.lengths[i] for i in moving))
+        self._copy([state.slots[i] for i in moving], targets, max(state.lengths[i] for i in moving))
         for i, slot in zip(moving, targets, strict=True):
             state.slots[i] = slot
 
@@ -266,7 +287,7 @@ class BatchGenerator:
         if copies:
             fresh = self._free(len(copies), besides=set(slots))
             sources = [state.slots[keep[j]] for j in copies]
-            self.cache.copy(sources, fresh, max(state.lengths[keep[j]] for j in copies))
+            self._copy(sources, fresh, max(state.lengths[keep[j]] for j in copies))
             for j, slot in zip(copies, fresh, strict=True):
                 slots[j] = slot
         rows = [state.rows[i] for i in keep]

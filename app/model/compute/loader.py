@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import torch
 
 from app.config import TINY_MODEL, TINY_REALTIME_MODEL, Settings
+from app.model.compute.parallel import Followers
 from app.model.compute.slots import CacheShape
 from app.model.fingerprint import system_fingerprint
 from app.model.tiny import build_tiny_model, build_tiny_realtime_model, is_tiny
@@ -47,6 +48,8 @@ class LoadedModel:
     load_seconds: float
     fingerprint: str
     """`system_fingerprint` of every chat answer: files, dtype, attention kernel, device, server version."""
+    followers: Followers | None = None
+    """Rank 0 of a tensor-parallel load: its pipes to the other ranks (app/model/ranks.py); None: one process."""
 
 
 CHECKPOINT_FILES = ("config.json", "tekken.json")
@@ -320,6 +323,16 @@ def model_class(path: str) -> Any:
     return VoxtralForConditionalGeneration
 
 
+def _sharded(ranks: int) -> dict[str, Any]:
+    """transformers' tensor-parallel plan over `ranks` ranks (torch.distributed already set up: app/model/ranks.py),
+    or nothing for one process."""
+    if ranks == 1:
+        return {}
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    return {"distributed_config": DistributedConfig(tp_size=ranks)}
+
+
 def load_model(settings: Settings) -> LoadedModel:
     from transformers import AutoProcessor
 
@@ -330,11 +343,16 @@ def load_model(settings: Settings) -> LoadedModel:
     check_model_source(path)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    device_map = _device_map(settings, path, device, dtype)
+    ranks = settings.tensor_parallel_size
+    device_map = _device_map(settings, path, device, dtype) if ranks == 1 else None
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = model_class(path).from_pretrained(
-            path, dtype=dtype, device_map=device_map, attn_implementation=settings.attn_implementation
+            path,
+            dtype=dtype,
+            device_map=device_map,
+            attn_implementation=settings.attn_implementation,
+            **_sharded(ranks),
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(

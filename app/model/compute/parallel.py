@@ -1,0 +1,162 @@
+"""Tensor parallelism: rank 0's generator repeats its device work on the other ranks, each on its shard.
+
+Every rank holds the model as transformers' `tp_plan` shards it (app/model/ranks.py starts them) and a
+`BatchGenerator` over its share of the KV cache. Only rank 0 runs the engine; its generator is a
+`LeaderGenerator`, which sends each piece of device work to the followers before doing it itself: a prefill
+(the prompts' ids, their audio samples, the slots rank 0 chose), a step (the [4, rows] host tensor of ids,
+positions, slots and order the lean decoder reads) and a slot move (sources, targets, length). The followers
+(`follow`) do the same work with the same inputs, meeting rank 0 in the model's all-reduces. Mirrored there,
+not at the engine's calls (prefill/step/select/merge): slot bookkeeping, which depends on when rank 0's batch
+states are collected, stays on rank 0 alone, and followers hold no batch state, only cache contents.
+
+Who samples: rank 0 alone, in its engine. Each rank computes the same replicated logits (the head is not
+sharded), but sampling needs what only the engine holds (each row's generator, grammar matcher, stop strings),
+and a step's ids reach the followers inside the step's host tensor anyway: one source of tokens, whatever the
+last bits of each rank's logits. Followers drop their logits.
+
+After each piece of work every follower answers (None, or its error's type and text). Ranks that disagree
+(one failed, one did not) no longer hold the same cache: `on_lost` is told and the server stops; the same
+error on every rank (an input both rejected) fails only the rows, as in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from app.model.compute.features import LogMel
+from app.model.compute.generate import BatchGenerator
+from app.model.compute.slots import CachePlan
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Answer = str | None
+"""A follower's answer to one piece of work: None, or its error as `type: text`."""
+
+
+@dataclass(frozen=True)
+class Start:
+    """What rank 0 decided that the followers' generators must share: the same slots, the same padding."""
+
+    plan: CachePlan
+    pad_token_id: int
+    encoder_cache_bytes: int
+
+
+@dataclass
+class Followers:
+    """Rank 0's ends of the pipes to ranks 1..N-1, and who to tell when they fall out of step."""
+
+    pipes: list[Connection]
+    group: Any
+    """The tensor-parallel process group (torch.distributed)."""
+    on_lost: Callable[[str], None]
+
+
+class LeaderGenerator(BatchGenerator):
+    """Rank 0's generator: each prefill, step and slot move goes to the followers first, then runs here."""
+
+    def __init__(self, model: Any, pad_token_id: int, log_mel: LogMel, followers: Followers, **kwargs: Any) -> None:
+        super().__init__(model, pad_token_id, log_mel, group=followers.group, **kwargs)
+        self.followers = followers
+        q = self.model.model.language_model.layers[0].self_attn.q_proj.weight
+        log.info(
+            "tensor-parallel over %d ranks: each holds %d of %d query heads, %d KV heads (q_proj %s of %s)",
+            followers.group.size(),
+            self.decoder.heads,
+            self.text_config.num_attention_heads,
+            self.decoder.kv_heads,
+            tuple(getattr(q, "_local_tensor", q).shape),
+            tuple(q.shape),
+        )
+        start = Start(self.plan, pad_token_id, self.encoder_cache.max_bytes)
+        for pipe in followers.pipes:
+            pipe.send(start)
+
+    def _prefill_into(self, prompts: list[list[int]], audios: list[np.ndarray], slots: list[int]) -> torch.Tensor:
+        return self._mirrored("_prefill_into", super()._prefill_into, prompts, audios, slots)
+
+    def _run(self, host: torch.Tensor, width: int) -> torch.Tensor:
+        return self._mirrored("_run", super()._run, host, width)
+
+    def _copy(self, sources: list[int], targets: list[int], length: int) -> None:
+        self._mirrored("_copy", super()._copy, sources, targets, length)
+
+    def _mirrored(self, name: str, here: Callable[..., T], *args: Any) -> T:
+        """`here(*args)` on this rank and `name(*args)` on every follower; raises what this rank raised."""
+        try:
+            for pipe in self.followers.pipes:
+                pipe.send((name, args))
+        except OSError as exc:
+            self._lose(f"a tensor-parallel rank is gone ({exc})")
+            raise
+        mine: BaseException | None = None
+        try:
+            result = here(*args)
+        except BaseException as exc:
+            mine = exc
+        theirs = self._answers()
+        if any(_answer(mine) != answer for answer in theirs):
+            self._lose(f"the tensor-parallel ranks fell out of step in {name}: rank 0 {_answer(mine)}, others {theirs}")
+        if mine is not None:
+            raise mine
+        return result
+
+    def _answers(self) -> list[Answer]:
+        answers: list[Answer] = []
+        for rank, pipe in enumerate(self.followers.pipes, start=1):
+            try:
+                answers.append(pipe.recv())
+            except (EOFError, OSError):
+                answers.append(f"rank {rank} is gone")
+        return answers
+
+    def _lose(self, reason: str) -> None:
+        log.critical("%s: stopping the server", reason)
+        self.followers.on_lost(reason)
+
+
+def _answer(exc: BaseException | None) -> Answer:
+    return None if exc is None else f"{type(exc).__name__}: {exc}"
+
+
+def follow(generator: BatchGenerator, pipe: Connection) -> None:
+    """Do what rank 0 sends, piece by piece, answering each, until rank 0 closes the pipe (or exits)."""
+    work: dict[str, Callable[..., Any]] = {
+        "_prefill_into": generator._prefill_into,
+        "_run": generator._run,
+        "_copy": generator._copy,
+    }
+    while True:
+        try:
+            name, args = pipe.recv()
+        except EOFError:
+            return
+        try:
+            with torch.inference_mode():
+                work[name](*args)
+        except Exception as exc:
+            log.warning("%s failed on this rank: %s: %s", name, type(exc).__name__, exc)
+            pipe.send(_answer(exc))
+        else:
+            pipe.send(None)
+
+
+def follower_generator(model: Any, log_mel: LogMel, start: Start, group: Any) -> BatchGenerator:
+    """A follower's generator: rank 0's plan and padding, its own shard of the cache."""
+    return BatchGenerator(
+        model,
+        start.pad_token_id,
+        log_mel,
+        cache=start.plan,
+        eager=True,
+        encoder_cache_bytes=start.encoder_cache_bytes,
+        group=group,
+    )

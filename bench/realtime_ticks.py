@@ -216,11 +216,14 @@ def run(args: argparse.Namespace, report: Report) -> None:
             report("realtime_tick", streams=streams, skipped="the stream caches do not fit even a 256-token window")
             continue
         mdl.config.text_config.sliding_window = window  # the pool's ring size (sdpa attends by the ring's mask)
+        fields = {"shapes": args.shapes, "decoder_window": window, "full_window": window == full}
         try:
-            line = measure(mdl, proc, streams, args.ticks)
+            fields |= measure(mdl, proc, streams, args.ticks)
+        except Exception as exc:  # out of memory, say: the next N still runs
+            fields |= {"streams": streams, "error": repr(exc)[:300]}
         finally:
             mdl.config.text_config.sliding_window = full
-        report("realtime_tick", shapes=args.shapes, decoder_window=window, full_window=window == full, **line)
+        report("realtime_tick", **fields)
 
 
 def main() -> None:

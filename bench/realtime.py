@@ -235,7 +235,7 @@ def main() -> None:
     if args.realtime_model:
         import realtime_streaming  # bench/realtime_streaming.py
 
-        realtime_streaming.main(args, start_server, publish)
+        realtime_streaming.main(args, start_server, publish, free_port)
         return
     port = free_port()
     base = f"http://127.0.0.1:{port}"

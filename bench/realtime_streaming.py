@@ -244,9 +244,9 @@ def main(
     args: argparse.Namespace,
     start_server: Callable[[int, argparse.Namespace, Path], Any],
     publish: Callable[[str, str, str | None], None],
+    free_port: Callable[[], int],
 ) -> None:
-    from realtime import free_port  # bench/realtime.py
-
+    """The run; bench/realtime.py hands over its server start-up, publishing and port choice."""
     chunks = utterance_chunks(args.pause_s)
     ref = reference(chunks, args.delay_ms)  # before the server starts: it then finds tiny-realtime built
     port = free_port()

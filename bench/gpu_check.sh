@@ -18,17 +18,22 @@
 #   tp2     only on a machine with 2 GPUs or more (else a skipped line): --tensor-parallel-size 2 (NCCL) against
 #           one GPU, per-token decode time taking turns (bench/tensor_parallel.py), on the Mini-shaped
 #           checkpoint the http section built (else the tiny model) (~2 min)
+#   realtime  Voxtral-Mini-4B-Realtime-2602's shapes, random bf16 weights (issue 28; ~1.5 min,
+#           bench/realtime_ticks.py): the realtime engine's tick at 1, 32 and 128 streams against the 80 ms
+#           a token that real time allows; last, so a full run seldom reaches it: issue 28's call is
+#           `bash bench/gpu_check.sh checks realtime`
 # `bash bench/gpu_check.sh replay` (any of the names above, in any order) runs only those.
 # It stops at once, with one line saying why, when .whl/ is missing (exit 2), when a version on the machine
 # conflicts with pyproject.toml or with the wheels' own requirements (exit 3, bench/gpu_preflight.py), or when
 # there is no CUDA device (exit 4). `--dry-run` (for a CPU machine; first) goes on past each of these as far
 # as it can: the checks above, then every section's smoke test on the CPU (gpu_check.py --device cpu --small,
-# the replay section's code included), and says where a real run would have stopped.
+# the replay section's code included; bench/realtime_ticks.py at tiny shapes), and says where a real run
+# would have stopped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
-WANT=" ${*:-checks replay mini http tp2} "
+WANT=" ${*:-checks replay mini http tp2 realtime} "
 BUDGET_S=${BUDGET_S:-525}
 OUT=${OUT:-/tmp/voxtral-gpu-check}
 mkdir -p "$OUT"
@@ -56,6 +61,7 @@ python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 
   || stop 4 "no CUDA device (torch.cuda.is_available() is false)"
 if [ $DRY -eq 1 ]; then
   timeout 420 python3 bench/gpu_check.py env parity split replay mini --device cpu --small --out "$LOG"
+  timeout 180 python3 bench/realtime_ticks.py --shapes tiny --device cpu --sessions 1,4 --ticks 3 --out "$LOG"
   echo "dry run done in $SECONDS s; a real run would have stopped at the first of: $(IFS=";"; echo "${STOPS[*]:-nothing}")"
   exit 0
 fi
@@ -100,4 +106,5 @@ if [ "$GPUS" -ge 2 ]; then
 else
   case "$WANT" in *" tp2 "*) echo "{\"section\": \"tp2\", \"skipped\": \"$GPUS GPU(s): needs 2\"}" >>"$LOG" ;; esac
 fi
+section realtime 150 70 python3 bench/realtime_ticks.py --shapes mini --device cuda --sessions 1,32,128 --out "$LOG"
 echo "done in $SECONDS s; $(wc -l <"$LOG") lines in $LOG"

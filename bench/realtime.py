@@ -15,6 +15,20 @@ as the client sees them.
 The tiny model's random weights never stop on their own: a transcription decodes its whole budget, set
 here to 4 + 5 tokens per second of audio (`--tokens-per-s`), about what real speech transcribes to.
 Appends the figures and the exact command to bench/RESULTS.md (--out).
+
+`--realtime-model`: the same load on `--model tiny-realtime` (Voxtral Realtime: text while audio arrives).
+Each session (manual commits, `turn_detection: null`, `delay_ms` from `--delay-ms`) streams `--utterances`
+times the sentence and its pause, in 100 ms chunks paced at real time, and commits after each. Checks: every
+item's `.delta` events arrive in order before its `.completed`, nothing is lost (`.completed` text == its
+deltas joined), and each item's text equals the model layer's own (a `RealtimeEngine` fed the same chunks
+alone, computed here first; it tells each delta's token-frame). Latency per delta, p50 and p95: from the
+chunk that carried the end of the audio its token speaks for (`delay` frames before the frame that emitted
+it) to its arrival, against `--delay-ms` (the model's delay plus the server's); and from the chunk that
+completed the token's input window to its arrival (the server's part alone). Tokens of the commit's
+right-padding flush are left out of both (they wait for the commit): commit -> `.completed` says their
+time. Tick time and rows a tick from the server's `voxtral_realtime_tick_*` histograms.
+
+    python bench/realtime.py --realtime-model                  # 32 sessions x 3 utterances on tiny-realtime
 """
 
 from __future__ import annotations
@@ -126,6 +140,9 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
         "--transcription-tokens-per-audio-s", str(args.tokens_per_s), "--transcription-min-tokens", "4",
         "--log-level", "warning",
     ]  # fmt: skip
+    if getattr(args, "realtime_model", False):  # a stream flushing while the next utterance's opens: 2 each
+        cmd[cmd.index("tiny")] = "tiny-realtime"
+        cmd += ["--realtime-max-streams", str(2 * args.sessions)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOXTRAL_")}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     return wait_ready(proc, port, log)
@@ -212,7 +229,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     session_args(parser, sessions=32)
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    parser.add_argument("--realtime-model", action="store_true", help="tiny-realtime: deltas while audio arrives")
+    parser.add_argument("--delay-ms", type=int, default=480, help="--realtime-model: the sessions' delay_ms")
     args = parser.parse_args()
+    if args.realtime_model:
+        import realtime_streaming  # bench/realtime_streaming.py
+
+        realtime_streaming.main(args, start_server, publish, free_port)
+        return
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:

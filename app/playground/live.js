@@ -1,5 +1,6 @@
 // Live transcription: microphone -> AudioWorklet (24 kHz PCM16 chunks) -> the realtime WebSocket
-// (OpenAI's transcription session, server VAD) -> one line per utterance as its deltas arrive.
+// (OpenAI's transcription session, server VAD) -> one line per utterance as its deltas arrive: after the
+// pause with a turn-based model, while the speaker is still talking with a Voxtral Realtime one.
 
 import { base64, microphoneError } from "./audio.js";
 import { ServerError, realtimeProtocols, realtimeUrl, request } from "./api.js";

@@ -82,9 +82,12 @@ export function utteranceLine(out, itemId, startMs) {
   scroll();
   const handle = {
     finished: false,
+    // A delta adds its text at once, the line marked streaming (a cursor) until `.completed` makes it final:
+    // with a Voxtral Realtime model the deltas come while the speaker is still talking.
     append(delta) {
       if (line.querySelector(".muted")) line.textContent = "";
       line.textContent += delta;
+      line.classList.add("streaming");
       scroll();
     },
     done(transcript) {

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from app.model.compute.loader import LoadedModel
+from app.model.compute.loader import LoadedModel, load_model
 from app.wiring import create_app
 from tests.support.audio_fixtures import DATA
 from tests.support.browser import Page, chromium, require_chromium, speech_wav
@@ -237,6 +237,45 @@ def test_live_transcription_of_the_microphone(page: Page) -> None:
     minutes = int(start_s // 60)
     expect(live.locator(".live-row .time").first).to_have_text(f"{minutes:02d}:{start_s - minutes * 60:05.2f}")
     expect(region(page, "Error")).to_be_hidden()
+
+
+@pytest.fixture(scope="module")
+def realtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    cache = tmp_path_factory.mktemp("realtime-cache")
+    with serve(load_model(make_settings(cache, model="tiny-realtime")), cache, model="tiny-realtime") as running:
+        yield running
+
+
+def test_live_shows_a_realtime_models_deltas_before_the_commit(browser: Any, realtime: RunningServer) -> None:
+    """With a Voxtral Realtime model the line fills while the speaker talks: text on the page, marked
+    streaming, before the server commits the utterance (server VAD: at the end of speech); final on
+    `.completed`, the deltas' text its prefix."""
+    tab = Page(browser, realtime.base_url)
+    expect(tab.page.locator("#server-status")).to_have_text("Model: tiny-realtime", timeout=TIMEOUT_MS)
+    tab.page.get_by_role("tab", name="Live").click()
+    frames: list[dict[str, Any]] = []
+    tab.page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(json.loads(payload))))
+    tab.page.get_by_role("button", name="Start live", exact=True).click()
+    live = region(tab, "Live transcript")
+    expect(live.locator(".utterance.streaming:not(.completed)").first).not_to_be_empty(timeout=TIMEOUT_MS)
+    item, shown = tab.page.evaluate(
+        "() => { const line = document.querySelector('#live-transcript .utterance.streaming');"
+        " return [line.dataset.itemId, line.textContent]; }"
+    )
+    seen = [f["type"] for f in frames if f.get("item_id") == item]
+    assert "conversation.item.input_audio_transcription.delta" in seen
+    assert "input_audio_buffer.committed" not in seen, "the text was shown only after the commit"
+    final = live.locator(f'.utterance.completed[data-item-id="{item}"]')
+    expect(final).to_be_attached(timeout=TIMEOUT_MS)
+    tab.page.get_by_role("button", name="Stop live", exact=True).click()
+    expect(tab.page.get_by_role("button", name="Start live", exact=True)).to_be_enabled(timeout=TIMEOUT_MS)
+    transcript = next(f["transcript"] for f in frames if f["type"].endswith(".completed") and f["item_id"] == item)
+    deltas = "".join(f["delta"] for f in frames if f["type"].endswith(".delta") and f["item_id"] == item)
+    assert transcript == deltas and transcript.startswith(shown) and shown
+    expect(final).to_have_text(transcript)
+    expect(region(tab, "Error")).to_be_hidden()
+    assert tab.foreign == [] and tab.console == []
+    tab.close()
 
 
 # -- keys, errors and the origin ----------------------------------------------------------------------------

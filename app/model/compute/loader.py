@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 import torch
 
 from app.config import TINY_MODEL, Settings
+from app.model.compute.footprint import loaded_bytes
+from app.model.compute.quantization import keep_compute_dtype, load_config, refusal, saved_quantization
 from app.model.compute.slots import CacheShape
 from app.model.fingerprint import system_fingerprint
 from app.model.tiny import build_tiny_model, is_tiny
@@ -69,6 +71,18 @@ def preflight(settings: Settings) -> None:
         check_model_source(settings.model)
         if Path(settings.model).is_dir():
             check_checkpoint_files(Path(settings.model))
+    _check_quantization(settings, device)
+
+
+def _check_quantization(settings: Settings, device: torch.device) -> str | None:
+    """--quantization this device can run, not contradicting what a local checkpoint was saved as (returned:
+    `saved_quantization`)."""
+    local = Path(settings.model) if settings.model != TINY_MODEL and Path(settings.model).is_dir() else None
+    saved = saved_quantization(_config(local)) if local is not None else None
+    why = refusal(settings.quantization, saved, device)
+    if why is not None:
+        raise ModelLoadError(why)
+    return saved
 
 
 def _check_cuda(flag: str, device: torch.device) -> None:
@@ -300,6 +314,14 @@ def log_memory(model: Any) -> None:
         log.info("cuda:%d: model %.1f GiB, %.1f GiB free of %.1f GiB", index, held / GIB, free / GIB, total / GIB)
 
 
+def _quantized_as(model: Any) -> str:
+    """ "+int8" and the like for the fingerprint where the weights are quantized (answers differ), else ""."""
+    saved = getattr(model.config, "quantization_config", None)
+    if saved is None:
+        return ""
+    return "+" + str(saved_quantization({"quantization_config": saved.to_dict()}))
+
+
 def load_model(settings: Settings) -> LoadedModel:
     from transformers import AutoProcessor, VoxtralForConditionalGeneration
 
@@ -311,10 +333,16 @@ def load_model(settings: Settings) -> LoadedModel:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     device_map = _device_map(settings, path, device, dtype)
+    saved = _check_quantization(settings.model_copy(update={"model": path}), torch.device(device))
+    quantization = load_config(settings.quantization, dtype) if saved is None else None  # as saved, else asked
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = VoxtralForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, device_map=device_map, attn_implementation=settings.attn_implementation
+            path,
+            dtype=dtype,
+            device_map=device_map,
+            attn_implementation=settings.attn_implementation,
+            quantization_config=quantization,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
@@ -323,9 +351,12 @@ def load_model(settings: Settings) -> LoadedModel:
             "For a demo without weights use --model tiny."
         ) from exc
     model.eval()
+    keep_compute_dtype(model, dtype)
     log_memory(model)
+    log.info("weights by part (MiB): %s", loaded_bytes(model).describe())
     first_device = next(model.parameters()).device
     attention = str(getattr(model.config, "_attn_implementation", settings.attn_implementation))
-    fingerprint = system_fingerprint(path, str(dtype).removeprefix("torch."), attention, first_device.type)
+    precision = str(dtype).removeprefix("torch.") + _quantized_as(model)
+    fingerprint = system_fingerprint(path, precision, attention, first_device.type)
     elapsed = time.perf_counter() - started
     return LoadedModel(model, processor, first_device, dtype, path, is_tiny(path), elapsed, fingerprint)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from app.config import Settings
+from app.model.compute.decoder import LeanDecoder, ModuleDecoder, decoder_for
 from app.model.compute.features import LogMel
 from app.model.compute.footprint import format_bytes, loaded_bytes, memory_table, params_by_part, voxtral_configs
 from app.model.compute.generate import BatchGenerator, Row, sample
@@ -89,6 +90,7 @@ def test_quantized_decodes_as_its_dequantized_weights(
         assert min(float(t.topk(2).values.diff().abs()) for t in reference) > LOGIT_TOL  # decided, not a tie
         assert tokens == expected
     assert type(quantized.model.model.language_model.layers[0].mlp.down_proj.weight) is not torch.nn.Parameter
+    assert type(decoder_for(quantized.model)) is ModuleDecoder and type(decoder_for(dequantized)) is LeanDecoder
 
 
 def test_only_the_decoders_linear_layers_change(quantized: LoadedModel, loaded: LoadedModel) -> None:

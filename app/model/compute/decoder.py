@@ -236,9 +236,11 @@ class ModuleDecoder(LeanDecoder):
 
 
 def decoder_for(model: Any) -> LeanDecoder:
-    """The decode step of a loaded VoxtralForConditionalGeneration: `ModuleDecoder` where its linear layers
-    are quantized (a `quantization_config` on its config), else `LeanDecoder`."""
+    """The decode step of a loaded VoxtralForConditionalGeneration: `ModuleDecoder` where any of its decoder's
+    linear layers holds a quantized weight (a bitsandbytes module, a torchao tensor subclass: however it was
+    quantized, at load, as saved or in place), else `LeanDecoder`."""
     language_model, head = model.model.language_model, model.lm_head
-    if getattr(model.config, "quantization_config", None) is not None:
-        return ModuleDecoder(language_model, head)
-    return LeanDecoder(language_model, head)
+    linears = (m for layer in language_model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    if all(type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter for m in linears):
+        return LeanDecoder(language_model, head)
+    return ModuleDecoder(language_model, head)

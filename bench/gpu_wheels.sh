@@ -12,7 +12,7 @@ PACKAGES=(
   transformers mistral-common llguidance fastapi starlette uvicorn python-multipart opentelemetry-api
   pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
   pydantic-extra-types pycountry jsonschema jsonschema-specifications referencing rpds-py soundfile cffi
-  pycparser soxr silero-vad websockets onnxruntime flatbuffers protobuf
+  pycparser soxr silero-vad websockets onnxruntime flatbuffers protobuf torchao bitsandbytes jiwer rapidfuzz
 )
 # pyproject's dependencies that are NOT fetched: the GPU image has them (bench/gpu_preflight.py checks their
 # versions there), or the server does without them (av, above). tests/project/test_gpu_wheels.py holds that

@@ -5,6 +5,9 @@ an int8 model saved with save_pretrained loads back quantized; and a request run
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,11 +136,19 @@ def test_the_readme_table_is_computed_from_the_configs() -> None:
 
 
 def test_fp8_on_a_cpu_is_refused_before_loading(tiny_dir: Path) -> None:
-    with pytest.raises(ModelLoadError) as refused:
-        preflight(make_settings(tiny_dir, device="cpu", quantization="fp8"))
-    message = str(refused.value)
-    assert message.startswith("--quantization fp8 needs a CUDA GPU of compute capability 8.9") and "\n" not in message
-    assert "--quantization int8" in message
+    """`serve --quantization fp8` on a CPU: exit 2 and one line, before any model loads."""
+    done = subprocess.run(
+        [sys.executable, "-m", "app.main", "serve", "--model", "tiny", "--device", "cpu", "--quantization", "fp8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=os.environ | {"VOXTRAL_CACHE_DIR": str(tiny_dir)},
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith("voxtral-server:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(lines) == 1, done.stderr
+    assert lines[0].startswith("voxtral-server: --quantization fp8 needs a CUDA GPU of compute capability 8.9")
+    assert "this is a CPU: use --quantization int8" in lines[0]
 
 
 def test_an_int8_checkpoint_saved_loads_quantized_and_refuses_another_format(

@@ -77,7 +77,9 @@ def preflight(settings: Settings) -> None:
 def _check_quantization(settings: Settings, device: torch.device) -> str | None:
     """--quantization this device can run, not contradicting what a local checkpoint was saved as (returned:
     `saved_quantization`)."""
-    local = Path(settings.model) if settings.model != TINY_MODEL and Path(settings.model).is_dir() else None
+    local = None if settings.model == TINY_MODEL else Path(settings.model)
+    if local is not None and not local.is_dir():
+        local = _cached(settings.model)  # a hub id: its config where it is cached (else checked once fetched)
     saved = saved_quantization(_config(local)) if local is not None else None
     why = refusal(settings.quantization, saved, device)
     if why is not None:
@@ -315,7 +317,8 @@ def log_memory(model: Any) -> None:
 
 
 def _quantized_as(model: Any) -> str:
-    """ "+int8" and the like for the fingerprint where the weights are quantized (answers differ), else ""."""
+    """The weights' format as the fingerprint's suffix ("+int8", "+bitsandbytes", ...; answers differ with it),
+    or the empty string where they are not quantized."""
     saved = getattr(model.config, "quantization_config", None)
     if saved is None:
         return ""

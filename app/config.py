@@ -70,6 +70,12 @@ class ModelSettings(BaseSettings):
     """Prompt (audio tokens included) + max_tokens must fit in this; larger requests get a 400. Each row's KV
     cache slot holds this many positions, allocated up front: longer fits fewer rows in the same memory."""
 
+    quantization: Literal["none", "int8", "bitsandbytes", "fp8"] = "none"
+    """Weight format of the language model's linear layers, quantized at load (vLLM's flag): int8 (torchao
+    weight-only int8, CPU or GPU), bitsandbytes (4-bit NF4), fp8 (CUDA, compute capability 8.9 or newer). The
+    audio encoder, projector, embedding and head stay in --dtype. A checkpoint saved quantized loads as it is.
+    Fewer weight bytes leave more memory to the KV cache; each format rounds the weights (README, "Memory")."""
+
     @field_validator("model_aliases", mode="before")
     @classmethod
     def _split_aliases(cls, value: object) -> object:
@@ -81,6 +87,9 @@ class ModelSettings(BaseSettings):
             raise ValueError("tensor_parallel_size must be at least 1")
         if self.tensor_parallel_size > 1 and self.device_map is not None:
             raise ValueError("tensor_parallel_size and device_map are exclusive: a rank holds one device")
+        if self.tensor_parallel_size > 1 and self.quantization != "none":
+            # the quantized step runs each module's own forward, which transformers' plan already all-reduces
+            raise ValueError("tensor_parallel_size > 1 and quantization are exclusive: not sharded quantized yet")
         return self
 
     @property
@@ -414,6 +423,7 @@ VLLM_FLAGS: dict[str, str] = {
     "--gpu-memory-utilization": "--gpu-memory-utilization",
     "--kv-cache-memory-bytes": "--kv-cache-memory-bytes",
     "--enforce-eager": "--enforce-eager",
+    "--quantization": "--quantization",
 }
 """vLLM's spellings of flags that mean the same here, so a `vllm serve` command line carries over (those spelled
 alike are listed too: their snake case is vLLM's as well)."""

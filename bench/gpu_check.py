@@ -298,6 +298,38 @@ def mini(args: argparse.Namespace, report: Report) -> None:
     seconds = 30 if args.small else 1800
     long = BatchGenerator(model, pad_token_id=11, log_mel=log_mel, cache=CachePlan(slots=1, max_len=24_576))
     _prefill_cost(long, prompter, device, report, 1, seconds)
+    del long
+    _format_steps(model, prompter, log_mel, report)
+
+
+QUANT_ROUNDS = 3
+
+
+def _format_steps(model: Any, prompter: Prompter, log_mel: LogMel, report: Report) -> None:
+    """The decode step per weight format (issue 30): the model as built (none), and copies of it whose decoder
+    linear layers torchao quantizes in place (int8 weight-only; fp8 where the GPU has float8, compute
+    capability 8.9 or newer), each run by the server's generator (`ModuleDecoder` for the quantized ones,
+    eager), at batch 1 and 32, the formats taking turns for `QUANT_ROUNDS` rounds. bitsandbytes' NF4 loads only
+    through `from_pretrained` (`--quantization bitsandbytes`), not in place: not here."""
+    import copy
+
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow, quantize_
+
+    device = next(model.parameters()).device
+    configs: dict[str, Any] = {"int8": Int8WeightOnlyConfig()}
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        configs["fp8"] = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    models = {"none": model}
+    for name, config in configs.items():
+        quantized = copy.deepcopy(model)
+        quantize_(quantized.model.language_model, config, filter_fn=lambda m, _: isinstance(m, torch.nn.Linear))
+        models[name] = quantized
+    gens = {name: BatchGenerator(m, 11, log_mel, cache=CachePlan(slots=32, max_len=1024)) for name, m in models.items()}
+    for round_ in range(QUANT_ROUNDS):
+        for name, gen in gens.items():
+            for batch in (1, 32):
+                timing = _step_time(gen, prompter, batch, 10)
+                report("quant_step", format=name, round=round_, decoder=type(gen.decoder).__name__, **timing)
 
 
 def _text_rows(prompter: Prompter, count: int) -> list[Row]:

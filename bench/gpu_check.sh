@@ -12,7 +12,8 @@
 #           built in memory, 128 slots x 1,024 positions; the step at batch 1, 8, 32, 128 eager, then after
 #           capture (its time, graph memory), against the weight-read floor; greedy tokens replayed == eager;
 #           the steady step under torch.cuda.set_sync_debug_mode
-#   mini    the same model: the sampler, prefill of 32 x 30 s and of one 30-minute row (~2 min)
+#   mini    the same model: the sampler, prefill of 32 x 30 s and of one 30-minute row, then the decode step
+#           per weight format (none, int8, fp8: torchao in place, taking turns; issue 30) (~2 min)
 #   http    the Mini-shaped checkpoint saved, served, and loaded at concurrency 32 with transcription and
 #           default-sampling chat: req/s, audio-s/s (RTFx), p50/p99 (~4 min with the build)
 #   tp2     only on a machine with 2 GPUs or more (else a skipped line): --tensor-parallel-size 2 (NCCL) against
@@ -85,7 +86,7 @@ section() {  # section NAME SECONDS MINIMUM COMMAND...: run it under a limit, at
 section checks 80 40 python3 bench/gpu_check.py env parity split --out "$LOG"
 # its own budget ends it (with a line for each part skipped) before the limit kills it
 section replay 170 90 bash -c 'python3 bench/gpu_check.py replay --budget-s $((LIMIT - 20)) --out "$0"' "$LOG"
-section mini 110 60 python3 bench/gpu_check.py mini --out "$LOG"
+section mini 130 60 python3 bench/gpu_check.py mini --out "$LOG"
 MODEL=/tmp/voxtral-mini-random
 section http 250 150 bash -c '
   timeout 90 python3 bench/random_mini.py "$1" --device cuda || exit 1

@@ -132,7 +132,7 @@ class LeanDecoder:
         self, x: torch.Tensor, layer: _Layer, keys: torch.Tensor, values: torch.Tensor, step: _Step
     ) -> torch.Tensor:
         rows, d, width = x.shape[0], self.head_dim, step.width
-        qkv = torch.mm(_rms(x, layer.norm_in, step), layer.qkv)
+        qkv = self._qkv(_rms(x, layer.norm_in, step), layer)
         rotated = self.heads + self.kv_heads
         qk = qkv[:, : rotated * d].view(rows, rotated, d)
         # rotate_half(x) * sin == (x's halves swapped) * (sin with its first half negated), exactly
@@ -149,7 +149,13 @@ class LeanDecoder:
             attn_mask=step.mask,
             scale=self.scaling,
         )
-        return self._reduce(torch.mm(attended.view(rows, self.heads * d), layer.out))
+        return self._reduce(self._out(attended.view(rows, self.heads * d), layer))
+
+    def _qkv(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        return torch.mm(x, layer.qkv)
+
+    def _out(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        return torch.mm(x, layer.out)
 
     def _mlp(self, x: torch.Tensor, layer: _Layer, step: _Step) -> torch.Tensor:
         gate_up = torch.mm(_rms(x, layer.norm_post, step), layer.gate_up)
@@ -211,3 +217,66 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, step: _Step) -> torch.Tensor:
     wide = x if x.dtype == torch.float32 else x.float()
     scale = torch.rsqrt(torch.addcdiv(step.eps, torch.sum(wide * wide, -1, keepdim=True), step.count))
     return weight * (wide * scale if x.dtype == torch.float32 else (wide * scale).to(x.dtype))
+
+
+@dataclass(frozen=True)
+class _ModuleLayer(_Layer):
+    """A quantized layer: its projections are its own modules (a quantized weight can be neither concatenated
+    nor transposed into a GEMM operand); the inherited weight fields are empty."""
+
+    q: torch.nn.Module
+    k: torch.nn.Module
+    v: torch.nn.Module
+    o: torch.nn.Module
+    gate: torch.nn.Module
+    up: torch.nn.Module
+    down_proj: torch.nn.Module
+
+
+_EMPTY = torch.empty(0)
+
+
+class ModuleDecoder(LeanDecoder):
+    """The lean step over quantized linear layers (torchao tensor subclasses, bitsandbytes `Linear4bit`): each
+    projection runs through its module's own forward (its format's kernel), q, k and v concatenated after
+    their projections; the rest (norms, rotary, cache writes, attention, the head) is `LeanDecoder`'s. Nothing
+    is fused, so the modules keep their weights untouched."""
+
+    def _layer(self, layer: Any) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        if str(getattr(mlp.act_fn, "__name__", type(mlp.act_fn).__name__)).lower() not in ("silu", "siluactivation"):
+            raise ValueError("the lean decode step computes SiLU MLPs only")
+        return _ModuleLayer(
+            layer.input_layernorm.weight, _EMPTY, _EMPTY, layer.post_attention_layernorm.weight, _EMPTY, _EMPTY,
+            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
+            gate=mlp.gate_proj, up=mlp.up_proj, down_proj=mlp.down_proj,
+        )  # fmt: skip
+
+    def _qkv(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        assert isinstance(layer, _ModuleLayer)
+        return torch.cat((layer.q(x), layer.k(x), layer.v(x)), dim=-1)
+
+    def _out(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        assert isinstance(layer, _ModuleLayer)
+        out: torch.Tensor = layer.o(x)
+        return out
+
+    def _mlp(self, x: torch.Tensor, layer: _Layer, step: _Step) -> torch.Tensor:
+        assert isinstance(layer, _ModuleLayer)
+        h = _rms(x, layer.norm_post, step)
+        out: torch.Tensor = layer.down_proj(F.silu(layer.gate(h)) * layer.up(h))
+        return out
+
+
+def decoder_for(model: Any, group: Any = None) -> LeanDecoder:
+    """The decode step of a loaded VoxtralForConditionalGeneration: `ModuleDecoder` where any of its decoder's
+    linear layers holds a quantized weight (a bitsandbytes module, a torchao tensor subclass: however it was
+    quantized, at load, as saved or in place), else `LeanDecoder` (sharded over `group` under tensor
+    parallelism). Quantized and sharded together is refused: the modules' own forward would all-reduce too."""
+    language_model, head = model.model.language_model, model.lm_head
+    linears = (m for layer in language_model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    if all(type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter for m in linears):
+        return LeanDecoder(language_model, head, group)
+    if group is not None:
+        raise ValueError("a quantized decoder cannot be sharded: --quantization excludes --tensor-parallel-size > 1")
+    return ModuleDecoder(language_model, head)

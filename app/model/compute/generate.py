@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from app.audio import samples_key
-from app.model.compute.decoder import LeanDecoder
+from app.model.compute.decoder import decoder_for
 from app.model.compute.encoder_cache import EncoderCache
 from app.model.compute.features import LogMel
 from app.model.compute.graphs import StepGraphs
@@ -106,7 +106,7 @@ class BatchGenerator:
         context = int(getattr(self.text_config, "max_position_embeddings", DEFAULT_LEN))
         self.plan = cache or default_plan(self.shape, context)
         self.cache = SlotCache(self.shape, self.plan, layer_devices(model))
-        self.decoder = LeanDecoder(model.model.language_model, model.lm_head, group)
+        self.decoder = decoder_for(model, group)
         self.graphs = StepGraphs(self.decoder, self.cache, self.device)
         self.sizes = batch_sizes(self.plan.slots)
         self.widths = widths(self.plan.max_len)

@@ -4,7 +4,8 @@ A captured step launches the whole decoder with one call from the host; what cha
 values of one static input tensor (tokens, positions, write slots, output order: `LeanDecoder`'s
 `packed`), copied in from pinned host memory without a wait. The graphs share one memory pool. Shapes not
 captured (none, when `capture` ran for every size and width) run eagerly. On a CPU, or with
-`--enforce-eager`, every step runs eagerly through the same code.
+`--enforce-eager`, every step runs eagerly through the same code; so does a quantized model's
+(`ModuleDecoder`): capturing torchao's and bitsandbytes' kernels is not verified on a GPU yet.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from app.model.compute.decoder import LeanDecoder
+from app.model.compute.decoder import LeanDecoder, ModuleDecoder
 from app.model.compute.slots import SlotCache
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class StepGraphs:
         """Capture every (size, width) on CUDA, largest first (the pool then serves the smaller ones); log the
         time it took and the memory the graphs hold. A no-op anywhere else."""
         if self.device.type != "cuda":
+            return
+        if isinstance(self.decoder, ModuleDecoder):
+            log.info("quantized linear layers: the decode step runs eagerly (capture not verified for their kernels)")
             return
         if any(buffer.device != self.device for buffer in self.cache.keys):
             log.info("the model spans several devices: the decode step runs eagerly (a graph cannot cross them)")

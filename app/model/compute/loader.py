@@ -23,7 +23,9 @@ from urllib.parse import urlparse
 import torch
 
 from app.config import TINY_MODEL, TINY_REALTIME_MODEL, Settings
+from app.model.compute.footprint import loaded_bytes
 from app.model.compute.parallel import Followers
+from app.model.compute.quantization import keep_compute_dtype, load_config, refusal, saved_quantization
 from app.model.compute.slots import CacheShape
 from app.model.fingerprint import system_fingerprint
 from app.model.tiny import build_tiny_model, build_tiny_realtime_model, is_tiny
@@ -72,6 +74,20 @@ def preflight(settings: Settings) -> None:
         check_model_source(settings.model)
         if Path(settings.model).is_dir():
             check_checkpoint_files(Path(settings.model))
+    _check_quantization(settings, device)
+
+
+def _check_quantization(settings: Settings, device: torch.device) -> str | None:
+    """--quantization this device can run, not contradicting what a local checkpoint was saved as (returned:
+    `saved_quantization`)."""
+    local = None if settings.model == TINY_MODEL else Path(settings.model)
+    if local is not None and not local.is_dir():
+        local = _cached(settings.model)  # a hub id: its config where it is cached (else checked once fetched)
+    saved = saved_quantization(_config(local)) if local is not None else None
+    why = refusal(settings.quantization, saved, device)
+    if why is not None:
+        raise ModelLoadError(why)
+    return saved
 
 
 def _check_cuda(flag: str, device: torch.device) -> None:
@@ -333,6 +349,15 @@ def _sharded(ranks: int) -> dict[str, Any]:
     return {"distributed_config": DistributedConfig(tp_size=ranks)}
 
 
+def _quantized_as(model: Any) -> str:
+    """The weights' format as the fingerprint's suffix ("+int8", "+bitsandbytes", ...; answers differ with it),
+    or the empty string where they are not quantized."""
+    saved = getattr(model.config, "quantization_config", None)
+    if saved is None:
+        return ""
+    return "+" + str(saved_quantization({"quantization_config": saved.to_dict()}))
+
+
 def load_model(settings: Settings) -> LoadedModel:
     from transformers import AutoProcessor
 
@@ -345,6 +370,8 @@ def load_model(settings: Settings) -> LoadedModel:
     dtype = resolve_dtype(settings.dtype, device)
     ranks = settings.tensor_parallel_size
     device_map = _device_map(settings, path, device, dtype) if ranks == 1 else None
+    saved = _check_quantization(settings.model_copy(update={"model": path}), torch.device(device))
+    quantization = load_config(settings.quantization, dtype) if saved is None else None  # as saved, else asked
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = model_class(path).from_pretrained(
@@ -352,6 +379,7 @@ def load_model(settings: Settings) -> LoadedModel:
             dtype=dtype,
             device_map=device_map,
             attn_implementation=settings.attn_implementation,
+            quantization_config=quantization,
             **_sharded(ranks),
         )
     except (OSError, ValueError) as exc:
@@ -361,9 +389,12 @@ def load_model(settings: Settings) -> LoadedModel:
             "For a demo without weights use --model tiny."
         ) from exc
     model.eval()
+    keep_compute_dtype(model, dtype)
     log_memory(model)
+    log.info("weights by part (MiB): %s", loaded_bytes(model).describe())
     first_device = next(model.parameters()).device
     attention = str(getattr(model.config, "_attn_implementation", settings.attn_implementation))
-    fingerprint = system_fingerprint(path, str(dtype).removeprefix("torch."), attention, first_device.type)
+    precision = str(dtype).removeprefix("torch.") + _quantized_as(model)
+    fingerprint = system_fingerprint(path, precision, attention, first_device.type)
     elapsed = time.perf_counter() - started
     return LoadedModel(model, processor, first_device, dtype, path, is_tiny(path), elapsed, fingerprint)

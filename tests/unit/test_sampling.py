@@ -216,11 +216,11 @@ def test_slot_copies_index_each_layers_cache_on_its_device() -> None:
     shape = CacheShape(layers=2, kv_heads=2, head_dim=4, dtype=torch.float32)
     cache = SlotCache(shape, CachePlan(slots=3, max_len=8), [torch.device("cpu"), torch.device("meta")])
     cache.ready(8, 4)
-    cache.keys[0][0, :5] = 1.0
+    cache.keys[0][0, :, :5] = 1.0
     with _DevicesMustMatch():
         cache.copy([0], [2], 5)
     assert [k.device.type for k in cache.keys] == ["cpu", "meta"]
-    assert bool((cache.keys[0][2, :5] == 1.0).all()) and bool((cache.keys[0][2, 5:] == 0.0).all())
+    assert bool((cache.keys[0][2, :, :5] == 1.0).all()) and bool((cache.keys[0][2, :, 5:] == 0.0).all())
 
 
 def test_chi_square_critical_values_are_what_the_tests_assume() -> None:

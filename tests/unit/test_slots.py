@@ -138,7 +138,7 @@ def test_a_cache_holds_its_slots_and_a_scratch_slot_on_each_layers_device() -> N
     cache = _cache(slots=3, max_len=512)
     assert cache.scratch == cache.slots == 3 and cache.max_len == 512 and cache.zeroed == [0] * 4
     assert len(cache.keys) == len(cache.values) == SHAPE.layers
-    assert all(b.shape == (4, 512, 2, 4) and b.dtype == torch.float32 for b in _buffers(cache))
+    assert all(b.shape == (4, 2, 512, 4) and b.dtype == torch.float32 for b in _buffers(cache))
 
 
 def test_ready_zeroes_only_the_new_positions_of_the_slots_read_and_never_shrinks() -> None:
@@ -146,22 +146,22 @@ def test_ready_zeroes_only_the_new_positions_of_the_slots_read_and_never_shrinks
     cache.ready(128, 2)  # a step of 2 rows reads slots 0 and 1 up to 128
     assert cache.zeroed == [128, 128, 0, 0]
     for buffer in _buffers(cache):
-        assert bool((buffer[:2, :128] == 0).all()) and bool(buffer[:2, 128:].isnan().all())
+        assert bool((buffer[:2, :, :128] == 0).all()) and bool(buffer[:2, :, 128:].isnan().all())
         assert bool(buffer[2:].isnan().all())  # slots no step read stay untouched
     for buffer in _buffers(cache):
-        buffer[1, 5] = 7.0  # a row's history: a later `ready` must keep it
+        buffer[1, :, 5] = 7.0  # a row's history: a later `ready` must keep it
     cache.ready(256, 3)
     assert cache.zeroed == [256, 256, 256, 0]
     for buffer in _buffers(cache):
-        assert bool((buffer[1, 5] == 7.0).all())
-        assert bool((buffer[:3, 128:256] == 0).all()) and bool(buffer[:, 256:].isnan().all())
-        buffer[0, 200] = 3.0
+        assert bool((buffer[1, :, 5] == 7.0).all())
+        assert bool((buffer[:3, :, 128:256] == 0).all()) and bool(buffer[:, :, 256:].isnan().all())
+        buffer[0, :, 200] = 3.0
     cache.ready(128, 3)
     cache.ready(256, 3)
     assert cache.zeroed == [256, 256, 256, 0]
     for buffer in _buffers(cache):
-        assert bool((buffer[0, 200] == 3.0).all()) and bool((buffer[1, 5] == 7.0).all())
-        assert bool(buffer[:, 256:].isnan().all())
+        assert bool((buffer[0, :, 200] == 3.0).all()) and bool((buffer[1, :, 5] == 7.0).all())
+        assert bool(buffer[:, :, 256:].isnan().all())
 
 
 def _history(length: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -178,17 +178,17 @@ def test_place_writes_positions_below_the_length_of_that_slot_only() -> None:
     cache.place(1, history)
     assert cache.zeroed == [0, 150, 0, 0]  # finite below 150 in slot 1: what was written
     for layer, (k, v) in enumerate(history):
-        assert torch.equal(cache.keys[layer][1, :150], k.transpose(0, 1))
-        assert torch.equal(cache.values[layer][1, :150], v.transpose(0, 1))
+        assert torch.equal(cache.keys[layer][1, :, :150], k)
+        assert torch.equal(cache.values[layer][1, :, :150], v)
     for buffer in _buffers(cache):
-        assert bool(buffer[1, 150:].isnan().all()) and bool(buffer[[0, 2, 3]].isnan().all())
+        assert bool(buffer[1, :, 150:].isnan().all()) and bool(buffer[[0, 2, 3]].isnan().all())
     ready = width_of(151, cache.max_len)
     cache.ready(ready, 2)  # the step after it zeroes past the history, never over it
     for layer, (k, _) in enumerate(history):
-        assert torch.equal(cache.keys[layer][1, :150], k.transpose(0, 1))
+        assert torch.equal(cache.keys[layer][1, :, :150], k)
     for buffer in _buffers(cache):
-        assert bool((buffer[1, 150:ready] == 0).all()) and bool((buffer[0, :ready] == 0).all())
-        assert bool(buffer[:, ready:].isnan().all())
+        assert bool((buffer[1, :, 150:ready] == 0).all()) and bool((buffer[0, :, :ready] == 0).all())
+        assert bool(buffer[:, :, ready:].isnan().all())
 
 
 def test_copy_moves_exactly_the_positions_asked_reading_before_writing() -> None:
@@ -199,9 +199,9 @@ def test_copy_moves_exactly_the_positions_asked_reading_before_writing() -> None
     before = [b.clone() for b in _buffers(cache)]
     cache.copy([0, 1, 3], [1, 0, 2], length=100)  # a swap: each target gets its source's old values
     for old, new in zip(before, _buffers(cache), strict=True):
-        assert torch.equal(new[1, :100], old[0, :100]) and torch.equal(new[0, :100], old[1, :100])
-        assert torch.equal(new[2, :100], old[3, :100])
-        assert torch.equal(new[:, 100:], old[:, 100:])  # positions past the length untouched
+        assert torch.equal(new[1, :, :100], old[0, :, :100]) and torch.equal(new[0, :, :100], old[1, :, :100])
+        assert torch.equal(new[2, :, :100], old[3, :, :100])
+        assert torch.equal(new[:, :, 100:], old[:, :, 100:])  # positions past the length untouched
         assert torch.equal(new[3], old[3]) and torch.equal(new[4], old[4])  # sources and scratch
     after = [b.clone() for b in _buffers(cache)]
     cache.copy([], [], length=100)
@@ -215,5 +215,5 @@ def test_copy_fans_one_slot_out_to_several() -> None:
     before = [b.clone() for b in _buffers(cache)]
     cache.copy([2, 2], [0, 3], length=40)
     for old, new in zip(before, _buffers(cache), strict=True):
-        assert torch.equal(new[0, :40], old[2, :40]) and torch.equal(new[3, :40], old[2, :40])
-        assert torch.equal(new[:, 40:], old[:, 40:]) and torch.equal(new[1:3], old[1:3])
+        assert torch.equal(new[0, :, :40], old[2, :, :40]) and torch.equal(new[3, :, :40], old[2, :, :40])
+        assert torch.equal(new[:, :, 40:], old[:, :, 40:]) and torch.equal(new[1:3], old[1:3])

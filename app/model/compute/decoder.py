@@ -117,7 +117,7 @@ class LeanDecoder:
         0 the token fed, 1 its position, 2 the slot it is written to (the scratch slot for padding),
         3 for each output row, the step row it is (the batch's own order; padding repeats any)."""
         ids, positions, writes, order = packed[0], packed[1], packed[2], packed[3]
-        step = _Step(self, ids, positions, writes * cache.max_len + positions, width)
+        step = _Step(self, ids, positions, writes, cache.max_len, width)
         x = self._embedding(ids)
         for i, layer in enumerate(self.layers):
             keys, values = cache.keys[i], cache.values[i]
@@ -138,14 +138,14 @@ class LeanDecoder:
         # rotate_half(x) * sin == (x's halves swapped) * (sin with its first half negated), exactly
         swapped = qk.view(rows, rotated, 2, d // 2).flip(-2).view(rows, rotated, d)
         qk = qk * step.cos + swapped * step.sin
-        keys.view(-1, self.kv_heads, d).index_copy_(0, step.flat, qk[:, self.heads :])
-        values.view(-1, self.kv_heads, d).index_copy_(0, step.flat, qkv[:, rotated * d :].view(rows, self.kv_heads, d))
+        keys.view(-1, d).index_put_((step.flat,), qk[:, self.heads :])
+        values.view(-1, d).index_put_((step.flat,), qkv[:, rotated * d :].view(rows, self.kv_heads, d))
         # The query heads that share a KV head (consecutive, as transformers' repeat_kv pairs them) attend as that
         # head's queries: the same keys for each, so no GQA support is needed from any attention kernel.
         attended = F.scaled_dot_product_attention(
             qk[:, : self.heads].view(rows, self.kv_heads, self.heads // self.kv_heads, d),
-            keys[:rows, :width].transpose(1, 2),
-            values[:rows, :width].transpose(1, 2),
+            keys[:rows, :, :width],
+            values[:rows, :, :width],
             attn_mask=step.mask,
             scale=self.scaling,
         )
@@ -185,12 +185,20 @@ class _Step:
     each row writes, and the norms' constants as 0-dim tensors (a Python number costs a conversion per op)."""
 
     def __init__(
-        self, decoder: LeanDecoder, ids: torch.Tensor, positions: torch.Tensor, flat: torch.Tensor, width: int
+        self,
+        decoder: LeanDecoder,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        writes: torch.Tensor,
+        max_len: int,
+        width: int,
     ) -> None:
         dtype, device = decoder.embed.dtype, ids.device
         self.width = width
-        self.flat = flat
-        """Each row's write index into a layer's cache viewed as [slots x max_len, kv_heads, head_dim]."""
+        heads = torch.arange(decoder.kv_heads, device=device)
+        self.flat = (writes.unsqueeze(1) * decoder.kv_heads + heads) * max_len + positions.unsqueeze(1)
+        """[rows, kv_heads]: where each row's key (value) of each head goes in a layer's cache viewed as
+        [slots x kv_heads x max_len, head_dim] (one `index_put_` writes a row's heads at its position)."""
         freqs = positions.unsqueeze(1).float() * decoder.inv_freq.float()
         if decoder.rope_scaling != 1.0:
             freqs_cos, freqs_sin = freqs.cos() * decoder.rope_scaling, freqs.sin() * decoder.rope_scaling

@@ -1,7 +1,9 @@
 """The KV cache decoding runs over: allocated once, one slot of `max_len` positions a row.
 
-Each layer keeps keys and values in one buffer each, [slots + 1, max_len, kv_heads, head_dim]; a row holds
-one slot, its position p at index p, from the prefill that placed it until it leaves. Rows join and leave
+Each layer keeps keys and values in one buffer each, [slots + 1, kv_heads, max_len, head_dim] (head-major,
+as transformers' static cache: attention reads each head's positions as one contiguous run, and a prefill's
+[kv_heads, length, head_dim] goes in without a transpose); a row holds one slot, its position p at index p,
+from the prefill that placed it until it leaves. Rows join and leave
 by slot index: nothing is regathered or reallocated while the server runs, and a decode step reads the
 first `rows` slots as a view (the step runs in slot order, `padded` rows wide). The last slot is scratch:
 padding rows of a step write there, so they never touch a slot a row holds.
@@ -116,7 +118,7 @@ class SlotCache:
     """Keys and values of every layer, on each layer's device (`devices`)."""
 
     def __init__(self, shape: CacheShape, cache_plan: CachePlan, devices: Sequence[torch.device]) -> None:
-        size = (cache_plan.slots + 1, cache_plan.max_len, shape.kv_heads, shape.head_dim)
+        size = (cache_plan.slots + 1, shape.kv_heads, cache_plan.max_len, shape.head_dim)
         self.keys = [torch.empty(size, dtype=shape.dtype, device=device) for device in devices]
         self.values = [torch.empty(size, dtype=shape.dtype, device=device) for device in devices]
         self.slots = cache_plan.slots
@@ -132,7 +134,7 @@ class SlotCache:
         todo = [s for s in range(slots) if self.zeroed[s] < width]
         for start, group in _runs(todo, self.zeroed):
             for buffer in (*self.keys, *self.values):
-                buffer[group[0] : group[-1] + 1, start:width].zero_()
+                buffer[group[0] : group[-1] + 1, :, start:width].zero_()
             for slot in group:
                 self.zeroed[slot] = width
 
@@ -140,8 +142,8 @@ class SlotCache:
         """A row's history (per layer: keys and values [kv_heads, length, head_dim]) into positions 0.. of `slot`."""
         length = layers[0][0].shape[-2]
         for keys, values, (k, v) in zip(self.keys, self.values, layers, strict=True):
-            keys[slot, :length].copy_(k.transpose(0, 1))
-            values[slot, :length].copy_(v.transpose(0, 1))
+            keys[slot, :, :length].copy_(k)
+            values[slot, :, :length].copy_(v)
         self.zeroed[slot] = max(self.zeroed[slot], length)
 
     def copy(self, sources: Sequence[int], targets: Sequence[int], length: int) -> None:
@@ -153,7 +155,7 @@ class SlotCache:
             if buffer.device not in index:  # once per device, in one pinned copy: the host does not wait
                 index[buffer.device] = upload(torch.tensor([list(sources), list(targets)]), buffer.device)
             pair = index[buffer.device]
-            buffer[:, :length].index_copy_(0, pair[1], buffer[:, :length].index_select(0, pair[0]))
+            buffer[:, :, :length].index_copy_(0, pair[1], buffer[:, :, :length].index_select(0, pair[0]))
         for slot in targets:
             self.zeroed[slot] = max(self.zeroed[slot], length)
 

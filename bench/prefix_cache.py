@@ -16,7 +16,10 @@ nothing a round measures was cached by an earlier one.
 (d) `no_reuse`: distinct chat prompts (a nonce first, so they differ from the first block on), at
     --concurrency: nothing to reuse, so this is what the bookkeeping costs; throughput.
 
-The tiny random model never stops by itself: every request generates exactly --tokens tokens.
+Besides wall-clock figures, each run records the server process's CPU time per request (user + system, all
+threads, /proc): on a machine shared with other work it moves far less than wall-clock time does, so it is
+what "nothing is slower with nothing to reuse" is read from. The tiny random model never stops by itself:
+every request generates exactly --tokens tokens.
 
     python bench/prefix_cache.py --rounds 3
 """
@@ -104,7 +107,7 @@ def tools(nonce: int) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def server(model_dir: Path, extra: list[str], log: Path, tokens: int, batch: int) -> Iterator[str]:
+def server(model_dir: Path, extra: list[str], log: Path, tokens: int, batch: int) -> Iterator[tuple[str, int]]:
     port = free_port()
     cmd = [sys.executable, "-m", "app.main", "serve", "--model", str(model_dir), "--port", str(port), *extra]
     cmd += ["--max-batch-size", str(batch), "--max-queue", "4096", "--transcription-min-tokens", str(tokens)]
@@ -114,7 +117,7 @@ def server(model_dir: Path, extra: list[str], log: Path, tokens: int, batch: int
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             wait_ready(url, proc, log)
-            yield url
+            yield url, proc.pid
         finally:
             proc.terminate()
             proc.wait(30)
@@ -258,7 +261,15 @@ async def transcriptions(url: str, model: str, seed: int) -> dict[str, Any]:
     return {"first_s": round(latencies[0], 4), "repeats_median_s": round(statistics.median(latencies[1:]), 4)}
 
 
-def run_workload(name: str, url: str, model: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads) so far: less moved by other processes on
+    a shared machine than wall-clock time is."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_workload(name: str, target: tuple[str, int], model: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    (url, pid), cpu = target, cpu_seconds(target[1])
     before = prefix_counts(url)
     if name == "conversation":
         out = asyncio.run(conversation(url, model, args, seed))
@@ -269,7 +280,14 @@ def run_workload(name: str, url: str, model: str, args: argparse.Namespace, seed
     else:
         out = asyncio.run(transcriptions(url, model, seed))
     queries, hits = (after - b for after, b in zip(prefix_counts(url), before, strict=True))
-    return {**out, "queried_tokens": int(queries), "hit_tokens": int(hits)}
+    requests = {"tools": args.n, "no_reuse": args.n, "transcription": 8, "conversation": len(QUESTIONS)}[name]
+    cpu_ms = 1000 * (cpu_seconds(pid) - cpu) / requests
+    return {
+        **out,
+        "queried_tokens": int(queries),
+        "hit_tokens": int(hits),
+        "server_cpu_ms_per_request": round(cpu_ms, 2),
+    }
 
 
 def summarise(rows: list[dict[str, Any]]) -> None:
@@ -281,6 +299,8 @@ def summarise(rows: list[dict[str, Any]]) -> None:
         ("no_reuse", "rps", True),
         ("transcription", "repeats_median_s", False),
         ("conversation", "later_turns_s", False),
+        ("tools", "server_cpu_ms_per_request", False),
+        ("no_reuse", "server_cpu_ms_per_request", False),
     ):
         pairs = [(by[(workload, "on", k)], by[(workload, "off", k)]) for k in rounds if (workload, "on", k) in by]
         if not pairs:
@@ -327,7 +347,7 @@ def main() -> None:
         urls = {
             c: stack.enter_context(server(model_dir, x, work / f"{c}.log", args.tokens, 32)) for c, x in CONFIGS.items()
         }
-        model = httpx.get(urls["on"] + "/v1/models").json()["data"][0]["id"]
+        model = httpx.get(urls["on"][0] + "/v1/models").json()["data"][0]["id"]
         for k in range(args.rounds):
             for workload in args.workloads.split(","):
                 for config in list(CONFIGS) if k % 2 == 0 else list(CONFIGS)[::-1]:

@@ -64,10 +64,11 @@ def connect(stack: contextlib.ExitStack, server: RunningServer, vad: dict[str, A
     """An SDK session configured (24 kHz PCM, `vad`, transcription settings `tr`) and acknowledged."""
     connection = stack.enter_context(sdk(server).realtime.connect(model=MODEL, extra_query={"intent": "transcription"}))
     assert connection.recv().type == "session.created"
-    audio_input = {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": vad}
+    audio_input: dict[str, Any] = {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": vad}
     if tr:
         audio_input["transcription"] = {"model": MODEL} | tr
-    connection.session.update(session={"type": "transcription", "audio": {"input": audio_input}})
+    session: Any = {"type": "transcription", "audio": {"input": audio_input}}
+    connection.session.update(session=session)
     assert connection.recv().type == "session.updated"
     return connection
 

@@ -241,7 +241,8 @@ class RealtimeSettings(BaseSettings):
     has one or two pending."""
     realtime_max_session_s: float = 3600.0
     """Longest a realtime session may last (OpenAI's sessions end at 60 minutes). Reached, the session gets an
-    `error` event (code `session_expired`), its committed utterances are answered, and it is closed (1000)."""
+    `error` event (code `session_expired`), its committed utterances are answered, and it is closed (1001, as
+    OpenAI closes it)."""
     realtime_max_streams: int = 32
     """Voxtral Realtime models only: streams decoded at once (realtime utterances and HTTP transcriptions in
     progress), each a slot of caches allocated at start-up. One tick steps all of them in one forward. A new

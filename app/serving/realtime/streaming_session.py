@@ -33,7 +33,9 @@ class StreamingSession(Session):
 
     @property
     def unanswered(self) -> int:
-        return self.streamer.unanswered
+        """Utterances committed and not yet answered; the one still being fed is not one (else a client that
+        falls silent mid-utterance would never be idle)."""
+        return self.streamer.unanswered - (self.streamer.current is not None)
 
     async def _update(self, command: UpdateSession) -> None:
         if isinstance(command.settings.transcription, TranscriptionSettings):

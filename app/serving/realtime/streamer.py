@@ -154,7 +154,9 @@ class Streamer:
         heard = step.frame - live.delay_frames + 1  # frames of the utterance's audio this token speaks for
         if not live.speech or live.blank_reported or heard * _FRAME_SAMPLES > live.samples:
             return
-        if (step.frame - live.last_text_frame) * _FRAME_SAMPLES / SAMPLE_RATE >= self.blank_s:
+        # the model's delay frames speak for no audio of the utterance: the first gap starts where audio does
+        since = max(live.last_text_frame, live.delay_frames - 1)
+        if (step.frame - since) * _FRAME_SAMPLES / SAMPLE_RATE >= self.blank_s:
             live.blank_reported = True
             self.metrics.realtime_blank_streams.inc()
             log.warning(

@@ -247,6 +247,11 @@ class RealtimeSettings(BaseSettings):
     """Voxtral Realtime models only: streams decoded at once (realtime utterances and HTTP transcriptions in
     progress), each a slot of caches allocated at start-up. One tick steps all of them in one forward. A new
     utterance past this gets an `error` event (a transcription: 429) until one ends."""
+    realtime_tick_interval_ms: float = 40.0
+    """Voxtral Realtime models only: the shortest time between two ticks' starts while streams are due, so every
+    stream due within it is stepped in the same forward (rows a tick, not ticks, set a GPU's cost: each tick
+    reads the weights once). Adds at most this to a token's latency; a stream that fell behind (or flushes)
+    ticks at once. 0: tick as soon as any stream is due."""
     realtime_blank_speech_s: float = 10.0
     """Voxtral Realtime models only: a stream that emits no text over this much audio the speech detector hears
     as speech is logged and counted (`voxtral_realtime_blank_streams_total`): the model's blank-token rut."""
@@ -268,6 +273,8 @@ class RealtimeSettings(BaseSettings):
             )
         if self.realtime_max_buffer_s < self.realtime_max_utterance_s:
             raise ValueError("realtime_max_buffer_s must be at least realtime_max_utterance_s")
+        if not 0 <= self.realtime_tick_interval_ms <= 1000:
+            raise ValueError("realtime_tick_interval_ms must be between 0 and 1000")
         if self.realtime_idle_timeout_s <= 0 or self.realtime_max_message_mb <= 0 or self.realtime_max_pending_mb <= 0:
             raise ValueError(
                 "realtime_idle_timeout_s, realtime_max_message_mb and realtime_max_pending_mb must be greater than 0"

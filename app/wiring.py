@@ -109,7 +109,7 @@ class Wiring:
         thread, and the serving layer over it (no engine: sessions and transcriptions stream)."""
         s = self.settings
         engine = await asyncio.to_thread(RealtimeEngine, model.model, model.processor, s.realtime_max_streams)
-        streams = StreamLoop(engine, self.metrics, s.realtime_max_streams)
+        streams = StreamLoop(engine, self.metrics, s.realtime_max_streams, s.realtime_tick_interval_ms / 1000)
         streams.start()
         serving = StreamingServing(s, streams)
         realtime = RealtimeServing(serving.prep, None, s, self.metrics, streams)

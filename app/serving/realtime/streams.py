@@ -7,7 +7,10 @@ the worker applies in order, between ticks, so streams join and leave without th
 yields the stream's `StreamStep`s as ticks emit them and ends after the final one (the flush's last token).
 
 Worker side: sleep until a command comes; apply every waiting command; tick while any stream is due (applying
-commands between ticks); hand each tick's steps to the event loop in one call. The engine is touched by this
+commands between ticks); hand each tick's steps to the event loop in one call. Ticks are coalesced: a tick
+starts at least `tick_interval` after the previous one (commands applied while it waits), so streams that come
+due within the interval share one forward; a token waits at most that long for it; a lagging stream (behind,
+or flushed) ticks at once. The engine is touched by this
 thread only (it is not thread-safe).
 """
 
@@ -82,8 +85,10 @@ Kind = Literal["open", "feed", "flush", "close"]
 class StreamLoop:
     """The worker thread and its engine; `open` streams on the event loop that called `start`."""
 
-    def __init__(self, engine: RealtimeEngine, metrics: Metrics, max_streams: int) -> None:
+    def __init__(self, engine: RealtimeEngine, metrics: Metrics, max_streams: int, tick_interval: float = 0.0) -> None:
         self.engine, self.metrics, self.max_streams = engine, metrics, max_streams
+        self.tick_interval = tick_interval
+        self._last_tick = float("-inf")
         self.default_delay_ms = engine.default_delay_ms
         self._commands: deque[tuple[Kind, int, Any]] = deque()
         self._sids: dict[int, int] = {}  # worker side: key -> the engine's stream id
@@ -145,8 +150,21 @@ class StreamLoop:
                 return
             self._apply()
             while self.engine.ready() and not self._stopped:
-                self._tick()
+                self._coalesce()
+                if self.engine.ready():  # the due streams may have closed meanwhile
+                    self._tick()
                 self._apply()  # streams join and leave between ticks
+
+    def _coalesce(self) -> None:
+        """Wait until `tick_interval` after the last tick's start, applying commands as they come, so streams
+        that come due meanwhile join the tick; not while a stream lags."""
+        while not self._stopped and not self.engine.lagging():
+            left = self._last_tick + self.tick_interval - time.perf_counter()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+            self._wake.clear()
+            self._apply()
 
     def _apply(self) -> None:
         while self._commands:
@@ -173,7 +191,7 @@ class StreamLoop:
             self.engine.close(sid)
 
     def _tick(self) -> None:
-        started = time.perf_counter()
+        started = self._last_tick = time.perf_counter()
         try:
             result = self.engine.tick()
         except Exception as exc:

@@ -363,7 +363,7 @@ class EngineSettings(BaseSettings):
     """KV cache size in bytes, on any device, instead of what --gpu-memory-utilization leaves (unset on a CPU:
     the machine's RAM, touched only as far as the decode steps read). It is --max-batch-size slots of
     --context-length positions at most, allocated at start-up; a budget that holds fewer caps the rows decoded
-    at once, one that holds none stops the start-up."""
+    at once, one that holds none stops the start-up. Under --tensor-parallel-size, each rank's (vLLM: per GPU)."""
     encoder_cache_memory_bytes: int = 256 * 2**20
     """Audio encoder outputs kept for reuse, in bytes on the model's device (0: off): a recording sent again (a
     follow-up question about it, the same file transcribed twice) skips the audio encoder. About 110 windows of

@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -100,9 +100,8 @@ class BatchGenerator:
         self.text_config = model.config.text_config
         self.num_layers = int(self.text_config.num_hidden_layers)
         self.log_mel = log_mel
-        shape = CacheShape.of(self.text_config, model.dtype)
         ranks = 1 if group is None else int(group.size())
-        self.shape = replace(shape, kv_heads=shape.kv_heads // ranks)
+        self.shape = CacheShape.of(self.text_config, model.dtype).per_rank(ranks)
         context = int(getattr(self.text_config, "max_position_embeddings", DEFAULT_LEN))
         self.plan = cache or default_plan(self.shape, context)
         self.cache = SlotCache(self.shape, self.plan, layer_devices(model))

@@ -191,7 +191,9 @@ class BatchGenerator:
         self, prompts: list[list[int]], chains: list[list[bytes] | None]
     ) -> tuple[list[int], list[int], list[int]]:
         """Each row's cached length (at most its prompt's length - 1: the last token is recomputed for its
-        logits), its slot, and the slot its prefix is copied from (-1: none, the slot holds it already)."""
+        logits), its slot, and the slot its prefix is copied from (-1: none, the slot holds it already). A free
+        slot holding the prefix is taken as it is unless it caches more than twice what the row reuses: then
+        the row gets a copy, and the longer prefix stays cached."""
         assert self.prefix is not None
         held = self._held()
         pasts, slots, sources = [0] * len(prompts), [-1] * len(prompts), [-1] * len(prompts)
@@ -202,12 +204,16 @@ class BatchGenerator:
                 pasts[i] = 0
                 continue
             free = sorted(holders - held - set(slots))
-            if free:
+            if free and self.prefix.blocks(free[-1]) <= 2 * blocks:
                 slots[i] = free[-1]
-            else:  # held by a running row, or taken by a row of this prefill: copied before any is written
-                sources[i] = min(holders)
-            self.prefix.touch(slots[i] if free else sources[i])
-        fresh = iter(self._free(slots.count(-1), besides={s for s in slots if s >= 0}))
+            else:  # held by a running row, taken by a row of this prefill, or more cached there than this
+                sources[i] = free[-1] if free else min(holders)  # row reuses: copied before any is written
+            self.prefix.touch(slots[i] if slots[i] >= 0 else sources[i])
+        taken = {s for s in slots if s >= 0}
+        try:  # a free slot copied from stays cached, unless no other slot is left
+            fresh = iter(self._free(slots.count(-1), besides=taken | {s for s in sources if s >= 0}))
+        except RuntimeError:
+            fresh = iter(self._free(slots.count(-1), besides=taken))
         return pasts, [s if s >= 0 else next(fresh) for s in slots], sources
 
     def _chain(self, row: Row, tokens: list[int]) -> list[bytes] | None:

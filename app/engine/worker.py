@@ -251,6 +251,7 @@ class ModelWorker:
         # sees its row still running (in /metrics, or in the engine's idle that drain waits for).
         self.metrics.running.set(len(keep) + len(self._preempted))
         if not keep:
+            self.generator.select(state, [])  # spent now: the slots cache what the rows leave (prefix caching)
             self._state = self._logits = None
         for item, outcome in finished:
             item.finish(outcome)

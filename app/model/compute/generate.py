@@ -15,6 +15,12 @@ rows' highest slot would pad the step to a larger size than their number needs.
 Slot ownership: the states `prefill`, `select` and `merge` return hold slots; `select` and `merge` spend the
 states they are given (their slots pass to the result, or are free), and a state dropped unspent frees its
 slots when it is collected.
+
+Prefix caching (`prefix_caching`, app/model/compute/prefix.py): a free slot keeps what its last row left, and
+a prompt whose first full blocks a slot holds prefills only the rest, attending over that slot's positions.
+A free holder is taken as it is (no copy); a holder a running row still decodes in is copied into the new
+row's slot first (one device copy of the prefix per concurrent sharer: the step reads each row's slot as one
+strided view, so rows cannot share blocks). Free slots are handed out empty first, then least recently used.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from app.model.compute.decoder import decoder_for
 from app.model.compute.encoder_cache import EncoderCache
 from app.model.compute.features import LogMel
 from app.model.compute.graphs import StepGraphs
-from app.model.compute.kvcache import PrefillCache
+from app.model.compute.kvcache import PrefillCache, SlotPrefillCache
+from app.model.compute.prefix import BLOCK, PrefixIndex, PrefixStats, chain, seed
 from app.model.compute.row import Row
 from app.model.compute.sampling import sample
 from app.model.compute.slots import (
@@ -88,12 +95,14 @@ class BatchGenerator:
         eager: bool = False,
         encoder_cache_bytes: int = ENCODER_CACHE_BYTES,
         group: Any = None,
+        prefix_caching: bool = True,
     ) -> None:
         """`cache`: slots and positions (None: `DEFAULT_ROWS` rows of the model's context, up to
         `DEFAULT_LEN`); `eager`: never capture CUDA graphs (`--enforce-eager`); `encoder_cache_bytes`: the
         audio encoder cache's bound (app/model/compute/encoder_cache.py; 0: off); `group`: the tensor-parallel
         process group of a model loaded sharded (app/model/compute/parallel.py: this rank's cache holds its
-        share of the KV heads; steps run eagerly), None in one process."""
+        share of the KV heads; steps run eagerly), None in one process; `prefix_caching`: reuse the slots'
+        cached prefixes (vLLM's `--enable-prefix-caching`), always recomputing at least a prompt's last token."""
         self.model = model
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
@@ -102,6 +111,7 @@ class BatchGenerator:
         self.log_mel = log_mel
         ranks = 1 if group is None else int(group.size())
         self.shape = CacheShape.of(self.text_config, model.dtype).per_rank(ranks)
+        self.ranks = ranks
         context = int(getattr(self.text_config, "max_position_embeddings", DEFAULT_LEN))
         self.plan = cache or default_plan(self.shape, context)
         self.cache = SlotCache(self.shape, self.plan, layer_devices(model))
@@ -113,6 +123,9 @@ class BatchGenerator:
         self.audio_token_id = int(model.config.audio_token_id)
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self._states: weakref.WeakSet[BatchState] = weakref.WeakSet()
+        self.prefix = PrefixIndex(self.plan.slots) if prefix_caching else None
+        self.model_tag = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        self._queries = self._hits = 0
 
     @property
     def max_rows(self) -> int:
@@ -133,14 +146,112 @@ class BatchGenerator:
         width = max(len(p) for p in prompts)
         if width >= self.plan.max_len:
             raise ValueError(f"a prompt of {width} tokens does not fit {self.plan.max_len}")
+        if self.prefix is not None:
+            return self._prefill_cached(rows, prompts)
         slots = self._free(len(rows))
         hidden = self._prefill_into(prompts, [audio for r in rows for audio in r.audios], slots)
         state = self._hold(BatchState(list(rows), slots, [len(p) for p in prompts]))
         return state, self.project(hidden)
 
-    def _prefill_into(self, prompts: list[list[int]], audios: list[np.ndarray], slots: list[int]) -> torch.Tensor:
+    def _prefill_cached(self, rows: Sequence[Row], prompts: list[list[int]]) -> tuple[BatchState, torch.Tensor]:
+        """`prefill` with prefix caching: each row in a slot holding its longest cached prefix (or a copy of
+        it), prefilled from there; rows with the same cached length in one forward pass."""
+        chains = [self._chain(row, prompt) for row, prompt in zip(rows, prompts, strict=True)]
+        pasts, slots, sources = self._place(prompts, chains)
+        assert self.prefix is not None
+        for slot in slots:
+            self.prefix.forget(slot)  # about to be written: entries return once the prefill has succeeded
+        copies = [i for i, source in enumerate(sources) if source >= 0]
+        if copies:
+            self._copy([sources[i] for i in copies], [slots[i] for i in copies], max(pasts[i] for i in copies))
+        groups: dict[int, list[int]] = {}
+        for i, past in enumerate(pasts):
+            groups.setdefault(past, []).append(i)
+        pieces: list[torch.Tensor] = []
+        order: list[int] = []
+        for past, members in sorted(groups.items()):
+            audios = [audio for i in members for audio in rows[i].audios]
+            pieces.append(self._prefill_into([prompts[i] for i in members], audios, [slots[i] for i in members], past))
+            order += members
+        hidden = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if order != sorted(order):
+            hidden = hidden.index_select(0, upload(np.argsort(order).tolist(), hidden.device, torch.long))
+        for row, slot, past, hashes in zip(rows, slots, pasts, chains, strict=True):
+            if hashes is not None:
+                self.prefix.assign(slot, hashes)
+            if not row.generated:  # a preempted row's recompute keeps what its first prefill found
+                row.cached_tokens = past
+        self._queries += sum(len(p) for p in prompts)
+        self._hits += sum(pasts)
+        state = self._hold(BatchState(list(rows), slots, [len(p) for p in prompts]))
+        return state, self.project(hidden)
+
+    def _place(
+        self, prompts: list[list[int]], chains: list[list[bytes] | None]
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Each row's cached length (at most its prompt's length - 1: the last token is recomputed for its
+        logits), its slot, and the slot its prefix is copied from (-1: none, the slot holds it already). A free
+        slot holding the prefix is taken as it is unless it caches more than twice what the row reuses: then
+        the row gets a copy, and the longer prefix stays cached."""
+        assert self.prefix is not None
+        held = self._held()
+        pasts, slots, sources = [0] * len(prompts), [-1] * len(prompts), [-1] * len(prompts)
+        for i, (prompt, hashes) in enumerate(zip(prompts, chains, strict=True)):
+            blocks, holders = self.prefix.match(hashes or [])
+            pasts[i] = min(blocks * BLOCK, len(prompt) - 1)
+            if pasts[i] <= 0:
+                pasts[i] = 0
+                continue
+            free = sorted(holders - held - set(slots))
+            if free and self.prefix.blocks(free[-1]) <= 2 * blocks:
+                slots[i] = free[-1]
+            else:  # held by a running row, taken by a row of this prefill, or more cached there than this
+                sources[i] = free[-1] if free else min(holders)  # row reuses: copied before any is written
+            self.prefix.touch(slots[i] if slots[i] >= 0 else sources[i])
+        taken = {s for s in slots if s >= 0}
+        try:  # a free slot copied from stays cached, unless no other slot is left
+            fresh = iter(self._free(slots.count(-1), besides=taken | {s for s in sources if s >= 0}))
+        except RuntimeError:
+            fresh = iter(self._free(slots.count(-1), besides=taken))
+        return pasts, [s if s >= 0 else next(fresh) for s in slots], sources
+
+    def _chain(self, row: Row, tokens: list[int]) -> list[bytes] | None:
+        """The block hashes of `tokens` (`row`'s prompt, and what it generated) for the prefix index; None
+        when its audio tokens do not divide evenly into its audios' 30 s windows."""
+        windows = [max(1, -(-len(audio) // self.log_mel.chunk_samples)) for audio in row.audios]
+        total = row.input_ids.count(self.audio_token_id)
+        if (windows and total % sum(windows)) or (total and not windows):
+            return None
+        audios = [(samples_key(a), w * total // sum(windows)) for a, w in zip(row.audios, windows, strict=True)]
+        parent = seed(self.model_tag, row.cache_salt)
+        return chain(tokens, len(row.input_ids), self.audio_token_id, audios, parent)
+
+    def _retain(self, row: Row, slot: int, length: int) -> None:
+        """`row` left `slot` holding its first `length` tokens (prompt and generated): index them."""
+        assert self.prefix is not None
+        hashes = self._chain(row, (row.input_ids + row.generated)[:length])
+        if hashes is None:
+            self.prefix.forget(slot)
+        else:
+            self.prefix.assign(slot, hashes)
+
+    def prefix_stats(self) -> PrefixStats:
+        """Prefix cache queries and hits since start (tokens), and what the free slots cache now."""
+        if self.prefix is None:
+            return PrefixStats(0, 0, 0, 0)
+        held = self._held()
+        blocks = [self.prefix.blocks(s) for s in range(self.plan.slots) if s not in held]
+        cached = sum(blocks) * BLOCK * self.shape.token_bytes * self.ranks
+        return PrefixStats(self._queries, self._hits, sum(1 for b in blocks if b), cached)
+
+    def _prefill_into(
+        self, prompts: list[list[int]], audios: list[np.ndarray], slots: list[int], past: int = 0
+    ) -> torch.Tensor:
         """The device's part of a prefill: run `prompts` (left-padded, their audios in order) and place each
-        one's keys and values in its slot of `slots`; each prompt's last hidden state, [prompts, hidden]."""
+        one's keys and values in its slot of `slots`; each prompt's last hidden state, [prompts, hidden].
+        `past` > 0: the slots hold the prompts' first `past` positions already (`_extend_into`)."""
+        if past:
+            return self._extend_into(prompts, audios, slots, past)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -161,6 +272,58 @@ class BatchGenerator:
             self.cache.place(slot, [(k[i, :, width - length :], v[i, :, width - length :]) for k, v in kv])
         hidden: torch.Tensor = out.last_hidden_state[:, -1, :]
         return hidden
+
+    def _extend_into(
+        self, prompts: list[list[int]], audios: list[np.ndarray], slots: list[int], past: int
+    ) -> torch.Tensor:
+        """Prefill positions `past`.. of `prompts` into their slots, attending over the slots' first `past`:
+        the rest of each prompt right-padded (a padding position's keys land past the row's length, where
+        the step masks them until it writes there), at positions `past`.. ."""
+        tails = [p[past:] for p in prompts]
+        width = max(len(t) for t in tails)
+        ids = torch.full((len(tails), width), self.pad_token_id, dtype=torch.long)
+        for i, tail in enumerate(tails):
+            ids[i, : len(tail)] = torch.tensor(tail)
+        out = self.model.model.language_model(
+            inputs_embeds=self._embed(ids, audios, self._tail_audio(prompts, past)),
+            attention_mask=self._causal(len(tails), past, width),
+            position_ids=upload(torch.arange(past, past + width).unsqueeze(0), self.device),
+            cache=SlotPrefillCache(self.cache.keys, self.cache.values, slots, past),
+            use_cache=True,
+        )
+        for slot in slots:
+            self.cache.zeroed[slot] = max(self.cache.zeroed[slot], past + width)
+        if len({len(t) for t in tails}) == 1:
+            last: torch.Tensor = out.last_hidden_state[:, -1, :]
+            return last
+        flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+        ends = [i * width + len(t) - 1 for i, t in enumerate(tails)]
+        hidden: torch.Tensor = flat.index_select(0, upload(ends, flat.device, torch.long))
+        return hidden
+
+    def _tail_audio(self, prompts: list[list[int]], past: int) -> list[int]:
+        """Which of the prompts' audio embeddings (every row's, in order) stand at positions `past`.. ."""
+        keep: list[int] = []
+        offset = 0
+        for prompt in prompts:
+            total, before = prompt.count(self.audio_token_id), prompt[:past].count(self.audio_token_id)
+            keep += range(offset + before, offset + total)
+            offset += total
+        return keep
+
+    def _causal(self, rows: int, past: int, queries: int) -> torch.Tensor | None:
+        """The mask of `queries` new positions after `past` cached ones, nothing padded before them: each
+        sees every position up to its own. sdpa and eager: their 4D form; other kernels: None (causal)."""
+        kind = getattr(self.model.config, "_attn_implementation", None)
+        if kind not in ("sdpa", "eager"):
+            return None
+        keys = torch.arange(past + queries, device=self.device)
+        allowed = keys.unsqueeze(0) <= torch.arange(past, past + queries, device=self.device).unsqueeze(1)
+        allowed = allowed[None, None].expand(rows, 1, queries, past + queries)
+        if kind == "sdpa":
+            return allowed
+        dtype = self.model.dtype
+        return torch.where(allowed, torch.zeros((), device=self.device, dtype=dtype), torch.finfo(dtype).min)
 
     @torch.inference_mode()
     def step(self, state: BatchState, tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -195,13 +358,16 @@ class BatchGenerator:
         """The device's part of a slot move: the first `length` positions of each source slot into its target."""
         self.cache.copy(sources, targets, length)
 
-    def _embed(self, ids: torch.Tensor, audios: list[np.ndarray]) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor, audios: list[np.ndarray], keep: list[int] | None = None) -> torch.Tensor:
         """The prompt's input embeddings with each audio's in place of its audio tokens, in prompt order (what
-        transformers' Voxtral does, with the audio tokens found on the host: no read-back)."""
+        transformers' Voxtral does, with the audio tokens found on the host: no read-back). `keep`: only
+        these of the audios' embeddings stand in `ids` (the rest of a prompt whose start is cached)."""
         embeds: torch.Tensor = self.model.model.get_input_embeddings()(upload(ids, self.device))
-        if not audios:
+        if not audios or keep == []:
             return embeds
         audio = self._audio_embeddings(audios)
+        if keep is not None and len(keep) < audio.shape[0]:
+            audio = audio.index_select(0, upload(keep, audio.device, torch.long))
         where = np.flatnonzero(ids.numpy().reshape(-1) == self.audio_token_id)
         if len(where) != audio.shape[0]:
             raise ValueError(f"{len(where)} audio tokens in the prompt, {audio.shape[0]} audio embeddings")
@@ -238,11 +404,22 @@ class BatchGenerator:
             return
         held = self._held(besides=state)
         free = [s for s in range(need) if s not in held and s not in state.slots]
+        if self.prefix is not None:
+            free = self.prefix.eviction_order(free)
         moving = [i for i, slot in enumerate(state.slots) if slot >= need][: len(free)]
         if not moving:  # every low slot is held by a state not yet merged: pad this step wider
             return
         targets = free[: len(moving)]
-        self._copy([state.slots[i] for i in moving], targets, max(state.lengths[i] for i in moving))
+        sources = [state.slots[i] for i in moving]
+        length = max(state.lengths[i] for i in moving)
+        if self.prefix is None:
+            self._copy(sources, targets, length)
+        else:  # a target's cached prefix is swapped into the slot its row leaves, not lost
+            swapped = [(t, s) for t, s in zip(targets, sources, strict=True) if self.prefix.blocks(t)]
+            length = max([length] + [self.prefix.blocks(t) * BLOCK for t, _ in swapped])
+            pairs = list(zip(sources, targets, strict=True)) + swapped
+            self._copy([s for s, _ in pairs], [t for _, t in pairs], length)
+            self.prefix.move([s for s, _ in pairs], [t for _, t in pairs], length)
         for i, slot in zip(moving, targets, strict=True):
             state.slots[i] = slot
 
@@ -283,10 +460,16 @@ class BatchGenerator:
                 copies.append(len(slots) - 1)
             seen.add(i)
         state.spent = True
+        if self.prefix is not None:  # the rows that leave: their slots cache what they hold
+            for i in sorted(set(range(len(state.rows))) - seen):
+                self._retain(state.rows[i], state.slots[i], state.lengths[i])
         if copies:
             fresh = self._free(len(copies), besides=set(slots))
             sources = [state.slots[keep[j]] for j in copies]
-            self._copy(sources, fresh, max(state.lengths[keep[j]] for j in copies))
+            length = max(state.lengths[keep[j]] for j in copies)
+            self._copy(sources, fresh, length)
+            if self.prefix is not None:
+                self.prefix.move(sources, fresh, length)
             for j, slot in zip(copies, fresh, strict=True):
                 slots[j] = slot
         rows = [state.rows[i] for i in keep]
@@ -306,10 +489,12 @@ class BatchGenerator:
         return {s for st in list(self._states) if not st.spent and st is not besides for s in st.slots}
 
     def _free(self, count: int, besides: set[int] | None = None) -> list[int]:
-        """The `count` lowest slots no live state holds (nor `besides`)."""
+        """`count` slots no live state holds (nor `besides`): the lowest, or with prefix caching the empty
+        ones first, then those whose cached prefix was used least recently."""
         for attempt in range(2):
             taken = self._held() | (besides or set())
-            free = [s for s in range(self.plan.slots) if s not in taken][:count]
+            free = [s for s in range(self.plan.slots) if s not in taken]
+            free = (self.prefix.eviction_order(free) if self.prefix is not None else free)[:count]
             if len(free) == count:
                 return free
             if attempt == 0:

@@ -80,8 +80,10 @@ class LeaderGenerator(BatchGenerator):
         for pipe in followers.pipes:
             pipe.send(start)
 
-    def _prefill_into(self, prompts: list[list[int]], audios: list[np.ndarray], slots: list[int]) -> torch.Tensor:
-        return self._mirrored("_prefill_into", super()._prefill_into, prompts, audios, slots)
+    def _prefill_into(
+        self, prompts: list[list[int]], audios: list[np.ndarray], slots: list[int], past: int = 0
+    ) -> torch.Tensor:
+        return self._mirrored("_prefill_into", super()._prefill_into, prompts, audios, slots, past)
 
     def _run(self, host: torch.Tensor, width: int) -> torch.Tensor:
         return self._mirrored("_run", super()._run, host, width)
@@ -159,4 +161,5 @@ def follower_generator(model: Any, log_mel: LogMel, start: Start, group: Any) ->
         eager=True,
         encoder_cache_bytes=start.encoder_cache_bytes,
         group=group,
+        prefix_caching=False,  # rank 0 decides which slots hold what; followers only mirror its device work
     )

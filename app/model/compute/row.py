@@ -32,6 +32,11 @@ class Row:
     """Which of its request's `n` choices this row decodes."""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per generated token, when the request asked for log-probs."""
+    cache_salt: str | None = None
+    """Prefix caching (app/model/compute/prefix.py): None shares cached prefixes with every row of the model; a
+    string only with rows of the same salt (vLLM's `cache_salt`)."""
+    cached_tokens: int = 0
+    """Set by the generator: prompt tokens its first prefill took from the prefix cache instead of computing."""
 
     def __post_init__(self) -> None:
         if self.sampling.temperature > 0 and self.rng is None:

@@ -163,8 +163,9 @@ class SlotCache:
                 index[buffer.device] = upload(torch.tensor([list(sources), list(targets)]), buffer.device)
             pair = index[buffer.device]
             buffer[:, :, :length].index_copy_(0, pair[1], buffer[:, :, :length].index_select(0, pair[0]))
-        for slot in targets:
-            self.zeroed[slot] = max(self.zeroed[slot], length)
+        zeroed = [self.zeroed[s] for s in sources]  # a source's unwritten positions copy as they are: not finite
+        for slot, source in zip(targets, zeroed, strict=True):
+            self.zeroed[slot] = max(self.zeroed[slot], length) if source >= length else source
 
 
 def _runs(slots: list[int], zeroed: list[int]) -> list[tuple[int, list[int]]]:

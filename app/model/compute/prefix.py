@@ -1,0 +1,146 @@
+"""Automatic prefix caching over the slot KV cache: which slot already holds a prompt's first tokens.
+
+Interface (stable; serving, metrics and benchmarks build on it):
+- `Row.cache_salt: str | None` (in: None shares prefixes across every request of the model, a string keeps
+  them among rows of the same salt, vLLM's `cache_salt`) and `Row.cached_tokens: int` (out: prompt tokens
+  taken from the cache at the row's first prefill);
+- `BatchGenerator(..., prefix_caching=True)`, and `BatchGenerator.prefix_stats() -> PrefixStats`.
+
+Cached prefixes live in the slots (app/model/compute/slots.py): a slot no row holds keeps what its last row
+left there, so the cache's budget is the slot cache's own and a running row never loses its history to a
+cached prefix. `PrefixIndex` maps vLLM-style chained hashes of full blocks of `BLOCK` tokens to the slots
+whose positions hold them. A token's identity is its id, or for an audio token (the audio's
+`app.audio.samples_key`, its index within that audio): the same recording keys the same anywhere in a prompt,
+and one different sample keys every one of its tokens differently (the encoder's log-mel scales by the whole
+audio). The first block's hash mixes in the model and the row's salt.
+
+Invariant: a slot's entries name only blocks its positions hold, at those positions. Whoever writes a slot
+(prefill, a slot move, a fan-out copy) drops or moves its entries first; a row that leaves registers its
+final tokens (prompt and generated, as far as the cache holds them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 16
+"""Tokens a block: the unit a prefix is found in (vLLM's default block size)."""
+
+
+@dataclass(frozen=True)
+class PrefixStats:
+    """vLLM's `prefix_cache_queries` / `prefix_cache_hits` meaning, and what the cache holds now."""
+
+    queries: int
+    """Prompt tokens looked up, since start."""
+    hits: int
+    """Of them, tokens found cached (not prefilled), since start."""
+    cached_slots: int
+    """Slots no row holds whose content is a cached prefix, now."""
+    cached_bytes: int
+    """The KV bytes of those prefixes (their full blocks), now."""
+
+
+def seed(model: str, salt: str | None) -> bytes:
+    """The parent hash of a row's first block: the model and the row's `cache_salt` (None: shared)."""
+    tag = b"\x00" if salt is None else b"\x01" + salt.encode()
+    return hashlib.blake2b(b"prefix\x00" + model.encode() + b"\x00" + tag, digest_size=16).digest()
+
+
+def chain(
+    tokens: Sequence[int], prompt_len: int, audio_token_id: int, audios: Sequence[tuple[bytes, int]], parent: bytes
+) -> list[bytes] | None:
+    """The chained hash of each full block of `tokens`; audio tokens are those of `tokens[:prompt_len]` equal
+    to `audio_token_id`, the i-th run of `audios[i][1]` of them standing for the audio of key `audios[i][0]`.
+    None when the prompt's audio tokens do not add up to the audios' counts (nothing is cached then)."""
+    ids = np.asarray(tokens, dtype=np.int64)
+    is_audio = np.zeros(len(ids), dtype=np.bool_)
+    is_audio[:prompt_len] = ids[:prompt_len] == audio_token_id
+    where = np.flatnonzero(is_audio)
+    counts = np.asarray([count for _, count in audios], dtype=np.int64)
+    if int(counts.sum()) != len(where):
+        return None
+    values = ids.copy()
+    owner = np.full(len(ids), -1, dtype=np.int64)
+    if len(where):
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        values[where] = np.arange(len(where)) - starts
+        owner[where] = np.repeat(np.arange(len(audios)), counts)
+    hashes: list[bytes] = []
+    for start in range(0, len(ids) - BLOCK + 1, BLOCK):
+        digest = hashlib.blake2b(parent, digest_size=16)
+        digest.update(is_audio[start : start + BLOCK].tobytes())
+        digest.update(values[start : start + BLOCK].tobytes())
+        for audio in np.unique(owner[start : start + BLOCK]):  # ascending: the order the audios come in
+            if audio >= 0:
+                digest.update(audios[int(audio)][0])
+        parent = digest.digest()
+        hashes.append(parent)
+    return hashes
+
+
+class PrefixIndex:
+    """Block hash -> the slots holding that block; each slot's blocks; when each slot was last used.
+
+    Bounded by the slots: each holds at most `max_len / BLOCK` entries, dropped when the slot is written."""
+
+    def __init__(self, slots: int) -> None:
+        self._blocks: list[list[bytes]] = [[] for _ in range(slots)]
+        self._where: dict[bytes, set[int]] = {}
+        self._used = [0] * slots
+        self._clock = 0
+
+    def match(self, hashes: Sequence[bytes]) -> tuple[int, set[int]]:
+        """The most leading blocks of `hashes` some slot holds, and the slots that hold that many."""
+        found = 0
+        slots: set[int] = set()
+        for count, block in enumerate(hashes, start=1):
+            holders = self._where.get(block)
+            if not holders:
+                break
+            found, slots = count, holders
+        return found, set(slots)
+
+    def assign(self, slot: int, hashes: Sequence[bytes]) -> None:
+        """`slot` now holds exactly the blocks `hashes` (its former entries dropped); used now."""
+        self.forget(slot)
+        self._blocks[slot] = list(hashes)
+        for block in hashes:
+            self._where.setdefault(block, set()).add(slot)
+        self.touch(slot)
+
+    def forget(self, slot: int) -> None:
+        """`slot` holds no known block (about to be overwritten)."""
+        for block in self._blocks[slot]:
+            holders = self._where.get(block)
+            if holders is not None:
+                holders.discard(slot)
+                if not holders:
+                    del self._where[block]
+        self._blocks[slot] = []
+
+    def move(self, sources: Sequence[int], targets: Sequence[int], length: int) -> None:
+        """Positions below `length` of `sources` were copied into `targets` (all read before any was
+        written): each target holds its source's blocks below `length`."""
+        kept = [self._blocks[s][: length // BLOCK] for s in sources]
+        for target, blocks in zip(targets, kept, strict=True):
+            self.assign(target, blocks)
+
+    def touch(self, slot: int) -> None:
+        self._clock += 1
+        self._used[slot] = self._clock
+
+    def blocks(self, slot: int) -> int:
+        return len(self._blocks[slot])
+
+    def eviction_order(self, slots: Sequence[int]) -> list[int]:
+        """`slots` in the order to overwrite them: empty ones first (lowest first), then least recently used."""
+        return sorted(slots, key=lambda s: (bool(self._blocks[s]), self._used[s] if self._blocks[s] else s))
+
+    def entries(self) -> int:
+        """Distinct block hashes indexed (bounded by slots x blocks a slot)."""
+        return len(self._where)

@@ -57,7 +57,11 @@ class ModelSettings(BaseSettings):
     worker processes itself (no torchrun), one GPU each with NCCL (cuda:0..N-1), or CPU processes over gloo.
     transformers' tensor-parallel plan shards the decoder's projections, embedding and KV cache by head; the
     audio encoder, projector and head are replicated. Every rank steps the same batch; CUDA graphs are off.
-    A rank that exits stops the server. Excludes --device-map auto."""
+    A rank that exits or hangs stops the server; Voxtral Realtime is refused. Excludes --device-map auto."""
+    tensor_parallel_timeout_s: float = 60.0
+    """Once loaded, how long a rank waits for the others in a collective, and rank 0 for a follower's answer
+    after its own part of a step (--tensor-parallel-size > 1): the ranks meet in every collective, so a longer
+    wait is a rank that hung or failed alone, and the server stops saying so. Loading waits up to 10 minutes."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto = bfloat16 on CUDA, float32 on CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -85,6 +89,8 @@ class ModelSettings(BaseSettings):
     def _check_parallel(self) -> Self:
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")
+        if self.tensor_parallel_timeout_s <= 0:
+            raise ValueError("tensor_parallel_timeout_s must be greater than 0")
         if self.tensor_parallel_size > 1 and self.device_map is not None:
             raise ValueError("tensor_parallel_size and device_map are exclusive: a rank holds one device")
         if self.tensor_parallel_size > 1 and self.quantization != "none":

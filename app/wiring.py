@@ -67,6 +67,8 @@ class Wiring:
         """What the lifespan yields at once; its `context` is set once start-up has built it."""
         self.engine: Engine | None = None
         """The engine under the context's serving layer, built with it."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The server's event loop, once its lifespan has started (where `fail` sends the lifecycle's failure)."""
         self.app = build_api(settings, self.metrics, self.lifecycle, self.lifespan)
         self.metrics.watch_scheduler(self._scheduler_stats, settings.model_id)
 
@@ -124,18 +126,17 @@ class Wiring:
         return await ResponseStore.open(path, retention)
 
     def _engine(self, runtime: ModelRuntime) -> Engine:
-        """Built on the event loop, which the engine's `on_fatal` (called from its worker thread) goes back to."""
-        loop = asyncio.get_running_loop()
+        """The engine's `on_fatal` (called from its worker thread) fails the lifecycle through `fail`."""
 
         def device_failed(reason: str) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone already
-                loop.call_soon_threadsafe(self.lifecycle.fail, f"the device failed: {reason}")
+            self.fail(f"the device failed: {reason}")
 
         return build_engine(self.settings, runtime, self.metrics, device_failed, self.wrap_generator)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[dict[str, Startup]]:
         """Yield the start-up state at once and start up in the background; on exit stop what started."""
+        self._loop = asyncio.get_running_loop()
         starting = asyncio.create_task(self._start())
         try:
             yield {STATE_KEY: self.startup}
@@ -172,6 +173,15 @@ class Wiring:
             return
         lifecycle.ready = not lifecycle.draining
         log.info("ready: %s in %.1f s", self.settings.model_id, time.monotonic() - self._born)
+
+    def fail(self, reason: str) -> None:
+        """The server can serve no more (callable from any thread): /ready turns 503 `failed` and the server
+        exits. Before the lifespan starts nothing else touches the lifecycle; after, only its event loop does."""
+        if self._loop is None:
+            self.lifecycle.fail(reason)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone already
+            self._loop.call_soon_threadsafe(self.lifecycle.fail, reason)
 
     def failed(self) -> bool:
         """Start-up failed, or the device did while serving: the server should exit (non-zero)."""

@@ -81,6 +81,26 @@ def preflight(settings: Settings) -> None:
         if Path(settings.model).is_dir():
             check_checkpoint_files(Path(settings.model))
     _check_quantization(settings, device)
+    check_sharding(settings, settings.model)
+
+
+def check_sharding(settings: Settings, model: str) -> None:
+    """Refuse `--tensor-parallel-size` > 1 with a Voxtral Realtime checkpoint (`model`: its name, directory or
+    hub id; one not cached yet is checked again once loaded): its streams run in rank 0's realtime engine,
+    which no other rank repeats, so the first sharded step would wait in an all-reduce for ever."""
+    if settings.tensor_parallel_size > 1 and is_realtime(model):
+        raise ModelLoadError(
+            f"--tensor-parallel-size {settings.tensor_parallel_size}: {model} is a Voxtral Realtime checkpoint, "
+            "which is served by one process; use --tensor-parallel-size 1."
+        )
+
+
+def is_realtime(model: str) -> bool:
+    """`model` (`tiny-realtime`, a directory or a cached hub id) is a Voxtral Realtime checkpoint."""
+    if model in (TINY_MODEL, TINY_REALTIME_MODEL):
+        return model == TINY_REALTIME_MODEL
+    local = Path(model) if Path(model).is_dir() else _cached(model)
+    return local is not None and _config(local).get("model_type") == REALTIME_MODEL_TYPE
 
 
 def _check_quantization(settings: Settings, device: torch.device) -> str | None:
@@ -361,8 +381,7 @@ def model_class(path: str) -> Any:
     (a local directory or a cached hub id), else Voxtral."""
     from transformers import VoxtralForConditionalGeneration, VoxtralRealtimeForConditionalGeneration
 
-    local = Path(path) if Path(path).is_dir() else _cached(path)
-    if local is not None and _config(local).get("model_type") == REALTIME_MODEL_TYPE:
+    if is_realtime(path):
         return VoxtralRealtimeForConditionalGeneration
     return VoxtralForConditionalGeneration
 
@@ -416,6 +435,7 @@ def load_model(settings: Settings) -> LoadedModel:
             "access or no cached copy; download it first or pass a local directory. "
             "For a demo without weights use --model tiny."
         ) from exc
+    check_sharding(settings, path)  # a hub id is known only once fetched
     model.eval()
     keep_compute_dtype(model, dtype)
     log_memory(model)

@@ -112,7 +112,7 @@ class StreamingServing:
         except VoxtralError as exc:
             exc.param = exc.param or "file"
             raise
-        stream = self.streams.open(None)
+        stream, _ = self.streams.open(None)
         stream.feed(audio)
         stream.flush()
         return StreamRun(stream, options, audio.shape[0] / SAMPLE_RATE)
@@ -121,7 +121,7 @@ class StreamingServing:
         """One second of silence through the loop, so the first request pays no one-time cost."""
         import numpy as np
 
-        stream = self.streams.open(None)
+        stream, _ = self.streams.open(None)
         stream.feed(np.zeros(SAMPLE_RATE, dtype=np.float32))
         stream.flush()
         async for _ in stream.steps():

@@ -14,7 +14,6 @@ from app.serving.prep import Prep
 from app.serving.realtime.detector import SharedDetector, SharedTurnEnd
 from app.serving.realtime.events import Emit
 from app.serving.realtime.session import Session, Shared
-from app.serving.realtime.streaming_session import StreamingSession
 from app.serving.realtime.streams import StreamLoop
 from app.serving.transcription import TranscriptionServing
 
@@ -72,6 +71,4 @@ class RealtimeServing:
     def session(self, emit: Emit, client: str = "") -> Session:
         """A new session of an admitted client (`client`: its opaque key, whose share of the queue the session
         takes from); its events go to `emit`."""
-        if self.shared.streams is not None:
-            return StreamingSession(self.shared, emit)
         return Session(self.shared, emit, client)

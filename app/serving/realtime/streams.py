@@ -118,9 +118,10 @@ class StreamLoop:
         except ValueError as exc:
             raise InvalidRequest(f"Invalid delay: {exc}.", param="delay", code="invalid_value") from None
 
-    def open(self, delay: Delay) -> Stream:
-        """A new stream; InvalidRequest for a bad delay, RateLimited when --realtime-max-streams are live."""
-        self.check_delay(delay)
+    def open(self, delay: Delay) -> tuple[Stream, int]:
+        """A new stream and its delay in tokens; InvalidRequest for a bad delay, RateLimited when
+        --realtime-max-streams are live."""
+        tokens = self.check_delay(delay)
         if self.live >= self.max_streams:
             raise RateLimited(
                 f"This server decodes at most {self.max_streams} realtime streams at once; retry when one ends."
@@ -128,8 +129,8 @@ class StreamLoop:
         key, self._next = self._next, self._next + 1
         stream = self._streams[key] = Stream(self, key)
         self.metrics.realtime_streams.inc()
-        self.post("open", key, delay)
-        return stream
+        self.post("open", key, tokens * FRAME_MS)  # checked: the engine gets plain milliseconds
+        return stream, tokens
 
     def closed(self, stream: Stream) -> None:
         if self._streams.pop(stream.key, None) is not None:

@@ -67,6 +67,8 @@ class Wiring:
         """What the lifespan yields at once; its `context` is set once start-up has built it."""
         self.engine: Engine | None = None
         """The engine under the context's serving layer, built with it."""
+        self.streams: StreamLoop | None = None
+        """A Voxtral Realtime model's ticking loop (instead of `engine`), built with the context."""
         self.app = build_api(settings, self.metrics, self.lifecycle, self.lifespan)
         self.metrics.watch_scheduler(self._scheduler_stats, settings.model_id)
 
@@ -109,7 +111,8 @@ class Wiring:
         thread, and the serving layer over it (no engine: sessions and transcriptions stream)."""
         s = self.settings
         engine = await asyncio.to_thread(RealtimeEngine, model.model, model.processor, s.realtime_max_streams)
-        streams = StreamLoop(engine, self.metrics, s.realtime_max_streams, s.realtime_tick_interval_ms / 1000)
+        interval = s.realtime_tick_interval_ms / 1000
+        streams = self.streams = StreamLoop(engine, self.metrics, s.realtime_max_streams, interval, self._fail_from())
         streams.start()
         serving = StreamingServing(s, streams)
         realtime = RealtimeServing(serving.prep, None, s, self.metrics, streams)
@@ -125,13 +128,22 @@ class Wiring:
 
     def _engine(self, runtime: ModelRuntime) -> Engine:
         """Built on the event loop, which the engine's `on_fatal` (called from its worker thread) goes back to."""
-        loop = asyncio.get_running_loop()
+        fail = self._fail_from()
 
         def device_failed(reason: str) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone already
-                loop.call_soon_threadsafe(self.lifecycle.fail, f"the device failed: {reason}")
+            fail(f"the device failed: {reason}")
 
         return build_engine(self.settings, runtime, self.metrics, device_failed, self.wrap_generator)
+
+    def _fail_from(self) -> Callable[[str], None]:
+        """`lifecycle.fail` for a worker thread to call: it runs on this event loop (the server then exits)."""
+        loop = asyncio.get_running_loop()
+
+        def fail(reason: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone already
+                loop.call_soon_threadsafe(self.lifecycle.fail, reason)
+
+        return fail
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[dict[str, Startup]]:
@@ -179,7 +191,7 @@ class Wiring:
 
     async def drain(self) -> bool:
         """Start of shutdown (SIGTERM): /ready turns 503, new /v1 requests 503, accepted ones finish."""
-        return await self.lifecycle.drain(self.engine, self.settings.drain_timeout_s)
+        return await self.lifecycle.drain(self.engine or self.streams, self.settings.drain_timeout_s)
 
 
 def build_engine(

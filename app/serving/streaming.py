@@ -11,13 +11,15 @@ ignored (a stream has no length limit; --max-transcription-audio-s still bounds 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.audio import SAMPLE_RATE
 from app.config import Settings
-from app.errors import UnsupportedFeature, VoxtralError
+from app.errors import RequestTimeout, UnsupportedFeature, VoxtralError
+from app.model.realtime.engine import StreamStep
 from app.serving.prep import Prep
 from app.serving.realtime.streams import Stream, StreamLoop
 from app.serving.record import RequestRecord
@@ -54,6 +56,8 @@ class StreamRun:
     stream: Stream
     options: TranscriptionOptions
     duration_s: float
+    timeout_s: float
+    """--request-timeout-s: the file's last token comes within it, else RequestTimeout (504), as on the engine."""
     tokens: list[int] = field(default_factory=list)
 
     def cancel(self) -> None:
@@ -70,7 +74,7 @@ class StreamRun:
     async def deltas(self) -> AsyncIterator[TranscriptDelta | Transcript]:
         joiner = TextJoiner()
         try:
-            async for step in self.stream.steps():
+            async for step in self._steps():
                 self.tokens.append(step.token)
                 if text := joiner.add(step.text):
                     yield TranscriptDelta(text)
@@ -80,6 +84,20 @@ class StreamRun:
             self.cancel()
         piece = PieceResult(0.0, self.duration_s, joiner.text, self.tokens, 0)
         yield Transcript(self.options, self.duration_s, [piece])
+
+    async def _steps(self) -> AsyncIterator[StreamStep]:
+        """The stream's steps, each awaited against the request's deadline (never across a `yield`)."""
+        steps = self.stream.steps()
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    step = await anext(steps)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise RequestTimeout(f"The request did not finish within {self.timeout_s:g} s.") from None
+            yield step
 
 
 class StreamingServing:
@@ -115,7 +133,7 @@ class StreamingServing:
         stream, _ = self.streams.open(None)
         stream.feed(audio)
         stream.flush()
-        return StreamRun(stream, options, audio.shape[0] / SAMPLE_RATE)
+        return StreamRun(stream, options, audio.shape[0] / SAMPLE_RATE, self.settings.request_timeout_s)
 
     async def warm_up(self) -> None:
         """One second of silence through the loop, so the first request pays no one-time cost."""

@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from app.model.compute.loader import LoadedModel, load_model
 from tests.api.test_realtime_stream_loop import CHUNK, MODEL, VAD, engine_steps, quiet
+from tests.support.production_server import production
 from tests.support.realtime_client import COMPLETED, Raw, encode, gap, open_session, sentence, texts
 from tests.support.server import RunningServer, make_settings, serve
 
@@ -127,7 +128,7 @@ def test_an_idle_close_with_under_100_ms_held_sends_no_completed(
 
 def test_a_drain_with_under_100_ms_held_sends_no_completed(realtime_model: LoadedModel, tmp_path: Path) -> None:
     """A drain (SIGTERM) while a manual utterance holds 60 ms: closed 1001 with no `committed` nor `.completed`."""
-    with serve(realtime_model, tmp_path, model=MODEL) as running:
+    with production(realtime_model, tmp_path, model=MODEL) as running:
         raw = open_session(running.base_url)
         raw.update(turn_detection=None)
         raw.append(encode(sentence()[: 16000 * 60 // 1000], "audio/pcm"), CHUNK)

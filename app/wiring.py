@@ -30,8 +30,10 @@ from app.engine.engine import Engine
 from app.engine.runner import Wrap, as_is
 from app.engine.stats import SchedulerStats
 from app.metrics import Metrics
+from app.model.compute.budget import plan_streams
 from app.model.compute.loader import REALTIME_MODEL_TYPE, LoadedModel, ModelLoadError, load_model
 from app.model.realtime.engine import RealtimeEngine
+from app.model.realtime.pool import StreamPool
 from app.model.runtime import ModelRuntime
 from app.serving.realtime.service import RealtimeServing
 from app.serving.realtime.streams import StreamLoop
@@ -110,9 +112,10 @@ class Wiring:
         """A Voxtral Realtime model: its stream caches (allocated once, off the loop), the ticking loop's
         thread, and the serving layer over it (no engine: sessions and transcriptions stream)."""
         s = self.settings
-        engine = await asyncio.to_thread(RealtimeEngine, model.model, model.processor, s.realtime_max_streams)
+        count = await asyncio.to_thread(_stream_count, model, s)
+        engine = await asyncio.to_thread(RealtimeEngine, model.model, model.processor, count)
         interval = s.realtime_tick_interval_ms / 1000
-        streams = self.streams = StreamLoop(engine, self.metrics, s.realtime_max_streams, interval, self._fail_from())
+        streams = self.streams = StreamLoop(engine, self.metrics, count, interval, self._fail_from())
         streams.start()
         serving = StreamingServing(s, streams)
         realtime = RealtimeServing(serving.prep, None, s, self.metrics, streams)
@@ -247,6 +250,15 @@ async def _in_daemon_thread(load: Callable[[Settings], LoadedModel], settings: S
 
     threading.Thread(target=run, name="model-load", daemon=True).start()
     return await done
+
+
+def _stream_count(model: LoadedModel, settings: Settings) -> int:
+    """--realtime-max-streams, or fewer when the KV budget holds fewer (one stream's caches measured on a pool of
+    no stream but the scratch slot, freed before the budget is read)."""
+    probe = StreamPool.allocate(model.model, 0)
+    per_stream = probe.nbytes()
+    del probe
+    return plan_streams(model.model, settings, per_stream)
 
 
 def _warn_if_random(model: LoadedModel) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.audio_formats import InputDecoder
 from app.model.compute.loader import LoadedModel, load_model
@@ -277,22 +277,24 @@ def test_an_idle_streaming_session_is_closed_after_its_utterance_is_answered(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
 
 
-def test_every_stream_taken_refuses_an_utterance_and_an_http_transcription(
+def test_every_stream_taken_refuses_a_session_and_an_http_transcription(
     realtime_model: LoadedModel, tmp_path: Path
 ) -> None:
-    """--realtime-max-streams 1 with one utterance streaming: another session's utterance gets an `error`
-    (rate_limit_exceeded) and that session lives on; a transcription gets a 429 in OpenAI's error shape."""
+    """--realtime-max-streams 1 with one utterance streaming: a second session is refused at the upgrade (429
+    too_many_sessions: sessions are capped at the streams, so none is admitted only to have its utterances
+    refused), a transcription gets a 429 in OpenAI's error shape; both go through once the stream is free."""
     path = tmp_path / "speech.wav"
     sf.write(path, sentence(), 16000)
     with (
         serve(realtime_model, tmp_path, model=MODEL, realtime_max_streams=1) as running,
         contextlib.ExitStack() as stack,
     ):
-        holder, refused = connect(stack, running), connect(stack, running, VAD)
+        holder = connect(stack, running)
         append(holder, encode(sentence(), "audio/pcm"))  # its stream stays open until the commit
-        append(refused, encode(np.concatenate([gap(0.5), sentence(), gap(1.5)]), "audio/pcm"))
-        error = refused.recv()
-        assert error.type == "error" and error.error.code == "rate_limit_exceeded", error
+        with pytest.raises(InvalidStatus) as upgrade:
+            open_session(running.base_url)
+        assert upgrade.value.response.status_code == 429
+        assert b"too_many_sessions" in upgrade.value.response.body
         with path.open("rb") as f, pytest.raises(openai.RateLimitError) as http:
             sdk(running).audio.transcriptions.create(model=MODEL, file=f)
         body = http.value.response.json()
@@ -301,9 +303,14 @@ def test_every_stream_taken_refuses_an_utterance_and_an_http_transcription(
         assert body["error"]["code"] == "rate_limit_exceeded"
         holder.input_audio_buffer.commit()
         until(holder, COMPLETED)
+        holder.close()
         quiet(running)  # the holder's stream is closed
-        append(refused, encode(np.concatenate([sentence(), gap(1.5)]), "audio/pcm"))
-        events = until(refused, COMPLETED)
+        with path.open("rb") as f:
+            assert sdk(running).audio.transcriptions.create(model=MODEL, file=f).text
+        wait_until(lambda: metrics(running)["voxtral_realtime_sessions"] == 0, "the holder left", poll_s=0.05)
+        second = connect(stack, running, VAD)
+        append(second, encode(np.concatenate([gap(0.5), sentence(), gap(1.5)]), "audio/pcm"))
+        events = until(second, COMPLETED)
     kinds = [e.type for e in events]
     assert kinds.count("input_audio_buffer.speech_started") == kinds.count("input_audio_buffer.committed") == 1
     assert all(deltas == transcript and transcript for deltas, transcript in answered(events))

@@ -37,7 +37,10 @@ class RealtimeServing:
         """`streams`: a Voxtral Realtime model's ticking loop (sessions then stream, and `transcriptions` is
         None); None: a Voxtral model, whose sessions transcribe each turn whole through `transcriptions`."""
         self.prep, self.metrics = prep, metrics
-        self.slots = Slots(settings.realtime_max_sessions)
+        limit = settings.realtime_max_sessions
+        self.slots = Slots(limit if streams is None else min(limit, streams.max_streams))
+        """A streaming model's sessions are at most its streams: one more would be admitted only to have every
+        utterance refused while its audio piles up."""
         detector = SharedDetector(prep)
         self.shared = Shared(
             prep=prep,
@@ -58,8 +61,9 @@ class RealtimeServing:
         """Take a slot for a new session, or raise (unknown model, every slot taken); `leave` gives it back."""
         self.prep.check_model(model)
         if self.slots.open >= self.slots.limit:
+            streams = "" if self.shared.streams is None else " (one per realtime stream it decodes)"
             raise TooManySessions(
-                f"This server holds at most {self.slots.limit} realtime sessions at once; retry later."
+                f"This server holds at most {self.slots.limit} realtime sessions at once{streams}; retry later."
             )
         self.slots.open += 1
         self.metrics.realtime_sessions.inc()

@@ -80,7 +80,9 @@ class Wiring:
         return self.startup.context
 
     def _scheduler_stats(self) -> SchedulerStats | None:
-        """The engine's counts for /metrics; None until start-up has built it."""
+        """The engine's counts for /metrics (a realtime model's: its loop's); None until start-up has built it."""
+        if self.streams is not None:
+            return self.streams.stats()
         return self.engine.stats() if self.engine is not None else None
 
     async def build_context(self) -> AppContext:

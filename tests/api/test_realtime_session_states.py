@@ -6,6 +6,7 @@ and no stream is left open afterwards (issue 28's review, items 1-3)."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from app.model.compute.loader import LoadedModel, load_model
-from tests.api.test_realtime_stream_loop import CHUNK, MODEL, VAD, engine_steps, quiet
+from tests.api.test_realtime_stream_loop import CHUNK, MODEL, VAD, engine_steps, metrics, quiet
+from tests.support.checks import wait_until
 from tests.support.production_server import production
 from tests.support.realtime_client import COMPLETED, Raw, encode, gap, open_session, sentence, texts
 from tests.support.server import RunningServer, make_settings, serve
@@ -138,3 +140,40 @@ def test_a_drain_with_under_100_ms_held_sends_no_completed(realtime_model: Loade
                 raw.recv(timeout=15)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
         assert kinds(raw, COMMITTED) == kinds(raw, COMPLETED) == []
+
+
+def test_the_session_object_expires_with_the_session_limit_and_omits_an_unset_delay(
+    realtime_model: LoadedModel, tmp_path: Path
+) -> None:
+    """`expires_at` is when --realtime-max-session-s ends the session; `delay` (a non-nullable enum) is left out
+    until the client sets it."""
+    with serve(realtime_model, tmp_path, model=MODEL, realtime_max_session_s=120.0) as running:
+        opened = time.time()
+        raw = open_session(running.base_url)
+        created = raw.events[0]["session"]
+        assert abs(created["expires_at"] - (opened + 120)) <= 5
+        assert "delay" not in created["audio"]["input"]["transcription"]
+        updated = raw.update(transcription={"model": MODEL, "delay": "low"})["session"]
+        assert updated["expires_at"] == created["expires_at"]
+        assert updated["audio"]["input"]["transcription"]["delay"] == "low"
+        raw.ws.close()
+
+
+def test_vllm_scheduler_gauges_count_the_streams(server: RunningServer) -> None:
+    """A gateway's endpoint picker reads vLLM's gauges: on a realtime model, the streams open (running), none
+    waiting, and the stream slots held (KV cache usage)."""
+
+    def gauge(name: str) -> float:
+        return next(value for key, value in metrics(server).items() if key.startswith(name))
+
+    quiet(server)
+    assert gauge("vllm:num_requests_running") == 0
+    raw = open_session(server.base_url)
+    raw.update(turn_detection=None)
+    raw.append(halves(encode(sentence(), "audio/pcm"))[0], CHUNK)  # a stream opens for it
+    wait_until(lambda: gauge("vllm:num_requests_running") == 1, "the stream is counted", poll_s=0.05)
+    assert gauge("vllm:num_requests_waiting") == 0
+    assert gauge("vllm:kv_cache_usage_perc") == pytest.approx(1 / 32)
+    raw.ws.close()
+    quiet(server)
+    assert gauge("vllm:kv_cache_usage_perc") == 0

@@ -55,6 +55,7 @@ class RealtimeServing:
             turn_end=SharedTurnEnd(prep),
             streams=streams,
             blank_speech_s=settings.realtime_blank_speech_s,
+            max_session_s=settings.realtime_max_session_s,
         )
 
     def admit(self, model: str | None) -> None:

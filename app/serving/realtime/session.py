@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,8 @@ class Shared:
     """A Voxtral Realtime model's ticking loop: sessions stream (`Streamer`); None: turns are
     transcribed whole."""
     blank_speech_s: float = 10.0
+    max_session_s: float = 3600.0
+    """--realtime-max-session-s: a session's `expires_at`."""
 
 
 class Session:
@@ -81,6 +84,7 @@ class Session:
         places in the queue, and are served round-robin among themselves (app/engine/fairness.py)."""
         self.shared, self.emit = shared, emit
         self.id = new_id("sess")
+        self.expires_at = int(time.time() + shared.max_session_s)
         self.config = SessionConfig(model=shared.model)
         self.buffer = AudioBuffer()
         self.decoder = InputDecoder(self.config.format)
@@ -108,7 +112,7 @@ class Session:
         return self.sink.unanswered
 
     async def start(self) -> None:
-        await self.emit(ev.SessionCreated(self.id, self.config))
+        await self.emit(ev.SessionCreated(self.id, self.config, self.expires_at))
 
     async def handle(self, command: Command) -> None:
         """One command; a refused one is answered with an `Error` event naming it."""
@@ -155,7 +159,7 @@ class Session:
         self.detector = detector(config.turn_detection, position)
         if vad and self.utterance is not None:  # speech goes on under the new settings
             self.detector.restart(speaking=True)
-        await self.emit(ev.SessionUpdated(self.id, config))
+        await self.emit(ev.SessionUpdated(self.id, config, self.expires_at))
 
     async def _denoise_as(self, config: SessionConfig) -> None:
         """Start, retune or stop the denoiser; what a stopped one held comes before the next append's audio."""

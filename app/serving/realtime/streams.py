@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from app.engine.fatal import DEVICE_FAILED, device_failure
+from app.engine.stats import SchedulerStats
 from app.errors import DeviceFailed, InternalError, InvalidRequest, RateLimited, ShuttingDown, VoxtralError
 from app.metrics import Metrics
 from app.model.realtime.engine import RealtimeEngine, StreamStep, TickResult
@@ -116,6 +117,11 @@ class StreamLoop:
     @property
     def live(self) -> int:
         return len(self._streams)
+
+    def stats(self) -> SchedulerStats:
+        """vLLM's scheduler gauges for a realtime deployment: every open stream runs (each tick steps every due
+        one), none waits (a stream past the limit is refused), and the caches used are the streams' slots."""
+        return SchedulerStats(self.live, 0, self.live / self.max_streams)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ from app.audio import SAMPLE_RATE
 from app.errors import InternalError, VoxtralError
 from app.metrics import Metrics
 from app.model.realtime.engine import StreamStep
+from app.model.realtime.timing import FRAME_MS
 from app.serving.realtime.config import SessionConfig
 from app.serving.realtime.events import (
     ConnectionGone,
@@ -45,7 +46,8 @@ class Live:
     samples: int = 0
     committed_at: float | None = None
     tokens: list[int] = field(default_factory=list)
-    last_text_frame: int = 0
+    last_text_frame: int | None = None
+    """Engine frame of the last token with text (None: none yet)."""
     blank_reported: bool = False
 
 
@@ -166,16 +168,14 @@ class Streamer:
             self.metrics.realtime_turn_latency.observe(asyncio.get_running_loop().time() - live.committed_at)
 
     def _guard(self, live: Live, step: StreamStep) -> None:
-        """Count a speech stream that says nothing over `blank_s` of its audio (padding after a flush excluded)."""
+        """Count a speech stream that says nothing over `blank_s` of its audio (`blank_run`), once."""
         if step.text.strip():
             live.last_text_frame = step.frame
             return
-        heard = step.frame - live.delay_frames + 1  # frames of the utterance's audio this token speaks for
-        if not live.speech or live.blank_reported or heard * _FRAME_SAMPLES > live.samples:
+        if not live.speech or live.blank_reported:
             return
-        # the model's delay frames speak for no audio of the utterance: the first gap starts where audio does
-        since = max(live.last_text_frame, live.delay_frames - 1)
-        if (step.frame - since) * _FRAME_SAMPLES / SAMPLE_RATE >= self.blank_s:
+        run = blank_run(step.frame, live.delay_frames, live.samples // _FRAME_SAMPLES, live.last_text_frame)
+        if run * FRAME_MS / 1000 >= self.blank_s:
             live.blank_reported = True
             self.metrics.realtime_blank_streams.inc()
             log.warning(
@@ -190,7 +190,20 @@ class Streamer:
         await self.emit(TranscriptionFailed(live.item_id, exc))
 
 
-_FRAME_SAMPLES = SAMPLE_RATE * 80 // 1000
+_FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
+
+
+def blank_run(frame: int, delay_frames: int, audio_frames: int, last_text_frame: int | None) -> int:
+    """Frames of the utterance's audio without text up to the token at engine frame `frame` (0 when that token
+    speaks for no audio). The token at `frame` speaks for audio frame `frame - delay_frames` (a stream's first
+    token has frame == delay_frames: the delay itself is no audio); tokens past the `audio_frames` whole frames
+    fed speak for the flush's padding. The run starts after the audio frame of the last token with text
+    (`last_text_frame`, None: none yet). Pure."""
+    audio = frame - delay_frames
+    if audio < 0 or audio >= audio_frames:
+        return 0
+    start = 0 if last_text_frame is None else max(0, last_text_frame - delay_frames + 1)
+    return max(0, audio - start + 1)
 
 
 async def _gone(event: object) -> None:

@@ -6,7 +6,9 @@ Refused with a 400 (`unsupported`): translations; response_format srt and vtt (t
 timestamps), include[]=logprobs and timestamp_granularities[] (no log-probs, no timestamps); temperature
 other than 0 (the model decodes greedily). Accepted: json, text, verbose_json (its one segment spans the file),
 stream=true (`transcript.text.delta` as ticks emit tokens, then `transcript.text.done`); chunking_strategy is
-ignored (a stream has no length limit; --max-transcription-audio-s still bounds the file).
+ignored (a stream has no length limit; --max-transcription-audio-s still bounds the file), and so are
+`language` (checked, then unused: the model detects the language as it goes) and `prompt` (the model takes no
+prompt). The file's last token comes within --request-timeout-s, else a 504.
 """
 
 from __future__ import annotations

@@ -16,15 +16,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from app.audio import SAMPLE_RATE
 from app.config import Settings
 from app.errors import RequestTimeout, UnsupportedFeature, VoxtralError
 from app.model.realtime.engine import StreamStep
+from app.serving.chat import ChatAnswer
 from app.serving.prep import Prep
 from app.serving.realtime.streams import Stream, StreamLoop
 from app.serving.record import RequestRecord
+from app.serving.schemas import ChatCompletionRequest
 from app.serving.transcription import Upload
 from app.serving.transcription_request import AudioForm
 from app.serving.transcripts import (
@@ -41,9 +42,9 @@ FORMATS = ("json", "text", "verbose_json")
 
 
 class TranscriptionOnly:
-    """The chat side of a transcription-only model: every call is a 400."""
+    """The chat side of a transcription-only model (a `Chats`): every call is a 400."""
 
-    async def start(self, *args: Any, **kwargs: Any) -> Any:
+    async def start(self, body: ChatCompletionRequest, record: RequestRecord | None, owner: str = "") -> ChatAnswer:
         raise UnsupportedFeature(
             "This server runs a Voxtral Realtime model, which only transcribes: use /v1/audio/transcriptions or "
             "/v1/realtime?intent=transcription.",
@@ -110,6 +111,7 @@ class StreamingServing:
         self.prep = Prep(settings, None)
         self.chats = TranscriptionOnly()
         self.fingerprint = ""
+        """No chat answer carries it (chat is refused); the routes' `Serving` has one."""
 
     @property
     def model_ids(self) -> set[str]:
@@ -118,8 +120,11 @@ class StreamingServing:
     def check_model(self, model: str | None) -> None:
         self.prep.check_model(model)
 
-    async def chat(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.chats.start()
+    async def chat(
+        self, body: ChatCompletionRequest, record: RequestRecord | None = None, owner: str = ""
+    ) -> ChatAnswer:
+        """Refused: a 400 (`TranscriptionOnly`)."""
+        return await self.chats.start(body, record, owner)
 
     async def transcribe(
         self, form: AudioForm, upload: Upload, task: Task, record: RequestRecord | None = None, owner: str = ""

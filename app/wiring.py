@@ -69,6 +69,8 @@ class Wiring:
         """What the lifespan yields at once; its `context` is set once start-up has built it."""
         self.engine: Engine | None = None
         """The engine under the context's serving layer, built with it."""
+        self.runtime: ModelRuntime | None = None
+        """The model facade under `engine` (its decode step's CUDA graphs are captured after the warm-up)."""
         self.streams: StreamLoop | None = None
         """A Voxtral Realtime model's ticking loop (instead of `engine`), built with the context."""
         self.app = build_api(settings, self.metrics, self.lifecycle, self.lifespan)
@@ -95,7 +97,7 @@ class Wiring:
             return await self._streaming_context(model)
         runtime = await asyncio.to_thread(ModelRuntime.of, model, self.settings)
         self.metrics.watch_encoder_cache(runtime.generator.encoder_cache.stats)
-        self.engine = self._engine(runtime)
+        self.engine, self.runtime = self._engine(runtime), runtime
         serving = Serving(self.settings, self.engine, runtime)
         realtime = RealtimeServing(serving.prep, serving.transcriptions, self.settings, self.metrics)
         responses = ResponsesServing(serving.chats, await self._response_store())
@@ -175,14 +177,13 @@ class Wiring:
             lifecycle.stage = "loading the model"
             ctx = self.startup.context = await self.build_context()
             lifecycle.stage = "warming up"
-            if isinstance(ctx.serving, Serving):
-                assert self.engine is not None  # built with the context
+            if self.engine is not None:  # (a realtime model's loop started with its context)
                 self.engine.start()
             await ctx.serving.warm_up()
-            if isinstance(ctx.serving, Serving):
+            if self.runtime is not None:
                 # The worker idles meanwhile: nothing is admitted before ready, and the warm-up was answered
                 # after its last step.
-                await asyncio.to_thread(ctx.serving.runtime.generator.capture)
+                await asyncio.to_thread(self.runtime.generator.capture)
         except Exception as exc:
             lifecycle.fail(f"start-up failed: {str(exc) or type(exc).__name__}")
             log.error("%s", lifecycle.failed, exc_info=not isinstance(exc, ModelLoadError))

@@ -47,7 +47,7 @@ def loop_of(running: Production) -> StreamLoop:
     return running.wiring.streams
 
 
-def before_each(running: Production, name: str, fault: Callable[[], None]) -> None:
+def before_each(running: Production, name: str, fault: Callable[[], object]) -> None:
     """Run `fault` in the loop's thread before each call of its engine's `name` (tick, ready)."""
     engine = loop_of(running).engine
     real = getattr(engine, name)

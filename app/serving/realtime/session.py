@@ -1,6 +1,10 @@
 """One transcription session's state machine: typed commands in, typed events out (through `emit`).
 
-It owns the input decoder, the speech detector's stream, the uncommitted audio and the `Transcriber`.
+It owns the input decoder, the speech detector's stream, the uncommitted audio and its utterance sink
+(app/serving/realtime/sink.py): a `Transcriber` (each committed turn transcribed whole) or, over a Voxtral
+Realtime model, a `Streamer` (an utterance is a stream fed as its audio arrives, from its first audio with
+`turn_detection: null` or from speech_started with VAD; its deltas come before its `committed`; fed audio is
+not kept, except semantic_vad's last --realtime-max-utterance-s for its turn-end model; no length limit).
 The speech detector runs in a prep thread, batched with the other sessions' (`SharedDetector`), and so
 does semantic_vad's turn-end model (`SharedTurnEnd`); large appends are decoded there too. With
 `noise_reduction` on, every append is decoded and denoised (`app.denoise.Denoiser`, the session's own
@@ -385,11 +389,6 @@ class Session:
 
     def _held_s(self, start: int) -> float:
         return (self.buffer.end - start) / SAMPLE_RATE
-
-    @property
-    def _max_limit(self) -> float:
-        """Where an utterance is cut: --realtime-max-utterance-s, or never for a streaming sink."""
-        return float("inf") if self.sink.streaming else self._max_samples
 
     @property
     def _max_samples(self) -> int:

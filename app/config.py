@@ -252,7 +252,9 @@ class RealtimeSettings(BaseSettings):
     realtime_max_streams: int = 32
     """Voxtral Realtime models only: streams decoded at once (realtime utterances and HTTP transcriptions in
     progress), each a slot of caches allocated at start-up. One tick steps all of them in one forward. A new
-    utterance past this gets an `error` event (a transcription: 429) until one ends."""
+    utterance past this gets an `error` event (a transcription: 429) until one ends, and sessions are capped at
+    it. Fewer when the KV budget (--kv-cache-memory-bytes, --gpu-memory-utilization) holds fewer: Mini-Realtime
+    takes about 1 GiB a stream in bf16 (the count and the bytes are logged at start-up)."""
     realtime_tick_interval_ms: float = 40.0
     """Voxtral Realtime models only: the shortest time between two ticks' starts while streams are due, so every
     stream due within it is stepped in the same forward (rows a tick, not ticks, set a GPU's cost: each tick
@@ -260,7 +262,8 @@ class RealtimeSettings(BaseSettings):
     ticks at once. 0: tick as soon as any stream is due."""
     realtime_blank_speech_s: float = 10.0
     """Voxtral Realtime models only: a stream that emits no text over this much audio the speech detector hears
-    as speech is logged and counted (`voxtral_realtime_blank_streams_total`): the model's blank-token rut."""
+    as speech is logged and counted (`voxtral_realtime_blank_streams_total`): the model's blank-token rut. Only
+    sessions with server_vad or semantic_vad are watched (with `turn_detection: null` no detector runs)."""
 
     @model_validator(mode="after")
     def _check_realtime(self) -> Self:

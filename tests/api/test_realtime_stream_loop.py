@@ -17,11 +17,12 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.audio_formats import InputDecoder
 from app.model.compute.loader import LoadedModel, load_model
 from app.model.realtime.engine import RealtimeEngine, StreamStep
+from app.serving.realtime.streamer import blank_run
 from tests.support.checks import wait_until
 from tests.support.realtime_client import (
     COMPLETED,
@@ -38,9 +39,11 @@ from tests.support.server import RunningServer, make_settings, serve
 
 MODEL = "tiny-realtime"
 CHUNK = chunk_bytes("audio/pcm")
-BLANK_S = 0.6
-"""The module server's --realtime-blank-speech-s: between the longest run without text the tiny model has over
-the test sentence at 240 ms of delay (2 frames) and at 1,600 ms (10 frames, 0.8 s)."""
+BLANK_S = 0.44
+"""The module server's --realtime-blank-speech-s: between 5 and 6 frames (0.40 and 0.48 s), the longest runs of
+speech audio without text the tiny model has over the test sentence's VAD turn at 240 ms and at DELAY_FIRES."""
+DELAY_FIRES = 1680
+"""A delay at which the tiny model's steps over the test sentence hold such a run (the test checks it)."""
 VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
 
 
@@ -195,18 +198,55 @@ def test_tick_metrics_add_up_to_the_tokens_decoded(server: RunningServer, realti
     assert after["voxtral_realtime_streams"] == 0
 
 
-@pytest.mark.parametrize(("delay_ms", "fires"), [(1600, True), (240, False)])
+def session_samples(data: bytes) -> np.ndarray:
+    """The session's 16 kHz timeline of `data` sent in CHUNK appends (what its streams are fed slices of)."""
+    decoder = InputDecoder("audio/pcm")
+    return np.concatenate([decoder.push(data[at : at + CHUNK]) for at in range(0, len(data), CHUNK)])
+
+
+def stream_steps(loaded: LoadedModel, samples: np.ndarray, delay: str | int | None) -> list[StreamStep]:
+    """The model layer alone over one utterance's audio, flushed."""
+    engine = RealtimeEngine(loaded.model, loaded.processor, max_streams=1)
+    sid = engine.open(delay)
+    engine.feed(sid, samples)
+    engine.flush(sid)
+    steps: list[StreamStep] = []
+    while not (steps and steps[-1].final):
+        steps += engine.tick().steps
+    return steps
+
+
+def longest_blank_s(steps: list[StreamStep], delay_ms: int, samples: int) -> float:
+    """The longest run of speech audio without text in `steps` (app/serving/realtime/streamer.py: `blank_run`)."""
+    longest, last = 0, None
+    for step in steps:
+        if step.text.strip():
+            last = step.frame
+        else:
+            longest = max(longest, blank_run(step.frame, delay_ms // 80, samples // 1280, last))
+    return longest * 0.08
+
+
+@pytest.mark.parametrize(("delay_ms", "fires"), [(DELAY_FIRES, True), (240, False)])
 def test_the_blank_token_rut_is_counted_only_when_speech_gets_no_text(
-    server: RunningServer, delay_ms: int, fires: bool, caplog: pytest.LogCaptureFixture
+    server: RunningServer, realtime_model: LoadedModel, delay_ms: int, fires: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Speech VAD hears, decoded with 1,600 ms of delay, has a run of 10 frames without text (0.8 s, over
-    BLANK_S): counted and logged once; with 240 ms its longest run is 2 frames: not counted."""
+    """Speech VAD hears is streamed from speech_started (its prefix padding included) to speech_stopped: the
+    model layer's own steps over that audio have, at DELAY_FIRES, a run of speech audio without text of at least
+    BLANK_S (counted and logged once), at 240 ms none (not counted); the model's delay and the flush's padding
+    speak for no audio, and are never counted."""
     before = quiet(server)
+    data = encode(np.concatenate([gap(0.5), sentence(), gap(1.5)]), "audio/pcm")
     with contextlib.ExitStack() as stack:
         connection = connect(stack, server, VAD, delay_ms=delay_ms)
-        append(connection, encode(np.concatenate([gap(0.5), sentence(), gap(1.5)]), "audio/pcm"))
+        append(connection, data)
         events = until(connection, COMPLETED)
-    assert [e.type for e in events].count("input_audio_buffer.speech_started") == 1
+    (started,) = [e.audio_start_ms for e in events if e.type == "input_audio_buffer.speech_started"]
+    (stopped,) = [e.audio_end_ms for e in events if e.type == "input_audio_buffer.speech_stopped"]
+    heard = session_samples(data)[started * 16 : stopped * 16]
+    steps = stream_steps(realtime_model, heard, delay_ms)
+    assert "".join(step.text for step in steps) == answered(events)[0][1]  # the stream the session decoded
+    assert (longest_blank_s(steps, delay_ms, heard.shape[0]) >= BLANK_S) == fires
     grew = quiet(server)["voxtral_realtime_blank_streams_total"] - before["voxtral_realtime_blank_streams_total"]
     assert grew == (1 if fires else 0)
     assert ("blank-token rut" in caplog.text) == fires
@@ -277,22 +317,24 @@ def test_an_idle_streaming_session_is_closed_after_its_utterance_is_answered(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
 
 
-def test_every_stream_taken_refuses_an_utterance_and_an_http_transcription(
+def test_every_stream_taken_refuses_a_session_and_an_http_transcription(
     realtime_model: LoadedModel, tmp_path: Path
 ) -> None:
-    """--realtime-max-streams 1 with one utterance streaming: another session's utterance gets an `error`
-    (rate_limit_exceeded) and that session lives on; a transcription gets a 429 in OpenAI's error shape."""
+    """--realtime-max-streams 1 with one utterance streaming: a second session is refused at the upgrade (429
+    too_many_sessions: sessions are capped at the streams, so none is admitted only to have its utterances
+    refused), a transcription gets a 429 in OpenAI's error shape; both go through once the stream is free."""
     path = tmp_path / "speech.wav"
     sf.write(path, sentence(), 16000)
     with (
         serve(realtime_model, tmp_path, model=MODEL, realtime_max_streams=1) as running,
         contextlib.ExitStack() as stack,
     ):
-        holder, refused = connect(stack, running), connect(stack, running, VAD)
+        holder = connect(stack, running)
         append(holder, encode(sentence(), "audio/pcm"))  # its stream stays open until the commit
-        append(refused, encode(np.concatenate([gap(0.5), sentence(), gap(1.5)]), "audio/pcm"))
-        error = refused.recv()
-        assert error.type == "error" and error.error.code == "rate_limit_exceeded", error
+        with pytest.raises(InvalidStatus) as upgrade:
+            open_session(running.base_url)
+        assert upgrade.value.response.status_code == 429
+        assert b"too_many_sessions" in upgrade.value.response.body
         with path.open("rb") as f, pytest.raises(openai.RateLimitError) as http:
             sdk(running).audio.transcriptions.create(model=MODEL, file=f)
         body = http.value.response.json()
@@ -301,9 +343,14 @@ def test_every_stream_taken_refuses_an_utterance_and_an_http_transcription(
         assert body["error"]["code"] == "rate_limit_exceeded"
         holder.input_audio_buffer.commit()
         until(holder, COMPLETED)
+        holder.close()
         quiet(running)  # the holder's stream is closed
-        append(refused, encode(np.concatenate([sentence(), gap(1.5)]), "audio/pcm"))
-        events = until(refused, COMPLETED)
+        with path.open("rb") as f:
+            assert sdk(running).audio.transcriptions.create(model=MODEL, file=f).text
+        wait_until(lambda: metrics(running)["voxtral_realtime_sessions"] == 0, "the holder left", poll_s=0.05)
+        second = connect(stack, running, VAD)
+        append(second, encode(np.concatenate([gap(0.5), sentence(), gap(1.5)]), "audio/pcm"))
+        events = until(second, COMPLETED)
     kinds = [e.type for e in events]
     assert kinds.count("input_audio_buffer.speech_started") == kinds.count("input_audio_buffer.committed") == 1
     assert all(deltas == transcript and transcript for deltas, transcript in answered(events))

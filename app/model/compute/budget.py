@@ -146,3 +146,36 @@ def _warn_capped(cache: CachePlan, max_rows: int, positions: int) -> None:
         max_rows,
         fits,
     )
+
+
+def stream_count(per_stream: int, wanted: int, budget: int) -> int:
+    """Voxtral Realtime streams the budget holds: `wanted` (--realtime-max-streams), or as many of `per_stream`
+    bytes as fit in `budget` (the pool also holds one scratch slot). ValueError when not one fits. Pure."""
+    fits = budget // per_stream - 1
+    if fits < 1:
+        raise ValueError(
+            f"The KV cache budget ({budget / GIB:.2f} GiB) holds no realtime stream: each takes "
+            f"{per_stream / GIB:.2f} GiB, and the pool one more for its scratch slot"
+        )
+    return min(wanted, fits)
+
+
+def plan_streams(model: Any, settings: Settings, per_stream: int) -> int:
+    """How many realtime streams to allocate for `model` as loaded (`per_stream`: one stream's cache bytes),
+    from the same budget as the slot cache (a tick's activations reserved as a prefill of --max-batch-tokens
+    would be); logged. Raises `ModelLoadError` (the start-up fails in one line) when not one fits."""
+    reserve = activation_reserve(model.config.text_config, model.dtype, settings.max_batch_tokens)
+    devices = device_memory(model)
+    budget = kv_budget(devices, settings.gpu_memory_utilization, reserve, settings.kv_cache_memory_bytes)
+    try:
+        streams = stream_count(per_stream, settings.realtime_max_streams, budget)
+    except ValueError as exc:
+        raise ModelLoadError(f"{exc}{_why(devices, reserve, settings)}") from exc
+    log.info(
+        "realtime streams: %d (of --realtime-max-streams %d), %.3f GiB each, %.2f GiB in all",
+        streams,
+        settings.realtime_max_streams,
+        per_stream / GIB,
+        per_stream * (streams + 1) / GIB,
+    )
+    return streams

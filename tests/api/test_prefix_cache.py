@@ -13,17 +13,19 @@ tests/api/test_parity.py. Log-probs are held to `LOGPROB_TOL`; tokens to equalit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from app.model.compute.features import LogMel
 from app.model.compute.generate import BatchGenerator, BatchState, Row, sample
 from app.model.compute.loader import LoadedModel
 from app.model.compute.prefix import BLOCK
-from app.model.compute.slots import CachePlan
+from app.model.compute.slots import CachePlan, SlotCache
 from app.model.text.prompts import Prompter
 from app.types import SamplingParams
 from tests.support.audio_fixtures import JFK
@@ -128,7 +130,7 @@ def test_a_whole_prompt_and_a_prefix_ending_mid_block_hit_with_the_same_answers(
         first, _ = _both(on, off, prompt.input_ids, prompt.audios)
         assert first.cached_tokens == 0
         again, _ = _both(on, off, prompt.input_ids, prompt.audios)  # the whole prompt: all but its last token
-        assert again.cached_tokens == min(len(prompt.input_ids) - 1, len(prompt.input_ids) // BLOCK * BLOCK) > 0
+        assert again.cached_tokens == (len(prompt.input_ids) - 1) // BLOCK * BLOCK > 0  # whole blocks, as vLLM
         cut = len(prompt.input_ids) - 7  # the same first `cut` tokens (a block boundary inside), then others
         cut -= 0 if cut % BLOCK else 1
         other = [*prompt.input_ids[:cut], 40, 41, 42, 43, 44]
@@ -217,7 +219,9 @@ def test_a_prefix_held_by_a_running_row_is_copied_and_eviction_keeps_the_answers
 def test_a_prefix_is_never_served_to_a_prompt_one_token_or_one_sample_away(
     loaded: LoadedModel, prompter: Prompter, log_mel: LogMel
 ) -> None:
-    on, _ = _pair(loaded.model, log_mel)
+    """Exactly the whole blocks before the changed token (or before the changed audio) are served, and the
+    answers equal the uncached generator's."""
+    on, off = _pair(loaded.model, log_mel)
     clip = _clip(3.0)
     base = _around(prompter, clip, "What is it? " * 3)
     _decode(on, [_row(base.input_ids, base.audios)], steps=2)
@@ -226,15 +230,13 @@ def test_a_prefix_is_never_served_to_a_prompt_one_token_or_one_sample_away(
         ids = list(base.input_ids)
         assert ids[position] != on.audio_token_id
         ids[position] = 40 if ids[position] != 40 else 41
-        row = _row(ids, base.audios)
-        _decode(on, [row], steps=1)
-        assert row.cached_tokens <= position, (position, row.cached_tokens)
+        row, _ = _both(on, off, ids, base.audios)
+        assert row.cached_tokens == position // BLOCK * BLOCK, (position, row.cached_tokens)
         _decode(on, [_row(base.input_ids, base.audios)], steps=1)  # the original back in the cache
     for sample_at in (0, 1000, len(clip) - 1):
         changed = clip.copy()
         changed[sample_at] += 1e-3
-        row = _row(base.input_ids, [changed])
-        _decode(on, [row], steps=1)
+        row, _ = _both(on, off, base.input_ids, [changed])
         assert row.cached_tokens == audio_at // BLOCK * BLOCK, (sample_at, row.cached_tokens)
     salted = _row(base.input_ids, base.audios, salt="tenant-a")
     _decode(on, [salted], steps=1)
@@ -296,3 +298,152 @@ def test_full_vocab_hits_answer_as_uncached(full_vocab: LoadedModel, log_mel: Lo
     follow = ids + out.tokens + [3, 500, 501, 4]
     row, _ = _both(on, off, follow, [])
     assert row.cached_tokens == (len(ids) + len(out.tokens) - 1) // BLOCK * BLOCK
+
+
+def test_rows_with_different_cached_lengths_and_a_miss_prefilled_together_answer_as_uncached(
+    loaded: LoadedModel, prompter: Prompter, log_mel: LogMel
+) -> None:
+    """One prefill: two rows over one cached prompt (different lengths after it), one over another cached
+    prompt, one over part of it, and one that reuses nothing."""
+    on, off = _pair(loaded.model, log_mel, slots=8)
+    first, second = _chat(prompter, "alpha " * 40).input_ids, _chat(prompter, "beta " * 70).input_ids
+    for ids in (first, second):
+        _decode(on, [_row(ids, [])], steps=2)
+    batch = [
+        [*first, 40, 41, 42],
+        _chat(prompter, "gamma " * 30).input_ids,
+        [*second, *[50] * 21],
+        [*first, *[60] * 13],
+        [*second[:40], 70, 71],
+    ]
+    rows = [_row(ids, []) for ids in batch]
+    got = _decode(on, rows)
+    assert [r.cached_tokens for r in rows] == [
+        len(first) // BLOCK * BLOCK,
+        0,
+        len(second) // BLOCK * BLOCK,
+        len(first) // BLOCK * BLOCK,
+        40 // BLOCK * BLOCK,
+    ]
+    _assert_same(got, _decode(off, [_row(ids, []) for ids in batch]))
+
+
+def _two(prompter: Prompter, a: np.ndarray, b: np.ndarray, question: str = "Compare them.") -> Any:
+    """A prompt with two audios, text before each (more than a block) and a question after."""
+    content = [
+        {"type": "text", "text": "First: " * 10},
+        {"type": "input_audio", "audio": a},
+        {"type": "text", "text": "Second: " * 10},
+        {"type": "input_audio", "audio": b},
+        {"type": "text", "text": question},
+    ]
+    return prompter.chat([{"role": "user", "content": content}])
+
+
+def test_two_audios_the_same_audio_twice_and_a_hit_through_the_first_encodes_only_the_rest(
+    loaded: LoadedModel, prompter: Prompter, log_mel: LogMel
+) -> None:
+    """Audios keyed by content, not position: A then B, A twice, B then A all tokenize the same and hit only
+    what they share; a hit that covers the first audio's tokens does not encode it again (the encoder cache
+    off, so every encoding shows as a query)."""
+    plan = CachePlan(8, 1024)
+    on = BatchGenerator(loaded.model, pad_token_id=11, log_mel=log_mel, cache=plan, encoder_cache_bytes=0)
+    off = BatchGenerator(loaded.model, 11, log_mel=log_mel, cache=plan, prefix_caching=False)
+    a, b, c = _clip(3.0), _clip(4.0, 0.5), _clip(4.0, 0.25)
+    ab, aa, ba = _two(prompter, a, b), _two(prompter, a, a), _two(prompter, b, a)
+    assert ab.input_ids == aa.input_ids == ba.input_ids
+    ids = ab.input_ids
+    at = _first_audio(ids, on)
+    second_at = next(i for i in range(at + 1, len(ids)) if ids[i] == on.audio_token_id and ids[i - 1] != ids[i])
+    row, _ = _both(on, off, ids, ab.audios)
+    assert row.cached_tokens == 0
+    row, _ = _both(on, off, ids, aa.audios)  # the first audio and the text after it
+    assert row.cached_tokens == second_at // BLOCK * BLOCK > at
+    row, _ = _both(on, off, ids, ba.audios)  # another first audio: the text before it only
+    assert row.cached_tokens == at // BLOCK * BLOCK
+    row, _ = _both(on, off, ids, ab.audios)  # A A took A B's slot in place (less than twice what it reused)
+    assert row.cached_tokens == second_at // BLOCK * BLOCK
+    row, _ = _both(on, off, ids, ab.audios)
+    assert row.cached_tokens == (len(ids) - 1) // BLOCK * BLOCK
+    before = on.encoder_cache.stats().queries
+    row, _ = _both(on, off, ids, _two(prompter, a, c).audios)  # A cached with the text after it: C alone
+    assert row.cached_tokens == second_at // BLOCK * BLOCK
+    assert on.encoder_cache.stats().queries - before == 1
+
+
+def test_a_preempted_rows_recompute_answers_as_uncached_and_is_counted_apart(
+    loaded: LoadedModel, prompter: Prompter, log_mel: LogMel
+) -> None:
+    """A row preempted after 20 tokens comes back with them as prompt: it hits its own cached history,
+    answers as the uncached generator, keeps its first prefill's `cached_tokens`, and vLLM's stats count the
+    recompute apart from the queries and hits."""
+    on, off = _pair(loaded.model, log_mel)
+    prompt = _chat(prompter, "alpha " * 40).input_ids
+    first = _row(prompt, [])
+    _decode(on, [first], steps=20)
+    stats = on.prefix_stats()
+    assert (stats.requests, stats.queries, stats.hits, stats.preempted_requests) == (1, len(prompt), 0, 0)
+    again, reference = _row(prompt, []), _row(prompt, [])
+    again.generated, reference.generated = list(first.generated), list(first.generated)
+    _assert_same(_decode(on, [again]), _decode(off, [reference]))
+    assert again.cached_tokens == 0  # its first prefill's
+    stats = on.prefix_stats()
+    length = len(prompt) + len(first.generated)
+    assert (stats.requests, stats.queries, stats.hits) == (1, len(prompt), 0)
+    assert (stats.preempted_requests, stats.preempted_queries) == (1, length)
+    assert stats.preempted_hits == (length - 1) // BLOCK * BLOCK > 0
+
+
+class _FailingCopy(SlotCache):
+    """A slot cache whose next copy writes its first layer, then fails as a device out of memory would in
+    the next layer's gather (the real `SlotCache.copy` works layer by layer)."""
+
+    fail = False
+
+    def copy(self, sources: Sequence[int], targets: Sequence[int], length: int) -> None:
+        if not self.fail:
+            return super().copy(sources, targets, length)
+        self.fail = False
+        index = torch.tensor([list(sources), list(targets)])
+        for buffer in (self.keys[0], self.values[0]):
+            buffer[:, :, :length].index_copy_(0, index[1], buffer[:, :, :length].index_select(0, index[0]))
+        raise torch.OutOfMemoryError("CUDA out of memory (the second layer's copy)")
+
+
+def test_a_copy_failing_part_way_leaves_no_prefix_indexed_in_the_slots_it_wrote(
+    loaded: LoadedModel, prompter: Prompter, log_mel: LogMel
+) -> None:
+    """The `n` fan-out copies a row into the slot caching a prefix; the copy fails after its first layer
+    (fault injected in the cache, the model real): that slot must no longer serve the prefix."""
+    on, off = _pair(loaded.model, log_mel, slots=2)
+    failing = _FailingCopy.__new__(_FailingCopy)
+    failing.__dict__.update(on.cache.__dict__)
+    on.cache = failing
+    cached = _chat(prompter, "alpha " * 40).input_ids
+    _decode(on, [_row(cached, [])], steps=2)
+    state, _ = on.prefill([_row(_chat(prompter, "zeta " * 60).input_ids, [])])
+    assert on.prefix is not None and on.prefix.match(on._chain(_row(cached, []), cached) or [])[1] == {
+        1 - state.slots[0]
+    }
+    failing.fail = True
+    with pytest.raises(torch.OutOfMemoryError):
+        on.select(state, [0, 0])  # the copy goes to the other slot, which caches `cached`
+    del state
+    assert on.prefix.match(on._chain(_row(cached, []), cached) or [])[0] == 0
+    row, _ = _both(on, off, [*cached, 40, 41], [])
+    assert row.cached_tokens == 0
+
+
+def test_a_failed_prefill_keeps_the_prefix_of_a_slot_taken_in_place(
+    loaded: LoadedModel, prompter: Prompter, log_mel: LogMel
+) -> None:
+    """A prefill fails (a row's audio tokens do not match its audio's embeddings) after another row took a
+    cached slot in place: that slot's blocks below the row's cached length were not written, and still hit."""
+    on, off = _pair(loaded.model, log_mel)
+    cached = _chat(prompter, "alpha " * 40).input_ids
+    _decode(on, [_row(cached, [])], steps=2)
+    broken = _row([1, *[on.audio_token_id] * 3, 5, 6], [_clip(1.0)])
+    with pytest.raises(ValueError, match="audio embeddings"):
+        on.prefill([_row([*cached, 40, 41], []), broken])
+    row, _ = _both(on, off, [*cached, 42], [])
+    assert row.cached_tokens == len(cached) // BLOCK * BLOCK > 0

@@ -3,9 +3,10 @@ rank stops the server: one that exits, and one that stops answering (SIGSTOP: hu
 server's --tensor-parallel-timeout-s, not the 10 minutes of a collective's loading timeout.
 
 Two `voxtral-server serve` processes on the tiny model, one with one rank and one with two, answer the same
-requests (text, audio, a grammar, seeded sampling with n=2, whose second choice is a slot copy): the same text
-and token counts. The sharded decoder sums its partial products in another order than one matrix multiply, so
-its logits differ in the last bits; on this model's answers no greedy or seeded choice is that close.
+requests (text, audio, a grammar, seeded sampling with n=2, whose second choice is a slot copy, and a long prompt
+repeated then followed up, which rank 0's prefix cache serves): the same text and token counts. The sharded
+decoder sums its partial products in another order than one matrix multiply, so its logits differ in the last
+bits; on this model's answers no greedy or seeded choice is that close.
 """
 
 from __future__ import annotations
@@ -107,14 +108,29 @@ def seeded_rows(client: OpenAI) -> Any:
     return client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=1.0, seed=7, n=2)  # type: ignore[arg-type]
 
 
+def repeated_prompt(client: OpenAI) -> Any:
+    """The same long prompt twice, then a follow-up turn on it: the second and third prefill from the prefix
+    cache on rank 0, and the followers repeat its slot reuse and copies (they keep no index of their own)."""
+    story = " ".join(f"Line {i}: the river runs past the mill and the town." for i in range(24))
+    turns = [{"role": "user", "content": story}]
+    first = client.chat.completions.create(model="tiny", messages=turns, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    again = client.chat.completions.create(model="tiny", messages=turns, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    turns += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "Why?"}]
+    follow = client.chat.completions.create(model="tiny", messages=turns, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    assert again.choices[0].message.content == first.choices[0].message.content
+    return [first, again, follow]
+
+
 def answer(response: Any) -> Any:
     """What must be equal: the texts and the tokens counted."""
+    if isinstance(response, list):
+        return [answer(one) for one in response]
     if hasattr(response, "choices"):
         return [(c.message.content, c.finish_reason) for c in response.choices], response.usage.completion_tokens
     return response.text
 
 
-@pytest.mark.parametrize("request_of", [text_chat, audio_transcription, grammar_row, seeded_rows])
+@pytest.mark.parametrize("request_of", [text_chat, audio_transcription, grammar_row, seeded_rows, repeated_prompt])
 def test_two_ranks_answer_as_one(servers: list[Process], request_of: Any) -> None:
     one, two = (answer(request_of(server.client)) for server in servers)
     assert two == one

@@ -357,7 +357,8 @@ _KEYS: dict[int, tuple[weakref.ref[np.ndarray], bytes]] = {}
 def samples_key(audio: np.ndarray) -> bytes:
     """The identity of decoded samples: a 128-bit BLAKE2 of their float32 bytes and count (the audio encoder
     cache's key). Remembered for the array's life, so the prompt builder hashes it off the model's thread and
-    the model finds it there."""
+    the model finds it there: an array must not change once hashed (the prompt builder makes its arrays
+    read-only)."""
     known = _KEYS.get(id(audio))
     if known is not None and known[0]() is audio:
         return known[1]

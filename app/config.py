@@ -57,7 +57,11 @@ class ModelSettings(BaseSettings):
     worker processes itself (no torchrun), one GPU each with NCCL (cuda:0..N-1), or CPU processes over gloo.
     transformers' tensor-parallel plan shards the decoder's projections, embedding and KV cache by head; the
     audio encoder, projector and head are replicated. Every rank steps the same batch; CUDA graphs are off.
-    A rank that exits stops the server. Excludes --device-map auto."""
+    A rank that exits or hangs stops the server; Voxtral Realtime is refused. Excludes --device-map auto."""
+    tensor_parallel_timeout_s: float = 60.0
+    """Once loaded, how long a rank waits for the others in a collective, and rank 0 for a follower's answer
+    after its own part of a step (--tensor-parallel-size > 1): the ranks meet in every collective, so a longer
+    wait is a rank that hung or failed alone, and the server stops saying so. Loading waits up to 10 minutes."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto = bfloat16 on CUDA, float32 on CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -85,6 +89,8 @@ class ModelSettings(BaseSettings):
     def _check_parallel(self) -> Self:
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")
+        if self.tensor_parallel_timeout_s <= 0:
+            raise ValueError("tensor_parallel_timeout_s must be greater than 0")
         if self.tensor_parallel_size > 1 and self.device_map is not None:
             raise ValueError("tensor_parallel_size and device_map are exclusive: a rank holds one device")
         if self.tensor_parallel_size > 1 and self.quantization != "none":
@@ -241,14 +247,23 @@ class RealtimeSettings(BaseSettings):
     has one or two pending."""
     realtime_max_session_s: float = 3600.0
     """Longest a realtime session may last (OpenAI's sessions end at 60 minutes). Reached, the session gets an
-    `error` event (code `session_expired`), its committed utterances are answered, and it is closed (1000)."""
+    `error` event (code `session_expired`), its committed utterances are answered, and it is closed (1001, as
+    OpenAI closes it)."""
     realtime_max_streams: int = 32
     """Voxtral Realtime models only: streams decoded at once (realtime utterances and HTTP transcriptions in
     progress), each a slot of caches allocated at start-up. One tick steps all of them in one forward. A new
-    utterance past this gets an `error` event (a transcription: 429) until one ends."""
+    utterance past this gets an `error` event (a transcription: 429) until one ends, and sessions are capped at
+    it. Fewer when the KV budget (--kv-cache-memory-bytes, --gpu-memory-utilization) holds fewer: Mini-Realtime
+    takes about 1 GiB a stream in bf16 (the count and the bytes are logged at start-up)."""
+    realtime_tick_interval_ms: float = 40.0
+    """Voxtral Realtime models only: the shortest time between two ticks' starts while streams are due, so every
+    stream due within it is stepped in the same forward (rows a tick, not ticks, set a GPU's cost: each tick
+    reads the weights once). Adds at most this to a token's latency; a stream that fell behind (or flushes)
+    ticks at once. 0: tick as soon as any stream is due."""
     realtime_blank_speech_s: float = 10.0
     """Voxtral Realtime models only: a stream that emits no text over this much audio the speech detector hears
-    as speech is logged and counted (`voxtral_realtime_blank_streams_total`): the model's blank-token rut."""
+    as speech is logged and counted (`voxtral_realtime_blank_streams_total`): the model's blank-token rut. Only
+    sessions with server_vad or semantic_vad are watched (with `turn_detection: null` no detector runs)."""
 
     @model_validator(mode="after")
     def _check_realtime(self) -> Self:
@@ -267,6 +282,8 @@ class RealtimeSettings(BaseSettings):
             )
         if self.realtime_max_buffer_s < self.realtime_max_utterance_s:
             raise ValueError("realtime_max_buffer_s must be at least realtime_max_utterance_s")
+        if not 0 <= self.realtime_tick_interval_ms <= 1000:
+            raise ValueError("realtime_tick_interval_ms must be between 0 and 1000")
         if self.realtime_idle_timeout_s <= 0 or self.realtime_max_message_mb <= 0 or self.realtime_max_pending_mb <= 0:
             raise ValueError(
                 "realtime_idle_timeout_s, realtime_max_message_mb and realtime_max_pending_mb must be greater than 0"
@@ -355,7 +372,7 @@ class EngineSettings(BaseSettings):
     """KV cache size in bytes, on any device, instead of what --gpu-memory-utilization leaves (unset on a CPU:
     the machine's RAM, touched only as far as the decode steps read). It is --max-batch-size slots of
     --context-length positions at most, allocated at start-up; a budget that holds fewer caps the rows decoded
-    at once, one that holds none stops the start-up."""
+    at once, one that holds none stops the start-up. Under --tensor-parallel-size, each rank's (vLLM: per GPU)."""
     encoder_cache_memory_bytes: int = 256 * 2**20
     """Audio encoder outputs kept for reuse, in bytes on the model's device (0: off): a recording sent again (a
     follow-up question about it, the same file transcribed twice) skips the audio encoder. About 110 windows of

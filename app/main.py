@@ -49,14 +49,11 @@ def _serve_ranks(settings: Settings) -> int:
     ranks = Ranks(settings)
     try:
         wiring = Wiring(settings, load=ranks.load)
-
-        def failed() -> bool:
-            return wiring.failed() or ranks.lost is not None
-
-        build_server(wiring.app, settings, wiring.drain, failed).run()
+        ranks.on_lost(wiring.fail)  # /ready answers 503 at once, and the server stops
+        build_server(wiring.app, settings, wiring.drain, wiring.failed).run()
     finally:
         ranks.stop()
-    return 1 if failed() else 0
+    return 1 if wiring.failed() else 0
 
 
 def _tiny(argv: list[str]) -> int:

@@ -30,8 +30,10 @@ from app.engine.engine import Engine
 from app.engine.runner import Wrap, as_is
 from app.engine.stats import SchedulerStats
 from app.metrics import Metrics
+from app.model.compute.budget import plan_streams
 from app.model.compute.loader import REALTIME_MODEL_TYPE, LoadedModel, ModelLoadError, load_model
 from app.model.realtime.engine import RealtimeEngine
+from app.model.realtime.pool import StreamPool
 from app.model.runtime import ModelRuntime
 from app.serving.realtime.service import RealtimeServing
 from app.serving.realtime.streams import StreamLoop
@@ -67,6 +69,12 @@ class Wiring:
         """What the lifespan yields at once; its `context` is set once start-up has built it."""
         self.engine: Engine | None = None
         """The engine under the context's serving layer, built with it."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The server's event loop, once its lifespan has started (where `fail` sends the lifecycle's failure)."""
+        self.runtime: ModelRuntime | None = None
+        """The model facade under `engine` (its decode step's CUDA graphs are captured after the warm-up)."""
+        self.streams: StreamLoop | None = None
+        """A Voxtral Realtime model's ticking loop (instead of `engine`), built with the context."""
         self.app = build_api(settings, self.metrics, self.lifecycle, self.lifespan)
         self.metrics.watch_scheduler(self._scheduler_stats, settings.model_id)
 
@@ -76,7 +84,9 @@ class Wiring:
         return self.startup.context
 
     def _scheduler_stats(self) -> SchedulerStats | None:
-        """The engine's counts for /metrics; None until start-up has built it."""
+        """The engine's counts for /metrics (a realtime model's: its loop's); None until start-up has built it."""
+        if self.streams is not None:
+            return self.streams.stats()
         return self.engine.stats() if self.engine is not None else None
 
     async def build_context(self) -> AppContext:
@@ -90,7 +100,7 @@ class Wiring:
         runtime = await asyncio.to_thread(ModelRuntime.of, model, self.settings)
         self.metrics.watch_encoder_cache(runtime.generator.encoder_cache.stats)
         self.metrics.watch_prefix_cache(runtime.generator.prefix_stats, self.settings.model_id)
-        self.engine = self._engine(runtime)
+        self.engine, self.runtime = self._engine(runtime), runtime
         serving = Serving(self.settings, self.engine, runtime)
         realtime = RealtimeServing(serving.prep, serving.transcriptions, self.settings, self.metrics)
         responses = ResponsesServing(serving.chats, await self._response_store())
@@ -109,8 +119,10 @@ class Wiring:
         """A Voxtral Realtime model: its stream caches (allocated once, off the loop), the ticking loop's
         thread, and the serving layer over it (no engine: sessions and transcriptions stream)."""
         s = self.settings
-        engine = await asyncio.to_thread(RealtimeEngine, model.model, model.processor, s.realtime_max_streams)
-        streams = StreamLoop(engine, self.metrics, s.realtime_max_streams)
+        count = await asyncio.to_thread(_stream_count, model, s)
+        engine = await asyncio.to_thread(RealtimeEngine, model.model, model.processor, count)
+        interval = s.realtime_tick_interval_ms / 1000
+        streams = self.streams = StreamLoop(engine, self.metrics, count, interval, self.fail)
         streams.start()
         serving = StreamingServing(s, streams)
         realtime = RealtimeServing(serving.prep, None, s, self.metrics, streams)
@@ -125,18 +137,17 @@ class Wiring:
         return await ResponseStore.open(path, retention)
 
     def _engine(self, runtime: ModelRuntime) -> Engine:
-        """Built on the event loop, which the engine's `on_fatal` (called from its worker thread) goes back to."""
-        loop = asyncio.get_running_loop()
+        """The engine's `on_fatal` (called from its worker thread) fails the lifecycle through `fail`."""
 
         def device_failed(reason: str) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone already
-                loop.call_soon_threadsafe(self.lifecycle.fail, f"the device failed: {reason}")
+            self.fail(f"the device failed: {reason}")
 
         return build_engine(self.settings, runtime, self.metrics, device_failed, self.wrap_generator)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[dict[str, Startup]]:
         """Yield the start-up state at once and start up in the background; on exit stop what started."""
+        self._loop = asyncio.get_running_loop()
         starting = asyncio.create_task(self._start())
         try:
             yield {STATE_KEY: self.startup}
@@ -159,14 +170,13 @@ class Wiring:
             lifecycle.stage = "loading the model"
             ctx = self.startup.context = await self.build_context()
             lifecycle.stage = "warming up"
-            if isinstance(ctx.serving, Serving):
-                assert self.engine is not None  # built with the context
+            if self.engine is not None:  # (a realtime model's loop started with its context)
                 self.engine.start()
             await ctx.serving.warm_up()
-            if isinstance(ctx.serving, Serving):
+            if self.runtime is not None:
                 # The worker idles meanwhile: nothing is admitted before ready, and the warm-up was answered
                 # after its last step.
-                await asyncio.to_thread(ctx.serving.runtime.generator.capture)
+                await asyncio.to_thread(self.runtime.generator.capture)
         except Exception as exc:
             lifecycle.fail(f"start-up failed: {str(exc) or type(exc).__name__}")
             log.error("%s", lifecycle.failed, exc_info=not isinstance(exc, ModelLoadError))
@@ -174,13 +184,22 @@ class Wiring:
         lifecycle.ready = not lifecycle.draining
         log.info("ready: %s in %.1f s", self.settings.model_id, time.monotonic() - self._born)
 
+    def fail(self, reason: str) -> None:
+        """The server can serve no more (callable from any thread): /ready turns 503 `failed` and the server
+        exits. Before the lifespan starts nothing else touches the lifecycle; after, only its event loop does."""
+        if self._loop is None:
+            self.lifecycle.fail(reason)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone already
+            self._loop.call_soon_threadsafe(self.lifecycle.fail, reason)
+
     def failed(self) -> bool:
         """Start-up failed, or the device did while serving: the server should exit (non-zero)."""
         return self.lifecycle.failed is not None
 
     async def drain(self) -> bool:
         """Start of shutdown (SIGTERM): /ready turns 503, new /v1 requests 503, accepted ones finish."""
-        return await self.lifecycle.drain(self.engine, self.settings.drain_timeout_s)
+        return await self.lifecycle.drain(self.engine or self.streams, self.settings.drain_timeout_s)
 
 
 def build_engine(
@@ -236,6 +255,15 @@ async def _in_daemon_thread(load: Callable[[Settings], LoadedModel], settings: S
 
     threading.Thread(target=run, name="model-load", daemon=True).start()
     return await done
+
+
+def _stream_count(model: LoadedModel, settings: Settings) -> int:
+    """--realtime-max-streams, or fewer when the KV budget holds fewer (one stream's caches measured on a pool of
+    no stream but the scratch slot, freed before the budget is read)."""
+    probe = StreamPool.allocate(model.model, 0)
+    per_stream = probe.nbytes()
+    del probe
+    return plan_streams(model.model, settings, per_stream)
 
 
 def _warn_if_random(model: LoadedModel) -> None:

@@ -29,6 +29,7 @@ right-padding flush are left out of both (they wait for the commit): commit -> `
 time. Tick time and rows a tick from the server's `voxtral_realtime_tick_*` histograms.
 
     python bench/realtime.py --realtime-model                  # 32 sessions x 3 utterances on tiny-realtime
+    python bench/realtime.py --realtime-model --tick-intervals-ms 0,40,0,40   # tick coalescing, taking turns
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
     if getattr(args, "realtime_model", False):  # a stream flushing while the next utterance's opens: 2 each
         cmd[cmd.index("tiny")] = "tiny-realtime"
         cmd += ["--realtime-max-streams", str(2 * args.sessions)]
+        if getattr(args, "tick_interval_ms", None) is not None:
+            cmd += ["--realtime-tick-interval-ms", str(args.tick_interval_ms)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOXTRAL_")}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     return wait_ready(proc, port, log)
@@ -231,6 +234,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--realtime-model", action="store_true", help="tiny-realtime: deltas while audio arrives")
     parser.add_argument("--delay-ms", type=int, default=480, help="--realtime-model: the sessions' delay_ms")
+    parser.add_argument(
+        "--tick-intervals-ms",
+        type=lambda s: [float(v) for v in s.split(",")],
+        default=None,
+        help="--realtime-model: one run per value of --realtime-tick-interval-ms, in turn (e.g. 0,40,0,40)",
+    )
     args = parser.parse_args()
     if args.realtime_model:
         import realtime_streaming  # bench/realtime_streaming.py

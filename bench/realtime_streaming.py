@@ -249,6 +249,23 @@ def main(
     """The run; bench/realtime.py hands over its server start-up, publishing and port choice."""
     chunks = utterance_chunks(args.pause_s)
     ref = reference(chunks, args.delay_ms)  # before the server starts: it then finds tiny-realtime built
+    intervals = args.tick_intervals_ms or [None]
+    texts = []
+    for interval in intervals:  # configurations take turns: one server each, the same load
+        args.tick_interval_ms = interval
+        text = one_run(args, chunks, ref, start_server, free_port)
+        texts.append(text if interval is None else f"- **--realtime-tick-interval-ms {interval:g}**\n{text}")
+    publish("realtime.py", "\n".join(texts), args.out)
+
+
+def one_run(
+    args: argparse.Namespace,
+    chunks: list[bytes],
+    ref: Reference,
+    start_server: Callable[[int, argparse.Namespace, Path], Any],
+    free_port: Callable[[], int],
+) -> str:
+    """One server under the load: the report's lines."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,4 +281,4 @@ def main(
             proc.terminate()
             proc.wait(60)
     ticks = {key: after[key] - before[key] for key in after}
-    publish("realtime.py", report(outcomes, ref, ticks, args), args.out)
+    return report(outcomes, ref, ticks, args)

@@ -20,6 +20,13 @@ attention reads the whole ring, so its time is that of a stream as old as that w
 
     python bench/realtime_ticks.py --shapes mini --device cuda --sessions 1,32,128 --out /tmp/ticks.jsonl
     python bench/realtime_ticks.py --shapes tiny --device cpu --sessions 1,4 --ticks 3     # the CPU smoke test
+
+`--count-copies` adds, per N, the bytes one more steady tick's data-movement ATen ops write (`copied_mib`:
+index, index_select, index_put_, cat, copy_, clone, ...; `copies`: the largest by op), counted by a
+TorchDispatchMode: a count, so a CPU run says what a GPU tick would move. `--layers K` keeps K layers of each
+stack (a mini-width few-layer variant that a CPU can step):
+
+    python bench/realtime_ticks.py --shapes mini --layers 2 --device cpu --sessions 1,4 --ticks 1 --count-copies
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,15 +82,39 @@ def reporter(out: Path | None) -> Report:
     return report
 
 
-def config(shapes: str) -> Any:
-    """The VoxtralRealtimeConfig of `shapes` ("mini": the checkpoint's, transformers' defaults; "tiny")."""
+def config(shapes: str, layers: int | None = None) -> Any:
+    """The VoxtralRealtimeConfig of `shapes` ("mini": the checkpoint's, transformers' defaults; "tiny"), with
+    `layers` layers in each stack when given."""
     from transformers import VoxtralRealtimeConfig
 
     text: dict[str, Any] = {"vocab_size": MINI_VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11}
-    if shapes == "mini":
-        return VoxtralRealtimeConfig(text_config=text, audio_config={"model_type": "voxtral_realtime_encoder"})
-    audio = {"model_type": "voxtral_realtime_encoder", "num_mel_bins": 128, **TINY_AUDIO}
-    return VoxtralRealtimeConfig(text_config=text | TINY_TEXT, audio_config=audio)
+    audio: dict[str, Any] = {"model_type": "voxtral_realtime_encoder"}
+    if shapes == "tiny":
+        text, audio = text | TINY_TEXT, audio | {"num_mel_bins": 128, **TINY_AUDIO}
+    if layers is not None:
+        text, audio = text | {"num_hidden_layers": layers}, audio | {"num_hidden_layers": layers}
+    return VoxtralRealtimeConfig(text_config=text, audio_config=audio)
+
+
+class CopyCounter(TorchDispatchMode):
+    """Bytes written by data-movement ATen ops while active, by op (in-place ones: the bytes they write)."""
+
+    MOVES = ("index.", "index_select", "index_put", "index_copy", "cat", "stack", "copy_", "clone", "_to_copy")
+    MOVES += ("gather", "_unsafe_index", "slice_scatter", "repeat", "expand_copy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = func.name().removeprefix("aten::")
+        if any(name.startswith(move) or name == move.rstrip(".") for move in self.MOVES):
+            written = args[-1] if name.endswith("_") and isinstance(args[-1], torch.Tensor) else out
+            tensors = written if isinstance(written, list | tuple) else [written]
+            size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+            self.bytes[name] = self.bytes.get(name, 0) + size
+        return out
 
 
 def processor(work: Path) -> Any:
@@ -116,16 +148,18 @@ def model(cfg: Any, device: torch.device, dtype: torch.dtype, seed: int = 0) -> 
 
 
 def stream_bytes(cfg: Any, dtype: torch.dtype, decoder_window: int | None = None) -> int:
-    """One stream's cache (app/model/realtime/pool.py): rings of window - 1 keys and values per layer of
-    both stacks, and the convolutions' left context."""
+    """One stream's cache (app/model/realtime/pool.py): rings of window - 1 + step keys and values per layer
+    of both stacks (step: encoder frames a token for the encoder, 1 for the decoder), and the convolutions'
+    left context."""
     size = torch.tensor([], dtype=dtype).element_size()
 
-    def ring(sub: Any, window: int) -> int:
-        return int(2 * sub.num_hidden_layers * (window - 1) * sub.num_key_value_heads * sub.head_dim * size)
+    def ring(sub: Any, window: int, step: int = 1) -> int:
+        return int(2 * sub.num_hidden_layers * (window - 1 + step) * sub.num_key_value_heads * sub.head_dim * size)
 
     text, audio = cfg.text_config, cfg.audio_config
     conv = int((audio.num_mel_bins * 2 + audio.hidden_size * 1) * size)
-    return ring(audio, audio.sliding_window) + ring(text, decoder_window or text.sliding_window) + conv
+    encoder = ring(audio, audio.sliding_window, cfg.downsample_factor)
+    return encoder + ring(text, decoder_window or text.sliding_window) + conv
 
 
 def window_that_fits(cfg: Any, dtype: torch.dtype, streams: int, free: int) -> int:
@@ -140,14 +174,15 @@ def window_that_fits(cfg: Any, dtype: torch.dtype, streams: int, free: int) -> i
     return max(0, min(full, int(tokens) // 256 * 256))
 
 
-def measure(mdl: Any, proc: Any, streams: int, ticks: int, seed: int = 0) -> dict[str, Any]:
+def measure(mdl: Any, proc: Any, streams: int, ticks: int, seed: int = 0, count: bool = False) -> dict[str, Any]:
     """Open `streams`, give each its first frame and `ticks` more of noise, tick: the join tick, then
-    `ticks` steady ones, each timed (wall: the engine reads the tokens back, so a tick ends on the host)."""
+    `ticks` steady ones, each timed (wall: the engine reads the tokens back, so a tick ends on the host);
+    with `count`, one more steady tick's copies counted."""
     engine = RealtimeEngine(mdl, proc, max_streams=streams)
     rng = np.random.default_rng(seed)
     geometry = engine.geometry
     ids = [engine.open(None) for _ in range(streams)]
-    samples = geometry.first_samples(6) + (ticks + 2) * geometry.samples_per_token  # join, warm-up, `ticks`
+    samples = geometry.first_samples(6) + (ticks + 3) * geometry.samples_per_token  # join, warm-up, `ticks`, count
     for sid in ids:
         engine.feed(sid, (rng.standard_normal(samples) * 0.1).astype(np.float32))
     started = time.perf_counter()
@@ -163,7 +198,14 @@ def measure(mdl: Any, proc: Any, streams: int, ticks: int, seed: int = 0) -> dic
         if rows != streams:
             raise RuntimeError(f"a steady tick stepped {rows} of {streams} streams")
     median_ms = 1000 * float(np.median(walls))
-    return {
+    copies: dict[str, Any] = {}
+    if count:
+        with CopyCounter() as counter:
+            engine.tick()
+        top = sorted(counter.bytes.items(), key=lambda item: -item[1])[:6]
+        copies = {"copied_mib": round(sum(counter.bytes.values()) / 2**20, 2)}
+        copies["copies"] = {name: round(size / 2**20, 2) for name, size in top}
+    return copies | {
         "streams": streams,
         "join_tick_ms": round(1000 * join_s, 2),
         "join_rows": join.rows,
@@ -184,7 +226,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     """Build the model, then one line per N (the slowest last: a time limit keeps the rest)."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = config(args.shapes)
+    cfg = config(args.shapes, args.layers)
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="realtime-ticks-"))
     proc = processor(work)
@@ -193,6 +235,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     report(
         "realtime_built",
         shapes=args.shapes,
+        layers=args.layers,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         weight_gib=round(weights / 2**30, 2),
@@ -218,7 +261,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
         mdl.config.text_config.sliding_window = window  # the pool's ring size (sdpa attends by the ring's mask)
         fields = {"shapes": args.shapes, "decoder_window": window, "full_window": window == full}
         try:
-            fields |= measure(mdl, proc, streams, args.ticks)
+            fields |= measure(mdl, proc, streams, args.ticks, count=args.count_copies)
         except Exception as exc:  # out of memory, say: the next N still runs
             fields |= {"streams": streams, "error": repr(exc)[:300]}
         finally:
@@ -232,6 +275,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sessions", type=lambda s: [int(n) for n in s.split(",")], default=[1, 32, 128])
     parser.add_argument("--ticks", type=int, default=20, help="steady ticks timed at each N")
+    parser.add_argument("--layers", type=int, default=None, help="layers of each stack (default: the shapes')")
+    parser.add_argument("--count-copies", action="store_true", help="count one more steady tick's copied bytes")
     parser.add_argument("--out", type=Path, default=None, help="append each JSON line here too")
     args = parser.parse_args()
     run(args, reporter(args.out))

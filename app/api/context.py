@@ -20,10 +20,9 @@ from app.api.lifecycle import Lifecycle
 from app.config import Settings
 from app.errors import ModelNotReady
 from app.metrics import Metrics
+from app.serving.front import Front
 from app.serving.realtime.service import RealtimeServing
 from app.serving.responses import ResponsesServing
-from app.serving.service import Serving
-from app.serving.streaming import StreamingServing
 
 STATE_KEY = "ctx"
 """The key of the context in the lifespan's state (and so in each connection's `state`)."""
@@ -34,8 +33,8 @@ class AppContext:
     settings: Settings
     metrics: Metrics
     lifecycle: Lifecycle
-    serving: Serving | StreamingServing
-    """`StreamingServing` for a Voxtral Realtime model (transcription only)."""
+    serving: Front
+    """`Serving`, or `StreamingServing` for a Voxtral Realtime model (transcription only)."""
     realtime: RealtimeServing
     responses: ResponsesServing
     created: int

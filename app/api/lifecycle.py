@@ -27,7 +27,8 @@ LOADING_RETRY_AFTER_S = 5
 
 
 class Drainable(Protocol):
-    """What the HTTP drain needs of the engine behind it (`app.engine.Engine` is one)."""
+    """What the HTTP drain needs of the engine behind it (`app.engine.Engine` is one, and a Voxtral Realtime
+    model's `app.serving.realtime.streams.StreamLoop`)."""
 
     async def drain(self, timeout_s: float) -> bool:
         """Take no new work; True once nothing is left within `timeout_s`."""

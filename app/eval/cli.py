@@ -14,18 +14,20 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from app.config import Settings, cli_args
+from app.errors import VoxtralError
 from app.eval.configs import OverrideError, candidate, parse_overrides
 from app.eval.corpus import CorpusError, find_samples
 from app.eval.report import Report, Run, render_json, render_text
 from app.eval.transcribe import TranscriptionFailed, transcribe_set
 from app.model.compute.loader import ModelLoadError
+from app.serving.transcription_request import AudioForm, chunking
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="voxtral-server eval",
-        usage="voxtral-server eval DIRECTORY [--against KEY=VALUE ...] [--language L] [--concurrency N] [--json] "
-        "[serve flags]",
+        usage="voxtral-server eval DIRECTORY [--against KEY=VALUE ...] [--language L] [--concurrency N] "
+        "[--chunking-strategy auto|none|JSON] [--json] [serve flags]",
         allow_abbrev=False,
         description="Word error rate of a configuration, and the token agreement of a second one with it, over a "
         "directory of audio with reference texts (NAME.txt beside each audio file, or LibriSpeech's *.trans.txt). "
@@ -46,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="files in flight at once (default 1: each decoded alone, so both configurations see the same batches)",
     )
+    parser.add_argument(
+        "--chunking-strategy",
+        default="auto",
+        help='how each file is cut, as the HTTP field chunking_strategy: "auto" (default: pieces of at most 30 s '
+        'around the speech, so a file longer than the context is transcribed), a server_vad JSON object, or "none" '
+        "(each file whole, one request: refused where it does not fit --context-length)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON, with every file's tokens")
     return parser
 
@@ -60,16 +69,19 @@ def main(argv: list[str]) -> int:
         baseline = Settings(_cli_parse_args=cli_args(serve_flags))  # type: ignore[call-arg]
         other = candidate(baseline, parse_overrides(args.against)) if args.against else None
         samples = find_samples(directory)
-    except (ValidationError, OverrideError, CorpusError) as exc:
+        chunks = None if args.chunking_strategy == "none" else args.chunking_strategy
+        chunking(AudioForm(baseline.model_id, "json", 0.0, chunking_strategy=chunks))  # refused before loading
+    except (ValidationError, OverrideError, CorpusError, VoxtralError) as exc:
         print(f"voxtral-server eval: {exc}", file=sys.stderr)
         return 2
     if args.concurrency < 1:
         print("voxtral-server eval: --concurrency must be at least 1", file=sys.stderr)
         return 2
     try:
-        runs = [Run.score("baseline", samples, transcribe_set(baseline, samples, args.language, args.concurrency))]
+        hypotheses = transcribe_set(baseline, samples, args.language, args.concurrency, chunks)
+        runs = [Run.score("baseline", samples, hypotheses)]
         if other is not None:
-            hypotheses = transcribe_set(other, samples, args.language, args.concurrency)
+            hypotheses = transcribe_set(other, samples, args.language, args.concurrency, chunks)
             runs.append(Run.score(" ".join(args.against), samples, hypotheses))
     except (ModelLoadError, TranscriptionFailed) as exc:
         print(f"voxtral-server eval: {exc}", file=sys.stderr)

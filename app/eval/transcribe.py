@@ -1,7 +1,9 @@
 """One configuration's pass over the evaluation set: load, start the engine the way the server does (warm-up,
 the decode step's CUDA graphs), transcribe every file through `Serving.transcribe` (the call an HTTP upload
 makes: the same decoding, prompts, queue, batcher and detokenizer) at temperature 0, then stop and free it all so
-the next configuration's weights fit where these were.
+the next configuration's weights fit where these were. Files are cut as an upload with `chunking_strategy` is
+(by default "auto": Silero VAD pieces of at most 30 s, app/chunking.py), so a file longer than the context is
+transcribed in pieces, not refused; the hypothesis is the pieces' text joined as the HTTP answer joins it.
 """
 
 from __future__ import annotations
@@ -43,14 +45,20 @@ class Hypothesis:
 
 
 def transcribe_set(
-    settings: Settings, samples: list[Sample], language: str | None = None, concurrency: int = 1
+    settings: Settings,
+    samples: list[Sample],
+    language: str | None = None,
+    concurrency: int = 1,
+    chunking_strategy: str | None = "auto",
 ) -> list[Hypothesis]:
     """Hypotheses in `samples`' order. `concurrency` files are in flight at once: 1 runs each alone, so no
-    batch composition can differ between two configurations; more runs them as rows of shared batches."""
+    batch composition can differ between two configurations; more runs them as rows of shared batches.
+    `chunking_strategy`: the HTTP field's value ("auto", a server_vad JSON object; None: each file whole)."""
     started = time.monotonic()
     loaded = load_model(settings)
     try:
-        out = asyncio.run(_run(settings, ModelRuntime.of(loaded, settings), samples, language, concurrency))
+        runtime = ModelRuntime.of(loaded, settings)
+        out = asyncio.run(_run(settings, runtime, samples, language, concurrency, chunking_strategy))
     finally:
         del loaded
         _free()
@@ -59,7 +67,12 @@ def transcribe_set(
 
 
 async def _run(
-    settings: Settings, runtime: ModelRuntime, samples: list[Sample], language: str | None, concurrency: int
+    settings: Settings,
+    runtime: ModelRuntime,
+    samples: list[Sample],
+    language: str | None,
+    concurrency: int,
+    chunking_strategy: str | None,
 ) -> list[Hypothesis]:
     engine = build_engine(settings, runtime, Metrics())
     serving = Serving(settings, engine, runtime)
@@ -67,7 +80,13 @@ async def _run(
     try:
         await serving.warm_up()
         await asyncio.to_thread(runtime.generator.capture)
-        form = AudioForm(model=settings.model_id, response_format="json", temperature=0.0, language=language)
+        form = AudioForm(
+            model=settings.model_id,
+            response_format="json",
+            temperature=0.0,
+            language=language,
+            chunking_strategy=chunking_strategy,
+        )
         slots = asyncio.Semaphore(concurrency)
 
         async def one(sample: Sample) -> Hypothesis:

@@ -8,7 +8,10 @@ then serves; the others repeat its device work (app/model/compute/parallel.py) u
 A rank that exits while the server runs stops it: rank 0 watches the followers' processes and, when one ends,
 logs which and with what code and turns `lost`, which the server reads to exit non-zero; a process still alive
 `EXIT_GRACE_S` later (a collective that never returns) exits at once. A follower whose rank 0 is gone reads
-the end of its pipe and exits. Collectives time out after `COLLECTIVE_TIMEOUT` (a rank hung, not dead).
+the end of its pipe and exits. Collectives time out after `COLLECTIVE_TIMEOUT` while loading (ranks load at
+their own pace), then after --tensor-parallel-timeout-s (serving, the ranks meet in every collective: a longer
+wait is a rank hung, or one that failed alone). `lose` tells whoever `on_lost` registered (the lifecycle:
+/ready answers 503 at once) before the server stops.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -50,6 +54,7 @@ class Ranks:
         self.lost: str | None = None
         """Why the server must stop (a rank exited, or the ranks fell out of step); None while all is well."""
         self._stopping = threading.Event()
+        self._listeners: list[Callable[[str], None]] = []
         resolve_model_path(settings)  # `--model tiny` is built once, here, not by every rank at once
         context = multiprocessing.get_context("spawn")
         self._pipes: list[Connection] = []
@@ -70,12 +75,23 @@ class Ranks:
         """Rank 0's load: join the group, load its shard, hold the pipes to the followers."""
         _join(settings, 0, self.address)
         loaded = load_model(settings)
-        return replace(loaded, followers=Followers(self._pipes, dist.group.WORLD, self.lose))
+        _serving_timeout(settings)
+        followers = Followers(self._pipes, dist.group.WORLD, self.lose, settings.tensor_parallel_timeout_s)
+        return replace(loaded, followers=followers)
+
+    def on_lost(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(reason)` (from any thread) when the ranks are lost; at once if they are already."""
+        self._listeners.append(listener)
+        if self.lost is not None:
+            listener(self.lost)
 
     def lose(self, reason: str) -> None:
-        """The server can go on no more: it exits non-zero (at once after `EXIT_GRACE_S`)."""
+        """The server can go on no more: the listeners are told, and it exits non-zero (at once after
+        `EXIT_GRACE_S`)."""
         if self.lost is None and not self._stopping.is_set():
             self.lost = reason
+            for listener in self._listeners:
+                listener(reason)
             threading.Timer(EXIT_GRACE_S, _exit_now, args=(reason,)).start()
 
     def stop(self) -> None:
@@ -126,6 +142,17 @@ def _join(settings: Settings, rank: int, address: str) -> None:
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
 
 
+def _serving_timeout(settings: Settings) -> None:
+    """Wait for every rank to have loaded (under the loading timeout), then shorten the group's: the ranks now
+    meet in every collective, so one that waits longer than --tensor-parallel-timeout-s fails (an error here,
+    answered to rank 0; NCCL's watchdog ends the process) instead of waiting 10 minutes. torch has no public
+    setter for a live group's timeout; `_set_pg_timeout` is its own (gloo and NCCL)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    dist.barrier()
+    _set_pg_timeout(datetime.timedelta(seconds=settings.tensor_parallel_timeout_s), dist.group.WORLD)
+
+
 def _follower(settings: Settings, rank: int, address: str, pipe: Connection) -> None:
     """Rank `rank`'s process: load the shard, build the generator rank 0 describes, repeat its work."""
     from app.logs import configure_logging
@@ -136,6 +163,7 @@ def _follower(settings: Settings, rank: int, address: str, pipe: Connection) -> 
     try:
         _join(settings, rank, address)
         loaded = load_model(settings)
+        _serving_timeout(settings)
         start = pipe.recv()
         generator = follower_generator(loaded.model, log_mel_of(loaded), start, dist.group.WORLD)
         follow(generator, pipe)

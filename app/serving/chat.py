@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -70,6 +70,15 @@ class ChatAnswer:
 
     def cancel(self) -> None:
         self._ticket.cancel()
+
+
+class Chats(Protocol):
+    """What Responses (and the chat route) start a chat through: `ChatServing`, or a transcription-only model's
+    refusal (`app.serving.streaming.TranscriptionOnly`)."""
+
+    async def start(self, body: ChatCompletionRequest, record: RequestRecord | None, owner: str = "") -> ChatAnswer:
+        """Queue the chat, or raise the VoxtralError that refuses it."""
+        ...
 
 
 class ChatServing:

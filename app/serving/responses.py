@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from app.errors import ResponseNotFound, VoxtralError
 from app.serving import responses_input
-from app.serving.chat import ChatAnswer, ChatServing, ChoiceResult
+from app.serving.chat import ChatAnswer, Chats, ChoiceResult
 from app.serving.deltas import Usage
 from app.serving.record import RequestRecord
 from app.serving.response_store import ResponseStore
@@ -31,7 +31,6 @@ from app.serving.responses_values import (
     new_id,
 )
 from app.serving.schemas import Message
-from app.serving.streaming import TranscriptionOnly
 
 _CHAT_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 
@@ -91,8 +90,8 @@ def output_items(choice: ChoiceResult) -> tuple[OutputItem, ...]:
 class ResponsesServing:
     """POST, GET and DELETE of /v1/responses, as typed calls."""
 
-    def __init__(self, chats: ChatServing | TranscriptionOnly, store: ResponseStore) -> None:
-        """`chats`: `TranscriptionOnly` for a Voxtral Realtime model (every response is a 400)."""
+    def __init__(self, chats: Chats, store: ResponseStore) -> None:
+        """`chats`: `ChatServing`, or a transcription-only model's refusal (every response is then a 400)."""
         self.chats, self.store = chats, store
 
     async def start(self, body: CreateResponseRequest, record: RequestRecord | None = None) -> ResponseAnswer:

@@ -6,21 +6,26 @@ Refused with a 400 (`unsupported`): translations; response_format srt and vtt (t
 timestamps), include[]=logprobs and timestamp_granularities[] (no log-probs, no timestamps); temperature
 other than 0 (the model decodes greedily). Accepted: json, text, verbose_json (its one segment spans the file),
 stream=true (`transcript.text.delta` as ticks emit tokens, then `transcript.text.done`); chunking_strategy is
-ignored (a stream has no length limit; --max-transcription-audio-s still bounds the file).
+ignored (a stream has no length limit; --max-transcription-audio-s still bounds the file), and so are
+`language` (checked, then unused: the model detects the language as it goes) and `prompt` (the model takes no
+prompt). The file's last token comes within --request-timeout-s, else a 504.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from app.audio import SAMPLE_RATE
 from app.config import Settings
-from app.errors import UnsupportedFeature, VoxtralError
+from app.errors import RequestTimeout, UnsupportedFeature, VoxtralError
+from app.model.realtime.engine import StreamStep
+from app.serving.chat import ChatAnswer
 from app.serving.prep import Prep
 from app.serving.realtime.streams import Stream, StreamLoop
 from app.serving.record import RequestRecord
+from app.serving.schemas import ChatCompletionRequest
 from app.serving.transcription import Upload
 from app.serving.transcription_request import AudioForm
 from app.serving.transcripts import (
@@ -37,9 +42,9 @@ FORMATS = ("json", "text", "verbose_json")
 
 
 class TranscriptionOnly:
-    """The chat side of a transcription-only model: every call is a 400."""
+    """The chat side of a transcription-only model (a `Chats`): every call is a 400."""
 
-    async def start(self, *args: Any, **kwargs: Any) -> Any:
+    async def start(self, body: ChatCompletionRequest, record: RequestRecord | None, owner: str = "") -> ChatAnswer:
         raise UnsupportedFeature(
             "This server runs a Voxtral Realtime model, which only transcribes: use /v1/audio/transcriptions or "
             "/v1/realtime?intent=transcription.",
@@ -54,6 +59,8 @@ class StreamRun:
     stream: Stream
     options: TranscriptionOptions
     duration_s: float
+    timeout_s: float
+    """--request-timeout-s: the file's last token comes within it, else RequestTimeout (504), as on the engine."""
     tokens: list[int] = field(default_factory=list)
 
     def cancel(self) -> None:
@@ -70,7 +77,7 @@ class StreamRun:
     async def deltas(self) -> AsyncIterator[TranscriptDelta | Transcript]:
         joiner = TextJoiner()
         try:
-            async for step in self.stream.steps():
+            async for step in self._steps():
                 self.tokens.append(step.token)
                 if text := joiner.add(step.text):
                     yield TranscriptDelta(text)
@@ -81,6 +88,20 @@ class StreamRun:
         piece = PieceResult(0.0, self.duration_s, joiner.text, self.tokens, 0)
         yield Transcript(self.options, self.duration_s, [piece])
 
+    async def _steps(self) -> AsyncIterator[StreamStep]:
+        """The stream's steps, each awaited against the request's deadline (never across a `yield`)."""
+        steps = self.stream.steps()
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    step = await anext(steps)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise RequestTimeout(f"The request did not finish within {self.timeout_s:g} s.") from None
+            yield step
+
 
 class StreamingServing:
     """The routes' `Serving` for a Voxtral Realtime model (same calls; chat ones refused)."""
@@ -90,6 +111,7 @@ class StreamingServing:
         self.prep = Prep(settings, None)
         self.chats = TranscriptionOnly()
         self.fingerprint = ""
+        """No chat answer carries it (chat is refused); the routes' `Serving` has one."""
 
     @property
     def model_ids(self) -> set[str]:
@@ -98,8 +120,11 @@ class StreamingServing:
     def check_model(self, model: str | None) -> None:
         self.prep.check_model(model)
 
-    async def chat(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.chats.start()
+    async def chat(
+        self, body: ChatCompletionRequest, record: RequestRecord | None = None, owner: str = ""
+    ) -> ChatAnswer:
+        """Refused: a 400 (`TranscriptionOnly`)."""
+        return await self.chats.start(body, record, owner)
 
     async def transcribe(
         self, form: AudioForm, upload: Upload, task: Task, record: RequestRecord | None = None, owner: str = ""
@@ -112,16 +137,16 @@ class StreamingServing:
         except VoxtralError as exc:
             exc.param = exc.param or "file"
             raise
-        stream = self.streams.open(None)
+        stream, _ = self.streams.open(None)
         stream.feed(audio)
         stream.flush()
-        return StreamRun(stream, options, audio.shape[0] / SAMPLE_RATE)
+        return StreamRun(stream, options, audio.shape[0] / SAMPLE_RATE, self.settings.request_timeout_s)
 
     async def warm_up(self) -> None:
         """One second of silence through the loop, so the first request pays no one-time cost."""
         import numpy as np
 
-        stream = self.streams.open(None)
+        stream, _ = self.streams.open(None)
         stream.feed(np.zeros(SAMPLE_RATE, dtype=np.float32))
         stream.flush()
         async for _ in stream.steps():

@@ -146,3 +146,5 @@ def test_http_transcription_equals_its_stream(server: RunningServer, tmp_path: P
         client.audio.transcriptions.create(model=MODEL, file=f, response_format="srt")
     with pytest.raises(openai.BadRequestError, match="only transcribes"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError, match="only transcribes"):
+        client.responses.create(model=MODEL, input="Hi")

@@ -652,13 +652,16 @@ def test_picker_reads_the_servers_vllm_series() -> None:
     assert source["parameters"]["path"] == "/metrics"
 
 
-def test_route_sends_v1_to_the_pool_and_realtime_to_the_service() -> None:
+def test_route_sends_v1_to_the_pool_and_realtime_and_audio_to_the_service() -> None:
+    """JSON requests go through the picker; WebSockets (one connection it never sees) and multipart audio uploads
+    (its OpenAI parser reads bodies as JSON) go to the Service."""
     route = load_k8s("httproute.yaml", GATEWAY)
     gateway = load_k8s("gateway.yaml", GATEWAY)
     assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
     by_path = {r["matches"][0]["path"]["value"]: r["backendRefs"] for r in route["spec"]["rules"]}
     [pool] = by_path["/v1"]
     assert (pool["group"], pool["kind"], pool["name"]) == ("inference.networking.k8s.io", "InferencePool", "voxtral")
-    [service] = by_path["/v1/realtime"]
-    assert service["kind"] == "Service" and service["name"] == load_k8s("service.yaml")["metadata"]["name"]
-    assert service["port"] in {p["port"] for p in load_k8s("service.yaml")["spec"]["ports"]}
+    for path in ("/v1/realtime", "/v1/audio"):
+        [service] = by_path[path]
+        assert service["kind"] == "Service" and service["name"] == load_k8s("service.yaml")["metadata"]["name"]
+        assert service["port"] in {p["port"] for p in load_k8s("service.yaml")["spec"]["ports"]}

@@ -54,7 +54,8 @@ def test_a_budget_of_three_slots_caps_the_engine_at_three_rows_and_every_request
             assert [f.result().status_code for f in [held, *rest]] == [200] * 8
             buckets = _batch_sizes(http.get("/metrics").text)
             refused = http.post("/v1/chat/completions", json={**CHAT, "n": 4})
-        seen = server.context.serving.runtime.generator.graphs.seen
+        assert server.wiring is not None and server.wiring.runtime is not None
+        seen = server.wiring.runtime.generator.graphs.seen
     assert max(rows for rows, _ in seen) == 3
     assert buckets[4.0] == buckets[float("inf")] > buckets[2.0], "a batch of 3 rows ran, never more"
     assert "at most 3 choices" in assert_openai_error(refused, 400)["message"]

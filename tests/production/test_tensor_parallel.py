@@ -1,10 +1,12 @@
 """`--tensor-parallel-size 2` on a CPU (gloo): real server processes, the same answers as one rank, and a lost
-rank stops the server.
+rank stops the server: one that exits, and one that stops answering (SIGSTOP: hung, not dead) within the
+server's --tensor-parallel-timeout-s, not the 10 minutes of a collective's loading timeout.
 
 Two `voxtral-server serve` processes on the tiny model, one with one rank and one with two, answer the same
-requests (text, audio, a grammar, seeded sampling with n=2, whose second choice is a slot copy): the same text
-and token counts. The sharded decoder sums its partial products in another order than one matrix multiply, so
-its logits differ in the last bits; on this model's answers no greedy or seeded choice is that close.
+requests (text, audio, a grammar, seeded sampling with n=2, whose second choice is a slot copy, and a long prompt
+repeated then followed up, which rank 0's prefix cache serves): the same text and token counts. The sharded
+decoder sums its partial products in another order than one matrix multiply, so its logits differ in the last
+bits; on this model's answers no greedy or seeded choice is that close.
 """
 
 from __future__ import annotations
@@ -19,21 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
 from app.model.compute.loader import LoadedModel
+from app.model.tiny import build_tiny_realtime_model
 from tests.support.server import AUDIO, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STOP_WITHIN_S = 60.0
+TIMEOUT_S = 5
+"""The hung-rank server's --tensor-parallel-timeout-s."""
 
 
 class Process:
-    def __init__(self, ranks: int, tiny_dir: Path, log: Path) -> None:
+    def __init__(self, ranks: int, tiny_dir: Path, log: Path, *extra: str) -> None:
         self.port, self.log = free_port(), log
         args = ["--model", "tiny", "--port", str(self.port), "--cache-dir", str(tiny_dir), "--max-batch-size", "4"]
-        args += ["--tensor-parallel-size", str(ranks), "--context-length", "2048"]
+        args += ["--tensor-parallel-size", str(ranks), "--context-length", "2048", *extra]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "app.main", "serve", *args], cwd=ROOT, stdout=out, stderr=out
@@ -102,23 +108,81 @@ def seeded_rows(client: OpenAI) -> Any:
     return client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=1.0, seed=7, n=2)  # type: ignore[arg-type]
 
 
+def repeated_prompt(client: OpenAI) -> Any:
+    """The same long prompt twice, then a follow-up turn on it: the second and third prefill from the prefix
+    cache on rank 0, and the followers repeat its slot reuse and copies (they keep no index of their own)."""
+    story = " ".join(f"Line {i}: the river runs past the mill and the town." for i in range(24))
+    turns = [{"role": "user", "content": story}]
+    first = client.chat.completions.create(model="tiny", messages=turns, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    again = client.chat.completions.create(model="tiny", messages=turns, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    turns += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "Why?"}]
+    follow = client.chat.completions.create(model="tiny", messages=turns, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    assert again.choices[0].message.content == first.choices[0].message.content
+    return [first, again, follow]
+
+
 def answer(response: Any) -> Any:
     """What must be equal: the texts and the tokens counted."""
+    if isinstance(response, list):
+        return [answer(one) for one in response]
     if hasattr(response, "choices"):
         return [(c.message.content, c.finish_reason) for c in response.choices], response.usage.completion_tokens
     return response.text
 
 
-@pytest.mark.parametrize("request_of", [text_chat, audio_transcription, grammar_row, seeded_rows])
+@pytest.mark.parametrize("request_of", [text_chat, audio_transcription, grammar_row, seeded_rows, repeated_prompt])
 def test_two_ranks_answer_as_one(servers: list[Process], request_of: Any) -> None:
     one, two = (answer(request_of(server.client)) for server in servers)
     assert two == one
 
 
+def follower_pid(server: Process) -> int:
+    return int(re.findall(r"tensor-parallel rank 1 started \(pid (\d+)\)", server.log.read_text())[0])
+
+
 def test_a_lost_rank_stops_the_server_saying_which(servers: list[Process]) -> None:
     two = servers[1]
-    pid = int(re.findall(r"tensor-parallel rank 1 started \(pid (\d+)\)", two.log.read_text())[0])
+    pid = follower_pid(two)
     subprocess.run(["kill", "-9", str(pid)], check=True)
     code = two.proc.wait(STOP_WITHIN_S)
     assert code != 0
     assert "tensor-parallel rank 1 exited with code -9: stopping the server" in two.log.read_text()
+
+
+def test_a_rank_that_stops_answering_stops_the_server_within_its_timeout(
+    loaded: LoadedModel, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A follower alive but silent (SIGSTOP): rank 0's all-reduce times out, then its wait for the answer, and
+    the lifecycle fails: the request gets an error and the server exits non-zero, saying which rank."""
+    server = Process(2, tiny_dir, tmp_path / "hung.log", "--tensor-parallel-timeout-s", str(TIMEOUT_S))
+    pid = None
+    try:
+        server.wait_ready()
+        pid = follower_pid(server)
+        subprocess.run(["kill", "-STOP", str(pid)], check=True)
+        with pytest.raises(openai.APIError):
+            text_chat(server.client)
+        code = server.proc.wait(STOP_WITHIN_S)
+        assert code != 0
+        log = server.log.read_text()
+        assert f"rank 1 did not answer within {TIMEOUT_S} s" in log and "stopping the server" in log, log
+    finally:
+        if pid is not None:  # the server ends it; here only if the test failed first
+            subprocess.run(["kill", "-9", str(pid)], check=False, capture_output=True)
+        server.close()
+
+
+@pytest.mark.parametrize("model", ["tiny-realtime", "built"])
+def test_a_realtime_checkpoint_is_refused_before_loading(model: str, tmp_path: Path) -> None:
+    """Voxtral Realtime streams in rank 0's own engine, which no follower repeats: refused in one line, exit 2,
+    by name and by a checkpoint directory's model_type."""
+    if model == "built":
+        model = str(build_tiny_realtime_model(tmp_path / "realtime"))
+    args = ["--model", model, "--tensor-parallel-size", "2", "--cache-dir", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-m", "app.main", "serve", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("voxtral-server:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "Voxtral Realtime" in lines[0] and "--tensor-parallel-size 1" in lines[0]

@@ -13,6 +13,7 @@ COUNTERS = {
     "voxtral_encoder_cache_hits_total",
     "voxtral_realtime_throttled_seconds_total",
     "voxtral_realtime_throttled_events_total",
+    "voxtral_realtime_blank_streams_total",
 }
 GAUGES = {
     "voxtral_num_requests_waiting",
@@ -23,6 +24,7 @@ GAUGES = {
     "voxtral_realtime_sessions",
     "voxtral_encoder_cache_bytes",
     "voxtral_prefix_cache_bytes",
+    "voxtral_realtime_streams",
 }
 VLLM_GAUGES = {
     "vllm:num_requests_waiting",
@@ -42,5 +44,8 @@ HISTOGRAMS = {
     "voxtral_batch_fill_ratio",
     "voxtral_real_time_factor",
     "voxtral_realtime_turn_latency_seconds",
+    "voxtral_realtime_tick_rows",
+    "voxtral_realtime_tick_seconds",
+    "voxtral_realtime_tick_real_time_factor",
 }
 METRICS = COUNTERS | GAUGES | VLLM_GAUGES | VLLM_COUNTERS | HISTOGRAMS

@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from app.audio import SAMPLE_RATE
 from app.main import cli
-from tests.support.audio_fixtures import DATA
+from tests.support.audio_fixtures import DATA, jfk_samples, wav
 
 JFK = "And so, my fellow Americans, ask not what your country can do for you; ask what you can do for your country."
 
@@ -95,3 +97,36 @@ def test_bad_configurations_are_refused_before_loading(
 def test_a_directory_without_pairs_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert cli(["eval", str(tmp_path)]) == 2
     assert "no audio with a reference text" in capsys.readouterr().err
+
+
+def test_a_file_longer_than_the_context_is_transcribed_in_pieces(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_dir: Path
+) -> None:
+    """35 s (jfk three times, 1 s of silence between) is two 30 s audio windows, 750 audio tokens: past
+    --context-length 512 whole, as a file upload without chunking_strategy is refused. eval cuts it as
+    chunking_strategy=auto does (Silero pieces of at most 30 s, each within the context), so it is transcribed."""
+    gap = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    (tmp_path / "long.wav").write_bytes(wav(np.concatenate([jfk_samples(), gap] * 2 + [jfk_samples()])))
+    (tmp_path / "long.txt").write_text(" ".join([JFK] * 3))
+    flags = ["--context-length", "512"]
+    assert cli(["eval", str(tmp_path), "--cache-dir", str(tiny_dir), "--chunking-strategy", "none", *flags]) == 1
+    assert "maximum context length is 512" in capsys.readouterr().err
+    report = run_eval(capsys, tmp_path, tiny_dir, *flags)
+    assert report["files"] == 1 and report["per_file"][0]["baseline"]["token_ids"]
+    assert report["baseline"]["reference_words"] == 3 * 22
+
+
+def test_a_clip_that_is_speech_end_to_end_is_one_piece_whole(
+    capsys: pytest.CaptureFixture[str], corpus: Path, tiny_dir: Path
+) -> None:
+    """jfk (11 s of speech) under the default chunking is the whole file (app/chunking.py: `EDGE_S`), so the
+    tokens equal those of each file sent whole."""
+    cut = run_eval(capsys, corpus, tiny_dir)
+    whole = run_eval(capsys, corpus, tiny_dir, "--chunking-strategy", "none")
+    tokens = [[f["baseline"]["token_ids"] for f in report["per_file"]] for report in (cut, whole)]
+    assert tokens[0] == tokens[1]
+
+
+def test_a_bad_chunking_strategy_is_refused_before_loading(capsys: pytest.CaptureFixture[str], corpus: Path) -> None:
+    assert cli(["eval", str(corpus), "--chunking-strategy", "sometimes"]) == 2
+    assert "chunking_strategy must be" in capsys.readouterr().err

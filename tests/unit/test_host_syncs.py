@@ -53,6 +53,8 @@ def sim(loaded: LoadedModel) -> Iterator[Sim]:
     model = to_device(copy.deepcopy(loaded.model))
     with device.on():
         log_mel = LogMel(loaded.processor.feature_extractor, 3000, DEVICE)
+        # With prefix caching (the default): a hit takes its lowest free holder and a miss a slot below the
+        # step's padded size, so the cases' first steps compact nothing (no upload that no steady step has).
         generator = BatchGenerator(model, pad_token_id=11, log_mel=log_mel)
         yield Sim(device, generator, Sampler(), Prompter(loaded.processor, "tiny"), ModelRuntime.of(loaded, Settings()))
 

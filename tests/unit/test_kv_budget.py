@@ -19,10 +19,12 @@ from app.model.compute.budget import (
     activation_reserve,
     kv_budget,
     physical_memory,
+    plan_cache,
 )
 from app.model.compute.generate import CPU_CACHE_BYTES
-from app.model.compute.loader import GIB, kv_wanted
+from app.model.compute.loader import GIB, LoadedModel, kv_wanted
 from app.model.compute.slots import CacheShape, plan
+from tests.support.server import make_settings
 
 MINI = SimpleNamespace(
     num_hidden_layers=30,
@@ -90,3 +92,33 @@ def test_the_loader_expects_max_batch_size_slots_and_the_scratch_of_context_leng
     assert kv_wanted(asked, tmp_path, torch.bfloat16) == 8 * 1000 * CacheShape.of(MINI, torch.bfloat16).token_bytes
     assert kv_wanted(Settings(kv_cache_memory_bytes=5 * GIB), tmp_path, torch.bfloat16) == 5 * GIB
     assert kv_wanted(asked, None, torch.bfloat16) == 0  # a hub checkpoint not downloaded yet: unknown
+
+
+def test_a_tensor_parallel_rank_plans_its_share_of_the_kv_heads() -> None:
+    """Each of 2 ranks on its own H100 holds 4 of Mini's 8 KV heads: a position costs half, so the same GPU
+    holds at least twice the slots (the reserve's per-rank keys, values and MLP width are smaller too)."""
+    whole, half = CacheShape.of(MINI, torch.bfloat16), CacheShape.of(MINI, torch.bfloat16).per_rank(2)
+    assert half.kv_heads == 4 and half.token_bytes * 2 == whole.token_bytes
+    per_token = half.token_bytes + ACTIVATION_COPIES * (3072 + 8192 // 2) * 2
+    assert activation_reserve(MINI, torch.bfloat16, 8192, ranks=2) == 8192 * per_token + OVERHEAD_BYTES
+    gpu = [DeviceMemory(H100, int(4.4 * GIB), 30)]  # half of Mini's decoder on each rank
+    one = plan(whole, 10**6, 32768, kv_budget(gpu, 0.9, activation_reserve(MINI, torch.bfloat16, 8192), None))
+    two = plan(half, 10**6, 32768, kv_budget(gpu, 0.9, activation_reserve(MINI, torch.bfloat16, 8192, 2), None, 2))
+    assert two.slots >= 2 * one.slots + 1  # slots + 1 (the scratch) double at least
+    with pytest.raises(ValueError, match="8 KV heads do not split evenly over 3"):
+        whole.per_rank(3)
+
+
+def test_ranks_on_one_cpu_share_its_memory_and_the_override_is_per_rank() -> None:
+    assert kv_budget([], 0.9, GIB, None, ranks=2) == physical_memory() // 2
+    assert kv_budget([], 0.9, GIB, 123, ranks=2) == 123  # --kv-cache-memory-bytes: per rank, as vLLM's per GPU
+
+
+def test_the_plan_rank_0_sends_holds_twice_the_slots_of_half_the_heads(loaded: LoadedModel, tiny_dir: Path) -> None:
+    """`plan_cache` on the tiny model as rank 0 of 2 sees it (the config is all it reads): the same
+    --kv-cache-memory-bytes gives each rank twice the slots, as each holds half of every position."""
+    shape = CacheShape.of(loaded.model.config.text_config, loaded.model.dtype)
+    budget = 9 * 256 * shape.token_bytes  # 8 slots and the scratch in one process
+    settings = make_settings(tiny_dir, kv_cache_memory_bytes=budget, context_length=256, max_batch_size=64)
+    assert plan_cache(loaded.model, settings).slots == 8
+    assert plan_cache(loaded.model, settings.model_copy(update={"tensor_parallel_size": 2})).slots == 17

@@ -9,8 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import VoxtralConfig
 
-from app.model.compute.loader import GIB, RESERVE_BYTES, ModelLoadError, kv_bytes, placement, weights_bytes
+from app.model.compute.footprint import Format, format_bytes
+from app.model.compute.loader import (
+    GIB,
+    RESERVE_BYTES,
+    LoadedModel,
+    ModelLoadError,
+    expected_weights,
+    kv_bytes,
+    placement,
+    weights_bytes,
+)
+from app.model.compute.quantization import Quantization
 
 WEIGHTS, KV = 8 * GIB, 16 * GIB
 """Voxtral Mini in bfloat16 and its default KV budget (131,072 positions)."""
@@ -60,3 +72,26 @@ def test_sizes_read_from_the_checkpoint(tmp_path: Path) -> None:
     assert weights_bytes(tmp_path, torch.float32) == 3000  # loaded in float32: twice the stored bfloat16
     # Voxtral Mini's text model: 2 x 30 layers x 8 KV heads x 128 x 2 bytes = 120 KiB a position
     assert kv_bytes(tmp_path, torch.bfloat16, 131_072) == 2 * 30 * 8 * 128 * 2 * 131_072
+
+
+@pytest.mark.parametrize(("quantization", "fmt"), [("int8", "int8"), ("bitsandbytes", "nf4"), ("fp8", "fp8")])
+def test_quantization_at_load_is_planned_at_its_formats_size(
+    loaded: LoadedModel, quantization: Quantization, fmt: Format
+) -> None:
+    """The tiny checkpoint on disk (float32 when loaded on a CPU): --quantization X is planned at what
+    `format_bytes` gives for X (what the loaded model then holds: tests/api/test_quantization.py), not at the
+    unquantized files' size, so start-up does not warn about room it will not use."""
+    path = Path(loaded.path)
+    files = weights_bytes(path, torch.float32)
+    assert expected_weights(path, torch.float32, "none") == files
+    planned = expected_weights(path, torch.float32, quantization)
+    assert planned == format_bytes(VoxtralConfig.from_pretrained(path), fmt, itemsize=4).total
+    assert files is not None and planned is not None and planned < files
+
+
+def test_a_checkpoint_saved_quantized_is_planned_at_its_files_size(tmp_path: Path) -> None:
+    saved = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config = {"torch_dtype": "bfloat16", "text_config": {}, "quantization_config": saved}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 1000)
+    assert expected_weights(tmp_path, torch.bfloat16, "bitsandbytes") == 1000

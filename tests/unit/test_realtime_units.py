@@ -100,6 +100,23 @@ def test_audio_buffer_takes_and_drops_by_position() -> None:
     assert buffer.start == buffer.end == 1000 and buffer.take(1000, 2000).shape == (0,)
 
 
+def test_audio_buffer_peeks_and_drops_as_one_array_would() -> None:
+    """Chunks of random sizes, peeks and drops at random positions (inside chunks, on their edges, past either
+    end): every peek equals the same slice of the whole timeline."""
+    rng = np.random.default_rng(5)
+    buffer, timeline = AudioBuffer(), np.arange(0, dtype=np.float32)
+    for _ in range(300):
+        chunk = np.arange(timeline.shape[0], timeline.shape[0] + int(rng.integers(0, 50)), dtype=np.float32)
+        buffer.append(chunk)
+        timeline = np.concatenate([timeline, chunk])
+        start, stop = sorted(int(x) for x in rng.integers(buffer.start - 20, buffer.end + 20, 2))
+        expected = timeline[max(start, buffer.start) : max(stop, buffer.start)]
+        assert np.array_equal(buffer.peek(start, stop), expected)
+        if rng.random() < 0.3:
+            buffer.drop_before(int(rng.integers(buffer.start, buffer.end + 1)))
+            assert np.array_equal(buffer.peek(buffer.start, buffer.end), timeline[buffer.start : buffer.end])
+
+
 def test_streams_batched_together_give_what_each_gives_alone() -> None:
     rng = np.random.default_rng(2)
     audios = [(rng.standard_normal(16000) * level).astype(np.float32) for level in (0.0, 0.01, 0.3)]

@@ -9,7 +9,6 @@ whose `param` names it (code `string_above_max_length`), and the session keeps i
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, replace
 from typing import Annotated, Any, Literal
 
@@ -220,7 +219,7 @@ def render(e: ev.Event) -> dict[str, Any]:
     match e:
         case ev.SessionCreated() | ev.SessionUpdated():
             kind = "session.created" if isinstance(e, ev.SessionCreated) else "session.updated"
-            return event(kind, session=session_object(e.config, e.session_id))
+            return event(kind, session=session_object(e.config, e.session_id, e.expires_at))
         case ev.SpeechStarted():
             return event("input_audio_buffer.speech_started", audio_start_ms=e.audio_start_ms, item_id=e.item_id)
         case ev.SpeechStopped():
@@ -239,9 +238,9 @@ def render(e: ev.Event) -> dict[str, Any]:
             return error_event(e.error, e.event_id)
 
 
-def session_object(config: SessionConfig, session_id: str) -> dict[str, Any]:
+def session_object(config: SessionConfig, session_id: str, expires_at: int) -> dict[str, Any]:
     """RealtimeTranscriptionSessionCreateResponseGA (`noise_reduction` only when on: its schema is not
-    nullable)."""
+    nullable; `delay` only when set: its enum is not nullable either)."""
     transcription: dict[str, Any] = {"model": config.model, "language": config.language, "prompt": config.prompt}
     transcription[_DELAY_FIELD[isinstance(config.delay, int)]] = config.delay
     fmt: dict[str, Any] = {"type": config.format} | ({"rate": 24000} if config.format == "audio/pcm" else {})
@@ -251,7 +250,7 @@ def session_object(config: SessionConfig, session_id: str) -> dict[str, Any]:
         "type": "transcription",
         "id": session_id,
         "object": "realtime.transcription_session",
-        "expires_at": int(time.time()) + 3600,
+        "expires_at": expires_at,
         "include": [LOGPROBS] if config.logprobs else [],
         "audio": {
             "input": {

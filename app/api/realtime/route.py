@@ -36,7 +36,8 @@ from app.serving.realtime.service import RealtimeServing
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["realtime"])
 GOING_AWAY = 1001
-"""The close code of a session ended by a drain: the client should reconnect (to another replica)."""
+"""The close code of a session ended by a drain (the client should reconnect, to another replica) or at the
+maximum session length (as OpenAI closes its sessions: reconnect for a new one)."""
 INTERNAL_ERROR = 1011
 """The close code of a session ended by a bug in this server (logged with its traceback)."""
 SLOW_READER = 1008
@@ -88,6 +89,8 @@ class Connection:
         self.too_slow = asyncio.Event()
         """Set once the client left too much unread: every later event is refused and the reader stops."""
         self.closed = False
+        self.close_reason = ""
+        """The reason sent with a clean close (the session length limit's message)."""
         self.session = service.session(self.emit, client)
 
     async def emit(self, event: ev.Event) -> None:
@@ -140,13 +143,14 @@ class Connection:
             writer.cancel()
             with contextlib.suppress(Exception):
                 if code and self.ws.application_state == WebSocketState.CONNECTED:
-                    reason = "slow reader: too many events unread" if code == SLOW_READER else ""
+                    reason = "slow reader: too many events unread" if code == SLOW_READER else self.close_reason
                     await self.ws.close(code=code, reason=reason)
         return code
 
     async def _read(self) -> int:
-        """Hand client events to the session until the client leaves (0), goes idle (1000) or a drain starts
-        (1001). A pending receive is never cancelled while the session goes on: that could lose a message."""
+        """Hand client events to the session until the client leaves (0), goes idle (1000), a drain starts or
+        the session reaches its maximum length (1001). A pending receive is never cancelled while the session
+        goes on: that could lose a message."""
         stopping = asyncio.ensure_future(self.lifecycle.stopping.wait())
         too_slow = asyncio.ensure_future(self.too_slow.wait())
         receive: asyncio.Future[Any] | None = None
@@ -190,11 +194,13 @@ class Connection:
         self.metrics.realtime_throttled_events.inc()
 
     async def _expired(self) -> int:
-        """The session reached --realtime-max-session-s: say so, then end it as an idle one ends (1000)."""
+        """The session reached --realtime-max-session-s: say so, then end it as a drain does (1001, the message as
+        the close reason): OpenAI closes a session at its 60-minute limit with 1001 (going away) and that text."""
         limit = self.settings.realtime_max_session_s
         error = InvalidRequest(f"Your session hit the maximum duration of {limit:g} seconds.", code="session_expired")
         await self.emit(ev.Error(error))
-        return 1000
+        self.close_reason = error.message
+        return GOING_AWAY
 
     async def _idle(self) -> int:
         idle = self.settings.realtime_idle_timeout_s

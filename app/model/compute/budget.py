@@ -7,6 +7,11 @@ physical memory: the cache is allocated untouched and a process holds only the p
 (app/model/compute/slots.py), about what --max-running-tokens allows. `--kv-cache-memory-bytes` overrides both.
 The plan is then as many slots of `--context-length` positions as the budget holds, at most `--max-batch-size`
 (app/model/compute/slots.py: `plan`); one that holds none fails the start-up in one line.
+
+Under `--tensor-parallel-size N` the plan is one rank's: each rank's cache holds its N-th of the KV heads
+(`CacheShape.per_rank`) within its own budget (its own GPU; on a CPU, its N-th of the machine's RAM, which the
+ranks share; `--kv-cache-memory-bytes` is per rank, as vLLM's is per GPU). Rank 0 plans, and sends the plan
+to the others (app/model/compute/parallel.py), so every rank has the same slots.
 """
 
 from __future__ import annotations
@@ -48,26 +53,30 @@ class DeviceMemory:
     """Decoder layers placed on it: its share of the cache."""
 
 
-def activation_reserve(text_config: Any, dtype: torch.dtype, tokens: int) -> int:
+def activation_reserve(text_config: Any, dtype: torch.dtype, tokens: int, ranks: int = 1) -> int:
     """Bytes a prefill of `tokens` (--max-batch-tokens) needs beside the weights and the slot cache: its own keys
     and values, held until they are placed in slots, and `ACTIVATION_COPIES` of a layer's widest activations,
-    plus `OVERHEAD_BYTES`. An upper bound by arithmetic, not a measurement: a smaller --max-batch-tokens leaves
-    the cache more."""
-    shape = CacheShape.of(text_config, dtype)
-    width = int(text_config.hidden_size) + int(getattr(text_config, "intermediate_size", 0) or 0)
+    plus `OVERHEAD_BYTES`; on one of `ranks` tensor-parallel ranks, its share of the KV heads and of the MLP's
+    intermediate width (the residual stream is whole on every rank). An upper bound by arithmetic, not a
+    measurement: a smaller --max-batch-tokens leaves the cache more."""
+    shape = CacheShape.of(text_config, dtype).per_rank(ranks)
+    width = int(text_config.hidden_size) + int(getattr(text_config, "intermediate_size", 0) or 0) // ranks
     per_token = shape.token_bytes + ACTIVATION_COPIES * width * torch.empty((), dtype=dtype).element_size()
     return tokens * per_token + OVERHEAD_BYTES
 
 
-def kv_budget(devices: Sequence[DeviceMemory], utilization: float, reserve: int, override: int | None) -> int:
-    """Bytes the whole KV cache may take: `override` when given; `physical_memory()` without a GPU; else the
-    least any GPU allows, each holding its layers' share of every slot: `utilization` x its total, less what
-    torch holds there and `reserve` (on each GPU, as each runs its layers' prefill), scaled from its share to
-    the whole. Never negative. Pure: sizes in bytes."""
+def kv_budget(
+    devices: Sequence[DeviceMemory], utilization: float, reserve: int, override: int | None, ranks: int = 1
+) -> int:
+    """Bytes the whole KV cache (of one of `ranks` tensor-parallel ranks) may take: `override` when given;
+    `physical_memory()` without a GPU, shared out among the ranks; else the least any GPU allows, each holding
+    its layers' share of every slot: `utilization` x its total, less what torch holds there and `reserve` (on
+    each GPU, as each runs its layers' prefill), scaled from its share to the whole. Never negative. Pure:
+    sizes in bytes."""
     if override is not None:
         return override
     if not devices:
-        return physical_memory()
+        return physical_memory() // ranks
     layers = sum(d.layers for d in devices)
     room = [(int(utilization * d.total) - d.held - reserve) * layers // d.layers for d in devices if d.layers]
     return max(0, min(room))
@@ -93,18 +102,20 @@ def device_memory(model: Any) -> list[DeviceMemory]:
 def plan_cache(model: Any, settings: Settings) -> CachePlan:
     """The slot plan for `model` as loaded, within the settings' budget; logged. Raises `ModelLoadError` (the
     start-up fails in one line) when the budget holds no slot."""
-    text = model.config.text_config
-    shape = CacheShape.of(text, model.dtype)
-    reserve = activation_reserve(text, model.dtype, settings.max_batch_tokens) + settings.encoder_cache_memory_bytes
+    text, ranks = model.config.text_config, settings.tensor_parallel_size
+    shape = CacheShape.of(text, model.dtype).per_rank(ranks)
+    reserve = activation_reserve(text, model.dtype, settings.max_batch_tokens, ranks)
+    reserve += settings.encoder_cache_memory_bytes
     devices = device_memory(model)
-    budget = kv_budget(devices, settings.gpu_memory_utilization, reserve, settings.kv_cache_memory_bytes)
+    budget = kv_budget(devices, settings.gpu_memory_utilization, reserve, settings.kv_cache_memory_bytes, ranks)
     try:
         cache = plan(shape, settings.max_batch_size, settings.context_length, budget)
     except ValueError as exc:
         raise ModelLoadError(f"{exc}{_why(devices, reserve, settings)}") from exc
     where = ", ".join(sorted({str(d) for d in layer_devices(model)}))
     gib = cache.bytes(shape) / GIB
-    log.info("KV cache: %d slots of %d positions, %.2f GiB on %s", cache.slots, cache.max_len, gib, where)
+    each = f" (each of {ranks} ranks: {shape.kv_heads} KV heads)" if ranks > 1 else ""
+    log.info("KV cache: %d slots of %d positions, %.2f GiB on %s%s", cache.slots, cache.max_len, gib, where, each)
     if cache.slots < settings.max_batch_size:
         _warn_capped(cache, settings.max_batch_size, budget // shape.token_bytes)
     return cache
@@ -135,3 +146,36 @@ def _warn_capped(cache: CachePlan, max_rows: int, positions: int) -> None:
         max_rows,
         fits,
     )
+
+
+def stream_count(per_stream: int, wanted: int, budget: int) -> int:
+    """Voxtral Realtime streams the budget holds: `wanted` (--realtime-max-streams), or as many of `per_stream`
+    bytes as fit in `budget` (the pool also holds one scratch slot). ValueError when not one fits. Pure."""
+    fits = budget // per_stream - 1
+    if fits < 1:
+        raise ValueError(
+            f"The KV cache budget ({budget / GIB:.2f} GiB) holds no realtime stream: each takes "
+            f"{per_stream / GIB:.2f} GiB, and the pool one more for its scratch slot"
+        )
+    return min(wanted, fits)
+
+
+def plan_streams(model: Any, settings: Settings, per_stream: int) -> int:
+    """How many realtime streams to allocate for `model` as loaded (`per_stream`: one stream's cache bytes),
+    from the same budget as the slot cache (a tick's activations reserved as a prefill of --max-batch-tokens
+    would be); logged. Raises `ModelLoadError` (the start-up fails in one line) when not one fits."""
+    reserve = activation_reserve(model.config.text_config, model.dtype, settings.max_batch_tokens)
+    devices = device_memory(model)
+    budget = kv_budget(devices, settings.gpu_memory_utilization, reserve, settings.kv_cache_memory_bytes)
+    try:
+        streams = stream_count(per_stream, settings.realtime_max_streams, budget)
+    except ValueError as exc:
+        raise ModelLoadError(f"{exc}{_why(devices, reserve, settings)}") from exc
+    log.info(
+        "realtime streams: %d (of --realtime-max-streams %d), %.3f GiB each, %.2f GiB in all",
+        streams,
+        settings.realtime_max_streams,
+        per_stream / GIB,
+        per_stream * (streams + 1) / GIB,
+    )
+    return streams

@@ -283,8 +283,18 @@ def decoder_for(model: Any, group: Any = None) -> LeanDecoder:
     parallelism). Quantized and sharded together is refused: the modules' own forward would all-reduce too."""
     language_model, head = model.model.language_model, model.lm_head
     linears = (m for layer in language_model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
-    if all(type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter for m in linears):
+    if all(type(m) is torch.nn.Linear and _plain(m.weight) for m in linears):
         return LeanDecoder(language_model, head, group)
     if group is not None:
         raise ValueError("a quantized decoder cannot be sharded: --quantization excludes --tensor-parallel-size > 1")
     return ModuleDecoder(language_model, head)
+
+
+def _plain(weight: torch.Tensor) -> bool:
+    """A weight the lean step can fuse: a parameter, or the DTensor shard transformers' tensor-parallel plan
+    leaves (its local tensor is plain); a quantized tensor subclass is neither."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        return _plain(weight.to_local())
+    return type(weight) in (torch.nn.Parameter, torch.Tensor)

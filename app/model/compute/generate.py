@@ -20,7 +20,14 @@ Prefix caching (`prefix_caching`, app/model/compute/prefix.py): a free slot keep
 a prompt whose first full blocks a slot holds prefills only the rest, attending over that slot's positions.
 A free holder is taken as it is (no copy); a holder a running row still decodes in is copied into the new
 row's slot first (one device copy of the prefix per concurrent sharer: the step reads each row's slot as one
-strided view, so rows cannot share blocks). Free slots are handed out empty first, then least recently used.
+strided view, so rows cannot share blocks). A hit takes the lowest free holder. A row that reuses nothing
+takes a free slot below the row count the step will be padded to, so it neither widens the step nor makes
+it compact: the slot evicted is the cache's choice (empty first, then least recently used, anywhere), and
+when that slot is higher, the low slot's cached prefix is first copied up into it (one copy of a prefix,
+and the cache keeps all its slots).
+
+`prefix_stats()` may be called from any thread: the generator's thread publishes an immutable `PrefixStats`
+after each prefill, `select` and compaction, and the call returns the latest.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -109,9 +116,8 @@ class BatchGenerator:
         self.text_config = model.config.text_config
         self.num_layers = int(self.text_config.num_hidden_layers)
         self.log_mel = log_mel
-        shape = CacheShape.of(self.text_config, model.dtype)
         ranks = 1 if group is None else int(group.size())
-        self.shape = replace(shape, kv_heads=shape.kv_heads // ranks)
+        self.shape = CacheShape.of(self.text_config, model.dtype).per_rank(ranks)
         self.ranks = ranks
         context = int(getattr(self.text_config, "max_position_embeddings", DEFAULT_LEN))
         self.plan = cache or default_plan(self.shape, context)
@@ -126,7 +132,8 @@ class BatchGenerator:
         self._states: weakref.WeakSet[BatchState] = weakref.WeakSet()
         self.prefix = PrefixIndex(self.plan.slots) if prefix_caching else None
         self.model_tag = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-        self._queries = self._hits = 0
+        self._counts = [0] * 6  # requests, queries, hits, then the same for preempted rows' recomputes
+        self._stats = PrefixStats(0, 0, 0, 0)
 
     @property
     def max_rows(self) -> int:
@@ -162,6 +169,32 @@ class BatchGenerator:
         assert self.prefix is not None
         for slot in slots:
             self.prefix.forget(slot)  # about to be written: entries return once the prefill has succeeded
+        try:
+            hidden = self._prefill_groups(rows, prompts, pasts, slots, sources)
+        except BaseException:  # a slot taken in place still holds its blocks below the row's cached length
+            for slot, past, source, hashes in zip(slots, pasts, sources, chains, strict=True):
+                if source < 0 and past and hashes is not None:
+                    self.prefix.assign(slot, hashes[: past // BLOCK])
+            self._publish()
+            raise
+        for row, slot, past, hashes, prompt in zip(rows, slots, pasts, chains, prompts, strict=True):
+            if hashes is not None:
+                self.prefix.assign(slot, hashes)
+            hit = past // BLOCK * BLOCK  # whole blocks, as vLLM counts (it recomputes a partly used one)
+            part = 3 if row.generated else 0  # a preempted row's recompute, counted apart (as vLLM)
+            for k, amount in enumerate((1, len(prompt), hit)):
+                self._counts[part + k] += amount
+            if not row.generated:  # a preempted row's recompute keeps what its first prefill found
+                row.cached_tokens = hit
+        self._publish()
+        state = self._hold(BatchState(list(rows), slots, [len(p) for p in prompts]))
+        return state, self.project(hidden)
+
+    def _prefill_groups(
+        self, rows: Sequence[Row], prompts: list[list[int]], pasts: list[int], slots: list[int], sources: list[int]
+    ) -> torch.Tensor:
+        """The device's part of `_prefill_cached`: copy the prefixes that need copying, then prefill the rows
+        with the same cached length together; each row's last hidden state, in row order."""
         copies = [i for i, source in enumerate(sources) if source >= 0]
         if copies:
             self._copy([sources[i] for i in copies], [slots[i] for i in copies], max(pasts[i] for i in copies))
@@ -177,21 +210,15 @@ class BatchGenerator:
         hidden = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         if order != sorted(order):
             hidden = hidden.index_select(0, upload(np.argsort(order).tolist(), hidden.device, torch.long))
-        for row, slot, past, hashes in zip(rows, slots, pasts, chains, strict=True):
-            if hashes is not None:
-                self.prefix.assign(slot, hashes)
-            if not row.generated:  # a preempted row's recompute keeps what its first prefill found
-                row.cached_tokens = past
-        self._queries += sum(len(p) for p in prompts)
-        self._hits += sum(pasts)
-        state = self._hold(BatchState(list(rows), slots, [len(p) for p in prompts]))
-        return state, self.project(hidden)
+        return hidden
 
     def _place(
         self, prompts: list[list[int]], chains: list[list[bytes] | None]
     ) -> tuple[list[int], list[int], list[int]]:
         """Each row's cached length (at most its prompt's length - 1: the last token is recomputed for its
-        logits), its slot, and the slot its prefix is copied from (-1: none, the slot holds it already)."""
+        logits), its slot, and the slot its prefix is copied from (-1: none, the slot holds it already). The
+        lowest free slot holding the prefix is taken as it is unless it caches more than twice what the row
+        reuses: then the row gets a copy, and the longer prefix stays cached. Other rows get `_free` slots."""
         assert self.prefix is not None
         held = self._held()
         pasts, slots, sources = [0] * len(prompts), [-1] * len(prompts), [-1] * len(prompts)
@@ -202,12 +229,18 @@ class BatchGenerator:
                 pasts[i] = 0
                 continue
             free = sorted(holders - held - set(slots))
-            if free:
-                slots[i] = free[-1]
-            else:  # held by a running row, or taken by a row of this prefill: copied before any is written
-                sources[i] = min(holders)
-            self.prefix.touch(slots[i] if free else sources[i])
-        fresh = iter(self._free(slots.count(-1), besides={s for s in slots if s >= 0}))
+            whole = [s for s in free if self.prefix.blocks(s) <= 2 * blocks]
+            if whole:
+                slots[i] = whole[0]
+            else:  # held by a running row, taken by a row of this prefill, or more cached there than this
+                sources[i] = free[0] if free else min(holders)  # row reuses: copied before any is written
+            self.prefix.touch(slots[i] if slots[i] >= 0 else sources[i])
+        taken = {s for s in slots if s >= 0}
+        rows = len(held) + len(prompts)
+        try:  # a free slot copied from stays cached, unless no other slot is left
+            fresh = iter(self._fresh(slots.count(-1), taken | {s for s in sources if s >= 0}, rows))
+        except RuntimeError:
+            fresh = iter(self._fresh(slots.count(-1), taken, rows))
         return pasts, [s if s >= 0 else next(fresh) for s in slots], sources
 
     def _chain(self, row: Row, tokens: list[int]) -> list[bytes] | None:
@@ -231,13 +264,35 @@ class BatchGenerator:
             self.prefix.assign(slot, hashes)
 
     def prefix_stats(self) -> PrefixStats:
-        """Prefix cache queries and hits since start (tokens), and what the free slots cache now."""
+        """Prefix cache queries and hits since start (tokens), and what the free slots cached at the last
+        prefill, `select` or compaction. Safe from any thread: a snapshot the generator's thread published."""
+        return self._stats
+
+    def _publish(self) -> None:
+        """Publish a fresh `PrefixStats` (the generator's thread only: it reads the index and the live states)."""
         if self.prefix is None:
-            return PrefixStats(0, 0, 0, 0)
+            return
         held = self._held()
         blocks = [self.prefix.blocks(s) for s in range(self.plan.slots) if s not in held]
         cached = sum(blocks) * BLOCK * self.shape.token_bytes * self.ranks
-        return PrefixStats(self._queries, self._hits, sum(1 for b in blocks if b), cached)
+        requests, queries, hits, p_requests, p_queries, p_hits = self._counts
+        slots = sum(1 for b in blocks if b)
+        self._stats = PrefixStats(queries, hits, slots, cached, requests, p_requests, p_queries, p_hits)
+
+    def _move(self, sources: list[int], targets: list[int], length: int) -> None:
+        """Copy positions below `length` of `sources` into `targets` (all read before any is written), keeping
+        the prefix index true: the targets' entries are dropped before the copy, which may fail part way (a
+        layer written, the next out of memory), and each target takes its source's blocks below `length` only
+        once the copy has succeeded."""
+        if self.prefix is None:
+            self._copy(sources, targets, length)
+            return
+        kept = [(self.prefix.hashes(s)[: length // BLOCK], self.prefix.used(s)) for s in sources]
+        for target in targets:
+            self.prefix.forget(target)
+        self._copy(sources, targets, length)
+        for target, (blocks, used) in zip(targets, kept, strict=True):
+            self.prefix.assign(target, blocks, used)
 
     def _prefill_into(
         self, prompts: list[list[int]], audios: list[np.ndarray], slots: list[int], past: int = 0
@@ -280,7 +335,7 @@ class BatchGenerator:
         for i, tail in enumerate(tails):
             ids[i, : len(tail)] = torch.tensor(tail)
         out = self.model.model.language_model(
-            inputs_embeds=self._embed(ids, audios, self._tail_audio(prompts, past)),
+            inputs_embeds=self._embed(ids, *self._tail_audio(prompts, audios, past)),
             attention_mask=self._causal(len(tails), past, width),
             position_ids=upload(torch.arange(past, past + width).unsqueeze(0), self.device),
             cache=SlotPrefillCache(self.cache.keys, self.cache.values, slots, past),
@@ -296,15 +351,26 @@ class BatchGenerator:
         hidden: torch.Tensor = flat.index_select(0, upload(ends, flat.device, torch.long))
         return hidden
 
-    def _tail_audio(self, prompts: list[list[int]], past: int) -> list[int]:
-        """Which of the prompts' audio embeddings (every row's, in order) stand at positions `past`.. ."""
+    def _tail_audio(
+        self, prompts: list[list[int]], audios: list[np.ndarray], past: int
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """The audios (every row's, in order) owning a token at positions `past`.. of the prompts, and which of
+        those audios' embeddings stand there: an audio wholly inside the cached part is not encoded. An audio's
+        tokens are its 30 s windows' share of the prompts' (as `_chain` splits them); where they do not split
+        evenly, every audio is kept."""
         keep: list[int] = []
         offset = 0
         for prompt in prompts:
             total, before = prompt.count(self.audio_token_id), prompt[:past].count(self.audio_token_id)
             keep += range(offset + before, offset + total)
             offset += total
-        return keep
+        windows = np.asarray([max(1, -(-len(a) // self.log_mel.chunk_samples)) for a in audios], dtype=np.int64)
+        if not keep or not len(windows) or offset % int(windows.sum()):
+            return audios, keep
+        owner = np.repeat(np.arange(len(audios)), windows * (offset // int(windows.sum())))
+        needed = np.unique(owner[keep])
+        index = np.cumsum(np.isin(owner, needed)) - 1  # each token's row among the needed audios' embeddings
+        return [audios[int(i)] for i in needed], index[keep].tolist()
 
     def _causal(self, rows: int, past: int, queries: int) -> torch.Tensor | None:
         """The mask of `queries` new positions after `past` cached ones, nothing padded before them: each
@@ -413,10 +479,10 @@ class BatchGenerator:
             swapped = [(t, s) for t, s in zip(targets, sources, strict=True) if self.prefix.blocks(t)]
             length = max([length] + [self.prefix.blocks(t) * BLOCK for t, _ in swapped])
             pairs = list(zip(sources, targets, strict=True)) + swapped
-            self._copy([s for s, _ in pairs], [t for _, t in pairs], length)
-            self.prefix.move([s for s, _ in pairs], [t for _, t in pairs], length)
+            self._move([s for s, _ in pairs], [t for _, t in pairs], length)
         for i, slot in zip(moving, targets, strict=True):
             state.slots[i] = slot
+        self._publish()
 
     def _mask(self, mask: torch.Tensor, lengths: list[int], queries: int) -> torch.Tensor | None:
         """The attention mask handed to transformers for `queries` new positions, in the form its
@@ -459,16 +525,15 @@ class BatchGenerator:
             for i in sorted(set(range(len(state.rows))) - seen):
                 self._retain(state.rows[i], state.slots[i], state.lengths[i])
         if copies:
-            fresh = self._free(len(copies), besides=set(slots))
+            fresh = self._fresh(len(copies), set(slots), len(self._held()) + len(keep))
             sources = [state.slots[keep[j]] for j in copies]
-            length = max(state.lengths[keep[j]] for j in copies)
-            self._copy(sources, fresh, length)
-            if self.prefix is not None:
-                self.prefix.move(sources, fresh, length)
+            self._move(sources, fresh, max(state.lengths[keep[j]] for j in copies))
             for j, slot in zip(copies, fresh, strict=True):
                 slots[j] = slot
         rows = [state.rows[i] for i in keep]
-        return self._hold(BatchState(rows, slots, [state.lengths[i] for i in keep]))
+        selected = self._hold(BatchState(rows, slots, [state.lengths[i] for i in keep]))
+        self._publish()
+        return selected
 
     def merge(self, a: BatchState, b: BatchState) -> BatchState:
         """One state with the rows of both, in that order; no cache moves. Both are spent."""
@@ -482,6 +547,26 @@ class BatchGenerator:
 
     def _held(self, besides: BatchState | None = None) -> set[int]:
         return {s for st in list(self._states) if not st.spent and st is not besides for s in st.slots}
+
+    def _fresh(self, count: int, besides: set[int], rows: int) -> list[int]:
+        """`count` free slots (not `besides`) for rows that reuse nothing, below the step's padded size for
+        `rows` running rows where there are free ones: the cache evicts the slots `_free` names, and each of
+        them at or above that size takes the cached prefix of a free low slot first (copied up), which the
+        row gets instead."""
+        chosen = self._free(count, besides)
+        if self.prefix is None:
+            return chosen
+        bound = padded(min(self.plan.slots, rows), self.sizes)
+        taken = self._held() | besides | set(chosen)
+        low = self.prefix.eviction_order([s for s in range(bound) if s not in taken])
+        high = [i for i, slot in enumerate(chosen) if slot >= bound][: len(low)]
+        if high:
+            spare = low[: len(high)]
+            length = max(self.prefix.blocks(s) for s in spare) * BLOCK
+            self._move(spare, [chosen[i] for i in high], length)
+            for i, slot in zip(high, spare, strict=True):
+                chosen[i] = slot
+        return chosen
 
     def _free(self, count: int, besides: set[int] | None = None) -> list[int]:
         """`count` slots no live state holds (nor `besides`): the lowest, or with prefix caching the empty

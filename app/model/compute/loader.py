@@ -23,9 +23,15 @@ from urllib.parse import urlparse
 import torch
 
 from app.config import TINY_MODEL, TINY_REALTIME_MODEL, Settings
-from app.model.compute.footprint import loaded_bytes
+from app.model.compute.footprint import Format, format_bytes, loaded_bytes
 from app.model.compute.parallel import Followers
-from app.model.compute.quantization import keep_compute_dtype, load_config, refusal, saved_quantization
+from app.model.compute.quantization import (
+    Quantization,
+    keep_compute_dtype,
+    load_config,
+    refusal,
+    saved_quantization,
+)
 from app.model.compute.slots import CacheShape
 from app.model.fingerprint import system_fingerprint
 from app.model.tiny import build_tiny_model, build_tiny_realtime_model, is_tiny
@@ -75,6 +81,26 @@ def preflight(settings: Settings) -> None:
         if Path(settings.model).is_dir():
             check_checkpoint_files(Path(settings.model))
     _check_quantization(settings, device)
+    check_sharding(settings, settings.model)
+
+
+def check_sharding(settings: Settings, model: str) -> None:
+    """Refuse `--tensor-parallel-size` > 1 with a Voxtral Realtime checkpoint (`model`: its name, directory or
+    hub id; one not cached yet is checked again once loaded): its streams run in rank 0's realtime engine,
+    which no other rank repeats, so the first sharded step would wait in an all-reduce for ever."""
+    if settings.tensor_parallel_size > 1 and is_realtime(model):
+        raise ModelLoadError(
+            f"--tensor-parallel-size {settings.tensor_parallel_size}: {model} is a Voxtral Realtime checkpoint, "
+            "which is served by one process; use --tensor-parallel-size 1."
+        )
+
+
+def is_realtime(model: str) -> bool:
+    """`model` (`tiny-realtime`, a directory or a cached hub id) is a Voxtral Realtime checkpoint."""
+    if model in (TINY_MODEL, TINY_REALTIME_MODEL):
+        return model == TINY_REALTIME_MODEL
+    local = Path(model) if Path(model).is_dir() else _cached(model)
+    return local is not None and _config(local).get("model_type") == REALTIME_MODEL_TYPE
 
 
 def _check_quantization(settings: Settings, device: torch.device) -> str | None:
@@ -253,6 +279,26 @@ def weights_bytes(path: Path, dtype: torch.dtype) -> int | None:
     return int(stored * ratio)
 
 
+QUANTIZED_FORMAT: dict[str, Format] = {"int8": "int8", "bitsandbytes": "nf4", "fp8": "fp8"}
+"""The weight format (app/model/compute/footprint.py) each --quantization loads the decoder's linears in."""
+
+
+def expected_weights(path: Path, dtype: torch.dtype, quantization: Quantization) -> int | None:
+    """The weights as they will be loaded: `weights_bytes` of the files, unless --quantization converts them at
+    load (a checkpoint saved quantized is its files' size), then `footprint.format_bytes` of the checkpoint's
+    config in that format, the rest in `dtype`. A Voxtral Realtime checkpoint keeps its files' size: an upper
+    bound, as its parts are not named in the footprint."""
+    config = _config(path)
+    if quantization == "none" or saved_quantization(config) is not None or "text_config" not in config:
+        return weights_bytes(path, dtype)
+    if config.get("model_type") == REALTIME_MODEL_TYPE:
+        return weights_bytes(path, dtype)
+    from transformers import VoxtralConfig
+
+    voxtral = VoxtralConfig.from_dict(config)
+    return format_bytes(voxtral, QUANTIZED_FORMAT[quantization], _itemsize(dtype)).total
+
+
 def kv_bytes(path: Path, dtype: torch.dtype, tokens: int) -> int:
     """The KV cache of `tokens` positions: keys and values of every layer, read from the checkpoint's config
     before the model is loaded (a 7B-sized Mistral where it says nothing)."""
@@ -276,10 +322,12 @@ def _device_map(settings: Settings, path: str, device: str, dtype: torch.dtype) 
         return device
     free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
     local = Path(path) if Path(path).is_dir() else _cached(path)
-    weights = weights_bytes(local, dtype) if local is not None else None
+    weights = expected_weights(local, dtype, settings.quantization) if local is not None else None
     kv = kv_wanted(settings, local, dtype)
     chosen = placement(weights or 0, kv, free, settings.device_map)
-    sizes = f"weights {'unknown' if weights is None else f'{weights / GIB:.1f} GiB'}, KV cache {kv / GIB:.1f} GiB"
+    size = "unknown" if weights is None else f"{weights / GIB:.1f} GiB"
+    quantized = "" if settings.quantization == "none" else f" as --quantization {settings.quantization} loads them"
+    sizes = f"weights {size}{quantized}, KV cache {kv / GIB:.1f} GiB"
     gpus = ", ".join(f"cuda:{i} {f / GIB:.1f} GiB free" for i, f in enumerate(free))
     log.info("placing the model on %s (%s at most; %s)", chosen, sizes, gpus)
     room = min(free[0], int(settings.gpu_memory_utilization * torch.cuda.mem_get_info(0)[1]))
@@ -333,8 +381,7 @@ def model_class(path: str) -> Any:
     (a local directory or a cached hub id), else Voxtral."""
     from transformers import VoxtralForConditionalGeneration, VoxtralRealtimeForConditionalGeneration
 
-    local = Path(path) if Path(path).is_dir() else _cached(path)
-    if local is not None and _config(local).get("model_type") == REALTIME_MODEL_TYPE:
+    if is_realtime(path):
         return VoxtralRealtimeForConditionalGeneration
     return VoxtralForConditionalGeneration
 
@@ -388,6 +435,7 @@ def load_model(settings: Settings) -> LoadedModel:
             "access or no cached copy; download it first or pass a local directory. "
             "For a demo without weights use --model tiny."
         ) from exc
+    check_sharding(settings, path)  # a hub id is known only once fetched
     model.eval()
     keep_compute_dtype(model, dtype)
     log_memory(model)

@@ -17,11 +17,19 @@ last bits of each rank's logits. Followers drop their logits.
 After each piece of work every follower answers (None, or its error's type and text). Ranks that disagree
 (one failed, one did not) no longer hold the same cache: `on_lost` is told and the server stops; the same
 error on every rank (an input both rejected) fails only the rows, as in one process.
+
+No wait on the followers is unbounded (a rank that fails alone must not leave the others in an all-reduce
+for ever): the ranks meet in every collective, so once rank 0's part is done a follower's answer is a short
+tail away; one that has not answered within `Followers.timeout_s` is hung (stuck in a collective rank 0 left,
+or stopped) and the ranks are lost. Collectives themselves time out as fast once loaded (app/model/ranks.py).
+Once lost, every piece of work fails at once: no collective is entered with ranks out of step.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -58,6 +66,9 @@ class Followers:
     group: Any
     """The tensor-parallel process group (torch.distributed)."""
     on_lost: Callable[[str], None]
+    timeout_s: float
+    """How long rank 0 waits for a follower to take a prefill and to answer a piece of work once its own part is
+    done (--tensor-parallel-timeout-s); past it the ranks are lost."""
 
 
 class LeaderGenerator(BatchGenerator):
@@ -66,6 +77,8 @@ class LeaderGenerator(BatchGenerator):
     def __init__(self, model: Any, pad_token_id: int, log_mel: LogMel, followers: Followers, **kwargs: Any) -> None:
         super().__init__(model, pad_token_id, log_mel, group=followers.group, **kwargs)
         self.followers = followers
+        self.lost: str | None = None
+        """Why the ranks no longer hold the same cache (they fell out of step, one is gone or silent)."""
         q = self.model.model.language_model.layers[0].self_attn.q_proj.weight
         log.info(
             "tensor-parallel over %d ranks: each holds %d of %d query heads, %d KV heads (q_proj %s of %s)",
@@ -93,12 +106,9 @@ class LeaderGenerator(BatchGenerator):
 
     def _mirrored(self, name: str, here: Callable[..., T], *args: Any) -> T:
         """`here(*args)` on this rank and `name(*args)` on every follower; raises what this rank raised."""
-        try:
-            for pipe in self.followers.pipes:
-                pipe.send((name, args))
-        except OSError as exc:
-            self._lose(f"a tensor-parallel rank is gone ({exc})")
-            raise
+        if self.lost is not None:
+            raise RuntimeError(f"the tensor-parallel ranks are lost ({self.lost}); the server is stopping")
+        self._send(name, args)
         mine: BaseException | None = None
         try:
             result = here(*args)
@@ -111,18 +121,46 @@ class LeaderGenerator(BatchGenerator):
             raise mine
         return result
 
+    def _send(self, name: str, args: tuple[Any, ...]) -> None:
+        """Hand the work to every follower. A step's or a move's few hundred bytes always fit the pipe's buffer
+        (a follower reads each piece before it answers, and rank 0 waits for the answers); a prefill's audio may
+        not, so a follower that takes none within the timeout is lost (the server stops, ending the wait)."""
+        timeout, guard = self.followers.timeout_s, None
+        if name == "_prefill_into":
+            guard = threading.Timer(
+                timeout, self._lose, args=(f"a tensor-parallel rank took no work in {timeout:g} s",)
+            )
+            guard.daemon = True
+            guard.start()
+        try:
+            for pipe in self.followers.pipes:
+                pipe.send((name, args))
+        except OSError as exc:
+            self._lose(f"a tensor-parallel rank is gone ({exc})")
+            raise
+        finally:
+            if guard is not None:
+                guard.cancel()
+
     def _answers(self) -> list[Answer]:
+        """Each follower's answer, or why there is none: gone, or silent past the timeout (hung or stopped)."""
         answers: list[Answer] = []
+        deadline = time.monotonic() + self.followers.timeout_s
         for rank, pipe in enumerate(self.followers.pipes, start=1):
             try:
-                answers.append(pipe.recv())
+                if pipe.poll(max(0.0, deadline - time.monotonic())):
+                    answers.append(pipe.recv())
+                else:
+                    answers.append(f"rank {rank} did not answer within {self.followers.timeout_s:g} s")
             except (EOFError, OSError):
                 answers.append(f"rank {rank} is gone")
         return answers
 
     def _lose(self, reason: str) -> None:
-        log.critical("%s: stopping the server", reason)
-        self.followers.on_lost(reason)
+        if self.lost is None:
+            self.lost = reason
+            log.critical("%s: stopping the server", reason)
+            self.followers.on_lost(reason)
 
 
 def _answer(exc: BaseException | None) -> Answer:

@@ -3,7 +3,8 @@
 Interface (stable; serving, metrics and benchmarks build on it):
 - `Row.cache_salt: str | None` (in: None shares prefixes across every request of the model, a string keeps
   them among rows of the same salt, vLLM's `cache_salt`) and `Row.cached_tokens: int` (out: prompt tokens
-  taken from the cache at the row's first prefill);
+  taken from the cache at the row's first prefill, in whole blocks, vLLM's `num_cached_tokens`: a fully cached
+  prompt of 32 tokens prefills only its last one, yet counts 16, as vLLM, which recomputes that whole block);
 - `BatchGenerator(..., prefix_caching=True)`, and `BatchGenerator.prefix_stats() -> PrefixStats`.
 
 Cached prefixes live in the slots (app/model/compute/slots.py): a slot no row holds keeps what its last row
@@ -15,8 +16,9 @@ and one different sample keys every one of its tokens differently (the encoder's
 audio). The first block's hash mixes in the model and the row's salt.
 
 Invariant: a slot's entries name only blocks its positions hold, at those positions. Whoever writes a slot
-(prefill, a slot move, a fan-out copy) drops or moves its entries first; a row that leaves registers its
-final tokens (prompt and generated, as far as the cache holds them).
+(prefill, a slot move, a fan-out copy) drops its entries before the write and names what it holds only once
+the write has succeeded (a copy may fail part way, one layer written); a row that leaves registers its final
+tokens (prompt and generated, as far as the cache holds them).
 """
 
 from __future__ import annotations
@@ -33,16 +35,26 @@ BLOCK = 16
 
 @dataclass(frozen=True)
 class PrefixStats:
-    """vLLM's `prefix_cache_queries` / `prefix_cache_hits` meaning, and what the cache holds now."""
+    """vLLM's `PrefixCacheStats` meanings (`prefix_cache_queries` / `prefix_cache_hits`), since start, and what
+    the cache holds. A preempted row's recompute is counted apart (`preempted_*`), as vLLM does; hits are
+    whole blocks (`Row.cached_tokens`). Immutable: the generator's thread publishes one, any thread reads it."""
 
     queries: int
-    """Prompt tokens looked up, since start."""
+    """Prompt tokens looked up at first prefills."""
     hits: int
-    """Of them, tokens found cached (not prefilled), since start."""
+    """Of them, tokens found cached, in whole blocks."""
     cached_slots: int
-    """Slots no row holds whose content is a cached prefix, now."""
+    """Slots no row holds whose content is a cached prefix."""
     cached_bytes: int
-    """The KV bytes of those prefixes (their full blocks), now."""
+    """The KV bytes of those prefixes (their full blocks)."""
+    requests: int = 0
+    """Rows looked up at first prefills."""
+    preempted_requests: int = 0
+    """Preempted rows recomputed (prompt and generated tokens)."""
+    preempted_queries: int = 0
+    """Their tokens looked up."""
+    preempted_hits: int = 0
+    """Of them, tokens found cached, in whole blocks."""
 
 
 def seed(model: str, salt: str | None) -> bytes:
@@ -105,13 +117,21 @@ class PrefixIndex:
             found, slots = count, holders
         return found, set(slots)
 
-    def assign(self, slot: int, hashes: Sequence[bytes]) -> None:
-        """`slot` now holds exactly the blocks `hashes` (its former entries dropped); used now."""
+    def assign(self, slot: int, hashes: Sequence[bytes], used: int | None = None) -> None:
+        """`slot` now holds exactly the blocks `hashes` (its former entries dropped); used now, or at `used`
+        (a prefix moved between slots keeps its place in the eviction order)."""
         self.forget(slot)
         self._blocks[slot] = list(hashes)
         for block in hashes:
             self._where.setdefault(block, set()).add(slot)
-        self.touch(slot)
+        if used is None:
+            self.touch(slot)
+        else:
+            self._used[slot] = used
+
+    def used(self, slot: int) -> int:
+        """When `slot` was last used (a logical clock)."""
+        return self._used[slot]
 
     def forget(self, slot: int) -> None:
         """`slot` holds no known block (about to be overwritten)."""
@@ -123,12 +143,9 @@ class PrefixIndex:
                     del self._where[block]
         self._blocks[slot] = []
 
-    def move(self, sources: Sequence[int], targets: Sequence[int], length: int) -> None:
-        """Positions below `length` of `sources` were copied into `targets` (all read before any was
-        written): each target holds its source's blocks below `length`."""
-        kept = [self._blocks[s][: length // BLOCK] for s in sources]
-        for target, blocks in zip(targets, kept, strict=True):
-            self.assign(target, blocks)
+    def hashes(self, slot: int) -> list[bytes]:
+        """The blocks `slot` holds, first first."""
+        return list(self._blocks[slot])
 
     def touch(self, slot: int) -> None:
         self._clock += 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -81,6 +81,13 @@ class CacheShape:
         head_dim = getattr(text_config, "head_dim", None) or int(text_config.hidden_size) // heads
         kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
         return cls(int(text_config.num_hidden_layers), kv_heads, int(head_dim), dtype)
+
+    def per_rank(self, ranks: int) -> CacheShape:
+        """What one of `ranks` tensor-parallel ranks holds: its share of the KV heads (transformers' `tp_plan`
+        splits k_proj and v_proj by output rows, so each rank keeps `kv_heads / ranks` heads)."""
+        if self.kv_heads % ranks:
+            raise ValueError(f"{self.kv_heads} KV heads do not split evenly over {ranks} tensor-parallel ranks")
+        return replace(self, kv_heads=self.kv_heads // ranks)
 
 
 @dataclass(frozen=True)

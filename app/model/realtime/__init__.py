@@ -27,7 +27,8 @@ Threading: not thread-safe. One worker thread owns the engine and makes every ca
 audio and takes results through queues.
 
 Memory: `StreamPool` allocates, per slot, the convolutions' left context and rings of the last
-`sliding_window - 1` keys and values per layer (encoder and decoder windows as the checkpoint defines them),
+`sliding_window - 1 + step` keys and values per layer (a steady forward writes its keys into the ring, then
+attends over it in place) (encoder and decoder windows as the checkpoint defines them),
 so caches are constant over a stream's life (`cache_bytes`); the host keeps per stream only audio not yet
 read (about one step's window while the ticks keep up: `backlog` says when they do not).
 

@@ -3,6 +3,7 @@ docstring, app/model/realtime/__init__.py)."""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +82,7 @@ class RealtimeEngine:
         self._pieces = pieces if pieces is not None else _pieces(tokenizer.tokenizer)
         self._sizes = batch_sizes(max_streams) if pad_batches else None
         self._streams: dict[int, _Stream] = {}
-        self._free = list(range(max_streams - 1, -1, -1))
+        self._free = list(range(max_streams))  # a heap: streams take the lowest free slot (see `_padded_slots`)
         self._next_id = 0
         self._device = next(model.parameters()).device
 
@@ -93,7 +94,7 @@ class RealtimeEngine:
         tokens = delay_tokens(delay, self.default_delay_ms)
         if not self._free:
             raise RuntimeError(f"all {self.pool.slots} realtime stream slots are in use")
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         self.pool.reset(slot)
         stream_id, self._next_id = self._next_id, self._next_id + 1
         decoder = IncrementalDecoder.from_bytes(lambda ids: b"".join(self._pieces[i] for i in ids))
@@ -121,12 +122,11 @@ class RealtimeEngine:
         """Forget the stream and free its slot (at once: between ticks). Unknown ids are ignored."""
         state = self._streams.pop(stream, None)
         if state is not None:
-            self._free.append(state.slot)
+            heapq.heappush(self._free, state.slot)
 
     def backlog(self, stream: int) -> int:
         """Tokens the stream's audio allows that no tick has emitted yet (1 while keeping up)."""
-        state = self._streams[stream]
-        return self.geometry.tokens_ready(state.received, state.delay) - state.emitted
+        return self._backlog(self._streams[stream])
 
     def held_samples(self, stream: int) -> int:
         """Audio samples the host keeps for the stream: at most one step's window and what came since the last
@@ -136,6 +136,14 @@ class RealtimeEngine:
     def ready(self) -> bool:
         """Whether a tick would step any stream."""
         return any(self._due(s) for s in self._streams.values())
+
+    def lagging(self) -> bool:
+        """Whether any stream has more than one token ready: it fell behind, or flushed (its padding is all
+        there): the caller should not hold the next tick back."""
+        return any(self._due(s) and self._backlog(s) > 1 for s in self._streams.values())
+
+    def _backlog(self, state: _Stream) -> int:
+        return self.geometry.tokens_ready(state.received, state.delay) - state.emitted
 
     @property
     def streams(self) -> int:
@@ -159,6 +167,7 @@ class RealtimeEngine:
             rows += len(group)
             padded_rows += len(group)
         if steps:
+            steps.sort(key=lambda sid: self._streams[sid].slot)  # slot order: one contiguous range, commonly
             size = padded(len(steps), self._sizes) if self._sizes else len(steps)
             results |= self._run(steps, self._step_rows(steps, size))
             rows += len(steps)
@@ -216,14 +225,28 @@ class RealtimeEngine:
         filler = size - len(group)
         audio += [np.zeros(g.step_samples, dtype=np.float32)] * filler
         per_token = self.downsample_frames
+        slots, span = self._padded_slots(slots, size)
         return Rows(
-            slots=self._tensor(slots + [self.pool.scratch] * filler),
+            slots=self._tensor(slots),
             features=self._log_mel(np.stack(audio), center=False),
             tokens=self._tensor(tokens + [[0]] * filler),
             encoder_seen=self._tensor([s * per_token for s in seen] + [0] * filler),
             decoder_seen=self._tensor(seen + [0] * filler),
             delays=self._tensor(delays + [0] * filler),
+            span=span,
         )
+
+    def _padded_slots(self, slots: list[int], size: int) -> tuple[list[int], slice | None]:
+        """The step's slots (ascending) padded to `size` rows, and their range when it is contiguous. Padding
+        rows take the slots that follow when no live stream holds them (free slots: a stream that takes one
+        later starts at position 0, so what padding wrote there is masked; or the scratch slot), so streams in
+        the lowest slots, all due, read their caches as one view; otherwise padding rows use the scratch slot."""
+        first, end = slots[0], slots[0] + size
+        live = {state.slot for state in self._streams.values()}
+        contiguous = slots == list(range(first, first + len(slots))) and end <= self.pool.scratch + 1
+        if contiguous and live.isdisjoint(range(first + len(slots), end)):
+            return list(range(first, end)), slice(first, end)
+        return slots + [self.pool.scratch] * (size - len(slots)), None
 
     @property
     def downsample_frames(self) -> int:

@@ -24,7 +24,8 @@ class Rows:
 
     `features` [rows, mels, frames]: the log-mel of each row's new audio; `tokens` [rows, new]: decoder inputs
     (the prompt at the first forward, else the last emitted token); `encoder_seen` / `decoder_seen` [rows]:
-    positions each stack has seen; `delays` [rows] delay tokens."""
+    positions each stack has seen; `delays` [rows] delay tokens; `span`: when the slots are one contiguous
+    range (slots[i] == span.start + i), the caches are read as views of it, with no gather."""
 
     slots: torch.Tensor
     features: torch.Tensor
@@ -32,6 +33,7 @@ class Rows:
     encoder_seen: torch.Tensor
     decoder_seen: torch.Tensor
     delays: torch.Tensor
+    span: slice | None = None
 
 
 class RealtimeForward:
@@ -68,14 +70,15 @@ class RealtimeForward:
         conv = self.pool.conv
         x = self._conv(self.tower.embedder.conv1, conv.conv1, rows.features, rows.slots)
         x = self._conv(self.tower.embedder.conv2, conv.conv2, x, rows.slots).permute(0, 2, 1)
-        x = self._layers(self.tower, x, RingView(self.pool.encoder, rows.slots, rows.encoder_seen), {})
+        view = RingView(self.pool.encoder, rows.slots, rows.encoder_seen, x.shape[1], rows.span)
+        x = self._layers(self.tower, x, view, {})
         x = self.tower.norm(x)
         x = x.reshape(x.shape[0], -1, self.audio_hidden * self.downsample)
         return self.projector(x)  # type: ignore[no-any-return]
 
     def _decode(self, embeds: torch.Tensor, rows: Rows) -> torch.Tensor:
         t_cond = torch.stack([self._t_cond(int(d)) for d in rows.delays.tolist()])
-        view = RingView(self.pool.decoder, rows.slots, rows.decoder_seen)
+        view = RingView(self.pool.decoder, rows.slots, rows.decoder_seen, embeds.shape[1], rows.span)
         return self.text.norm(self._layers(self.text, embeds, view, {"t_cond": t_cond}))  # type: ignore[no-any-return]
 
     def _t_cond(self, delay: int) -> torch.Tensor:

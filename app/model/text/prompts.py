@@ -82,6 +82,7 @@ class Prompter:
         audios = [a.audio_array for a in tokenized.audios]
         for audio in audios:
             samples_key(audio)  # hashed here, in a request thread: the model's thread finds it remembered
+            audio.flags.writeable = False  # the key is remembered per array: its samples may not change
         return Encoded(list(tokenized.tokens), audios)
 
 

@@ -28,12 +28,15 @@ class ConnectionGone(Exception):
 class SessionCreated:
     session_id: str
     config: SessionConfig
+    expires_at: int
+    """Unix time at which --realtime-max-session-s ends the session."""
 
 
 @dataclass(frozen=True)
 class SessionUpdated:
     session_id: str
     config: SessionConfig
+    expires_at: int
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from app.serving.prep import Prep
 from app.serving.realtime.detector import SharedDetector, SharedTurnEnd
 from app.serving.realtime.events import Emit
 from app.serving.realtime.session import Session, Shared
-from app.serving.realtime.streaming_session import StreamingSession
 from app.serving.realtime.streams import StreamLoop
 from app.serving.transcription import TranscriptionServing
 
@@ -38,7 +37,10 @@ class RealtimeServing:
         """`streams`: a Voxtral Realtime model's ticking loop (sessions then stream, and `transcriptions` is
         None); None: a Voxtral model, whose sessions transcribe each turn whole through `transcriptions`."""
         self.prep, self.metrics = prep, metrics
-        self.slots = Slots(settings.realtime_max_sessions)
+        limit = settings.realtime_max_sessions
+        self.slots = Slots(limit if streams is None else min(limit, streams.max_streams))
+        """A streaming model's sessions are at most its streams: one more would be admitted only to have every
+        utterance refused while its audio piles up."""
         detector = SharedDetector(prep)
         self.shared = Shared(
             prep=prep,
@@ -53,14 +55,16 @@ class RealtimeServing:
             turn_end=SharedTurnEnd(prep),
             streams=streams,
             blank_speech_s=settings.realtime_blank_speech_s,
+            max_session_s=settings.realtime_max_session_s,
         )
 
     def admit(self, model: str | None) -> None:
         """Take a slot for a new session, or raise (unknown model, every slot taken); `leave` gives it back."""
         self.prep.check_model(model)
         if self.slots.open >= self.slots.limit:
+            streams = "" if self.shared.streams is None else " (one per realtime stream it decodes)"
             raise TooManySessions(
-                f"This server holds at most {self.slots.limit} realtime sessions at once; retry later."
+                f"This server holds at most {self.slots.limit} realtime sessions at once{streams}; retry later."
             )
         self.slots.open += 1
         self.metrics.realtime_sessions.inc()
@@ -72,6 +76,4 @@ class RealtimeServing:
     def session(self, emit: Emit, client: str = "") -> Session:
         """A new session of an admitted client (`client`: its opaque key, whose share of the queue the session
         takes from); its events go to `emit`."""
-        if self.shared.streams is not None:
-            return StreamingSession(self.shared, emit)
         return Session(self.shared, emit, client)

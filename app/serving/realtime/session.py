@@ -1,6 +1,10 @@
 """One transcription session's state machine: typed commands in, typed events out (through `emit`).
 
-It owns the input decoder, the speech detector's stream, the uncommitted audio and the `Transcriber`.
+It owns the input decoder, the speech detector's stream, the uncommitted audio and its utterance sink
+(app/serving/realtime/sink.py): a `Transcriber` (each committed turn transcribed whole) or, over a Voxtral
+Realtime model, a `Streamer` (an utterance is a stream fed as its audio arrives, from its first audio with
+`turn_detection: null` or from speech_started with VAD; its deltas come before its `committed`; fed audio is
+not kept, except semantic_vad's last --realtime-max-utterance-s for its turn-end model; no length limit).
 The speech detector runs in a prep thread, batched with the other sessions' (`SharedDetector`), and so
 does semantic_vad's turn-end model (`SharedTurnEnd`); large appends are decoded there too. With
 `noise_reduction` on, every append is decoded and denoised (`app.denoise.Denoiser`, the session's own
@@ -14,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +36,8 @@ from app.serving.realtime.commands import AppendAudio, Command, Commit, UpdateSe
 from app.serving.realtime.config import SessionConfig
 from app.serving.realtime.detector import SharedDetector, SharedTurnEnd
 from app.serving.realtime.events import ConnectionGone, Emit, new_id
+from app.serving.realtime.sink import Sink
+from app.serving.realtime.streamer import Streamer
 from app.serving.realtime.streams import StreamLoop
 from app.serving.realtime.transcriber import Share, Transcriber
 from app.serving.realtime.turns import COMPLETE, AudioBuffer, SemanticTurns, Turn, detector
@@ -64,24 +71,24 @@ class Shared:
     """Most uncommitted audio a session holds; an append past it is refused before it is decoded."""
     turn_end: SharedTurnEnd
     streams: StreamLoop | None = None
-    """A Voxtral Realtime model's ticking loop: sessions stream (`StreamingSession`); None: turns are
+    """A Voxtral Realtime model's ticking loop: sessions stream (`Streamer`); None: turns are
     transcribed whole."""
     blank_speech_s: float = 10.0
+    max_session_s: float = 3600.0
+    """--realtime-max-session-s: a session's `expires_at`."""
 
 
 class Session:
+    """One session; how its utterances are answered is its `sink` (whole turns through the engine, or streams
+    over a Voxtral Realtime model). Invariant: `utterance` is set exactly while the sink has an utterance open
+    (every change goes through `_started`, `_end` and `_drop`)."""
+
     def __init__(self, shared: Shared, emit: Emit, client: str = "") -> None:
         """`client`: the opaque key of the client (an API key's hash, an address): its sessions share its
         places in the queue, and are served round-robin among themselves (app/engine/fairness.py)."""
-        self._setup(shared, emit)
-        assert shared.transcriptions is not None
-        share = Share(part_of(client, self.id), shared.max_pending_utterances, shared.refusals)
-        self.transcriber = Transcriber(shared.transcriptions, emit, shared.metrics, share)
-
-    def _setup(self, shared: Shared, emit: Emit) -> None:
-        """The state every kind of session has (all but how its utterances are answered)."""
         self.shared, self.emit = shared, emit
         self.id = new_id("sess")
+        self.expires_at = int(time.time() + shared.max_session_s)
         self.config = SessionConfig(model=shared.model)
         self.buffer = AudioBuffer()
         self.decoder = InputDecoder(self.config.format)
@@ -89,16 +96,27 @@ class Session:
         self.detector = detector(self.config.turn_detection)
         self.denoiser: Denoiser | None = None
         self._held: np.ndarray | None = None  # a denoiser's last output, when noise reduction was turned off
-        self.utterance: tuple[str, int] | None = None  # (item id, start sample) while speech goes on
+        self.utterance: tuple[str, int] | None = None  # (item id, start sample) while an utterance is open
+        self.fed = 0
+        """Session position up to which the open utterance's audio went to a streaming sink."""
         self.last_item: str | None = None
+        self.sink: Sink = self._sink(client)
+
+    def _sink(self, client: str) -> Sink:
+        shared = self.shared
+        if shared.streams is not None:
+            return Streamer(shared.streams, self.emit, shared.metrics, shared.blank_speech_s, self.id)
+        assert shared.transcriptions is not None
+        share = Share(part_of(client, self.id), shared.max_pending_utterances, shared.refusals)
+        return Transcriber(shared.transcriptions, self.emit, shared.metrics, share)
 
     @property
     def unanswered(self) -> int:
         """Utterances committed and not yet answered: a session waiting for them is not idle."""
-        return self.transcriber.unanswered
+        return self.sink.unanswered
 
     async def start(self) -> None:
-        await self.emit(ev.SessionCreated(self.id, self.config))
+        await self.emit(ev.SessionCreated(self.id, self.config, self.expires_at))
 
     async def handle(self, command: Command) -> None:
         """One command; a refused one is answered with an `Error` event naming it."""
@@ -123,24 +141,29 @@ class Session:
             await self._clear()
 
     async def _clear(self) -> None:
+        self._drop()
         self.buffer.clear()
-        self.utterance = None
         self.detector.restart(speaking=False)
         await self.emit(ev.Cleared())
 
     async def _update(self, command: UpdateSession) -> None:
         config = self.config.updated(command.settings, self._check_transcription)
+        self.sink.accepts(config)
         if config.format != self.config.format:
             self.decoder = InputDecoder(config.format)
         position = self.detector.position
-        if config.turn_detection is not None and self.config.turn_detection is None:
+        vad, was_vad = config.turn_detection is not None, self.config.turn_detection is not None
+        if vad and not was_vad:
             self.stream, position = VadStream(), self.buffer.end  # the detector was not fed meanwhile
-        if config.turn_detection is None:
-            self.utterance = None  # manual commits from now on: the buffer keeps what was said
+            self._drop()  # a manual utterance in progress: the detector decides where the next one starts
+        elif was_vad and not vad and not self.sink.streaming:
+            self._drop()  # manual commits from now on: the buffer keeps what was said
         await self._denoise_as(config)
         self.config = config
         self.detector = detector(config.turn_detection, position)
-        await self.emit(ev.SessionUpdated(self.id, config))
+        if vad and self.utterance is not None:  # speech goes on under the new settings
+            self.detector.restart(speaking=True)
+        await self.emit(ev.SessionUpdated(self.id, config, self.expires_at))
 
     async def _denoise_as(self, config: SessionConfig) -> None:
         """Start, retune or stop the denoiser; what a stopped one held comes before the next append's audio."""
@@ -166,9 +189,7 @@ class Session:
         samples = await self._decode(command.audio)
         self.buffer.append(samples)
         if self.config.turn_detection is None:
-            while self.buffer.end - self.buffer.start >= self._max_samples:  # one big append may hold several
-                start = self.buffer.start
-                await self._commit(self.buffer.take(start, start + self._max_samples))
+            await self._manual()
             return
         probs = await self.shared.detector.push(self.stream, samples)
         turns = self.detector.feed(probs)
@@ -181,6 +202,30 @@ class Session:
         await self._cut_if_too_long()
         if self.utterance is None:  # idle: keep only what a coming utterance's prefix padding needs
             self.buffer.drop_before(self.detector.position - self._prefix_samples)
+        self._feed(self.buffer.end)
+
+    async def _manual(self) -> None:
+        """After a manual-mode append: a streaming sink's utterance opens at its first audio and takes it as it
+        comes; a whole-turn one is committed in pieces of --realtime-max-utterance-s."""
+        if self.sink.streaming:
+            if self.utterance is None:
+                await self._started(self.buffer.start, announce=False)
+            self._feed(self.buffer.end)
+            return
+        while self.buffer.end - self.buffer.start >= self._max_samples:  # one big append may hold several
+            start = self.buffer.start
+            await self._commit(self.buffer.take(start, start + self._max_samples))
+
+    def _feed(self, upto: int) -> None:
+        """Send the open utterance's audio up to `upto` to a streaming sink, and forget what no one needs (the
+        utterance's last --realtime-max-utterance-s stay for semantic_vad's turn-end model)."""
+        if not self.sink.streaming or self.utterance is None:
+            return
+        if upto > self.fed:
+            self.sink.feed(self.buffer.peek(self.fed, upto))
+            self.fed = upto
+        keep = self.fed if self.config.turn_detection is None else self.buffer.end - self._max_samples
+        self.buffer.drop_before(keep)
 
     def _check_room(self, audio: str) -> None:
         """Refuse an append that would take the uncommitted audio past `max_buffer_s`, from its base64 length."""
@@ -246,20 +291,42 @@ class Session:
                 await self._stop_and_commit(pause.at)
         return self.detector.decided(pause, complete)
 
-    async def _started(self, start: int) -> None:
-        self.utterance = (new_id("item"), start)
-        await self.emit(ev.SpeechStarted(self.utterance[0], _ms(start)))
+    async def _started(self, start: int, announce: bool = True) -> None:
+        """Open an utterance at `start` (any open one is dropped first: the sink holds one at a time)."""
+        self._drop()
+        item = new_id("item")
+        self.sink.begin(item, self.config, speech=self.config.turn_detection is not None)
+        self.utterance, self.fed = (item, start), start
+        if announce:
+            await self.emit(ev.SpeechStarted(item, _ms(start)))
 
     async def _stop_and_commit(self, at: int) -> None:
+        await self._end(at, stopped=True)
+
+    async def _end(self, at: int, stopped: bool = False) -> None:
+        """Commit the open utterance's audio up to `at` (`stopped`: speech_stopped comes first)."""
         assert self.utterance is not None
         item, start = self.utterance
+        self._feed(at)
         self.utterance = None
-        await self.emit(ev.SpeechStopped(item, _ms(at)))
+        if stopped:
+            await self.emit(ev.SpeechStopped(item, _ms(at)))
         await self._commit(self.buffer.take(start, at), item)
 
+    def _drop(self) -> None:
+        """Abandon the open utterance, if any: its sink sends nothing for it (the buffer keeps its audio)."""
+        if self.utterance is not None:
+            self.utterance = None
+            self.sink.drop()
+
     async def _cut_if_too_long(self) -> None:
-        """An utterance reaching the limit is committed where it is; speech going on starts the next one."""
-        while self.utterance is not None and self.detector.position - self.utterance[1] >= self._max_samples:
+        """An utterance reaching the limit is committed where it is; speech going on starts the next one (a
+        streaming sink's utterance has no limit: the model's caches are windows of fixed size)."""
+        while (
+            not self.sink.streaming
+            and self.utterance is not None
+            and self.detector.position - self.utterance[1] >= self._max_samples
+        ):
             at = self.utterance[1] + self._max_samples
             await self._stop_and_commit(at)
             self.detector.restart(speaking=True)
@@ -275,10 +342,10 @@ class Session:
                 f"buffer only has {_ms(max(0, self.buffer.end - start))}ms of audio.",
                 code="input_audio_buffer_commit_empty",
             )
-        item = self.utterance[0] if self.utterance is not None else None
-        self.utterance = None
+        if self.utterance is None:  # what the buffer holds becomes the utterance (a stream opens for it now)
+            await self._started(start, announce=False)
         self.detector.restart(speaking=False)
-        await self._commit(self.buffer.take(start, self.buffer.end), item)
+        await self._end(self.buffer.end)
 
     async def _commit(self, audio: np.ndarray, item_id: str | None = None) -> None:
         item = item_id or new_id("item")
@@ -288,20 +355,23 @@ class Session:
         options = TranscriptionOptions(
             "transcribe", self.config.language, self.config.prompt, logprobs=logprobs, include_logprobs=logprobs
         )
-        self.transcriber.add(item, audio, options)
+        self.sink.commit(item, audio, options)
 
     async def close(self, *, flush: bool) -> None:
-        """`flush`: commit the utterance in progress and deliver every committed one (drain); else drop them."""
-        if flush and self.utterance is not None and self.buffer.end - self.utterance[1] >= MIN_COMMIT_S * SAMPLE_RATE:
-            await self._stop_and_commit(self.buffer.end)
+        """`flush` (idle, drain, session limit): commit the open utterance when it holds at least 100 ms (after
+        speech_stopped with VAD), drop it when shorter, and deliver every committed one; else drop them all. So
+        a `.completed` always follows its `committed`, and no stream is left open."""
+        if flush and self.utterance is not None and self._held_s(self.utterance[1]) >= MIN_COMMIT_S:
+            await self._end(self.buffer.end, stopped=self.config.turn_detection is not None)
+        self._drop()
         if flush:
-            await self.transcriber.finish()
+            await self.sink.finish()
         else:
-            self.transcriber.cancel()
+            self.sink.cancel()
 
     def cancel(self) -> None:
-        """The client is gone: stop decoding its utterances."""
-        self.transcriber.cancel()
+        """The client is gone: stop answering its utterances."""
+        self.sink.cancel()
 
     def release(self) -> None:
         """The session has ended (after `close` or `cancel`): free its audio now, and let go of the connection
@@ -310,12 +380,15 @@ class Session:
         self.buffer = AudioBuffer()
         self._held, self.denoiser = None, None
         self.emit = _gone
-        self.transcriber.release()
+        self.sink.release()
 
     @property
     def _prefix_samples(self) -> int:
         vad = self.config.turn_detection
         return int((vad.prefix_padding_ms if vad else 0) * SAMPLE_RATE / 1000)
+
+    def _held_s(self, start: int) -> float:
+        return (self.buffer.end - start) / SAMPLE_RATE
 
     @property
     def _max_samples(self) -> int:

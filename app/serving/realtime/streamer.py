@@ -19,6 +19,8 @@ from app.audio import SAMPLE_RATE
 from app.errors import InternalError, VoxtralError
 from app.metrics import Metrics
 from app.model.realtime.engine import StreamStep
+from app.model.realtime.timing import FRAME_MS
+from app.serving.realtime.config import SessionConfig
 from app.serving.realtime.events import (
     ConnectionGone,
     Emit,
@@ -26,7 +28,7 @@ from app.serving.realtime.events import (
     TranscriptionDelta,
     TranscriptionFailed,
 )
-from app.serving.realtime.streams import Delay, Stream, StreamLoop
+from app.serving.realtime.streams import Stream, StreamLoop
 from app.serving.transcripts import PieceResult, Transcript, TranscriptionOptions
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,16 @@ class Live:
     samples: int = 0
     committed_at: float | None = None
     tokens: list[int] = field(default_factory=list)
-    last_text_frame: int = 0
+    last_text_frame: int | None = None
+    """Engine frame of the last token with text (None: none yet)."""
     blank_reported: bool = False
 
 
 class Streamer:
+    """A `Sink` over the ticking loop: one `Stream` per utterance, opened at `begin`, flushed at `commit`."""
+
+    streaming = True
+
     def __init__(self, streams: StreamLoop, emit: Emit, metrics: Metrics, blank_s: float, session_id: str) -> None:
         self.streams, self.emit, self.metrics, self.blank_s, self.session_id = (
             streams,
@@ -59,16 +66,30 @@ class Streamer:
         )
         self.current: Live | None = None
         """The utterance being fed (None between utterances)."""
-        self.unanswered = 0
+        self.begun = 0
         """Utterances begun and not yet answered (completed, failed or dropped)."""
         self._pending: asyncio.Queue[Live | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = asyncio.create_task(self._deliver())
 
-    def begin(self, item_id: str, delay: Delay, speech: bool) -> None:
+    @property
+    def unanswered(self) -> int:
+        """Utterances committed and not yet answered; the one still being fed is not one (else a client that
+        falls silent mid-utterance would never be idle)."""
+        return self.begun - (self.current is not None)
+
+    def accepts(self, config: SessionConfig) -> None:
+        try:
+            self.streams.check_delay(config.delay)
+        except VoxtralError as exc:
+            exc.param = "session.audio.input.transcription.delay"
+            raise
+
+    def begin(self, item_id: str, config: SessionConfig, speech: bool) -> None:
         """Open the next utterance's stream. InvalidRequest (bad delay), RateLimited (every stream taken)."""
-        stream = self.streams.open(delay)
-        self.current = Live(item_id, stream, self.streams.check_delay(delay), speech)
-        self.unanswered += 1
+        assert self.current is None, "the session drops or commits an utterance before it begins the next"
+        stream, delay_frames = self.streams.open(config.delay)
+        self.current = Live(item_id, stream, delay_frames, speech)
+        self.begun += 1
         self._pending.put_nowait(self.current)
 
     def feed(self, samples: np.ndarray) -> None:
@@ -76,22 +97,21 @@ class Streamer:
             self.current.samples += samples.shape[0]
             self.current.stream.feed(samples)
 
-    def end(self) -> None:
-        """Commit: flush the current utterance; its `.completed` follows the final token."""
+    def commit(self, item_id: str, audio: np.ndarray, options: TranscriptionOptions) -> None:
+        """Flush the current utterance (its audio went to `feed`): its `.completed` follows the final token."""
         if self.current is not None:
             self.current.committed_at = asyncio.get_running_loop().time()
             self.current.stream.flush()
             self.current = None
 
     def drop(self) -> None:
-        """input_audio_buffer.clear: the current utterance is abandoned (no `.completed`)."""
+        """The current utterance is abandoned (no `.completed`): cleared, or too short to commit at a close."""
         if self.current is not None:
             self.current.stream.close()
             self.current = None
 
     async def finish(self) -> None:
-        """Commit what is being fed, deliver every utterance, then stop."""
-        self.end()
+        """Deliver every committed utterance, then stop (the session has dropped or committed the current one)."""
         self._pending.put_nowait(None)
         if self._task is not None:
             await self._task
@@ -107,6 +127,7 @@ class Streamer:
             self.current.stream.close()
 
     def release(self) -> None:
+        self.cancel()
         self.emit = _gone
         self._task = None
 
@@ -123,7 +144,7 @@ class Streamer:
                 await self._fail(live, InternalError("The server had an internal error while transcribing."))
             finally:
                 live.stream.close()
-                self.unanswered -= 1
+                self.begun -= 1
 
     async def _stream(self, live: Live) -> None:
         text = ""
@@ -147,14 +168,14 @@ class Streamer:
             self.metrics.realtime_turn_latency.observe(asyncio.get_running_loop().time() - live.committed_at)
 
     def _guard(self, live: Live, step: StreamStep) -> None:
-        """Count a speech stream that says nothing over `blank_s` of its audio (padding after a flush excluded)."""
+        """Count a speech stream that says nothing over `blank_s` of its audio (`blank_run`), once."""
         if step.text.strip():
             live.last_text_frame = step.frame
             return
-        heard = step.frame - live.delay_frames + 1  # frames of the utterance's audio this token speaks for
-        if not live.speech or live.blank_reported or heard * _FRAME_SAMPLES > live.samples:
+        if not live.speech or live.blank_reported:
             return
-        if (step.frame - live.last_text_frame) * _FRAME_SAMPLES / SAMPLE_RATE >= self.blank_s:
+        run = blank_run(step.frame, live.delay_frames, live.samples // _FRAME_SAMPLES, live.last_text_frame)
+        if run * FRAME_MS / 1000 >= self.blank_s:
             live.blank_reported = True
             self.metrics.realtime_blank_streams.inc()
             log.warning(
@@ -169,7 +190,20 @@ class Streamer:
         await self.emit(TranscriptionFailed(live.item_id, exc))
 
 
-_FRAME_SAMPLES = SAMPLE_RATE * 80 // 1000
+_FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
+
+
+def blank_run(frame: int, delay_frames: int, audio_frames: int, last_text_frame: int | None) -> int:
+    """Frames of the utterance's audio without text up to the token at engine frame `frame` (0 when that token
+    speaks for no audio). The token at `frame` speaks for audio frame `frame - delay_frames` (a stream's first
+    token has frame == delay_frames: the delay itself is no audio); tokens past the `audio_frames` whole frames
+    fed speak for the flush's padding. The run starts after the audio frame of the last token with text
+    (`last_text_frame`, None: none yet). Pure."""
+    audio = frame - delay_frames
+    if audio < 0 or audio >= audio_frames:
+        return 0
+    start = 0 if last_text_frame is None else max(0, last_text_frame - delay_frames + 1)
+    return max(0, audio - start + 1)
 
 
 async def _gone(event: object) -> None:

@@ -7,7 +7,10 @@ the worker applies in order, between ticks, so streams join and leave without th
 yields the stream's `StreamStep`s as ticks emit them and ends after the final one (the flush's last token).
 
 Worker side: sleep until a command comes; apply every waiting command; tick while any stream is due (applying
-commands between ticks); hand each tick's steps to the event loop in one call. The engine is touched by this
+commands between ticks); hand each tick's steps to the event loop in one call. Ticks are coalesced: a tick
+starts at least `tick_interval` after the previous one (commands applied while it waits), so streams that come
+due within the interval share one forward; a token waits at most that long for it; a lagging stream (behind,
+or flushed) ticks at once. The engine is touched by this
 thread only (it is not thread-safe).
 """
 
@@ -19,12 +22,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import numpy as np
 
-from app.errors import InternalError, InvalidRequest, RateLimited
+from app.engine.fatal import DEVICE_FAILED, device_failure
+from app.engine.stats import SchedulerStats
+from app.errors import DeviceFailed, InternalError, InvalidRequest, RateLimited, ShuttingDown, VoxtralError
 from app.metrics import Metrics
 from app.model.realtime.engine import RealtimeEngine, StreamStep, TickResult
 from app.model.realtime.timing import FRAME_MS, delay_tokens
@@ -82,8 +87,23 @@ Kind = Literal["open", "feed", "flush", "close"]
 class StreamLoop:
     """The worker thread and its engine; `open` streams on the event loop that called `start`."""
 
-    def __init__(self, engine: RealtimeEngine, metrics: Metrics, max_streams: int) -> None:
+    def __init__(
+        self,
+        engine: RealtimeEngine,
+        metrics: Metrics,
+        max_streams: int,
+        tick_interval: float = 0.0,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        """`on_fatal(reason)`: called once, from the worker thread, when the loop can tick no more (the device
+        failed beyond repair, app/engine/fatal.py, or the loop itself broke): every open stream is then
+        answered 503 `device_failed`, and the loop opens no more."""
         self.engine, self.metrics, self.max_streams = engine, metrics, max_streams
+        self.on_fatal = on_fatal or (lambda reason: None)
+        self._refusal: VoxtralError | None = None
+        """Set once the loop takes no more streams (stopped or failed): what `open` and open streams get."""
+        self.tick_interval = tick_interval
+        self._last_tick = float("-inf")
         self.default_delay_ms = engine.default_delay_ms
         self._commands: deque[tuple[Kind, int, Any]] = deque()
         self._sids: dict[int, int] = {}  # worker side: key -> the engine's stream id
@@ -98,13 +118,43 @@ class StreamLoop:
     def live(self) -> int:
         return len(self._streams)
 
+    def stats(self) -> SchedulerStats:
+        """vLLM's scheduler gauges for a realtime deployment: every open stream runs (each tick steps every due
+        one), none waits (a stream past the limit is refused), and the caches used are the streams' slots."""
+        return SchedulerStats(self.live, 0, self.live / self.max_streams)
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop ticking (from any thread): every open stream is answered 503 `shutting_down`, and none opens."""
+        self._end(ShuttingDown("The server is shutting down; retry the request on another replica."))
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Take no new stream; True once every open stream has closed within `timeout_s`, else `stop` (the
+        lifecycle's drain: `app.api.lifecycle.Drainable`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self._refusal = self._refusal or ShuttingDown("The server is shutting down; retry on another replica.")
+        while self.live and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.live:
+            self.stop()
+        return not self.live
+
+    def _end(self, error: VoxtralError) -> None:
+        """No more ticks: open streams get `error` (on the event loop), `open` refuses with it."""
+        self._refusal = self._refusal if self._stopped else error  # a failure's refusal stays
         self._stopped = True
         self._wake.set()
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody reads any more
+                self._loop.call_soon_threadsafe(self._answer_open, error)
+
+    def _answer_open(self, error: VoxtralError) -> None:
+        for stream in list(self._streams.values()):
+            stream.deliver(error)
 
     def check_delay(self, delay: Delay) -> int:
         """The delay's tokens, or InvalidRequest saying what is accepted."""
@@ -113,9 +163,12 @@ class StreamLoop:
         except ValueError as exc:
             raise InvalidRequest(f"Invalid delay: {exc}.", param="delay", code="invalid_value") from None
 
-    def open(self, delay: Delay) -> Stream:
-        """A new stream; InvalidRequest for a bad delay, RateLimited when --realtime-max-streams are live."""
-        self.check_delay(delay)
+    def open(self, delay: Delay) -> tuple[Stream, int]:
+        """A new stream and its delay in tokens; InvalidRequest for a bad delay, RateLimited when
+        --realtime-max-streams are live."""
+        tokens = self.check_delay(delay)
+        if self._refusal is not None:
+            raise self._refusal
         if self.live >= self.max_streams:
             raise RateLimited(
                 f"This server decodes at most {self.max_streams} realtime streams at once; retry when one ends."
@@ -123,8 +176,8 @@ class StreamLoop:
         key, self._next = self._next, self._next + 1
         stream = self._streams[key] = Stream(self, key)
         self.metrics.realtime_streams.inc()
-        self.post("open", key, delay)
-        return stream
+        self.post("open", key, tokens * FRAME_MS)  # checked: the engine gets plain milliseconds
+        return stream, tokens
 
     def closed(self, stream: Stream) -> None:
         if self._streams.pop(stream.key, None) is not None:
@@ -138,6 +191,26 @@ class StreamLoop:
     # -- the worker thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The thread's body: whatever escapes the loop (a device failure, a bug) fails the server, never
+        silently ends the thread."""
+        try:
+            self._serve()
+        except BaseException as exc:
+            reason = device_failure(exc)
+            if reason is not None:
+                log.critical("the realtime loop's device failed (%s): the server stops", reason)
+                self._fatal(f"the device failed: {reason}", DeviceFailed(DEVICE_FAILED))
+            else:
+                log.exception("the realtime loop failed: the server stops")
+                error = InternalError("The server's realtime loop failed and the server is restarting; retry.")
+                self._fatal(f"the realtime loop failed: {type(exc).__name__}", error)
+
+    def _fatal(self, reason: str, error: VoxtralError) -> None:
+        self._refusal = error
+        self.on_fatal(reason)  # first: the probes turn unhealthy no later than the first error leaves
+        self._end(error)
+
+    def _serve(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -145,8 +218,21 @@ class StreamLoop:
                 return
             self._apply()
             while self.engine.ready() and not self._stopped:
-                self._tick()
+                self._coalesce()
+                if self.engine.ready():  # the due streams may have closed meanwhile
+                    self._tick()
                 self._apply()  # streams join and leave between ticks
+
+    def _coalesce(self) -> None:
+        """Wait until `tick_interval` after the last tick's start, applying commands as they come, so streams
+        that come due meanwhile join the tick; not while a stream lags."""
+        while not self._stopped and not self.engine.lagging():
+            left = self._last_tick + self.tick_interval - time.perf_counter()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+            self._wake.clear()
+            self._apply()
 
     def _apply(self) -> None:
         while self._commands:
@@ -173,10 +259,12 @@ class StreamLoop:
             self.engine.close(sid)
 
     def _tick(self) -> None:
-        started = time.perf_counter()
+        started = self._last_tick = time.perf_counter()
         try:
             result = self.engine.tick()
         except Exception as exc:
+            if device_failure(exc) is not None:
+                raise  # the device is unusable: no later tick can succeed (`_run`)
             log.exception("realtime tick failed: every stream in it fails")
             error = InternalError(f"The realtime model failed: {type(exc).__name__}.")
             self._hand([(key, error) for key in list(self._sids)])

@@ -22,6 +22,7 @@ from app.errors import InternalError, RateLimited, VoxtralError
 from app.metrics import Metrics
 from app.refusals import Refusals
 from app.serving.logprobs import TokenScore
+from app.serving.realtime.config import SessionConfig
 from app.serving.realtime.events import (
     ConnectionGone,
     Emit,
@@ -60,6 +61,10 @@ class Utterance:
 
 
 class Transcriber:
+    """A `Sink` that transcribes each committed utterance whole (the session's buffer holds it until then)."""
+
+    streaming = False
+
     def __init__(self, transcriptions: TranscriptionServing, emit: Emit, metrics: Metrics, share: Share) -> None:
         self.transcriptions, self.emit, self.metrics, self.share = transcriptions, emit, metrics, share
         self._pending: asyncio.Queue[Utterance | None] = asyncio.Queue()
@@ -70,7 +75,19 @@ class Transcriber:
         self.queued = 0
         """Of those, the ones sent to the engine (not refused): held against `share.max_pending`."""
 
-    def add(self, item_id: str, audio: np.ndarray, options: TranscriptionOptions) -> None:
+    def accepts(self, config: SessionConfig) -> None:
+        """Every configuration the session accepts (a delay has no meaning here)."""
+
+    def begin(self, item_id: str, config: SessionConfig, speech: bool) -> None:
+        """Nothing to open: the utterance is sent whole at `commit`."""
+
+    def feed(self, samples: np.ndarray) -> None:
+        """Never called (not streaming)."""
+
+    def drop(self) -> None:
+        """Nothing was sent for the open utterance."""
+
+    def commit(self, item_id: str, audio: np.ndarray, options: TranscriptionOptions) -> None:
         now = asyncio.get_running_loop().time()
         self.unanswered += 1
         if self.queued >= self.share.max_pending:

@@ -146,17 +146,32 @@ class AudioBuffer:
         return out
 
     def peek(self, start: int, stop: int) -> np.ndarray:
-        """Samples [start, stop) (clipped to what is held), kept."""
-        held = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
-        return held[max(0, start - self.start) : max(0, stop - self.start)]
+        """Samples [start, stop) (clipped to what is held), kept: a copy of only the chunks that overlap it, so a
+        streaming session feeding each append's tail copies that tail, not the whole utterance."""
+        low, high = max(start, self.start), min(stop, self.end)
+        parts, at = [], self.start
+        for chunk in self._chunks:
+            if at >= high:
+                break
+            end = at + chunk.shape[0]
+            if end > low:
+                parts.append(chunk[max(0, low - at) : high - at])
+            at = end
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def drop_before(self, position: int) -> None:
-        """Forget audio before `position` (idle audio older than the prefix padding)."""
+        """Forget audio before `position` (idle audio older than the prefix padding); only the chunk the cut falls
+        in is sliced (a view)."""
         cut = min(max(0, position - self.start), self._size)
         if cut == 0:
             return
-        held = np.concatenate(self._chunks)[cut:]
-        self._chunks, self._size, self.start = ([held] if held.shape[0] else []), held.shape[0], self.start + cut
+        left, chunks = cut, self._chunks
+        while chunks and chunks[0].shape[0] <= left:
+            left -= chunks[0].shape[0]
+            chunks = chunks[1:]
+        if left:
+            chunks = [chunks[0][left:], *chunks[1:]]
+        self._chunks, self._size, self.start = chunks, self._size - cut, self.start + cut
 
     def clear(self) -> None:
         self.drop_before(self.end)

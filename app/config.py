@@ -377,6 +377,12 @@ class EngineSettings(BaseSettings):
     """Audio encoder outputs kept for reuse, in bytes on the model's device (0: off): a recording sent again (a
     follow-up question about it, the same file transcribed twice) skips the audio encoder. About 110 windows of
     30 s for Voxtral Mini in bfloat16, 80 for Small; taken from the KV cache's share of the GPU."""
+    enable_prefix_caching: bool = True
+    """Keep a finished request's KV cache in its free slot, keyed by its tokens (audio by its samples), so a
+    later prompt that starts the same way (the same tool definitions, the earlier turns of a conversation, the
+    same recording) prefills only the rest (vLLM's automatic prefix caching; `cache_salt` keeps a tenant's
+    prefixes its own). Cached prefixes only use slots no running row holds, least recently used given up
+    first. Off (--no-enable-prefix-caching): every prompt prefills from its first token."""
     enforce_eager: bool = False
     """Never capture CUDA graphs: every decode step runs eagerly, paying the host a launch per kernel (slower
     per token, most at small batches), for a faster start-up and the graphs' memory. No effect on a CPU."""
@@ -440,6 +446,8 @@ VLLM_FLAGS: dict[str, str] = {
     "--gpu-memory-utilization": "--gpu-memory-utilization",
     "--kv-cache-memory-bytes": "--kv-cache-memory-bytes",
     "--enforce-eager": "--enforce-eager",
+    "--enable-prefix-caching": "--enable-prefix-caching",
+    "--no-enable-prefix-caching": "--no-enable-prefix-caching",
     "--quantization": "--quantization",
 }
 """vLLM's spellings of flags that mean the same here, so a `vllm serve` command line carries over (those spelled

@@ -42,6 +42,39 @@ class _CacheCollector(Collector):
         yield GaugeMetricFamily("voxtral_encoder_cache_bytes", "Bytes the audio encoder cache holds", now.bytes)
 
 
+class PrefixCounts(Protocol):
+    """What the prefix cache says of itself (`BatchGenerator.prefix_stats()`): tokens since start, bytes now."""
+
+    @property
+    def queries(self) -> int: ...
+    @property
+    def hits(self) -> int: ...
+    @property
+    def cached_bytes(self) -> int: ...
+
+
+class _PrefixCollector(Collector):
+    """vLLM's prefix cache counters, with its names, help texts and labels (as `_SchedulerCollector`'s), and the
+    bytes cached prefixes hold, read from the generator when /metrics is scraped. No `voxtral_*` twins of the
+    counters: nothing here counted them before, so one name serves dashboards and cache-aware routers alike."""
+
+    def __init__(self, counts: Callable[[], PrefixCounts], model_name: str) -> None:
+        self.counts, self.labels = counts, {"model_name": model_name, "engine": "0"}
+
+    def collect(self) -> Iterable[Metric]:
+        now = self.counts()
+        series = (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", now.queries),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", now.hits),
+        )
+        for name, help_text, value in series:
+            family = CounterMetricFamily(name, help_text, labels=list(self.labels))
+            family.add_metric(list(self.labels.values()), value)
+            yield family
+        help_text = "Bytes of KV cache that cached prompt prefixes hold (in slots no running row holds)"
+        yield GaugeMetricFamily("voxtral_prefix_cache_bytes", help_text, now.cached_bytes)
+
+
 class SchedulerCounts(Protocol):
     """What the engine holds at one moment (app/engine/stats.py `SchedulerStats`), with vLLM's meanings."""
 
@@ -198,6 +231,11 @@ class Metrics:
     def watch_encoder_cache(self, counts: Callable[[], CacheCounts]) -> None:
         """Export the audio encoder cache's counts (`voxtral_encoder_cache_{queries,hits}_total`, `_bytes`)."""
         self.registry.register(_CacheCollector(counts))
+
+    def watch_prefix_cache(self, counts: Callable[[], PrefixCounts], model_name: str) -> None:
+        """Export the prefix cache's `vllm:prefix_cache_{queries,hits}_total` (vLLM's meanings: prompt tokens
+        looked up and found) and `voxtral_prefix_cache_bytes`, labelled as `watch_scheduler`'s series."""
+        self.registry.register(_PrefixCollector(counts, model_name))
 
     def watch_scheduler(self, counts: Callable[[], SchedulerCounts | None], model_name: str) -> None:
         """Export the engine's `vllm:num_requests_{waiting,running}` and `vllm:kv_cache_usage_perc` (vLLM's

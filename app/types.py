@@ -70,6 +70,8 @@ class PreparedRequest:
     kind: Literal["transcription", "translation", "chat"]
     constraint_factory: Callable[[], Constraint] | None = None
     """Made fresh for each row in the worker thread: constraints are stateful."""
+    cache_salt: str | None = None
+    """Only prompts with the same salt share cached prefixes (vLLM's `cache_salt`); None: the unsalted pool."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -124,6 +126,9 @@ class TokenEvent:
     """One per token id, when the request asked for log-probs."""
     index: int = 0
     """Which of the request's `n` choices these tokens belong to."""
+    cached_tokens: int = 0
+    """Prompt tokens the choice's row took from the prefix cache at its prefill (the same on each of its
+    events; choice 0's is the request's: the other choices copy its prefill)."""
 
 
 @dataclass
@@ -133,6 +138,8 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: FinishReason
     prompt_tokens: int
+    cached_tokens: int = 0
+    """Of `prompt_tokens`, those taken from the prefix cache instead of prefilled (OpenAI's `cached_tokens`)."""
     queue_time_s: float = 0.0
     run_time_s: float = 0.0
     time_to_first_token_s: float | None = None

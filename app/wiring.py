@@ -99,6 +99,7 @@ class Wiring:
             return await self._streaming_context(model)
         runtime = await asyncio.to_thread(ModelRuntime.of, model, self.settings)
         self.metrics.watch_encoder_cache(runtime.generator.encoder_cache.stats)
+        self.metrics.watch_prefix_cache(runtime.generator.prefix_stats, self.settings.model_id)
         self.engine, self.runtime = self._engine(runtime), runtime
         serving = Serving(self.settings, self.engine, runtime)
         realtime = RealtimeServing(serving.prep, serving.transcriptions, self.settings, self.metrics)

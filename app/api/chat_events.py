@@ -50,7 +50,8 @@ class ChatEvents:
 
     def _usage(self, usage: Usage) -> dict[str, Any]:
         chunk = render.chat_chunk(self.id, self.model, self.fingerprint, self.created, {}, None)
-        chunk["choices"], chunk["usage"] = [], render.chat_usage(usage.prompt_tokens, usage.completion_tokens)
+        chunk["choices"] = []
+        chunk["usage"] = render.chat_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
         return chunk
 
     def _choice(

@@ -24,7 +24,7 @@ def chat_completion(result: ChatResult, model: str, fingerprint: str) -> dict[st
         "model": model,
         "system_fingerprint": fingerprint,
         "choices": [_choice(i, choice) for i, choice in enumerate(result.choices)],
-        "usage": chat_usage(result.prompt_tokens, result.completion_tokens),
+        "usage": chat_usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
     }
 
 
@@ -45,12 +45,14 @@ def tool_call(call: ParsedCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """Chat completions' usage object (the transcription shape is `transcripts.usage`)."""
+def chat_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """Chat completions' usage object (the transcription shape is `transcripts.usage`); `cached_tokens`: the
+    prompt tokens taken from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

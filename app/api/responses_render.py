@@ -70,7 +70,7 @@ def text_part(text: str) -> dict[str, Any]:
 def usage(value: TokenUsage) -> dict[str, Any]:
     return {
         "input_tokens": value.input_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": value.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": value.output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": value.input_tokens + value.output_tokens,

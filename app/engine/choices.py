@@ -35,7 +35,15 @@ def row_of(item: WorkItem, index: int = 0) -> Row:
     """The row of choice `index` of `item`'s request (the first by default): its own generator and grammar state."""
     request = item.request
     constraint = request.constraint_factory() if request.constraint_factory else None
-    return Row(request.input_ids, request.audios, request.sampling, key=item.key, constraint=constraint, index=index)
+    return Row(
+        request.input_ids,
+        request.audios,
+        request.sampling,
+        key=item.key,
+        constraint=constraint,
+        index=index,
+        cache_salt=request.cache_salt,
+    )
 
 
 def _choice(row: Row, index: int, items: Mapping[int, WorkItem]) -> Row:
@@ -56,6 +64,7 @@ def gather(item: WorkItem, index: int, result: GenerationResult) -> GenerationRe
         token_ids=first.token_ids,
         finish_reason=first.finish_reason,
         prompt_tokens=first.prompt_tokens,
+        cached_tokens=first.cached_tokens,
         queue_time_s=first.queue_time_s,
         run_time_s=max(r.run_time_s for r in ordered),
         time_to_first_token_s=first.time_to_first_token_s,

@@ -80,7 +80,8 @@ class TokenStep:
             self.metrics.ttft.observe(now - item.enqueued_at)
         reason = self.rules.reason(row, sampled.token)
         if self.rules.record(row, sampled):
-            item.push(TokenEvent([sampled.token], [sampled.logprob] if sampled.logprob else None, row.index))
+            logprobs = [sampled.logprob] if sampled.logprob else None
+            item.push(TokenEvent([sampled.token], logprobs, row.index, row.cached_tokens))
         return result(row, item, reason, now) if reason is not None else None
 
 
@@ -92,6 +93,7 @@ def result(row: Row, item: WorkItem, reason: FinishReason, now: float) -> Genera
         token_ids=list(row.generated),
         finish_reason=reason,
         prompt_tokens=len(row.input_ids),
+        cached_tokens=row.cached_tokens,
         queue_time_s=started - item.enqueued_at,
         run_time_s=now - started,
         time_to_first_token_s=first - item.enqueued_at,

@@ -57,6 +57,7 @@ class ModelRuntime:
             cache=cache,
             eager=settings.enforce_eager,
             encoder_cache_bytes=settings.encoder_cache_memory_bytes,
+            prefix_caching=settings.enable_prefix_caching,
         )
         return cls(prompter, generator, read_vocab(tekken), loaded.fingerprint)
 

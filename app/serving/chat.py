@@ -42,6 +42,8 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     """Every choice's tokens (the prompt counts once)."""
+    cached_tokens: int = 0
+    """Of `prompt_tokens`, those taken from the prefix cache."""
 
 
 class ChatAnswer:
@@ -60,7 +62,8 @@ class ChatAnswer:
             out = job.runtime.chat_output(r.token_ids, r.finish_reason, job.tool_names, stops)
             scores = chat_content(job.runtime.vocab, r.logprobs) if r.logprobs is not None else None
             choices.append(ChoiceResult(out.content, out.calls, out.finish_reason, scores))
-        return ChatResult(choices, result.prompt_tokens, sum(len(r.token_ids) for r in results))
+        completion = sum(len(r.token_ids) for r in results)
+        return ChatResult(choices, result.prompt_tokens, completion, result.cached_tokens)
 
     def deltas(self) -> AsyncIterator[ChatDelta]:
         return chat_deltas(self._job, self._ticket)
@@ -104,7 +107,7 @@ class ChatServing:
                 fields["content"] = [_part(p, audios.get((index, j))) for j, p in enumerate(message.content)]
         encoded = await self.prep.run(runtime.prompter.chat, messages, chat.prompt_tools(body))
         sampling = chat.chat_sampling(body, len(encoded.input_ids), settings)
-        prepared = PreparedRequest(encoded.input_ids, encoded.audios, sampling, "chat")
+        prepared = PreparedRequest(encoded.input_ids, encoded.audios, sampling, "chat", cache_salt=body.cache_salt)
         prepared.constraint_factory = await self.prep.run(self._constraint, spec)
         if prepared.constraint_factory is not None:
             shortest = await self.prep.run(runtime.constrainer.shortest, spec)

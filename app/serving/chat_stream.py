@@ -28,6 +28,7 @@ class ChoiceStream:
         self.job, self.index, self.runtime = job, index, job.runtime
         self.decoder = self.runtime.decoder(job.prepared.sampling.stop_strings)
         self.tokens = 0
+        self.cached_tokens = 0
         self.reader = self.runtime.call_reader()
         self.calling = False
         """A [TOOL_CALLS] came (tools on): every token from it on goes to `reader`."""
@@ -36,6 +37,7 @@ class ChoiceStream:
 
     def push(self, event: TokenEvent) -> list[Piece]:
         self.tokens += len(event.token_ids)
+        self.cached_tokens = event.cached_tokens
         if event.logprobs:
             self.pending += chat_content(self.runtime.vocab, event.logprobs)
         ids, after = event.token_ids, list[int]()
@@ -88,7 +90,7 @@ async def chat_deltas(job: ChatJob, ticket: Ticket) -> AsyncIterator[ChatDelta]:
             break
     for last in _ends(choices, ticket.final):
         yield last
-    yield Usage(job.prepared.prompt_tokens, sum(c.tokens for c in choices))
+    yield Usage(job.prepared.prompt_tokens, sum(c.tokens for c in choices), choices[0].cached_tokens)
 
 
 def _ends(choices: list[ChoiceStream], result: GenerationResult | None) -> Iterator[ChatDelta]:

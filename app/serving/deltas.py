@@ -48,6 +48,8 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Of `prompt_tokens`, those taken from the prefix cache."""
 
 
 ChatDelta = ChoiceStart | ContentDelta | ToolCallDelta | ChoiceEnd | Usage

@@ -142,7 +142,8 @@ class ResponseStore:
 
 
 def _encode(response: ResponseObject) -> str:
-    request = response.request.model_dump(mode="json", by_alias=True, exclude={"input"}, exclude_none=True)
+    left_out = {"input", "cache_salt"}  # the input is kept as the turn; a tenant's salt is a secret, never on disk
+    request = response.request.model_dump(mode="json", by_alias=True, exclude=left_out, exclude_none=True)
     items = [{"kind": type(item).__name__, **asdict(item)} for item in response.output]
     usage = asdict(response.usage) if response.usage is not None else None
     fields = {"created_at": response.created_at, "status": response.status, "completed_at": response.completed_at}

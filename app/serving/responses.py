@@ -44,7 +44,7 @@ class ResponseAnswer:
     async def result(self) -> ResponseObject:
         result = await self._chat.result()
         choice = result.choices[0]
-        usage = TokenUsage(result.prompt_tokens, result.completion_tokens)
+        usage = TokenUsage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
         return await self._finish(output_items(choice), choice.finish_reason, usage)
 
     async def deltas(self) -> AsyncIterator[ResponseDelta]:
@@ -53,7 +53,7 @@ class ResponseAnswer:
         stream, usage = OutputStream(), None
         async for delta in self._chat.deltas():
             if isinstance(delta, Usage):
-                usage = TokenUsage(delta.prompt_tokens, delta.completion_tokens)
+                usage = TokenUsage(delta.prompt_tokens, delta.completion_tokens, delta.cached_tokens)
             for out in stream.push(delta):
                 yield out
         yield Finished(await self._finish(tuple(stream.items), stream.finish_reason, usage))

@@ -59,6 +59,7 @@ def chat_request(body: CreateResponseRequest, conversation: list[Message]) -> Ch
         tool_choice=_tool_choice(body),
         parallel_tool_calls=body.parallel_tool_calls,
         response_format=_format(body),
+        cache_salt=body.cache_salt,
     )
 
 

@@ -157,3 +157,5 @@ class CreateResponseRequest(_Wire):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     metadata: dict[str, str] | None = None
     user: str | None = None
+    cache_salt: str | None = Field(default=None, min_length=1)
+    """vLLM's extra field, as chat's: only requests with the same salt share cached prompt prefixes."""

@@ -53,6 +53,8 @@ OutputItem = MessageOut | CallOut
 class TokenUsage:
     input_tokens: int
     output_tokens: int
+    cached_tokens: int = 0
+    """Of `input_tokens`, those taken from the prefix cache (0 in responses stored before it was counted)."""
 
 
 @dataclass(frozen=True)

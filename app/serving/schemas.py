@@ -117,6 +117,8 @@ class ChatCompletionRequest(_Wire):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
+    cache_salt: str | None = Field(default=None, min_length=1)
+    """vLLM's extra field: only requests with the same salt share cached prompt prefixes (a tenant's secret)."""
 
     def stop_list(self) -> list[str]:
         """Empty strings dropped: every text contains "", so one would end each answer after a token."""

@@ -71,6 +71,9 @@ def test_vllm_flag_spellings_carry_over() -> None:
     s = Settings(_cli_parse_args=cli_args(kv))  # type: ignore[call-arg]
     assert (s.gpu_memory_utilization, s.kv_cache_memory_bytes, s.enforce_eager) == (0.5, 2**30, True)
     assert Settings(_cli_parse_args=cli_args(["--enforce-eager"])).enforce_eager  # type: ignore[call-arg]
+    assert Settings().enable_prefix_caching  # on by default, as in vLLM
+    for off in (["--no-enable-prefix-caching"], ["--no_enable_prefix_caching"]):
+        assert not Settings(_cli_parse_args=cli_args(off)).enable_prefix_caching  # type: ignore[call-arg]
     assert cli_args(["--max-batch-size", "3", "--log_level", "info"]) == [
         "--max-batch-size",
         "3",

@@ -23,6 +23,7 @@ GAUGES = {
     "voxtral_gpu_memory_peak_bytes",
     "voxtral_realtime_sessions",
     "voxtral_encoder_cache_bytes",
+    "voxtral_prefix_cache_bytes",
     "voxtral_realtime_streams",
 }
 VLLM_GAUGES = {
@@ -31,6 +32,8 @@ VLLM_GAUGES = {
     "vllm:kv_cache_usage_perc",
 }
 """vLLM's names and meanings (labels `model_name`, `engine`): what a gateway's endpoint picker reads."""
+VLLM_COUNTERS = {"vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"}
+"""vLLM's prefix cache counters (prompt tokens looked up and found), with its names, meanings and labels."""
 VLLM_TWINS = {"vllm:num_requests_waiting", "vllm:num_requests_running"}
 """vLLM series a dashboard shows through their `voxtral_*` twins (the same counts, parked rows placed apart)."""
 HISTOGRAMS = {
@@ -45,4 +48,4 @@ HISTOGRAMS = {
     "voxtral_realtime_tick_seconds",
     "voxtral_realtime_tick_real_time_factor",
 }
-METRICS = COUNTERS | GAUGES | VLLM_GAUGES | HISTOGRAMS
+METRICS = COUNTERS | GAUGES | VLLM_GAUGES | VLLM_COUNTERS | HISTOGRAMS

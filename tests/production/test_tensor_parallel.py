@@ -118,6 +118,7 @@ def repeated_prompt(client: OpenAI) -> Any:
     turns += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "Why?"}]
     follow = client.chat.completions.create(model="tiny", messages=turns, max_tokens=12, temperature=0)  # type: ignore[arg-type]
     assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens > 0 and follow.usage.prompt_tokens_details.cached_tokens > 0
     return [first, again, follow]
 
 

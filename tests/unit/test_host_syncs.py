@@ -109,7 +109,11 @@ def _fan_out(gen: BatchGenerator, state: BatchState, logits: torch.Tensor) -> tu
     for key, row in enumerate(state.rows):
         row.key = key
         request = SimpleNamespace(
-            input_ids=row.input_ids, audios=row.audios, sampling=row.sampling, constraint_factory=None
+            input_ids=row.input_ids,
+            audios=row.audios,
+            sampling=row.sampling,
+            constraint_factory=None,
+            cache_salt=row.cache_salt,
         )
         items[key] = SimpleNamespace(key=key, request=request)
     return fan_out(gen, state, logits, items)

@@ -1,4 +1,4 @@
-"""What the engine calls on the model: four operations over batch states.
+"""What the engine calls on the model: five operations over batch states.
 
 `app.model.compute.generate.BatchGenerator` is the one the server runs. The engine depends on these calls
 only, so whoever builds an engine can hand it a generator wrapped to observe or alter them.
@@ -29,6 +29,10 @@ class ModelRunner(Protocol):
 
     def merge(self, a: BatchState, b: BatchState) -> BatchState:
         """One state holding the rows of both."""
+        ...
+
+    def release(self, state: BatchState) -> None:
+        """`state`'s step failed: free its slots now, keeping nothing of them."""
         ...
 
 

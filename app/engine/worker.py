@@ -291,6 +291,7 @@ class ModelWorker:
             self._preempt(rows, exc)
         except Exception as exc:
             self._state = self._logits = None
+            self.generator.release(state)  # its slots free now: the error's traceback may outlive this step
             self._fail(self._items_of(rows), exc)
         else:
             self.scheduler.cap.on_clean_step()

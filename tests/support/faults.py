@@ -46,6 +46,9 @@ class FaultyGenerator:
     def select(self, state: BatchState, keep: list[int]) -> BatchState:
         return self._inner.select(state, keep)
 
+    def release(self, state: BatchState) -> None:
+        self._inner.release(state)
+
     @property
     def _inner(self) -> ModelRunner:
         assert self.inner is not None, "the engine was not built with this wrapper"

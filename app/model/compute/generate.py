@@ -535,6 +535,16 @@ class BatchGenerator:
         self._publish()
         return selected
 
+    def release(self, state: BatchState) -> None:
+        """Free the slots of `state`, whose step failed, at once (not when it is collected: a failure's traceback,
+        held by a log record, may keep it alive) and cache nothing of them: a failed step may have written part
+        of its layers. `state` is spent."""
+        state.spent = True
+        if self.prefix is not None:
+            for slot in state.slots:
+                self.prefix.forget(slot)
+            self._publish()
+
     def merge(self, a: BatchState, b: BatchState) -> BatchState:
         """One state with the rows of both, in that order; no cache moves. Both are spent."""
         a.spent = b.spent = True

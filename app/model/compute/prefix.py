@@ -90,17 +90,18 @@ def chain(
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         values[where] = np.arange(len(where)) - starts
         owner[where] = np.repeat(np.arange(len(audios)), counts)
-    flags, words = is_audio.tobytes(), values.tobytes()  # sliced per block: one conversion, not one a block
+    # One conversion each, sliced per block; an audio token's owner, -1 for the others.
+    flags, words, owners = is_audio.tobytes(), values.tobytes(), owner.tolist() if len(where) else []
     width = values.itemsize * BLOCK
     hashes: list[bytes] = []
-    for first in range(start * BLOCK, len(ids) - BLOCK + 1, BLOCK):
+    for block in range(start, len(ids) // BLOCK):
+        first = block * BLOCK
         digest = hashlib.blake2b(parent, digest_size=16)
         digest.update(flags[first : first + BLOCK])
-        digest.update(words[first // BLOCK * width : first // BLOCK * width + width])
-        if len(where) and is_audio[first : first + BLOCK].any():
-            for audio in np.unique(owner[first : first + BLOCK]):  # ascending: the order the audios come in
-                if audio >= 0:
-                    digest.update(audios[int(audio)][0])
+        digest.update(words[block * width : block * width + width])
+        for audio in sorted(set(owners[first : first + BLOCK])):  # ascending: the order the audios come in
+            if audio >= 0:
+                digest.update(audios[audio][0])
         parent = digest.digest()
         hashes.append(parent)
     return hashes

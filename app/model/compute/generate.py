@@ -47,7 +47,7 @@ from app.model.compute.encoder_cache import EncoderCache
 from app.model.compute.features import LogMel
 from app.model.compute.graphs import StepGraphs
 from app.model.compute.kvcache import PrefillCache, SlotPrefillCache
-from app.model.compute.prefix import BLOCK, PrefixIndex, PrefixStats, chain, seed
+from app.model.compute.prefix import BLOCK, PrefixIndex, PrefixStats, RowChain, chain, seed
 from app.model.compute.row import Row
 from app.model.compute.sampling import sample
 from app.model.compute.slots import (
@@ -131,6 +131,9 @@ class BatchGenerator:
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self._states: weakref.WeakSet[BatchState] = weakref.WeakSet()
         self.prefix = PrefixIndex(self.plan.slots) if prefix_caching else None
+        self._chains: weakref.WeakKeyDictionary[Row, RowChain] = weakref.WeakKeyDictionary()
+        """Each running row's block hashes from its prefill, for `_retain` to extend: popped when the row leaves
+        its slot, and gone with the row if it never does (a failed step)."""
         self.model_tag = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
         self._counts = [0] * 6  # requests, queries, hits, then the same for preempted rows' recomputes
         self._stats = PrefixStats(0, 0, 0, 0)
@@ -164,7 +167,7 @@ class BatchGenerator:
     def _prefill_cached(self, rows: Sequence[Row], prompts: list[list[int]]) -> tuple[BatchState, torch.Tensor]:
         """`prefill` with prefix caching: each row in a slot holding its longest cached prefix (or a copy of
         it), prefilled from there; rows with the same cached length in one forward pass."""
-        chains = [self._chain(row, prompt) for row, prompt in zip(rows, prompts, strict=True)]
+        chains = [self._row_chain(row, prompt) for row, prompt in zip(rows, prompts, strict=True)]
         pasts, slots, sources = self._place(prompts, chains)
         assert self.prefix is not None
         for slot in slots:
@@ -172,14 +175,15 @@ class BatchGenerator:
         try:
             hidden = self._prefill_groups(rows, prompts, pasts, slots, sources)
         except BaseException:  # a slot taken in place still holds its blocks below the row's cached length
-            for slot, past, source, hashes in zip(slots, pasts, sources, chains, strict=True):
-                if source < 0 and past and hashes is not None:
-                    self.prefix.assign(slot, hashes[: past // BLOCK])
+            for slot, past, source, known in zip(slots, pasts, sources, chains, strict=True):
+                if source < 0 and past and known is not None:
+                    self.prefix.assign(slot, known.hashes[: past // BLOCK])
             self._publish()
             raise
-        for row, slot, past, hashes, prompt in zip(rows, slots, pasts, chains, prompts, strict=True):
-            if hashes is not None:
-                self.prefix.assign(slot, hashes)
+        for row, slot, past, known, prompt in zip(rows, slots, pasts, chains, prompts, strict=True):
+            if known is not None:
+                self.prefix.assign(slot, known.hashes)
+                self._chains[row] = known
             hit = past // BLOCK * BLOCK  # whole blocks, as vLLM counts (it recomputes a partly used one)
             part = 3 if row.generated else 0  # a preempted row's recompute, counted apart (as vLLM)
             for k, amount in enumerate((1, len(prompt), hit)):
@@ -212,9 +216,7 @@ class BatchGenerator:
             hidden = hidden.index_select(0, upload(np.argsort(order).tolist(), hidden.device, torch.long))
         return hidden
 
-    def _place(
-        self, prompts: list[list[int]], chains: list[list[bytes] | None]
-    ) -> tuple[list[int], list[int], list[int]]:
+    def _place(self, prompts: list[list[int]], chains: list[RowChain | None]) -> tuple[list[int], list[int], list[int]]:
         """Each row's cached length (at most its prompt's length - 1: the last token is recomputed for its
         logits), its slot, and the slot its prefix is copied from (-1: none, the slot holds it already). The
         lowest free slot holding the prefix is taken as it is unless it caches more than twice what the row
@@ -222,8 +224,8 @@ class BatchGenerator:
         assert self.prefix is not None
         held = self._held()
         pasts, slots, sources = [0] * len(prompts), [-1] * len(prompts), [-1] * len(prompts)
-        for i, (prompt, hashes) in enumerate(zip(prompts, chains, strict=True)):
-            blocks, holders = self.prefix.match(hashes or [])
+        for i, (prompt, known) in enumerate(zip(prompts, chains, strict=True)):
+            blocks, holders = self.prefix.match(known.hashes if known is not None else [])
             pasts[i] = min(blocks * BLOCK, len(prompt) - 1)
             if pasts[i] <= 0:
                 pasts[i] = 0
@@ -246,18 +248,30 @@ class BatchGenerator:
     def _chain(self, row: Row, tokens: list[int]) -> list[bytes] | None:
         """The block hashes of `tokens` (`row`'s prompt, and what it generated) for the prefix index; None
         when its audio tokens do not divide evenly into its audios' 30 s windows."""
+        known = self._row_chain(row, tokens)
+        return None if known is None else known.hashes
+
+    def _row_chain(self, row: Row, tokens: list[int]) -> RowChain | None:
+        """`_chain`, with what extends it over tokens `row` generates later (its audios' keys, its seed)."""
         windows = [max(1, -(-len(audio) // self.log_mel.chunk_samples)) for audio in row.audios]
         total = row.input_ids.count(self.audio_token_id)
         if (windows and total % sum(windows)) or (total and not windows):
             return None
         audios = [(samples_key(a), w * total // sum(windows)) for a, w in zip(row.audios, windows, strict=True)]
         parent = seed(self.model_tag, row.cache_salt)
-        return chain(tokens, len(row.input_ids), self.audio_token_id, audios, parent)
+        hashes = chain(tokens, len(row.input_ids), self.audio_token_id, audios, parent)
+        return None if hashes is None else RowChain(audios, parent, hashes)
 
     def _retain(self, row: Row, slot: int, length: int) -> None:
-        """`row` left `slot` holding its first `length` tokens (prompt and generated): index them."""
+        """`row` left `slot` holding its first `length` tokens (prompt and generated): index them, extending
+        the hashes its prefill computed (kept while it runs) over what it generated since."""
         assert self.prefix is not None
-        hashes = self._chain(row, (row.input_ids + row.generated)[:length])
+        tokens = (row.input_ids + row.generated)[:length]
+        known = self._chains.pop(row, None)
+        if known is None:
+            hashes = self._chain(row, tokens)
+        else:
+            hashes = known.extend(tokens, len(row.input_ids), self.audio_token_id)
         if hashes is None:
             self.prefix.forget(slot)
         else:
@@ -272,11 +286,11 @@ class BatchGenerator:
         """Publish a fresh `PrefixStats` (the generator's thread only: it reads the index and the live states)."""
         if self.prefix is None:
             return
-        held = self._held()
-        blocks = [self.prefix.blocks(s) for s in range(self.plan.slots) if s not in held]
-        cached = sum(blocks) * BLOCK * self.shape.token_bytes * self.ranks
+        total, filled = self.prefix.totals()  # less what the running rows' slots hold: no walk over every slot
+        running = [self.prefix.blocks(s) for s in self._held()]
+        cached = (total - sum(running)) * BLOCK * self.shape.token_bytes * self.ranks
         requests, queries, hits, p_requests, p_queries, p_hits = self._counts
-        slots = sum(1 for b in blocks if b)
+        slots = filled - sum(1 for b in running if b)
         self._stats = PrefixStats(queries, hits, slots, cached, requests, p_requests, p_queries, p_hits)
 
     def _move(self, sources: list[int], targets: list[int], length: int) -> None:

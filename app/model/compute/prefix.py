@@ -64,11 +64,19 @@ def seed(model: str, salt: str | None) -> bytes:
 
 
 def chain(
-    tokens: Sequence[int], prompt_len: int, audio_token_id: int, audios: Sequence[tuple[bytes, int]], parent: bytes
+    tokens: Sequence[int],
+    prompt_len: int,
+    audio_token_id: int,
+    audios: Sequence[tuple[bytes, int]],
+    parent: bytes,
+    start: int = 0,
 ) -> list[bytes] | None:
-    """The chained hash of each full block of `tokens`; audio tokens are those of `tokens[:prompt_len]` equal
-    to `audio_token_id`, the i-th run of `audios[i][1]` of them standing for the audio of key `audios[i][0]`.
-    None when the prompt's audio tokens do not add up to the audios' counts (nothing is cached then)."""
+    """The chained hash of each full block of `tokens` from block `start` on (`parent`: the seed, or the hash
+    of block `start - 1`, so that `chain(t, ..., h[k - 1], k)` is `h[k:]` for `h = chain(t, ..., seed)`:
+    a row's prompt hashed once is extended over what it generates); audio tokens are those of
+    `tokens[:prompt_len]` equal to `audio_token_id`, the i-th run of `audios[i][1]` of them standing for the
+    audio of key `audios[i][0]`. None when the prompt's audio tokens do not add up to the audios' counts
+    (nothing is cached then)."""
     ids = np.asarray(tokens, dtype=np.int64)
     is_audio = np.zeros(len(ids), dtype=np.bool_)
     is_audio[:prompt_len] = ids[:prompt_len] == audio_token_id
@@ -82,17 +90,41 @@ def chain(
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         values[where] = np.arange(len(where)) - starts
         owner[where] = np.repeat(np.arange(len(audios)), counts)
+    # One conversion each, sliced per block; an audio token's owner, -1 for the others.
+    flags, words, owners = is_audio.tobytes(), values.tobytes(), owner.tolist() if len(where) else []
+    width = values.itemsize * BLOCK
     hashes: list[bytes] = []
-    for start in range(0, len(ids) - BLOCK + 1, BLOCK):
+    for block in range(start, len(ids) // BLOCK):
+        first = block * BLOCK
         digest = hashlib.blake2b(parent, digest_size=16)
-        digest.update(is_audio[start : start + BLOCK].tobytes())
-        digest.update(values[start : start + BLOCK].tobytes())
-        for audio in np.unique(owner[start : start + BLOCK]):  # ascending: the order the audios come in
+        digest.update(flags[first : first + BLOCK])
+        digest.update(words[block * width : block * width + width])
+        for audio in sorted(set(owners[first : first + BLOCK])):  # ascending: the order the audios come in
             if audio >= 0:
-                digest.update(audios[int(audio)][0])
+                digest.update(audios[audio][0])
         parent = digest.digest()
         hashes.append(parent)
     return hashes
+
+
+@dataclass
+class RowChain:
+    """A row's block hashes as far as computed, with what extends them (its audios' keys and counts, its seed):
+    its prompt is hashed once, at its prefill, and only the blocks after are hashed when it leaves."""
+
+    audios: list[tuple[bytes, int]]
+    parent: bytes
+    hashes: list[bytes]
+
+    def extend(self, tokens: Sequence[int], prompt_len: int, audio_token_id: int) -> list[bytes] | None:
+        """`chain` of `tokens` (which start with the tokens `hashes` were computed over): the known hashes,
+        then those of the blocks after them."""
+        known = self.hashes[: len(tokens) // BLOCK]
+        if len(known) * BLOCK + BLOCK > len(tokens):
+            return known
+        parent = known[-1] if known else self.parent
+        more = chain(tokens, prompt_len, audio_token_id, self.audios, parent, len(known))
+        return None if more is None else known + more
 
 
 class PrefixIndex:
@@ -105,6 +137,8 @@ class PrefixIndex:
         self._where: dict[bytes, set[int]] = {}
         self._used = [0] * slots
         self._clock = 0
+        self._total = 0
+        self._filled = 0
 
     def match(self, hashes: Sequence[bytes]) -> tuple[int, set[int]]:
         """The most leading blocks of `hashes` some slot holds, and the slots that hold that many."""
@@ -122,6 +156,8 @@ class PrefixIndex:
         (a prefix moved between slots keeps its place in the eviction order)."""
         self.forget(slot)
         self._blocks[slot] = list(hashes)
+        self._total += len(hashes)
+        self._filled += bool(hashes)
         for block in hashes:
             self._where.setdefault(block, set()).add(slot)
         if used is None:
@@ -141,6 +177,8 @@ class PrefixIndex:
                 holders.discard(slot)
                 if not holders:
                     del self._where[block]
+        self._total -= len(self._blocks[slot])
+        self._filled -= bool(self._blocks[slot])
         self._blocks[slot] = []
 
     def hashes(self, slot: int) -> list[bytes]:
@@ -153,6 +191,10 @@ class PrefixIndex:
 
     def blocks(self, slot: int) -> int:
         return len(self._blocks[slot])
+
+    def totals(self) -> tuple[int, int]:
+        """Blocks held over all slots, and the slots holding any (kept as entries change, not counted)."""
+        return self._total, self._filled
 
     def eviction_order(self, slots: Sequence[int]) -> list[int]:
         """`slots` in the order to overwrite them: empty ones first (lowest first), then least recently used."""

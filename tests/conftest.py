@@ -11,7 +11,7 @@ import httpx
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from app.config import Settings
+from app.config import TINY_REALTIME_MODEL, Settings
 from app.model.compute.loader import LoadedModel, load_model
 from tests.support.server import RunningServer, make_settings, serve
 from tests.support.speech_layout import Layout, make_layout
@@ -37,6 +37,13 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def loaded(tiny_dir: Path) -> LoadedModel:
     return load_model(make_settings(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def realtime_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The tiny Voxtral Realtime model (`--model tiny-realtime`), built and loaded once; each server or engine
+    over it allocates its own stream caches."""
+    return load_model(make_settings(tmp_path_factory.mktemp("rt"), model=TINY_REALTIME_MODEL))
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,14 @@ import numpy as np
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from app.model.compute.loader import LoadedModel, load_model
+from app.model.compute.loader import LoadedModel
 from tests.api.test_realtime_stream_loop import CHUNK, MODEL, VAD, engine_steps, metrics, quiet
 from tests.support.checks import wait_until
 from tests.support.production_server import production
 from tests.support.realtime_client import COMPLETED, Raw, encode, gap, open_session, sentence, texts
-from tests.support.server import RunningServer, make_settings, serve
+from tests.support.server import RunningServer, serve
 
 COMMITTED = "input_audio_buffer.committed"
-
-
-@pytest.fixture(scope="module")
-def realtime_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model(make_settings(tmp_path_factory.mktemp("rt"), model=MODEL))
 
 
 @pytest.fixture(scope="module")

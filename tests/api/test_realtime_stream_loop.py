@@ -20,7 +20,7 @@ import soundfile as sf
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.audio_formats import InputDecoder
-from app.model.compute.loader import LoadedModel, load_model
+from app.model.compute.loader import LoadedModel
 from app.model.realtime.engine import RealtimeEngine, StreamStep
 from app.serving.realtime.streamer import blank_run
 from tests.support.checks import wait_until
@@ -35,7 +35,7 @@ from tests.support.realtime_client import (
     texts,
 )
 from tests.support.realtime_reference import synthetic
-from tests.support.server import RunningServer, make_settings, serve
+from tests.support.server import RunningServer, serve
 
 MODEL = "tiny-realtime"
 CHUNK = chunk_bytes("audio/pcm")
@@ -45,11 +45,6 @@ speech audio without text the tiny model has over the test sentence's VAD turn a
 DELAY_FIRES = 1680
 """A delay at which the tiny model's steps over the test sentence hold such a run (the test checks it)."""
 VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
-
-
-@pytest.fixture(scope="module")
-def realtime_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model(make_settings(tmp_path_factory.mktemp("rt"), model=MODEL))
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,13 @@ import openai
 import pytest
 
 from app.audio_formats import InputDecoder
-from app.model.compute.loader import LoadedModel, load_model
+from app.model.compute.loader import LoadedModel
 from app.model.realtime.engine import RealtimeEngine
 from tests.support.realtime_client import chunk_bytes, encode, sentence, two_utterances
-from tests.support.server import RunningServer, make_settings, serve
+from tests.support.server import RunningServer, serve
 
 MODEL = "tiny-realtime"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
-
-
-@pytest.fixture(scope="module")
-def realtime_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model(make_settings(tmp_path_factory.mktemp("rt"), model=MODEL))
 
 
 @pytest.fixture(scope="module")

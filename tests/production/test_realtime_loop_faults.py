@@ -19,19 +19,13 @@ import httpx
 import pytest
 import soundfile as sf
 
-from app.model.compute.loader import LoadedModel, load_model
+from app.model.compute.loader import LoadedModel
 from app.serving.realtime.streams import StreamLoop
 from tests.support.production_server import Production, production
 from tests.support.realtime_client import sentence
-from tests.support.server import make_settings
 
 MODEL = "tiny-realtime"
 ILLEGAL = "CUDA error: an illegal memory access was encountered"
-
-
-@pytest.fixture(scope="module")
-def realtime_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model(make_settings(tmp_path_factory.mktemp("rt"), model=MODEL))
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 transformers' modules stay the loader, the prefill and the reference; a decode step instead runs here on
 their weights. Per layer: one RMS norm, ONE projection for q, k and v (their weights concatenated once, the
 modules' own weights becoming views of it, so no memory is doubled), rotary on q and k together from tables
-built once a step, keys and values written in place at each row's position, attention over the first `rows`
+built once a step, keys and values written in place at each row's position (one write), attention over the first `rows`
 slots up to `width` positions with a mask built once a step, the output projection, a second norm, ONE
 projection for gate and up, and the down projection.
 
@@ -120,32 +120,31 @@ class LeanDecoder:
         step = _Step(self, ids, positions, writes, cache.max_len, width)
         x = self._embedding(ids)
         for i, layer in enumerate(self.layers):
-            keys, values = cache.keys[i], cache.values[i]
-            if keys.device != x.device:  # a model spread over several devices
-                x, step = x.to(keys.device), step.to(keys.device)
-            x = x + self._attention(x, layer, keys, values, step)
+            kv = cache.kv[i]
+            if kv.device != x.device:  # a model spread over several devices
+                x, step = x.to(kv.device), step.to(kv.device)
+            x = x + self._attention(x, layer, kv, step)
             x = x + self._mlp(x, layer, step)
         x = x.index_select(0, order.to(x.device))
         return torch.mm(_rms(x, self.norm.to(x.device), step), self.head.t()).float()
 
-    def _attention(
-        self, x: torch.Tensor, layer: _Layer, keys: torch.Tensor, values: torch.Tensor, step: _Step
-    ) -> torch.Tensor:
-        rows, d, width = x.shape[0], self.head_dim, step.width
-        qkv = self._qkv(_rms(x, layer.norm_in, step), layer)
-        rotated = self.heads + self.kv_heads
-        qk = qkv[:, : rotated * d].view(rows, rotated, d)
-        # rotate_half(x) * sin == (x's halves swapped) * (sin with its first half negated), exactly
-        swapped = qk.view(rows, rotated, 2, d // 2).flip(-2).view(rows, rotated, d)
-        qk = qk * step.cos + swapped * step.sin
-        keys.view(-1, d).index_put_((step.flat,), qk[:, self.heads :])
-        values.view(-1, d).index_put_((step.flat,), qkv[:, rotated * d :].view(rows, self.kv_heads, d))
+    def _attention(self, x: torch.Tensor, layer: _Layer, kv: torch.Tensor, step: _Step) -> torch.Tensor:
+        """`kv`: the layer's cache buffer, [slots + 1, 2 x kv_heads, max_len, head_dim] (keys' heads, then values')."""
+        rows, d, width, kvh = x.shape[0], self.head_dim, step.width, self.kv_heads
+        heads = self.heads + 2 * kvh
+        qkv = self._qkv(_rms(x, layer.norm_in, step), layer).view(rows, heads, d)
+        # rotate_half(x) * sin == (x's halves swapped) * (sin with its first half negated), exactly; the values'
+        # heads take cos 1 and sin 0 (themselves, exactly), so q, k and v come out as one tensor whose last
+        # 2 x kv_heads heads are the row's keys and values, written with ONE index_put_.
+        swapped = qkv.view(rows, heads, 2, d // 2).flip(-2).view(rows, heads, d)
+        qkv = qkv * step.cos + swapped * step.sin
+        kv.view(-1, d).index_put_((step.flat,), qkv[:, self.heads :])
         # The query heads that share a KV head (consecutive, as transformers' repeat_kv pairs them) attend as that
         # head's queries: the same keys for each, so no GQA support is needed from any attention kernel.
         attended = F.scaled_dot_product_attention(
-            qk[:, : self.heads].view(rows, self.kv_heads, self.heads // self.kv_heads, d),
-            keys[:rows, :, :width],
-            values[:rows, :, :width],
+            qkv[:, : self.heads].view(rows, kvh, self.heads // kvh, d),
+            kv[:rows, :kvh, :width],
+            kv[:rows, kvh:, :width],
             attn_mask=step.mask,
             scale=self.scaling,
         )
@@ -195,17 +194,22 @@ class _Step:
     ) -> None:
         dtype, device = decoder.embed.dtype, ids.device
         self.width = width
-        heads = torch.arange(decoder.kv_heads, device=device)
-        self.flat = (writes.unsqueeze(1) * decoder.kv_heads + heads) * max_len + positions.unsqueeze(1)
-        """[rows, kv_heads]: where each row's key (value) of each head goes in a layer's cache viewed as
-        [slots x kv_heads x max_len, head_dim] (one `index_put_` writes a row's heads at its position)."""
+        kv = 2 * decoder.kv_heads
+        self.flat = (writes.unsqueeze(1) * kv + torch.arange(kv, device=device)) * max_len + positions.unsqueeze(1)
+        """[rows, 2 x kv_heads]: where each row's keys then values go in a layer's cache buffer viewed as
+        [slots x 2 kv_heads x max_len, head_dim] (one `index_put_` writes a row's heads at its position)."""
         freqs = positions.unsqueeze(1).float() * decoder.inv_freq.float()
         if decoder.rope_scaling != 1.0:
             freqs_cos, freqs_sin = freqs.cos() * decoder.rope_scaling, freqs.sin() * decoder.rope_scaling
         else:
             freqs_cos, freqs_sin = freqs.cos(), freqs.sin()
-        self.cos = torch.cat((freqs_cos, freqs_cos), dim=-1).to(dtype).unsqueeze(1)
-        self.sin = torch.cat((-freqs_sin, freqs_sin), dim=-1).to(dtype).unsqueeze(1)
+        rotated, rows = decoder.heads + decoder.kv_heads, ids.shape[0]
+        cos = torch.cat((freqs_cos, freqs_cos), dim=-1).to(dtype).unsqueeze(1).expand(rows, rotated, -1)
+        sin = torch.cat((-freqs_sin, freqs_sin), dim=-1).to(dtype).unsqueeze(1).expand(rows, rotated, -1)
+        kept = (rows, decoder.kv_heads, cos.shape[-1])  # the values' heads: cos 1, sin 0
+        self.cos = torch.cat((cos, torch.ones(kept, dtype=dtype, device=device)), dim=1)
+        self.sin = torch.cat((sin, torch.zeros(kept, dtype=dtype, device=device)), dim=1)
+        """[rows, heads + 2 x kv_heads, head_dim]: each head's rotary factors, the identity for the values."""
         allowed = torch.arange(width, device=device) <= positions.unsqueeze(1)
         self.mask = torch.where(allowed, decoder.zero, decoder.masked).view(-1, 1, 1, width)
         self.count = decoder.count

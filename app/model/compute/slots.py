@@ -1,8 +1,10 @@
 """The KV cache decoding runs over: allocated once, one slot of `max_len` positions a row.
 
-Each layer keeps keys and values in one buffer each, [slots + 1, kv_heads, max_len, head_dim] (head-major,
-as transformers' static cache: attention reads each head's positions as one contiguous run, and a prefill's
-[kv_heads, length, head_dim] goes in without a transpose); a row holds one slot, its position p at index p,
+Each layer keeps keys and values in one buffer, [slots + 1, 2 x kv_heads, max_len, head_dim]: the keys' heads
+then the values' (head-major, as transformers' static cache: attention reads each head's positions as one
+contiguous run, and a prefill's [kv_heads, length, head_dim] goes in without a transpose; one buffer, so a
+decode step writes a row's keys and values with one `index_put_`). `keys[i]` and `values[i]` are its two
+halves, views. A row holds one slot, its position p at index p,
 from the prefill that placed it until it leaves. Rows join and leave
 by slot index: nothing is regathered or reallocated while the server runs, and a decode step reads the
 first `rows` slots as a view (the step runs in slot order, `padded` rows wide). The last slot is scratch:
@@ -125,9 +127,11 @@ class SlotCache:
     """Keys and values of every layer, on each layer's device (`devices`)."""
 
     def __init__(self, shape: CacheShape, cache_plan: CachePlan, devices: Sequence[torch.device]) -> None:
-        size = (cache_plan.slots + 1, shape.kv_heads, cache_plan.max_len, shape.head_dim)
-        self.keys = [torch.empty(size, dtype=shape.dtype, device=device) for device in devices]
-        self.values = [torch.empty(size, dtype=shape.dtype, device=device) for device in devices]
+        size = (cache_plan.slots + 1, 2 * shape.kv_heads, cache_plan.max_len, shape.head_dim)
+        self.kv = [torch.empty(size, dtype=shape.dtype, device=device) for device in devices]
+        """Each layer's one buffer: heads 0..kv_heads-1 its keys, the rest its values."""
+        self.keys = [buffer[:, : shape.kv_heads] for buffer in self.kv]
+        self.values = [buffer[:, shape.kv_heads :] for buffer in self.kv]
         self.slots = cache_plan.slots
         self.scratch = cache_plan.slots
         """The slot padding rows write to; never read as a row's history."""
@@ -140,7 +144,7 @@ class SlotCache:
         written: a process holds the positions its steps read, not the whole allocation."""
         todo = [s for s in range(slots) if self.zeroed[s] < width]
         for start, group in _runs(todo, self.zeroed):
-            for buffer in (*self.keys, *self.values):
+            for buffer in self.kv:
                 buffer[group[0] : group[-1] + 1, :, start:width].zero_()
             for slot in group:
                 self.zeroed[slot] = width
@@ -158,7 +162,7 @@ class SlotCache:
         if not sources:
             return
         index: dict[torch.device, torch.Tensor] = {}
-        for buffer in (*self.keys, *self.values):
+        for buffer in self.kv:
             if buffer.device not in index:  # once per device, in one pinned copy: the host does not wait
                 index[buffer.device] = upload(torch.tensor([list(sources), list(targets)]), buffer.device)
             pair = index[buffer.device]

@@ -11,7 +11,9 @@ one thread. For 1, 8 and 32 rows of a few hundred text tokens (`BatchGenerator.p
 - host time: the CPU time of the (one) thread over each of `--steps` calls of `BatchGenerator.step` (median
   and min), and the ratio this tree / the other, taken within each round; the wall time beside it. On a CPU
   the host does the whole step; its thread's CPU time moves less than the wall time when other processes
-  share the cores (as bench/sampler.py measures).
+  share the cores (as bench/sampler.py measures);
+- that host time split in two: inside `scaled_dot_product_attention` (on a CPU the attention kernel runs on
+  the host; on a GPU it is one launch and device time) and the rest, each with its ratio.
 
 Each variant runs in its own subprocess with its tree first on PYTHONPATH (both trees name their modules
 alike); the parent alternates them (baseline, this tree, baseline, ...) for `--rounds` rounds, so a shared
@@ -137,14 +139,38 @@ def measure(gen: Any, rows: int, args: argparse.Namespace, count: bool, steps: i
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             gen.step(state, tokens)
         ops = compute_ops(event.name for event in prof.events())
-    wall, cpu = [], []
+    wall, cpu, attention = [], [], []
     for _ in range(steps):
+        inside[0] = 0.0
         started, started_cpu = time.perf_counter(), time.thread_time()
         gen.step(state, tokens)
         cpu.append((time.thread_time() - started_cpu) * 1e3)
         wall.append((time.perf_counter() - started) * 1e3)
+        attention.append(inside[0] * 1e3)
     del state
-    return {"rows": rows, "ops": dict(ops), "cpu_ms": cpu, "wall_ms": wall}
+    rest = [c - a for c, a in zip(cpu, attention, strict=True)]
+    return {"rows": rows, "ops": dict(ops), "cpu_ms": cpu, "wall_ms": wall, "attn_ms": attention, "rest_ms": rest}
+
+
+inside = [0.0]
+"""Thread CPU seconds spent in `scaled_dot_product_attention` during the current step (`timed_attention`)."""
+
+
+def timed_attention() -> None:
+    """Both trees call `torch.nn.functional.scaled_dot_product_attention` by attribute (the lean step, and
+    transformers' sdpa attention): wrapped, each call's thread CPU time adds to `inside`. The two clock reads
+    a call cost both trees alike (one call a layer in each)."""
+    import torch.nn.functional as F
+
+    kernel = F.scaled_dot_product_attention
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        started = time.thread_time()
+        out = kernel(*args, **kwargs)
+        inside[0] += time.thread_time() - started
+        return out
+
+    F.scaled_dot_product_attention = wrapped
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -154,6 +180,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
+    timed_attention()
     for layers in sorted(set(args.count_layers) | set(args.time_layers)):
         count = args.count and layers in args.count_layers
         steps = args.steps if layers in args.time_layers else 0
@@ -252,7 +279,12 @@ def parent(args: argparse.Namespace) -> None:
     trees = {BASELINE: args.baseline_src.resolve()} if args.baseline_src else {}
     trees[OURS] = ROOT
     counts: dict[str, dict[tuple[int, int], Counter[str]]] = {label: {} for label in trees}
-    clocks = {"cpu_ms": "Host time (the thread's CPU time)", "wall_ms": "Wall time"}
+    clocks = {
+        "cpu_ms": "Host time (the thread's CPU time)",
+        "wall_ms": "Wall time",
+        "attn_ms": "Host time inside scaled_dot_product_attention (the attention kernel itself, on a CPU)",
+        "rest_ms": "Host time outside scaled_dot_product_attention",
+    }
     times: dict[str, dict[str, dict[tuple[int, int], list[list[float]]]]] = {
         clock: {label: {} for label in trees} for clock in clocks
     }
@@ -264,7 +296,7 @@ def parent(args: argparse.Namespace) -> None:
                 if r == 0 and key[0] in args.count_layers:
                     counts[label][key] = Counter(result["ops"])
                 for clock in clocks if result["cpu_ms"] else ():
-                    times[clock][label].setdefault(key, []).append(result[clock])
+                    times[clock][label].setdefault(key, []).append(result.get(clock, []))
             print(f"round {r} {label}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     print_ops(counts, args)
     for clock, title in clocks.items():

@@ -8,38 +8,23 @@ The engine is the real one over tiny-realtime (CPU, float32); the reference is t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from prometheus_client import CollectorRegistry
 
 from app.errors import RateLimited
 from app.metrics import Metrics
+from app.model.compute.loader import LoadedModel
 from app.model.realtime.engine import RealtimeEngine, TickResult
-from app.model.tiny import build_tiny_realtime_model
 from app.serving.realtime.streams import Stream, StreamLoop
 from tests.support.realtime_reference import reference_tokens, synthetic
 
 
 @pytest.fixture(scope="module")
-def realtime(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
-    from transformers import AutoProcessor, VoxtralRealtimeForConditionalGeneration
-
-    path = build_tiny_realtime_model(Path(tmp_path_factory.mktemp("tiny-realtime")))
-    model = VoxtralRealtimeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(path)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def realtime(realtime_model: LoadedModel) -> tuple[Any, Any]:
+    return realtime_model.model, realtime_model.processor
 
 
 class _Ticks:

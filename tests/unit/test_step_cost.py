@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -70,3 +71,31 @@ def test_the_lean_step_launches_42_ops_a_layer(tmp_path: Path) -> None:
     assert sum(layer.values()) <= 42, layer
     assert layer["aten::mm"] == 4 and layer["aten::index_put_"] == 1
     assert layer["aten::scaled_dot_product_attention"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_step_writes_its_logits_into_a_shared_buffer(tmp_path: Path, dtype: torch.dtype) -> None:
+    """What every captured graph does (app/model/compute/graphs.py): logits written into rows of one buffer,
+    the same numbers as a step that returns its own, and no more ops (the head's matmul writes there, or the
+    float32 conversion does)."""
+    from app.model.compute.decoder import decoder_for
+    from app.model.compute.slots import CachePlan, CacheShape, SlotCache
+    from app.model.tiny import build_tiny_model
+
+    bench = _bench()
+    model = bench.build(build_tiny_model(tmp_path / "tiny", seed=0), 2, seed=0).to(dtype)
+    decoder = decoder_for(model)
+    cache = SlotCache(CacheShape.of(model.config.text_config, dtype), CachePlan(4, 256), [torch.device("cpu")] * 2)
+    cache.ready(128, 5)
+    packed = torch.tensor([[5, 6, 11, 11], [3, 7, 0, 0], [0, 1, 4, 4], [1, 0, 0, 0]])
+    buffer = torch.full((8, model.config.text_config.vocab_size), float("nan"))
+    with torch.inference_mode():  # as BatchGenerator steps and captures
+        want = decoder(packed, 128, cache)
+        with profile(activities=[ProfilerActivity.CPU]) as alone:
+            decoder(packed, 128, cache)
+        with profile(activities=[ProfilerActivity.CPU]) as shared:
+            got = decoder(packed, 128, cache, buffer[:4])
+    assert got.data_ptr() == buffer.data_ptr() and got.dtype == torch.float32
+    assert torch.equal(buffer[:4], want) and bool(buffer[4:].isnan().all())
+    count = [bench.compute_ops(e.name for e in p.events()).total() for p in (alone, shared)]
+    assert count[1] <= count[0], count

@@ -110,8 +110,11 @@ class LeanDecoder:
             down=_held(mlp.down_proj.weight).t(),
         )
 
-    def __call__(self, packed: torch.Tensor, width: int, cache: SlotCache) -> torch.Tensor:
-        """Float32 logits [rows, vocab] in the order of `packed[3]`.
+    def __call__(
+        self, packed: torch.Tensor, width: int, cache: SlotCache, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float32 logits [rows, vocab] in the order of `packed[3]`: a new tensor, or `out` ([rows, vocab]
+        float32, written in place: what every captured graph shares, app/model/compute/graphs.py).
 
         `packed` [4, rows] int64 on the model's first device, in slot order (row j of the step is slot j):
         0 the token fed, 1 its position, 2 the slot it is written to (the scratch slot for padding),
@@ -125,8 +128,12 @@ class LeanDecoder:
                 x, step = x.to(kv.device), step.to(kv.device)
             x = x + self._attention(x, layer, kv, step)
             x = x + self._mlp(x, layer, step)
-        x = x.index_select(0, order.to(x.device))
-        return torch.mm(_rms(x, self.norm.to(x.device), step), self.head.t()).float()
+        x = _rms(x.index_select(0, order.to(x.device)), self.norm.to(x.device), step)
+        if out is None:
+            return torch.mm(x, self.head.t()).float()
+        if x.dtype == out.dtype:
+            return torch.mm(x, self.head.t(), out=out)
+        return out.copy_(torch.mm(x, self.head.t()))
 
     def _attention(self, x: torch.Tensor, layer: _Layer, kv: torch.Tensor, step: _Step) -> torch.Tensor:
         """`kv`: the layer's cache buffer, [slots + 1, 2 x kv_heads, max_len, head_dim] (keys' heads, then values')."""

@@ -143,8 +143,11 @@ class BatchGenerator:
         """Rows that can decode at once: the cache's slots."""
         return self.plan.slots
 
+    @torch.inference_mode()
     def capture(self) -> None:
-        """Capture the step for every batch size and width (CUDA only, unless eager); call after warm-up."""
+        """Capture the step for every batch size and width (CUDA only, unless eager); call after warm-up. In
+        inference mode, as every step runs: with autograd on, each graph's logits would carry a backward graph
+        holding that graph's activations in the pool for as long as it lives."""
         if not self.eager:
             self.graphs.capture(self.sizes, self.widths)
 

@@ -2,7 +2,11 @@
 
 A captured step launches the whole decoder with one call from the host; what changes between steps are the
 values of one static input tensor (tokens, positions, write slots, output order: `LeanDecoder`'s
-`packed`), copied in from pinned host memory without a wait. The graphs share one memory pool. Shapes not
+`packed`), copied in from pinned host memory without a wait. The graphs share one memory pool, and write
+their logits into the first rows of ONE buffer [largest size, vocab] allocated before capture: a graph's own
+output would stay allocated in the pool for as long as the graph lives, every graph's apart (131,072 tokens
+of vocabulary are 0.5 MiB a row: at --max-batch-size 128, the 1,095 rows of its 20 sizes x 17 widths would
+be 9 GiB). The logits a step returns are valid until the next step, as a replayed graph's are. Shapes not
 captured (none, when `capture` ran for every size and width) run eagerly. On a CPU, or with
 `--enforce-eager`, every step runs eagerly through the same code; so does a quantized model's
 (`ModuleDecoder`): capturing torchao's and bitsandbytes' kernels is not verified on a GPU yet.
@@ -44,6 +48,8 @@ class StepGraphs:
         self._graphs: dict[Shape, _Graph] = {}
         self._pool: Any = None
         """The graphs' shared memory pool (torch's opaque handle), once the first is captured."""
+        self._logits: torch.Tensor | None = None
+        """[largest size, vocab] float32: every graph's logits, in its first rows (allocated by `capture`)."""
         self.seen: set[Shape] = set()
 
     @property
@@ -75,6 +81,8 @@ class StepGraphs:
         started = time.perf_counter()
         before = torch.cuda.memory_allocated(self.device)
         self.cache.ready(max(widths), self.cache.slots + 1)
+        vocab = self.decoder.head.shape[0]
+        self._logits = torch.empty((max(sizes), vocab), dtype=torch.float32, device=self.device)
         for width in sorted(widths, reverse=True):
             for rows in sorted(sizes, reverse=True):
                 self._graphs[(rows, width)] = self._capture(rows, width)
@@ -90,17 +98,19 @@ class StepGraphs:
         )
 
     def _capture(self, rows: int, width: int) -> _Graph:
+        assert self._logits is not None
+        out = self._logits[:rows]
         packed = torch.zeros((4, rows), dtype=torch.long, device=self.device)
         packed[2] = self.cache.scratch  # warm-up and capture write only to the scratch slot
         stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]  # torch's Stream is untyped
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.decoder(packed, width, self.cache)
+                self.decoder(packed, width, self.cache, out)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.decoder(packed, width, self.cache)
+            logits = self.decoder(packed, width, self.cache, out)
         self._pool = graph.pool()
         return _Graph(graph, packed, logits)
 

@@ -155,7 +155,9 @@ class LeanDecoder:
             attn_mask=step.mask,
             scale=self.scaling,
         )
-        return self._reduce(self._out(attended.view(rows, self.heads * d), layer))
+        # CUDA's memory-efficient kernel (the one that takes a mask) returns a transposed, non-contiguous
+        # output: reshape copies it there, and is a view of the CPU kernel's contiguous one.
+        return self._reduce(self._out(attended.reshape(rows, self.heads * d), layer))
 
     def _qkv(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         return torch.mm(x, layer.qkv)

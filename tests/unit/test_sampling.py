@@ -229,3 +229,17 @@ def test_chi_square_critical_values_are_what_the_tests_assume() -> None:
     for df, value in CHI2_999.items():
         approx = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
         assert abs(approx - value) / value < 0.08, df
+
+
+def test_draws_invert_a_float64_running_sum() -> None:
+    """The CDF a draw inverts is float64 (`sampling._cdf`): CUDA's one-row scan sums as a tree, and a masked
+    token's one-ulp step in float32 would be a chance in about 10^4 a draw of taking a refused token."""
+    from app.model.compute.sampling import _cdf, _invert
+
+    weights = torch.tensor([[0.25, 0.0, 0.5, 0.0, 0.25]])
+    cdf = _cdf(weights)
+    assert cdf.dtype == torch.float64 and torch.equal(cdf[0, 1], cdf[0, 0]) and torch.equal(cdf[0, 3], cdf[0, 2])
+    picks = [
+        int(_invert(cdf, torch.tensor([[u]], dtype=torch.float64))) for u in (0.0, 0.2499, 0.25, 0.7499, 0.75, 0.9999)
+    ]
+    assert picks == [0, 0, 2, 2, 4, 4]

@@ -264,7 +264,7 @@ def draw(scores: torch.Tensor, params: _Params, candidates: int) -> tuple[torch.
     vocab = scores.shape[1]
     if not params.truncates:
         probs = torch.softmax(scores / params.temperature, dim=-1)  # masked tokens get exactly 0
-        return _invert(probs.cumsum(-1), params.uniform), torch.zeros_like(params.uniform.squeeze(1), dtype=torch.bool)
+        return _invert(_cdf(probs), params.uniform), torch.zeros_like(params.uniform.squeeze(1), dtype=torch.bool)
     k = min(vocab, max(candidates, params.most_k))
     values, ids = topk(scores, k)  # temperature keeps the order
     best = values[:, :1]
@@ -280,7 +280,7 @@ def draw(scores: torch.Tensor, params: _Params, candidates: int) -> tuple[torch.
     keep &= (kept.cumsum(-1) - kept) < params.top_p
     reaches_end = torch.where(params.min_p > 0, by_min_p, keep[:, -1:]) & (params.top_k == 0)
     flagged = reaches_end.squeeze(1) & (k < vocab)
-    picked = _invert((probs * keep).cumsum(-1), params.uniform)
+    picked = _invert(_cdf(probs * keep), params.uniform)
     return ids.gather(1, picked.unsqueeze(1)).squeeze(1), flagged
 
 
@@ -293,6 +293,14 @@ def _weight(scores: torch.Tensor, best: torch.Tensor, temperature: torch.Tensor)
     to exp(-80) = 1.8e-35 hold at most 131,072 x 1.8e-35 of the mass together."""
     shifted = (scores / temperature).sub_(best / temperature)
     return shifted.clamp_(min=-80.0).exp_().sum(-1, keepdim=True)
+
+
+def _cdf(weights: torch.Tensor) -> torch.Tensor:
+    """The running sum of each row's weights, in float64. A token of weight 0 (refused by its grammar, or
+    underflowed) must add nothing to it, or a draw can land on it: CUDA scans a one-row tensor as a tree
+    (CUB), where rounding can leave such a token a step of one ulp of the running sum; an ulp of float64 is
+    2^29 times smaller than float32's, and so is the chance of landing on one."""
+    return weights.cumsum(-1, dtype=torch.float64)
 
 
 def _invert(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,11 @@ class SimTensor(torch.Tensor):
         return _Dispatch(SimDevice()).__torch_dispatch__(func, types, args, kwargs)
 
 
+def _set_device(device: Any) -> None:
+    if torch.device("cuda", 0) != torch.device(device if not isinstance(device, int) else f"cuda:{device}"):
+        raise RuntimeError(f"the simulated device is cuda:0, not {device}")
+
+
 @dataclass
 class SimDevice:
     """While entered, `SimTensor`s compute on their CPU data and every transfer is logged in `transfers`."""
@@ -112,13 +117,16 @@ class SimDevice:
 
     @contextmanager
     def on(self) -> Iterator[SimDevice]:
-        lazy_init = torch.cuda._lazy_init
+        """The simulated device is `cuda:0` and the current CUDA device (`set_device` to it is a no-op)."""
+        saved = torch.cuda._lazy_init, torch.cuda.current_device, torch.cuda.set_device
         torch.cuda._lazy_init = lambda: None  # type: ignore[assignment]
+        torch.cuda.current_device = lambda: 0
+        torch.cuda.set_device = _set_device
         try:
             with _Functions(self), _Dispatch(self):
                 yield self
         finally:
-            torch.cuda._lazy_init = lazy_init  # type: ignore[assignment]
+            torch.cuda._lazy_init, torch.cuda.current_device, torch.cuda.set_device = saved  # type: ignore[assignment]
 
     @contextmanager
     def off(self) -> Iterator[None]:

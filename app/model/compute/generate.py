@@ -61,7 +61,7 @@ from app.model.compute.slots import (
     width_of,
     widths,
 )
-from app.model.compute.transfer import upload
+from app.model.compute.transfer import bind_thread, upload
 
 __all__ = ["BatchGenerator", "BatchState", "Row", "sample"]
 
@@ -148,6 +148,7 @@ class BatchGenerator:
         """Capture the step for every batch size and width (CUDA only, unless eager); call after warm-up. In
         inference mode, as every step runs: with autograd on, each graph's logits would carry a backward graph
         holding that graph's activations in the pool for as long as it lives."""
+        bind_thread(self.device)
         if not self.eager:
             self.graphs.capture(self.sizes, self.widths)
 
@@ -155,6 +156,7 @@ class BatchGenerator:
     def prefill(self, rows: Sequence[Row]) -> tuple[BatchState, torch.Tensor]:
         """Run the prompts of `rows` (audio encoder included), place them in free slots; return their state and
         next-token logits."""
+        bind_thread(self.device)
         # A preempted row comes back with its generated tokens: recompute them as prompt.
         prompts = [r.input_ids + r.generated for r in rows]
         width = max(len(p) for p in prompts)
@@ -408,6 +410,7 @@ class BatchGenerator:
         """Feed one sampled token per row (host ids: uploaded with the step's other inputs in one pinned copy);
         return the next logits, [rows, vocab], in the state's row order."""
         assert not state.spent, "a state passed to select or merge is spent"
+        bind_thread(self.device)
         longest = max(state.lengths) + 1
         if longest > self.plan.max_len:
             raise ValueError(f"a row reached the cache's {self.plan.max_len} positions")

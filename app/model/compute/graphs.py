@@ -50,6 +50,8 @@ class StepGraphs:
         """The graphs' shared memory pool (torch's opaque handle), once the first is captured."""
         self._logits: torch.Tensor | None = None
         """[largest size, vocab] float32: every graph's logits, in its first rows (allocated by `capture`)."""
+        self._warmup: Any = None
+        """The side stream every capture warms up on (made by `capture`)."""
         self.seen: set[Shape] = set()
 
     @property
@@ -79,15 +81,18 @@ class StepGraphs:
             log.info("the model spans several devices: the decode step runs eagerly (a graph cannot cross them)")
             return
         started = time.perf_counter()
-        before = torch.cuda.memory_allocated(self.device)
-        self.cache.ready(max(widths), self.cache.slots + 1)
-        vocab = self.decoder.head.shape[0]
-        self._logits = torch.empty((max(sizes), vocab), dtype=torch.float32, device=self.device)
-        for width in sorted(widths, reverse=True):
-            for rows in sorted(sizes, reverse=True):
-                self._graphs[(rows, width)] = self._capture(rows, width)
-        torch.cuda.synchronize(self.device)
-        held = torch.cuda.memory_allocated(self.device) - before
+        with torch.cuda.device(self.device):  # the capture stream torch makes is the current device's
+            torch.cuda.synchronize(self.device)
+            free = torch.cuda.mem_get_info(self.device)[0]
+            self.cache.ready(max(widths), self.cache.slots + 1)
+            vocab = self.decoder.head.shape[0]
+            self._logits = torch.empty((max(sizes), vocab), dtype=torch.float32, device=self.device)
+            self._warmup = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]  # torch's Stream is untyped
+            for width in sorted(widths, reverse=True):
+                for rows in sorted(sizes, reverse=True):
+                    self._graphs[(rows, width)] = self._capture(rows, width)
+            torch.cuda.synchronize(self.device)
+            held = free - torch.cuda.mem_get_info(self.device)[0]  # the pool, the driver's graphs, workspaces
         log.info(
             "captured %d CUDA graphs of the decode step (%d batch sizes x %d widths) in %.1f s; they hold %.2f GiB",
             len(self._graphs),
@@ -102,7 +107,7 @@ class StepGraphs:
         out = self._logits[:rows]
         packed = torch.zeros((4, rows), dtype=torch.long, device=self.device)
         packed[2] = self.cache.scratch  # warm-up and capture write only to the scratch slot
-        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]  # torch's Stream is untyped
+        stream = self._warmup  # one for every shape: cuBLAS keeps a workspace per stream it has run on
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):

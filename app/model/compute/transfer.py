@@ -29,3 +29,13 @@ def upload(
     if device.type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
+
+
+def bind_thread(device: torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device (a no-op elsewhere, or when it is already).
+
+    A thread starts on device 0 whatever the model's: pinned host buffers are made there (a CUDA context on
+    GPU 0, another process's GPU under `--device cuda:1`), and so are streams and CUDA graphs' capture
+    streams. Cheap enough to call at every prefill and step."""
+    if device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index:
+        torch.cuda.set_device(device)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from app.model.compute.slots import batch_sizes, padded
+from app.model.compute.transfer import bind_thread
 from app.model.realtime.forward import RealtimeForward, Rows
 from app.model.realtime.pool import StreamPool
 from app.model.realtime.timing import FrameGeometry, delay_tokens
@@ -156,6 +157,7 @@ class RealtimeEngine:
     def tick(self) -> TickResult:
         """Step every stream with a new token-frame: each a token. Streams at their first frame run a prompt
         forward (one per delay among them); all others run ONE forward of one token each."""
+        bind_thread(self._device)
         due = sorted((sid for sid, s in self._streams.items() if self._due(s)), key=lambda sid: sid)
         first = [sid for sid in due if self._streams[sid].emitted == 0]
         steps = [sid for sid in due if self._streams[sid].emitted > 0]

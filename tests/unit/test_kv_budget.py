@@ -15,6 +15,7 @@ from app.config import Settings
 from app.model.compute.budget import (
     ACTIVATION_COPIES,
     OVERHEAD_BYTES,
+    SAMPLER_COPIES,
     DeviceMemory,
     activation_reserve,
     kv_budget,
@@ -33,6 +34,7 @@ MINI = SimpleNamespace(
     head_dim=128,
     hidden_size=3072,
     intermediate_size=8192,
+    vocab_size=131072,
 )
 """Voxtral Mini's text model."""
 H100 = 80 * GIB
@@ -57,12 +59,20 @@ def test_several_gpus_give_what_the_fullest_allows_for_its_share_of_the_layers()
     assert kv_budget([roomy, DeviceMemory(100, 10, 0)], 1.0, 0, None) == 90  # a GPU without layers holds none
 
 
-def test_the_reserve_is_a_prefills_keys_values_and_activations_plus_the_overhead() -> None:
+def test_the_reserve_is_a_prefills_keys_values_activations_and_mask_the_sampler_and_the_overhead() -> None:
     shape = CacheShape.of(MINI, torch.bfloat16)
     assert shape.token_bytes == 2 * 30 * 8 * 128 * 2  # 120 KiB a position
-    per_token = shape.token_bytes + ACTIVATION_COPIES * (3072 + 8192) * 2
-    assert activation_reserve(MINI, torch.bfloat16, 32768) == 32768 * per_token + OVERHEAD_BYTES
-    assert activation_reserve(MINI, torch.bfloat16, 8192) < activation_reserve(MINI, torch.bfloat16, 32768)
+    per_token = ACTIVATION_COPIES * (3072 + 8192) * 2 + 2 * 32 * 128 * 2  # activations, repeated keys and values
+    fresh = 32768 * shape.token_bytes + 32768 * 16384 * (1 + 2)  # 2 rows x 16,384 x 16,384: bool + bf16 mask
+    got = activation_reserve(MINI, torch.bfloat16, 32768, context=32768)
+    assert got == 32768 * per_token + fresh + OVERHEAD_BYTES
+    assert 8.8 * GIB < got < 9 * GIB
+    assert activation_reserve(MINI, torch.bfloat16, 8192, context=32768) < got
+    # a long cached start: the mask of the rest of the prompt (queries x every position) outgrows a fresh prefill
+    long = activation_reserve(MINI, torch.bfloat16, 8192, context=131072)
+    assert long == 8192 * per_token + 8192 * 131072 * 3 + OVERHEAD_BYTES
+    sampler = activation_reserve(MINI, torch.bfloat16, 32768, context=32768, rows=256) - got
+    assert sampler == 256 * 131072 * SAMPLER_COPIES * 4 == GIB
 
 
 def test_voxtral_mini_on_an_h100_fits_fewer_slots_of_32768_positions_than_of_8192() -> None:
@@ -99,8 +109,9 @@ def test_a_tensor_parallel_rank_plans_its_share_of_the_kv_heads() -> None:
     holds at least twice the slots (the reserve's per-rank keys, values and MLP width are smaller too)."""
     whole, half = CacheShape.of(MINI, torch.bfloat16), CacheShape.of(MINI, torch.bfloat16).per_rank(2)
     assert half.kv_heads == 4 and half.token_bytes * 2 == whole.token_bytes
-    per_token = half.token_bytes + ACTIVATION_COPIES * (3072 + 8192 // 2) * 2
-    assert activation_reserve(MINI, torch.bfloat16, 8192, ranks=2) == 8192 * per_token + OVERHEAD_BYTES
+    per_token = half.token_bytes + ACTIVATION_COPIES * (3072 + 8192 // 2) * 2 + 2 * 16 * 128 * 2
+    mask = 8192 * 4096 * 3
+    assert activation_reserve(MINI, torch.bfloat16, 8192, ranks=2) == 8192 * per_token + mask + OVERHEAD_BYTES
     gpu = [DeviceMemory(H100, int(4.4 * GIB), 30)]  # half of Mini's decoder on each rank
     one = plan(whole, 10**6, 32768, kv_budget(gpu, 0.9, activation_reserve(MINI, torch.bfloat16, 8192), None))
     two = plan(half, 10**6, 32768, kv_budget(gpu, 0.9, activation_reserve(MINI, torch.bfloat16, 8192, 2), None, 2))

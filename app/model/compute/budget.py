@@ -38,8 +38,11 @@ layer's output. The audio encoder runs before the decoder layers and frees its a
 Voxtral's shapes its peak per audio token is lower."""
 OVERHEAD_BYTES = GIB
 """What the reserve adds whatever the batch: the CUDA context and cuBLAS workspaces (which torch does not count
-in the memory it holds), the decode step's graphs and the sampler's per-row tensors. The memory past
+in the memory it holds) and the decode step's graphs (their pool, the driver's part). The memory past
 --gpu-memory-utilization is the margin for what this misjudges."""
+SAMPLER_COPIES = 8
+"""[rows, vocab] float32 tensors a step holds at once, from the decode step's logits to the draw: the logits,
+penalties and grammar masks applied to a copy, softmax, a float64 running sum (two), log-probs."""
 
 
 @dataclass(frozen=True)
@@ -53,16 +56,32 @@ class DeviceMemory:
     """Decoder layers placed on it: its share of the cache."""
 
 
-def activation_reserve(text_config: Any, dtype: torch.dtype, tokens: int, ranks: int = 1) -> int:
-    """Bytes a prefill of `tokens` (--max-batch-tokens) needs beside the weights and the slot cache: its own keys
-    and values, held until they are placed in slots, and `ACTIVATION_COPIES` of a layer's widest activations,
-    plus `OVERHEAD_BYTES`; on one of `ranks` tensor-parallel ranks, its share of the KV heads and of the MLP's
-    intermediate width (the residual stream is whole on every rank). An upper bound by arithmetic, not a
-    measurement: a smaller --max-batch-tokens leaves the cache more."""
+def activation_reserve(
+    text_config: Any, dtype: torch.dtype, tokens: int, ranks: int = 1, *, context: int = 0, rows: int = 0
+) -> int:
+    """Bytes a prefill of `tokens` (--max-batch-tokens) and a decode step of `rows` (--max-batch-size) need
+    beside the weights and the slot cache, plus `OVERHEAD_BYTES`; on one of `ranks` tensor-parallel ranks, its
+    share of the heads and of the MLP's intermediate width (the residual stream is whole on every rank):
+
+    - a layer's widest activations (`ACTIVATION_COPIES`), and its query heads' keys and values, which
+      transformers' sdpa attention repeats out of the KV heads when it is given a mask;
+    - the larger of: a fresh prefill's own keys and values, held until they are placed in slots, with its
+      attention mask (a boolean and the kernel's copy in `dtype`: rows x width x width, padded rows of at most
+      half `tokens` each, width at most `context`); and the mask of the rest of a prompt whose start is cached
+      (no keys held: they go to its slot; its queries x cached-and-new positions, at most `tokens` x `context`);
+    - the sampler's `SAMPLER_COPIES` float32 rows of the vocabulary a decode row.
+
+    An upper bound by arithmetic, not a measurement: a smaller --max-batch-tokens leaves the cache more."""
     shape = CacheShape.of(text_config, dtype).per_rank(ranks)
+    size = torch.empty((), dtype=dtype).element_size()
     width = int(text_config.hidden_size) + int(getattr(text_config, "intermediate_size", 0) or 0) // ranks
-    per_token = shape.token_bytes + ACTIVATION_COPIES * width * torch.empty((), dtype=dtype).element_size()
-    return tokens * per_token + OVERHEAD_BYTES
+    repeated = 2 * int(text_config.num_attention_heads) // ranks * shape.head_dim * size
+    per_token = ACTIVATION_COPIES * width * size + repeated
+    context = context or tokens
+    fresh = tokens * shape.token_bytes + tokens * min(context, tokens // 2) * (1 + size)
+    extend = tokens * context * (1 + size)
+    sampler = rows * int(text_config.vocab_size) * SAMPLER_COPIES * 4
+    return tokens * per_token + max(fresh, extend) + sampler + OVERHEAD_BYTES
 
 
 def kv_budget(
@@ -104,7 +123,14 @@ def plan_cache(model: Any, settings: Settings) -> CachePlan:
     start-up fails in one line) when the budget holds no slot."""
     text, ranks = model.config.text_config, settings.tensor_parallel_size
     shape = CacheShape.of(text, model.dtype).per_rank(ranks)
-    reserve = activation_reserve(text, model.dtype, settings.max_batch_tokens, ranks)
+    reserve = activation_reserve(
+        text,
+        model.dtype,
+        settings.max_batch_tokens,
+        ranks,
+        context=settings.context_length,
+        rows=settings.max_batch_size,
+    )
     reserve += settings.encoder_cache_memory_bytes
     devices = device_memory(model)
     budget = kv_budget(devices, settings.gpu_memory_utilization, reserve, settings.kv_cache_memory_bytes, ranks)

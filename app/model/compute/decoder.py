@@ -91,6 +91,7 @@ class LeanDecoder:
         self.rope_scaling = float(getattr(language_model.rotary_emb, "attention_scaling", 1.0))
         self.head = lm_head.weight
         device, dtype = self.embed.device, self.embed.dtype
+        self.inv_freq = self.inv_freq.to(device)  # transformers' rotary moves it per call; the step reads it here
         self.count = torch.tensor(float(config.hidden_size), device=device)
         self.eps_t = torch.tensor(self.eps, device=device)
         self.zero = torch.zeros((), dtype=dtype, device=device)

@@ -24,12 +24,14 @@
 #           a token that real time allows; last, so a full run seldom reaches it: issue 28's call is
 #           `bash bench/gpu_check.sh checks realtime`
 # `bash bench/gpu_check.sh replay` (any of the names above, in any order) runs only those.
-# It stops at once, with one line saying why, when .whl/ is missing (exit 2), when a version on the machine
-# conflicts with pyproject.toml or with the wheels' own requirements (exit 3, bench/gpu_preflight.py), or when
-# there is no CUDA device (exit 4). `--dry-run` (for a CPU machine; first) goes on past each of these as far
-# as it can: the checks above, then every section's smoke test on the CPU (gpu_check.py --device cpu --small,
-# the replay section's code included; bench/realtime_ticks.py at tiny shapes), and says where a real run
-# would have stopped.
+# It stops at once, with one line saying why, when .whl/ is missing (exit 2) or when there is no CUDA device
+# (exit 4). A version on the machine that conflicts with pyproject.toml or with the wheels' own requirements
+# (bench/gpu_preflight.py; the image's numpy 2.5.2 against pyproject's <2.5 and mistral-common's <2.4, say)
+# is logged (the preflight line in gpu_check.jsonl, one stderr line each) and the run goes on: every section
+# contains its own failures. `--dry-run` (for a CPU machine; first) goes on past each stop as far as it can:
+# the checks above, then every section's smoke test on the CPU (gpu_check.py --device cpu --small, the replay
+# section's code included; bench/realtime_ticks.py at tiny shapes), and says where a real run would have
+# stopped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -39,7 +41,7 @@ BUDGET_S=${BUDGET_S:-525}
 OUT=${OUT:-/tmp/voxtral-gpu-check}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.jsonl"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 STOPS=()
 stop() {  # stop CODE MESSAGE: a real run ends here; a dry run notes it and goes on
   echo "gpu_check: $2" >&2
@@ -57,7 +59,7 @@ else
   export PYTHONPATH=$PWD
 fi
 python3 bench/gpu_preflight.py --site "$SITE" --out "$LOG" >/dev/null \
-  || stop 3 "versions on this machine conflict with what the server needs (the lines above; $LOG)"
+  || echo "gpu_check: version conflicts (see $LOG); going on" >&2
 python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
   || stop 4 "no CUDA device (torch.cuda.is_available() is false)"
 if [ $DRY -eq 1 ]; then

@@ -3,9 +3,11 @@
 #   here, once:  bash bench/gpu_wheels.sh            (the wheels the GPU machine lacks, into .whl/)
 #   then:        run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=560)
 # Every result is a JSON line in $OUT/gpu_check.jsonl the moment it exists, so a timeout keeps what
-# ran; each section has its own time limit, and one that fails or times out leaves an error line and
-# the next one runs. The call as a whole keeps to BUDGET_S (default 525 s, counted from the start): a
-# section gets at most what is left, and one that would get less than its minimum is skipped with a
+# ran; each section has its own time limit (`timeout -k 10`), and one that fails or times out leaves an error
+# line and the next one runs. Every section's stderr goes to $OUT/stderr.log, each part under an `== name ==`
+# line ($OUT then holds 4 files: gpu_check.jsonl, stderr.log, nvidia-smi.txt, throughput.json). The call as a
+# whole keeps to BUDGET_S (default 525 s, counted from the start): a section gets at most what is left (less the
+# 10 s its kill may take), and one that would get less than its minimum is skipped with a
 # {"section": ..., "skipped": ...} line. Sections, in order (bench/gpu_check.py says what each measures):
 #   checks  env, parity, split (~1 min together: the tiny model on CUDA, and split over cuda:0 and the CPU)
 #   replay  decode step: eager vs replayed (issue 26; ~2.5 min): Voxtral Mini's shapes, random bf16 weights
@@ -41,6 +43,8 @@ BUDGET_S=${BUDGET_S:-525}
 OUT=${OUT:-/tmp/voxtral-gpu-check}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.jsonl"
+ERR="$OUT/stderr.log"
+GRACE=10  # seconds `timeout -k` gives a section between its TERM and its KILL
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 STOPS=()
 stop() {  # stop CODE MESSAGE: a real run ends here; a dry run notes it and goes on
@@ -63,17 +67,18 @@ python3 bench/gpu_preflight.py --site "$SITE" --out "$LOG" >/dev/null \
 python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
   || stop 4 "no CUDA device (torch.cuda.is_available() is false)"
 if [ $DRY -eq 1 ]; then
-  timeout 420 python3 bench/gpu_check.py env parity split replay mini --device cpu --small --out "$LOG"
-  timeout 180 python3 bench/realtime_ticks.py --shapes tiny --device cpu --sessions 1,4 --ticks 3 --out "$LOG"
+  timeout -k $GRACE 420 python3 bench/gpu_check.py env parity split replay mini --device cpu --small --out "$LOG"
+  timeout -k $GRACE 180 python3 bench/realtime_ticks.py --shapes tiny --device cpu --sessions 1,4 --ticks 3 \
+    --out "$LOG"
   echo "dry run done in $SECONDS s; a real run would have stopped at the first of: $(IFS=";"; echo "${STOPS[*]:-nothing}")"
   exit 0
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 section() {  # section NAME SECONDS MINIMUM COMMAND...: run it under a limit, at most what the call has left;
-  local name=$1 limit=$2 least=$3  # skip it, saying so, when that is under MINIMUM; log a failure
+  local name=$1 limit=$2 least=$3  # skip it, saying so, when that is under MINIMUM; log a failure, return its status
   shift 3
   case "$WANT" in *" $name "*) ;; *) return 0 ;; esac
-  local left=$((BUDGET_S - SECONDS))
+  local left=$((BUDGET_S - SECONDS - GRACE))
   [ $left -lt "$limit" ] && limit=$left
   if [ "$limit" -lt "$least" ]; then
     echo "gpu_check: $name skipped: ${left} s of the call's ${BUDGET_S} s left, it needs ${least}" >&2
@@ -81,9 +86,16 @@ section() {  # section NAME SECONDS MINIMUM COMMAND...: run it under a limit, at
     return 0
   fi
   local started=$SECONDS
-  LIMIT=$limit timeout "$limit" "$@" 2>>"$OUT/$name.err"
+  echo "== $name ==" >>"$ERR"
+  # timeout runs the command in a process group of its own (its pid's): once it ends, whatever is left in that
+  # group (a server still in its graceful shutdown after a timeout, holding GPU memory) is killed
+  LIMIT=$limit timeout -k $GRACE "$limit" "$@" 2>>"$ERR" &
+  local pid=$!
+  wait $pid
   local rc=$?
+  kill -KILL -- -$pid 2>/dev/null
   [ $rc -eq 0 ] || echo "{\"section\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - started))}" >>"$LOG"
+  return $rc
 }
 section checks 80 40 python3 bench/gpu_check.py env parity split --out "$LOG"
 # its own budget ends it (with a line for each part skipped) before the limit kills it

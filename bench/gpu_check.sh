@@ -17,7 +17,9 @@
 #   mini    the same model: the sampler, prefill of 32 x 30 s and of one 30-minute row, then the decode step
 #           per weight format (none, int8, fp8: torchao in place, taking turns; issue 30) (~2 min)
 #   http    the Mini-shaped checkpoint saved, served, and loaded at concurrency 32 with transcription and
-#           default-sampling chat: req/s, audio-s/s (RTFx), p50/p99 (~4 min with the build)
+#           default-sampling chat: req/s, audio-s/s (RTFx), p50/p99 (~4 min with the build), each run a
+#           line as it ends; when it fails or times out, the last 60 lines of its servers' logs follow in
+#           stderr.log (and on the call's stderr)
 #   tp2     only on a machine with 2 GPUs or more (else a skipped line): --tensor-parallel-size 2 (NCCL) against
 #           one GPU, per-token decode time taking turns (bench/tensor_parallel.py), on the Mini-shaped
 #           checkpoint the http section built (else the tiny model) (~2 min)
@@ -45,7 +47,7 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.jsonl"
 ERR="$OUT/stderr.log"
 GRACE=10  # seconds `timeout -k` gives a section between its TERM and its KILL
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 LOG
 STOPS=()
 stop() {  # stop CODE MESSAGE: a real run ends here; a dry run notes it and goes on
   echo "gpu_check: $2" >&2
@@ -74,6 +76,16 @@ if [ $DRY -eq 1 ]; then
   exit 0
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+tag() {  # tag NAME: stdin's JSON lines into $LOG as they come, "section": NAME first; other lines to stderr
+  local line
+  while IFS= read -r line; do
+    case "$line" in
+      "{"*) echo "{\"section\": \"$1\", ${line#\{}" >>"$LOG" ;;
+      *) echo "$line" >&2 ;;
+    esac
+  done
+}
+export -f tag
 section() {  # section NAME SECONDS MINIMUM COMMAND...: run it under a limit, at most what the call has left;
   local name=$1 limit=$2 least=$3  # skip it, saying so, when that is under MINIMUM; log a failure, return its status
   shift 3
@@ -102,22 +114,24 @@ section checks 80 40 python3 bench/gpu_check.py env parity split --out "$LOG"
 section replay 170 90 bash -c 'python3 bench/gpu_check.py replay --budget-s $((LIMIT - 20)) --out "$0"' "$LOG"
 section mini 130 60 python3 bench/gpu_check.py mini --out "$LOG"
 MODEL=/tmp/voxtral-mini-random
+HTTP_TMP=/tmp/voxtral-gpu-check-http  # throughput.py's work folder (mkdtemp), its servers' logs in it, lands here
+rm -rf "$HTTP_TMP" && mkdir -p "$HTTP_TMP"
+# The tail is read here, not inside the command: a timeout kills the command's whole process group.
 section http 250 150 bash -c '
-  timeout 90 python3 bench/random_mini.py "$1" --device cuda || exit 1
-  python3 bench/throughput.py --model-dir "$1" --device cuda --audio tests/data/jfk.wav \
+  set -o pipefail
+  timeout 90 python3 bench/random_mini.py "$1" --device cuda >&2 || exit 1
+  TMPDIR=$2 python3 bench/throughput.py --model-dir "$1" --device cuda --audio tests/data/jfk.wav \
     --n 128 --concurrency 32 --rounds 1 --workloads transcription,chat_default --max-batch-tokens 32768 \
-    --skip-single --skip-ceiling --skip-peer --out "$0"' "$OUT/throughput.json" "$MODEL"
-[ -f "$OUT/throughput.json" ] && python3 - "$OUT/throughput.json" >>"$LOG" <<'PY'
-import json, sys
-for run in json.load(open(sys.argv[1])):
-    print(json.dumps({"section": "http", **run}))
-PY
+    --skip-single --skip-ceiling --skip-peer --out "$0" | tag http' "$OUT/throughput.json" "$MODEL" "$HTTP_TMP" \
+  || { echo "gpu_check: http failed; the last 60 lines of its servers' logs:"
+       tail -n 60 "$HTTP_TMP"/voxtral-bench-*/*.log 2>&1; } | tee -a "$ERR" >&2
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$GPUS" -ge 2 ]; then
   section tp2 150 90 bash -c '
-    model=tiny; [ -f "$1/config.json" ] && model=$1
-    python3 bench/tensor_parallel.py --model "$model" --device cuda --rounds 3 | sed "s/^{/{\"section\": \"tp2\", /" >>"$0"
-  ' "$LOG" "$MODEL"
+    model=tiny; [ -f "$0/config.json" ] && model=$0
+    set -o pipefail
+    python3 bench/tensor_parallel.py --model "$model" --device cuda --rounds 3 | tag tp2
+  ' "$MODEL"
 else
   case "$WANT" in *" tp2 "*) echo "{\"section\": \"tp2\", \"skipped\": \"$GPUS GPU(s): needs 2\"}" >>"$LOG" ;; esac
 fi

@@ -8,16 +8,22 @@
 # line ($OUT then holds 4 files: gpu_check.jsonl, stderr.log, nvidia-smi.txt, throughput.json). The call as a
 # whole keeps to BUDGET_S (default 525 s, counted from the start): a section gets at most what is left (less the
 # 10 s its kill may take), and one that would get less than its minimum is skipped with a
-# {"section": ..., "skipped": ...} line. Sections, in order (bench/gpu_check.py says what each measures):
+# {"section": ..., "skipped": ...} line. On one GPU a full run reaches checks, replay, mini and http: their
+# limits (70 + 160 + 100 + 170 s, after ~30 s of wheels and preflight) leave http about 155 s when each
+# earlier section runs to its limit; tp2 is skipped (one GPU), and realtime runs only when the sections before
+# it finish well inside their limits (its own call: below). Sections, in order (bench/gpu_check.py says what
+# each measures):
 #   checks  env, parity, split (~1 min together: the tiny model on CUDA, and split over cuda:0 and the CPU)
-#   replay  decode step: eager vs replayed (issue 26; ~2.5 min): Voxtral Mini's shapes, random bf16 weights
+#   replay  decode step: eager vs replayed (issue 26; ~2.5 min, its parts past its own budget skipped with a
+#           line each): Voxtral Mini's shapes, random bf16 weights
 #           built in memory, 128 slots x 1,024 positions; the step at batch 1, 8, 32, 128 eager, then after
 #           capture (its time, graph memory), against the weight-read floor; greedy tokens replayed == eager;
 #           the steady step under torch.cuda.set_sync_debug_mode
 #   mini    the same model: the sampler, prefill of 32 x 30 s and of one 30-minute row, then the decode step
-#           per weight format (none, int8, fp8: torchao in place, taking turns; issue 30) (~2 min)
-#   http    the Mini-shaped checkpoint saved, served, and loaded at concurrency 32 with transcription and
-#           default-sampling chat: req/s, audio-s/s (RTFx), p50/p99 (~4 min with the build), each run a
+#           per weight format (none, int8, fp8: torchao in place, taking turns; issue 30) (~2 min: a run cut at
+#           its 100 s keeps the lines it wrote)
+#   http    the Mini-shaped checkpoint saved, served, and loaded at concurrency 32 with 64 transcriptions and
+#           64 default-sampling chats: req/s, audio-s/s (RTFx), p50/p99 (~2.5 min with the build), each run a
 #           line as it ends; when it fails or times out, the last 60 lines of its servers' logs follow in
 #           stderr.log (and on the call's stderr)
 #   tp2     only on a machine with 2 GPUs or more (else a skipped line): --tensor-parallel-size 2 (NCCL) against
@@ -109,19 +115,19 @@ section() {  # section NAME SECONDS MINIMUM COMMAND...: run it under a limit, at
   [ $rc -eq 0 ] || echo "{\"section\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - started))}" >>"$LOG"
   return $rc
 }
-section checks 80 40 python3 bench/gpu_check.py env parity split --out "$LOG"
+section checks 70 40 python3 bench/gpu_check.py env parity split --out "$LOG"
 # its own budget ends it (with a line for each part skipped) before the limit kills it
-section replay 170 90 bash -c 'python3 bench/gpu_check.py replay --budget-s $((LIMIT - 20)) --out "$0"' "$LOG"
-section mini 130 60 python3 bench/gpu_check.py mini --out "$LOG"
+section replay 160 90 bash -c 'python3 bench/gpu_check.py replay --budget-s $((LIMIT - 20)) --out "$0"' "$LOG"
+section mini 100 50 python3 bench/gpu_check.py mini --out "$LOG"
 MODEL=/tmp/voxtral-mini-random
 HTTP_TMP=/tmp/voxtral-gpu-check-http  # throughput.py's work folder (mkdtemp), its servers' logs in it, lands here
 rm -rf "$HTTP_TMP" && mkdir -p "$HTTP_TMP"
 # The tail is read here, not inside the command: a timeout kills the command's whole process group.
-section http 250 150 bash -c '
+section http 170 120 bash -c '
   set -o pipefail
   timeout 90 python3 bench/random_mini.py "$1" --device cuda >&2 || exit 1
   TMPDIR=$2 python3 bench/throughput.py --model-dir "$1" --device cuda --audio tests/data/jfk.wav \
-    --n 128 --concurrency 32 --rounds 1 --workloads transcription,chat_default --max-batch-tokens 32768 \
+    --n 64 --concurrency 32 --rounds 1 --workloads transcription,chat_default --max-batch-tokens 32768 \
     --skip-single --skip-ceiling --skip-peer --out "$0" | tag http' "$OUT/throughput.json" "$MODEL" "$HTTP_TMP" \
   || { echo "gpu_check: http failed; the last 60 lines of its servers' logs:"
        tail -n 60 "$HTTP_TMP"/voxtral-bench-*/*.log 2>&1; } | tee -a "$ERR" >&2

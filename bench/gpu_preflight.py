@@ -4,7 +4,8 @@ It checks what the machine would run once the wheels from .whl/ are installed (i
 dependency in pyproject.toml (torch's floor, numpy below 2.5, ...) and every requirement of the wheels brought
 along (transformers' own: regex, huggingface-hub, tokenizers, ...), each against the version importable here.
 Each problem is one line, saying what is wanted and what is there; the exit status is 3 when there is one.
-`av` (PyAV) is left out: the server needs it only for containers libsndfile cannot read (bench/gpu_wheels.sh).
+`NOT_NEEDED` is left out: pyproject's dependencies that bench/gpu_wheels.sh leaves behind (its LEFT_OUT) because
+no section imports them: PyAV, bitsandbytes, jiwer.
 
     PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_preflight.py --site /tmp/site
 """
@@ -22,8 +23,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_NEEDED = {"av"}
-"""pyproject dependencies the checks may run without (bench/gpu_wheels.sh says why)."""
+NOT_NEEDED = {"av", "bitsandbytes", "jiwer"}
+"""pyproject dependencies the checks run without: bench/gpu_wheels.sh's LEFT_OUT (it says why)."""
 
 
 def check(site: Path | None) -> tuple[list[str], list[str]]:

@@ -1,5 +1,6 @@
 """bench/gpu_wheels.sh fetches every dependency the server imports that the GPU image lacks: each of
-pyproject.toml's dependencies is in its PACKAGES (fetched) or its ON_IMAGE (left to the image), by name."""
+pyproject.toml's dependencies is in exactly one of its PACKAGES (fetched), ON_IMAGE (left to the image) and
+LEFT_OUT (no section imports it), by name; bench/gpu_preflight.py skips exactly LEFT_OUT."""
 
 from __future__ import annotations
 
@@ -21,12 +22,22 @@ def _array(script: str, name: str) -> set[str]:
 
 def test_every_dependency_is_fetched_or_left_to_the_image() -> None:
     script = (ROOT / "bench" / "gpu_wheels.sh").read_text()
-    fetched, on_image = _array(script, "PACKAGES"), _array(script, "ON_IMAGE")
+    fetched, on_image, left_out = (_array(script, name) for name in ("PACKAGES", "ON_IMAGE", "LEFT_OUT"))
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {canonicalize_name(Requirement(d).name) for d in dependencies}
-    assert names - fetched - on_image == set(), "add them to PACKAGES (or ON_IMAGE) in bench/gpu_wheels.sh"
-    assert fetched & on_image == set()
+    assert names - fetched - on_image - left_out == set(), "add them to PACKAGES (or ON_IMAGE) in bench/gpu_wheels.sh"
+    assert fetched & on_image == fetched & left_out == on_image & left_out == set()
     assert "silero-vad" in fetched  # the warm-up imports it (app/vad.py); it once was missing
+
+
+def test_preflight_skips_what_the_wheels_leave_out() -> None:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_preflight import NOT_NEEDED
+
+    left_out = _array((ROOT / "bench" / "gpu_wheels.sh").read_text(), "LEFT_OUT")
+    assert {canonicalize_name(name) for name in NOT_NEEDED} == left_out
 
 
 def test_the_floor_takes_the_cards_bandwidth_by_its_name() -> None:

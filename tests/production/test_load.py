@@ -6,8 +6,6 @@ only when the queue is full. Resident memory is checked by the bench, against a 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import pytest
 
 from app.model.compute.loader import LoadedModel
+from tests.support import bench_scripts
 from tests.support.server import serve
 
 N = 120
@@ -22,13 +21,7 @@ CONCURRENCY = 32
 
 
 def _bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "bench" / "load.py"
-    spec = importlib.util.spec_from_file_location("bench_load", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("load")
 
 
 load: Any = _bench()

@@ -4,7 +4,6 @@ output layouts CUDA's attention kernels return."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -15,15 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "step_cost.py"
+from tests.support import bench_scripts
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("step_cost", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("step_cost")
 
 
 def _step_ops(model_dir: Path, layers: int, rows: int) -> Counter[str]:

@@ -4,23 +4,17 @@ the engine steps."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from app.model.realtime.pool import StreamPool
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "realtime_ticks.py"
+from tests.support import bench_scripts
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("realtime_ticks", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("realtime_ticks")
 
 
 def test_stream_bytes_is_what_the_pool_allocates_and_the_model_is_real(tmp_path: Path) -> None:

@@ -3,23 +3,17 @@ and per-layer figures as the difference of two depths."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "step_cost.py"
+from tests.support import bench_scripts
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("step_cost", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("step_cost")
 
 
 def test_counts_compute_ops_and_leaves_views_out() -> None:

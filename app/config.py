@@ -65,7 +65,8 @@ class ModelSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto = bfloat16 on CUDA, float32 on CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers."""
+    """Attention kernel passed to transformers. A Voxtral Realtime checkpoint runs with sdpa only (others are
+    refused at start-up)."""
     tiny_seed: int = 0
     """Seed of the random demo model; the same seed gives the same weights."""
     cache_dir: Path = Path.home() / ".cache" / "voxtral-server"

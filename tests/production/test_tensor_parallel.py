@@ -187,3 +187,16 @@ def test_a_realtime_checkpoint_is_refused_before_loading(model: str, tmp_path: P
     lines = [line for line in done.stderr.splitlines() if line.startswith("voxtral-server:")]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "Voxtral Realtime" in lines[0] and "--tensor-parallel-size 1" in lines[0]
+
+
+@pytest.mark.parametrize("kind", ["eager", "flash_attention_2"])
+def test_a_realtime_checkpoint_with_another_attention_is_refused_before_loading(kind: str, tmp_path: Path) -> None:
+    """Voxtral Realtime's rings are attended under a boolean mask that only sdpa reads as one (eager attention
+    adds it; FlashAttention-2 takes a padding mask): any other --attn-implementation is refused in one line."""
+    from app.config import Settings
+    from app.model.compute.loader import ModelLoadError, preflight
+
+    with pytest.raises(ModelLoadError, match="--attn-implementation sdpa"):
+        preflight(Settings(model="tiny-realtime", attn_implementation=kind, cache_dir=tmp_path))
+    preflight(Settings(model="tiny-realtime", cache_dir=tmp_path))  # sdpa, the default: no objection
+    preflight(Settings(model="tiny", attn_implementation=kind, cache_dir=tmp_path))  # the text model: any kernel

@@ -85,13 +85,23 @@ def preflight(settings: Settings) -> None:
 
 
 def check_sharding(settings: Settings, model: str) -> None:
-    """Refuse `--tensor-parallel-size` > 1 with a Voxtral Realtime checkpoint (`model`: its name, directory or
-    hub id; one not cached yet is checked again once loaded): its streams run in rank 0's realtime engine,
-    which no other rank repeats, so the first sharded step would wait in an all-reduce for ever."""
-    if settings.tensor_parallel_size > 1 and is_realtime(model):
+    """Refuse what a Voxtral Realtime checkpoint (`model`: its name, directory or hub id; one not cached yet is
+    checked again once loaded) cannot run with: `--tensor-parallel-size` > 1 (its streams run in rank 0's
+    realtime engine, which no other rank repeats, so the first sharded step would wait in an all-reduce for
+    ever), and an attention other than sdpa (its rings are attended in ring order under a boolean mask of
+    [rows, 1, new, ring] that eager attention would add as 0/1 instead of masking, and FlashAttention-2 would
+    read as a padding mask)."""
+    if not is_realtime(model):
+        return
+    if settings.tensor_parallel_size > 1:
         raise ModelLoadError(
             f"--tensor-parallel-size {settings.tensor_parallel_size}: {model} is a Voxtral Realtime checkpoint, "
             "which is served by one process; use --tensor-parallel-size 1."
+        )
+    if settings.attn_implementation != "sdpa":
+        raise ModelLoadError(
+            f"--attn-implementation {settings.attn_implementation}: {model} is a Voxtral Realtime checkpoint, "
+            "whose streams are attended with sdpa only; use --attn-implementation sdpa."
         )
 
 

@@ -232,12 +232,14 @@ class ModelWorker:
         except torch.OutOfMemoryError:
             if len(rows) == 1:
                 raise
-            torch.cuda.empty_cache()
-            half = len(rows) // 2
-            log.warning("out of memory prefilling %d rows: retrying as %d + %d", len(rows), half, len(rows) - half)
-            a, la = self._prefill(rows[:half])
-            b, lb = self._prefill(rows[half:])
-            return self.generator.merge(a, b), torch.cat([la, lb])
+        # Split once the `except` is left: until then its traceback holds the failed pass's frames and their
+        # tensors (a prefill's keys and values), which empty_cache cannot give back to the retry.
+        torch.cuda.empty_cache()
+        half = len(rows) // 2
+        log.warning("out of memory prefilling %d rows: retrying as %d + %d", len(rows), half, len(rows) - half)
+        a, la = self._prefill(rows[:half])
+        b, lb = self._prefill(rows[half:])
+        return self.generator.merge(a, b), torch.cat([la, lb])
 
     # -- decoding ------------------------------------------------------------------------------
     def _advance(self) -> None:
@@ -287,14 +289,17 @@ class ModelWorker:
             self._logits = self.generator.step(state, tokens)  # uploaded pinned: the host does not wait
             self._state = state
         except torch.OutOfMemoryError as exc:
-            self.generator.select(state, [])  # its cache slots free now, not when collected: the recompute needs them
-            self._preempt(rows, exc)
+            oom = exc.with_traceback(None)  # the failed pass's frames go with the `except` (see `_prefill`)
         except Exception as exc:
             self._state = self._logits = None
             self.generator.release(state)  # its slots free now: the error's traceback may outlive this step
             self._fail(self._items_of(rows), exc)
+            return
         else:
             self.scheduler.cap.on_clean_step()
+            return
+        self.generator.select(state, [])  # its cache slots free now, not when collected: the recompute needs them
+        self._preempt(rows, oom)
 
     def _preempt(self, rows: list[Row], exc: BaseException) -> None:
         """Out of memory mid-decode: drop the cache, re-prefill half the rows now and the rest as room

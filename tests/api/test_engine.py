@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -220,6 +221,53 @@ def test_out_of_memory_mid_decode_recomputes_rows_and_changes_no_output(loaded: 
         assert hook.fired
         assert [r.status_code for r in responses] == [200] * 6
         assert [r.json()["choices"][0]["message"]["content"] for r in responses] == clean
+
+
+class OomPartWay:
+    """Holds the first prefill until the other requests are queued (so they prefill together next); that next
+    prefill of several rows allocates a tensor and runs out of memory, as a pass that got part way does. Each
+    later prefill records whether the tensor still lives: the failed pass's frames, held by its traceback."""
+
+    def __init__(self, engine: Any, requests: int) -> None:
+        self.engine, self.requests = engine, requests
+        self.waited = False
+        self.partial: weakref.ref[torch.Tensor] | None = None
+        self.alive: list[bool] = []
+
+    def __call__(self, stage: str, rows: list[Row]) -> None:
+        if stage != "prefill":
+            return
+        if not self.waited:
+            self.waited = True
+            wait_until(lambda: len(rows) + self.engine.waiting >= self.requests, "the other requests are queued")
+        elif self.partial is None and len(rows) >= 2:
+            keys_so_far = torch.empty(1 << 20)
+            self.partial = weakref.ref(keys_so_far)
+            raise torch.OutOfMemoryError("injected CUDA out of memory")
+        elif self.partial is not None:
+            self.alive.append(self.partial() is not None)
+
+
+def test_a_prefill_out_of_memory_retries_in_halves_after_freeing_the_failed_pass(
+    loaded: LoadedModel, tiny_dir: Path
+) -> None:
+    """The split retry runs once the failed pass's tensors are gone (on a GPU, empty_cache gives them back to
+    the halves), and every request is answered as it is without the fault."""
+    bodies = [{**CHAT, "max_tokens": 4, "messages": [{"role": "user", "content": "hi " * (i + 1)}]} for i in range(5)]
+    with serve(loaded, tiny_dir, max_batch_size=8) as server, server.http() as http:
+        with ThreadPoolExecutor(5) as pool:
+            clean = [
+                r.json()["choices"][0]["message"]["content"]
+                for r in pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies)
+            ]
+        hook = OomPartWay(server.engine, len(bodies))
+        server.generator.fault = hook
+        with ThreadPoolExecutor(5) as pool:
+            responses = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
+    assert hook.partial is not None, "no prefill of several rows ran out of memory"
+    assert [r.status_code for r in responses] == [200] * 5
+    assert [r.json()["choices"][0]["message"]["content"] for r in responses] == clean
+    assert hook.alive and not any(hook.alive), hook.alive
 
 
 class StepRecorder:

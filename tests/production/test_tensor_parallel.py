@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 from openai import OpenAI
 
 from app.model.compute.loader import LoadedModel
@@ -200,3 +201,14 @@ def test_a_realtime_checkpoint_with_another_attention_is_refused_before_loading(
         preflight(Settings(model="tiny-realtime", attn_implementation=kind, cache_dir=tmp_path))
     preflight(Settings(model="tiny-realtime", cache_dir=tmp_path))  # sdpa, the default: no objection
     preflight(Settings(model="tiny", attn_implementation=kind, cache_dir=tmp_path))  # the text model: any kernel
+
+
+def test_ranks_out_of_memory_alike_answer_alike() -> None:
+    """An out-of-memory error names its rank's GPU and free bytes: ranks compare it by its type alone, so the
+    same error everywhere splits the batch as on one GPU instead of stopping the server; others by message."""
+    from app.model.compute.parallel import _answer
+
+    gpu0 = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.10 GiB free")
+    gpu1 = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has 0.93 GiB free")
+    assert _answer(gpu0) == _answer(gpu1) == "OutOfMemoryError"
+    assert _answer(RuntimeError("a")) != _answer(RuntimeError("b")) and _answer(None) is None

@@ -132,9 +132,10 @@ class LeaderGenerator(BatchGenerator):
             )
             guard.daemon = True
             guard.start()
+        piece = (name, tuple(_Host(a.numpy()) if _host_tensor(a) else a for a in args))
         try:
             for pipe in self.followers.pipes:
-                pipe.send((name, args))
+                pipe.send(piece)
         except OSError as exc:
             self._lose(f"a tensor-parallel rank is gone ({exc})")
             raise
@@ -164,7 +165,23 @@ class LeaderGenerator(BatchGenerator):
 
 
 def _answer(exc: BaseException | None) -> Answer:
-    return None if exc is None else f"{type(exc).__name__}: {exc}"
+    """What a rank says of a piece of work; an out-of-memory error by its type alone (its message names the
+    rank's GPU and its free bytes), so the same error on every rank is the same answer, and the batch splits."""
+    if exc is None:
+        return None
+    return type(exc).__name__ if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class _Host:
+    """A host tensor on its way to a follower, as its numpy array: torch pickles a tensor through shared memory
+    and a file descriptor a piece, ten times the cost of an array's bytes."""
+
+    array: np.ndarray
+
+
+def _host_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == "cpu"
 
 
 def follow(generator: BatchGenerator, pipe: Connection) -> None:
@@ -176,9 +193,10 @@ def follow(generator: BatchGenerator, pipe: Connection) -> None:
     }
     while True:
         try:
-            name, args = pipe.recv()
+            name, sent = pipe.recv()
         except EOFError:
             return
+        args = [torch.from_numpy(a.array) if isinstance(a, _Host) else a for a in sent]
         try:
             with torch.inference_mode():
                 work[name](*args)

@@ -32,6 +32,7 @@ stack (a mini-width few-layer variant that a CPU can step):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -252,6 +253,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     for streams in args.sessions:
         window = full
         if device.type == "cuda":
+            gc.collect()  # the previous count's engine and its stream pool, before the free memory is read
             torch.cuda.empty_cache()
             free = torch.cuda.mem_get_info(device)[0] - int(HEADROOM_GIB * 2**30)
             window = window_that_fits(cfg, dtype, streams, free)

@@ -214,3 +214,30 @@ def test_the_simulated_device_gives_the_cpu_tokens(sim: Sim, loaded: LoadedModel
     with sim.device.off():
         reference = decode(on_cpu, _rows(on_cpu, params), steps=6)
     assert on_device.tokens == reference.tokens
+
+
+def test_a_steady_realtime_tick_reads_the_device_once(realtime_model: LoadedModel) -> None:
+    """Voxtral Realtime's tick on the simulated device: after the streams' first forwards, a tick makes the
+    host wait once, for its tokens (each delay's `t_cond` is looked up on the device, not computed from the
+    delays read back)."""
+    from app.model.realtime.engine import RealtimeEngine
+    from tests.support.realtime_reference import synthetic
+
+    device = SimDevice()
+    model = to_device(copy.deepcopy(realtime_model.model))
+    audio = synthetic(3.0, seed=3)
+    with device.on():
+        engine = RealtimeEngine(model, realtime_model.processor, max_streams=2)
+        streams = [engine.open(480), engine.open(80)]
+        for sid in streams:
+            engine.feed(sid, audio)
+        reads: list[list[Transfer]] = []
+        started: set[int] = set()
+        while engine.ready() and len(reads) < 6:
+            device.transfers.clear()
+            result = engine.tick()
+            if {step.stream for step in result.steps} <= started:  # no stream's first forward in this tick
+                reads.append([t for t in device.transfers if t.kind == "read"])
+            started |= {step.stream for step in result.steps}
+    assert len(reads) >= 3, "too few steady ticks"
+    assert all(len(r) == 1 for r in reads), [[t.site for t in r] for r in reads]

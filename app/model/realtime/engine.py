@@ -98,7 +98,8 @@ class RealtimeEngine:
         slot = heapq.heappop(self._free)
         self.pool.reset(slot)
         stream_id, self._next_id = self._next_id, self._next_id + 1
-        decoder = IncrementalDecoder.from_bytes(lambda ids: b"".join(self._pieces[i] for i in ids))
+        pieces = self._pieces  # not `self`: a stream's decoder holding its engine would keep the pool alive
+        decoder = IncrementalDecoder.from_bytes(lambda ids: b"".join(pieces[i] for i in ids))
         self._streams[stream_id] = _Stream(slot, tokens, decoder)
         return stream_id
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from app.model.realtime.pool import RingView, StreamPool
+from app.model.realtime.timing import FRAME_MS, MAX_DELAY_MS
 
 
 @dataclass
@@ -49,6 +50,10 @@ class RealtimeForward:
         self.time_embedding = inner.time_embedding
         self.downsample = int(model.config.downsample_factor)
         self.audio_hidden = int(model.config.audio_config.hidden_size)
+        with torch.inference_mode():
+            self.t_conds = torch.stack([self._t_cond(d) for d in range(MAX_DELAY_MS // FRAME_MS + 1)])
+        """Every delay's `t_cond`, computed once: a row's is looked up on the device (reading the delays back
+        to the host to compute them would make it wait for the whole encoder, every forward)."""
 
     @torch.inference_mode()
     def __call__(self, rows: Rows) -> torch.Tensor:
@@ -77,7 +82,7 @@ class RealtimeForward:
         return self.projector(x)  # type: ignore[no-any-return]
 
     def _decode(self, embeds: torch.Tensor, rows: Rows) -> torch.Tensor:
-        t_cond = torch.stack([self._t_cond(int(d)) for d in rows.delays.tolist()])
+        t_cond = self.t_conds.index_select(0, rows.delays)
         view = RingView(self.pool.decoder, rows.slots, rows.decoder_seen, embeds.shape[1], rows.span)
         return self.text.norm(self._layers(self.text, embeds, view, {"t_cond": t_cond}))  # type: ignore[no-any-return]
 

@@ -339,7 +339,7 @@ class BatchGenerator:
         kv = out.cache.kv()
         for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
             self.cache.place(slot, [(k[i, :, width - length :], v[i, :, width - length :]) for k, v in kv])
-        hidden: torch.Tensor = out.last_hidden_state[:, -1, :]
+        hidden: torch.Tensor = out.last_hidden_state[:, -1, :].clone()  # a view would hold every position's
         return hidden
 
     def _extend_into(
@@ -363,7 +363,7 @@ class BatchGenerator:
         for slot in slots:
             self.cache.zeroed[slot] = max(self.cache.zeroed[slot], past + width)
         if len({len(t) for t in tails}) == 1:
-            last: torch.Tensor = out.last_hidden_state[:, -1, :]
+            last: torch.Tensor = out.last_hidden_state[:, -1, :].clone()  # a view would hold every position's
             return last
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         ends = [i * width + len(t) - 1 for i, t in enumerate(tails)]

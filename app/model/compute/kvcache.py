@@ -57,6 +57,8 @@ class _Slotted(DynamicLayer):
         super().__init__()  # type: ignore[no-untyped-call]  # transformers' DynamicLayer is untyped
         self.buffers = (keys, values)
         self.slots, self.single, self.past = slots, single, past
+        self.end = past
+        """Positions the slot holds once the layer is written."""
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -73,11 +75,11 @@ class _Slotted(DynamicLayer):
             else:
                 buffer[:, :, self.past : end].index_copy_(0, self.slots, states)
                 out.append(buffer[:, :, :end].index_select(0, self.slots))
-        self.keys, self.values = out
-        return self.keys, self.values
+        self.end = end  # not the tensors: several rows' are a gathered copy, which would live until the pass ends
+        return out[0], out[1]
 
     def get_seq_length(self) -> int:
-        return self.past if self.keys is None else int(self.keys.shape[-2])
+        return self.end
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.past + query_length, 0

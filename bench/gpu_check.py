@@ -315,6 +315,8 @@ def _format_steps(model: Any, prompter: Prompter, log_mel: LogMel, report: Repor
 
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow, quantize_
 
+    from app.model.compute.decoder import forget_fused
+
     device = next(model.parameters()).device
     configs: dict[str, Any] = {"int8": Int8WeightOnlyConfig()}
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
@@ -322,6 +324,7 @@ def _format_steps(model: Any, prompter: Prompter, log_mel: LogMel, report: Repor
     models = {"none": model}
     for name, config in configs.items():
         quantized = copy.deepcopy(model)
+        forget_fused(quantized)  # else the copy's fused bf16 weights (~4 GB) outlive its quantization
         quantize_(quantized.model.language_model, config, filter_fn=lambda m, _: isinstance(m, torch.nn.Linear))
         models[name] = quantized
     gens = {name: BatchGenerator(m, 11, log_mel, cache=CachePlan(slots=32, max_len=1024)) for name, m in models.items()}

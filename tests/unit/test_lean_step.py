@@ -107,3 +107,19 @@ def test_attention_output_in_cuda_memory_efficient_layout(tmp_path: Path, monkey
         monkeypatch.setattr(F, "scaled_dot_product_attention", cuda_layout)
         got = decoder(packed, 128, cache)
     assert torch.equal(got, want)
+
+
+def test_a_copy_of_a_fused_model_can_forget_its_fused_weights(tmp_path: Path) -> None:
+    """`fuse` leaves each fused weight on its first module; a copy about to be quantized in place drops them
+    (`forget_fused`), so nothing but the modules' own weights keeps that memory alive."""
+    import copy
+
+    from app.model.compute.decoder import _FUSED, forget_fused
+
+    model, _, _ = _two_layers(tmp_path, torch.float32)
+    twin = copy.deepcopy(model)
+    assert any(hasattr(m, _FUSED) for m in twin.modules())
+    forget_fused(twin)
+    assert not any(hasattr(m, _FUSED) for m in twin.modules())
+    q = twin.model.language_model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(q, model.model.language_model.layers[0].self_attn.q_proj.weight)

@@ -41,6 +41,13 @@ _FUSED = "_voxtral_fused"
 """Where `fuse` leaves the fused weight on the first module, with the weights' addresses it made."""
 
 
+def forget_fused(model: torch.nn.Module) -> None:
+    """Drop what `fuse` left on `model`'s modules: a copy of a fused model whose linear layers are then
+    quantized in place would otherwise keep every fused weight alive beside the quantized ones."""
+    for module in model.modules():
+        module.__dict__.pop(_FUSED, None)
+
+
 def fuse(modules: list[torch.nn.Linear]) -> torch.Tensor:
     """One weight [sum of outputs, inputs] for `modules`, each module's weight then a view of its rows; where
     they already are (a second generator on the same model), that weight, not a copy."""

@@ -14,6 +14,7 @@ import torch
 from app.config import Settings
 from app.model.compute.budget import (
     ACTIVATION_COPIES,
+    FP8_INPUT_BYTES,
     OVERHEAD_BYTES,
     SAMPLER_COPIES,
     DeviceMemory,
@@ -73,6 +74,9 @@ def test_the_reserve_is_a_prefills_keys_values_activations_and_mask_the_sampler_
     assert long == 8192 * per_token + 8192 * 131072 * 3 + OVERHEAD_BYTES
     sampler = activation_reserve(MINI, torch.bfloat16, 32768, context=32768, rows=256) - got
     assert sampler == 256 * 131072 * SAMPLER_COPIES * 4 == GIB
+    # --quantization fp8: torchao quantizes each layer's input in float32 first, the MLP's widest
+    fp8 = activation_reserve(MINI, torch.bfloat16, 32768, context=32768, fp8=True) - got
+    assert fp8 == 32768 * 8192 * FP8_INPUT_BYTES
 
 
 def test_voxtral_mini_on_an_h100_fits_fewer_slots_of_32768_positions_than_of_8192() -> None:

@@ -40,6 +40,10 @@ OVERHEAD_BYTES = GIB
 """What the reserve adds whatever the batch: the CUDA context and cuBLAS workspaces (which torch does not count
 in the memory it holds) and the decode step's graphs (their pool, the driver's part). The memory past
 --gpu-memory-utilization is the margin for what this misjudges."""
+FP8_INPUT_BYTES = 11
+"""Bytes an element of a linear layer's input costs beyond the bf16 copies when torchao quantizes it to fp8 in
+plain PyTorch (a float32 copy, its scaled and clamped float32 results, the fp8 one), for the widest input: the
+MLP's down projection, [tokens, intermediate]."""
 SAMPLER_COPIES = 8
 """[rows, vocab] float32 tensors a step holds at once, from the decode step's logits to the draw: the logits,
 penalties and grammar masks applied to a copy, softmax, a float64 running sum (two), log-probs."""
@@ -57,7 +61,14 @@ class DeviceMemory:
 
 
 def activation_reserve(
-    text_config: Any, dtype: torch.dtype, tokens: int, ranks: int = 1, *, context: int = 0, rows: int = 0
+    text_config: Any,
+    dtype: torch.dtype,
+    tokens: int,
+    ranks: int = 1,
+    *,
+    context: int = 0,
+    rows: int = 0,
+    fp8: bool = False,
 ) -> int:
     """Bytes a prefill of `tokens` (--max-batch-tokens) and a decode step of `rows` (--max-batch-size) need
     beside the weights and the slot cache, plus `OVERHEAD_BYTES`; on one of `ranks` tensor-parallel ranks, its
@@ -69,7 +80,8 @@ def activation_reserve(
       attention mask (a boolean and the kernel's copy in `dtype`: rows x width x width, padded rows of at most
       half `tokens` each, width at most `context`); and the mask of the rest of a prompt whose start is cached
       (no keys held: they go to its slot; its queries x cached-and-new positions, at most `tokens` x `context`);
-    - the sampler's `SAMPLER_COPIES` float32 rows of the vocabulary a decode row.
+    - the sampler's `SAMPLER_COPIES` float32 rows of the vocabulary a decode row;
+    - with `fp8` (--quantization fp8), each token's widest input quantized (`FP8_INPUT_BYTES`).
 
     An upper bound by arithmetic, not a measurement: a smaller --max-batch-tokens leaves the cache more."""
     shape = CacheShape.of(text_config, dtype).per_rank(ranks)
@@ -81,7 +93,8 @@ def activation_reserve(
     fresh = tokens * shape.token_bytes + tokens * min(context, tokens // 2) * (1 + size)
     extend = tokens * context * (1 + size)
     sampler = rows * int(text_config.vocab_size) * SAMPLER_COPIES * 4
-    return tokens * per_token + max(fresh, extend) + sampler + OVERHEAD_BYTES
+    quantizing = tokens * int(getattr(text_config, "intermediate_size", 0) or 0) // ranks * FP8_INPUT_BYTES
+    return tokens * per_token + max(fresh, extend) + sampler + (quantizing if fp8 else 0) + OVERHEAD_BYTES
 
 
 def kv_budget(
@@ -130,6 +143,7 @@ def plan_cache(model: Any, settings: Settings) -> CachePlan:
         ranks,
         context=settings.context_length,
         rows=settings.max_batch_size,
+        fp8=settings.quantization == "fp8",
     )
     reserve += settings.encoder_cache_memory_bytes
     devices = device_memory(model)

@@ -75,6 +75,11 @@ def preflight(settings: Settings) -> None:
         raise ModelLoadError(f"--device {settings.device!r} is not a device: use auto, cpu, cuda or cuda:N.") from exc
     if device.type == "cuda":
         _check_cuda(settings.device, device)
+        if settings.tensor_parallel_size > torch.cuda.device_count():
+            raise ModelLoadError(
+                f"--tensor-parallel-size {settings.tensor_parallel_size} needs as many GPUs; this machine shows "
+                f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES decides which)."
+            )
     _check_dtype(resolve_dtype(settings.dtype, device.type), device)
     if settings.model not in (TINY_MODEL, TINY_REALTIME_MODEL):
         check_model_source(settings.model)

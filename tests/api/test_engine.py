@@ -208,19 +208,27 @@ def test_out_of_memory_mid_decode_recomputes_rows_and_changes_no_output(loaded: 
     bodies = [
         {**CHAT, "max_tokens": 24, "messages": [{"role": "user", "content": "hello " * (i + 1)}]} for i in range(6)
     ]
+    clean, responses, hook = _clean_then_faulty(loaded, tiny_dir, bodies, lambda engine: OomOnce(engine, 6))
+    assert hook.fired
+    assert [r.status_code for r in responses] == [200] * 6
+    assert [r.json()["choices"][0]["message"]["content"] for r in responses] == clean
+
+
+def _clean_then_faulty(
+    loaded: LoadedModel, tiny_dir: Path, bodies: list[dict[str, Any]], fault: Callable[[Any], Any]
+) -> tuple[list[str], list[httpx.Response], Any]:
+    """The chat answers of `bodies` sent together on a clean server, then the responses of the same sent again
+    with `fault(engine)` set on its generator (returned, to read what it saw)."""
+
+    def send_all(http: httpx.Client) -> list[httpx.Response]:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            return list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
+
     with serve(loaded, tiny_dir, max_batch_size=8) as server, server.http() as http:
-        with ThreadPoolExecutor(6) as pool:
-            clean = [
-                r.json()["choices"][0]["message"]["content"]
-                for r in pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies)
-            ]
-        hook = OomOnce(server.engine, len(bodies))
+        clean = [r.json()["choices"][0]["message"]["content"] for r in send_all(http)]
+        hook = fault(server.engine)
         server.generator.fault = hook
-        with ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
-        assert hook.fired
-        assert [r.status_code for r in responses] == [200] * 6
-        assert [r.json()["choices"][0]["message"]["content"] for r in responses] == clean
+        return clean, send_all(http), hook
 
 
 class OomPartWay:
@@ -254,16 +262,7 @@ def test_a_prefill_out_of_memory_retries_in_halves_after_freeing_the_failed_pass
     """The split retry runs once the failed pass's tensors are gone (on a GPU, empty_cache gives them back to
     the halves), and every request is answered as it is without the fault."""
     bodies = [{**CHAT, "max_tokens": 4, "messages": [{"role": "user", "content": "hi " * (i + 1)}]} for i in range(5)]
-    with serve(loaded, tiny_dir, max_batch_size=8) as server, server.http() as http:
-        with ThreadPoolExecutor(5) as pool:
-            clean = [
-                r.json()["choices"][0]["message"]["content"]
-                for r in pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies)
-            ]
-        hook = OomPartWay(server.engine, len(bodies))
-        server.generator.fault = hook
-        with ThreadPoolExecutor(5) as pool:
-            responses = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
+    clean, responses, hook = _clean_then_faulty(loaded, tiny_dir, bodies, lambda engine: OomPartWay(engine, 5))
     assert hook.partial is not None, "no prefill of several rows ran out of memory"
     assert [r.status_code for r in responses] == [200] * 5
     assert [r.json()["choices"][0]["message"]["content"] for r in responses] == clean

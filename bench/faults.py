@@ -44,7 +44,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections import Counter
@@ -327,16 +326,8 @@ def main() -> None:
         return asyncio.run(fault_until_stdin_closes(args.fault, args.url, args))
     port = rt.free_port()
     url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(port, args, Path(tmp) / "server.log")
-        try:
-            rows, rss_rows = run(args, url, proc)
-        except BaseException:
-            print((Path(tmp) / "server.log").read_text()[-5000:], file=sys.stderr)
-            raise
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    with rt.serving(lambda log: start_server(port, args, log)) as proc:
+        rows, rss_rows = run(args, url, proc)
     rt.publish("faults.py", report(rows, rss_rows, args), args.out)
 
 

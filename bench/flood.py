@@ -28,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,17 +157,9 @@ def main() -> None:
     port = rt.free_port()
     url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
     server_args = argparse.Namespace(**{**vars(args), "sessions": args.sessions + 1})
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(port, server_args, Path(tmp) / "server.log")
-        try:
-            alone, _ = asyncio.run(phase(url, args, flooding=False))
-            beside, tally = asyncio.run(phase(url, args, flooding=True))
-        except BaseException:
-            print((Path(tmp) / "server.log").read_text()[-5000:], file=sys.stderr)
-            raise
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    with rt.serving(lambda log: start_server(port, server_args, log)):
+        alone, _ = asyncio.run(phase(url, args, flooding=False))
+        beside, tally = asyncio.run(phase(url, args, flooding=True))
     assert tally is not None
     rt.publish("flood.py", report(alone, beside, tally, args), args.out)
 

@@ -47,6 +47,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -151,6 +153,23 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
     return wait_ready(proc, port, log)
 
 
+@contextmanager
+def serving(start: Callable[[Path], subprocess.Popen[bytes]]) -> Iterator[subprocess.Popen[bytes]]:
+    """The server `start(log)` starts, logging into a temporary folder, for the `with` body; the log's tail is
+    printed when the body fails, and the server is terminated either way."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        proc = start(log)
+        try:
+            yield proc
+        except BaseException:
+            print(log.read_text()[-5000:], file=sys.stderr)
+            raise
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
 def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> subprocess.Popen[bytes]:
     """`proc` once its /ready answers 200 (the server listens while it loads); exits with its log otherwise."""
     deadline = time.monotonic() + 300
@@ -244,22 +263,14 @@ def main() -> None:
     if args.realtime_model:
         import realtime_streaming  # bench/realtime_streaming.py
 
-        realtime_streaming.main(args, start_server, publish, free_port)
+        realtime_streaming.main(args)
         return
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(port, args, Path(tmp) / "server.log")
-        try:
-            before = batch_histogram(base)
-            outcomes = asyncio.run(run_all(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription", args))
-            after = batch_histogram(base)
-        except BaseException:
-            print((Path(tmp) / "server.log").read_text()[-5000:], file=sys.stderr)
-            raise
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    with serving(lambda log: start_server(port, args, log)):
+        before = batch_histogram(base)
+        outcomes = asyncio.run(run_all(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription", args))
+        after = batch_histogram(base)
     text = report(outcomes, tuple(a - b for a, b in zip(after, before, strict=True)), args)  # type: ignore[arg-type]
     publish("realtime.py", text, args.out)
 

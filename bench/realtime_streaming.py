@@ -10,15 +10,14 @@ import base64
 import json
 import random
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import realtime as rt  # bench/realtime.py: the server's start-up and the publishing
 import soundfile as sf
 import soxr
 from websockets.asyncio.client import connect
@@ -240,45 +239,27 @@ async def run_all(url: str, chunks: list[bytes], args: argparse.Namespace) -> li
     return list(await asyncio.gather(*(session(url, chunks, args.utterances, args.delay_ms, s) for s in starts)))
 
 
-def main(
-    args: argparse.Namespace,
-    start_server: Callable[[int, argparse.Namespace, Path], Any],
-    publish: Callable[[str, str, str | None], None],
-    free_port: Callable[[], int],
-) -> None:
-    """The run; bench/realtime.py hands over its server start-up, publishing and port choice."""
+def main(args: argparse.Namespace) -> None:
+    """The run (`python bench/realtime.py --realtime-model`), with bench/realtime.py's server start-up and
+    publishing."""
     chunks = utterance_chunks(args.pause_s)
     ref = reference(chunks, args.delay_ms)  # before the server starts: it then finds tiny-realtime built
     intervals = args.tick_intervals_ms or [None]
     texts = []
     for interval in intervals:  # configurations take turns: one server each, the same load
         args.tick_interval_ms = interval
-        text = one_run(args, chunks, ref, start_server, free_port)
+        text = one_run(args, chunks, ref)
         texts.append(text if interval is None else f"- **--realtime-tick-interval-ms {interval:g}**\n{text}")
-    publish("realtime.py", "\n".join(texts), args.out)
+    rt.publish("realtime.py", "\n".join(texts), args.out)
 
 
-def one_run(
-    args: argparse.Namespace,
-    chunks: list[bytes],
-    ref: Reference,
-    start_server: Callable[[int, argparse.Namespace, Path], Any],
-    free_port: Callable[[], int],
-) -> str:
+def one_run(args: argparse.Namespace, chunks: list[bytes], ref: Reference) -> str:
     """One server under the load: the report's lines."""
-    port = free_port()
+    port = rt.free_port()
     base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(port, args, Path(tmp) / "server.log")
-        try:
-            before = tick_metrics(base)
-            outcomes = asyncio.run(run_all(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription", chunks, args))
-            after = tick_metrics(base)
-        except BaseException:
-            print((Path(tmp) / "server.log").read_text()[-5000:], file=sys.stderr)
-            raise
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    with rt.serving(lambda log: rt.start_server(port, args, log)):
+        before = tick_metrics(base)
+        outcomes = asyncio.run(run_all(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription", chunks, args))
+        after = tick_metrics(base)
     ticks = {key: after[key] - before[key] for key in after}
     return report(outcomes, ref, ticks, args)

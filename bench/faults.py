@@ -54,6 +54,7 @@ from typing import Any
 
 import flood as fl  # bench/flood.py: the commit flood
 import httpx
+import procs  # bench/procs.py
 import psutil
 import realtime as rt  # bench/realtime.py: the speech, the well-behaved sessions
 from decode_budget import chat_body  # bench/decode_budget.py: 9 x 40 minutes of FLAC silence
@@ -225,7 +226,8 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
     if args.jemalloc:
         env["LD_PRELOAD"] = args.jemalloc
     proc = subprocess.Popen(cmd, cwd=rt.ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    return rt.wait_ready(proc, port, log)
+    procs.wait_ready(proc, f"http://127.0.0.1:{port}", log)
+    return proc
 
 
 def serve_traced() -> None:
@@ -324,7 +326,7 @@ def main() -> None:
         return diff(*args.diff)
     if args.fault is not None:
         return asyncio.run(fault_until_stdin_closes(args.fault, args.url, args))
-    port = rt.free_port()
+    port = procs.free_port()
     url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
     with rt.serving(lambda log: start_server(port, args, log)) as proc:
         rows, rss_rows = run(args, url, proc)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from subprocess import PIPE
 
+import procs  # bench/procs.py
 import realtime as rt  # bench/realtime.py: the server, the speech, the well-behaved sessions
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -140,7 +141,8 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOXTRAL_")}
     proc = subprocess.Popen(cmd, cwd=rt.ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    return rt.wait_ready(proc, port, log)
+    procs.wait_ready(proc, f"http://127.0.0.1:{port}", log)
+    return proc
 
 
 def main() -> None:
@@ -154,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.flood_url is not None:
         return asyncio.run(flood_until_stdin_closes(args.flood_url, args))
-    port = rt.free_port()
+    port = procs.free_port()
     url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
     server_args = argparse.Namespace(**{**vars(args), "sessions": args.sessions + 1})
     with rt.serving(lambda log: start_server(port, server_args, log)):

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from procs import free_port  # bench/procs.py
 
 ROOT = Path(__file__).resolve().parents[1]
 JFK = ROOT / "tests" / "data" / "jfk.wav"
@@ -249,12 +249,6 @@ async def run_load(
 
 
 # --- the server under test --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_command(port: int, cache_dir: Path, max_queue: int, args: argparse.Namespace) -> list[str]:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 import httpx
 import numpy as np
 import soundfile as sf
+from procs import free_port, wait_ready  # bench/procs.py
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIO = ROOT / "tests" / "data"
@@ -63,12 +63,6 @@ def proc_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def server(args: argparse.Namespace, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
@@ -91,20 +85,6 @@ def server_flags(args: argparse.Namespace) -> list[str]:
         "--max-batch-size", str(args.max_batch_size),
         "--request-timeout-s", "3600",
     ]  # fmt: skip
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited during start-up")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the server did not become ready")
 
 
 def transcribe(url: str, data: bytes, chunking: str | None) -> tuple[float, dict[str, Any]]:

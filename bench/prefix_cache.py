@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 import numpy as np
 import soundfile as sf
+from procs import free_port, wait_ready  # bench/procs.py
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIO = ROOT / "tests" / "data"
@@ -116,33 +117,11 @@ def server(model_dir: Path, extra: list[str], log: Path, tokens: int, batch: int
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
-            wait_ready(url, proc, log)
+            wait_ready(proc, url, log)
             yield url, proc.pid
         finally:
             proc.terminate()
             proc.wait(30)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited; see {log}")
-        time.sleep(0.5)
-    raise RuntimeError(f"the server never became ready; see {log}")
 
 
 def prefix_counts(url: str) -> tuple[float, float]:

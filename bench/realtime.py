@@ -41,7 +41,6 @@ import json
 import os
 import random
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 import soxr
+from procs import free_port, wait_ready  # bench/procs.py
 from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,12 +130,6 @@ def batch_histogram(base_url: str) -> tuple[float, float, float]:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "app.main", "serve", "--model", "tiny", "--port", str(port),
@@ -150,7 +144,8 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
             cmd += ["--realtime-tick-interval-ms", str(args.tick_interval_ms)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOXTRAL_")}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    return wait_ready(proc, port, log)
+    wait_ready(proc, f"http://127.0.0.1:{port}", log)
+    return proc
 
 
 @contextmanager
@@ -168,21 +163,6 @@ def serving(start: Callable[[Path], subprocess.Popen[bytes]]) -> Iterator[subpro
         finally:
             proc.terminate()
             proc.wait(60)
-
-
-def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> subprocess.Popen[bytes]:
-    """`proc` once its /ready answers 200 (the server listens while it loads); exits with its log otherwise."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server never ready:\n" + log.read_text())
 
 
 def figures(outcomes: list[Outcome]) -> str:

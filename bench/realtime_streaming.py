@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import procs  # bench/procs.py
 import realtime as rt  # bench/realtime.py: the server's start-up and the publishing
 import soundfile as sf
 import soxr
@@ -255,7 +256,7 @@ def main(args: argparse.Namespace) -> None:
 
 def one_run(args: argparse.Namespace, chunks: list[bytes], ref: Reference) -> str:
     """One server under the load: the report's lines."""
-    port = rt.free_port()
+    port = procs.free_port()
     base = f"http://127.0.0.1:{port}"
     with rt.serving(lambda log: rt.start_server(port, args, log)):
         before = tick_metrics(base)

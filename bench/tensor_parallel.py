@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,15 +21,9 @@ import time
 from pathlib import Path
 
 import httpx
+from procs import free_port, wait_ready  # bench/procs.py
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start(ranks: int, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -40,20 +33,6 @@ def start(ranks: int, args: argparse.Namespace, log: Path) -> tuple[subprocess.P
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "app.main", "serve", *flags], cwd=ROOT, stdout=out, stderr=out)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(base + "/ready", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("never ready")
 
 
 def timed(base: str, model: str, tokens: int) -> tuple[float, int]:
@@ -77,7 +56,7 @@ def main() -> None:
     servers = {}
     for ranks in (int(s) for s in args.sizes.split(",")):
         servers[ranks] = start(ranks, args, logs / f"tp{ranks}.log")
-        wait_ready(*servers[ranks], logs / f"tp{ranks}.log")  # one at a time: the loads share the cores
+        wait_ready(*servers[ranks], logs / f"tp{ranks}.log", timeout_s=600)  # one at a time: the loads share the cores
     try:
         per_token: dict[int, list[float]] = {ranks: [] for ranks in servers}
         for _ in range(args.rounds + 1):  # the first round warms up and is dropped

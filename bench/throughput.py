@@ -39,7 +39,6 @@ import base64
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from procs import free_port, wait_ready  # bench/procs.py
 
 ROOT = Path(__file__).resolve().parents[1]
 JFK = ROOT / "tests" / "data" / "jfk.wav"
@@ -146,12 +146,6 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def process(
     cmd: list[str], url: str, ready_path: str, log: Path, cwd: Path = ROOT
@@ -159,18 +153,7 @@ def process(
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{cmd[0]} exited; see {log}")
-                time.sleep(0.5)
-            else:
-                raise RuntimeError(f"{cmd} never became ready; see {log}")
+            wait_ready(proc, url, log, path=ready_path, timeout_s=180)
             yield proc
         finally:
             proc.terminate()

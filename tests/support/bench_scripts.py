@@ -13,6 +13,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def load(name: str) -> ModuleType:
     """bench/`name`.py, executed once per call, registered as `bench_<name>` (dataclasses look their module up
     in `sys.modules`)."""
+    if str(BENCH) not in sys.path:  # a script imports its neighbours (bench/procs.py), as when run
+        sys.path.append(str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -13,7 +13,7 @@ from app import vad
 from app.config import Settings
 from app.engine.engine import Engine
 from app.model.runtime import ModelRuntime
-from app.serving.chat import ChatAnswer, ChatServing
+from app.serving.chat import ChatAnswer, Chats, ChatServing
 from app.serving.prep import Prep
 from app.serving.record import RequestRecord
 from app.serving.schemas import ChatCompletionRequest
@@ -23,17 +23,12 @@ from app.serving.transcripts import Task
 from app.types import PreparedRequest, SamplingParams
 
 
-class Serving:
-    def __init__(self, settings: Settings, engine: Engine, runtime: ModelRuntime) -> None:
-        self.settings, self.engine, self.runtime = settings, engine, runtime
-        self.prep = Prep(settings, runtime)
-        self.chats = ChatServing(settings, runtime, self.prep, engine)
-        self.transcriptions = TranscriptionServing(settings, runtime, self.prep, engine)
+class Routes:
+    """What every model's serving answers alike: its model ids, the request's model checked, and chat through
+    its `chats` (a 400 where the model does not chat)."""
 
-    @property
-    def fingerprint(self) -> str:
-        """The loaded model's `system_fingerprint`, for chat answers."""
-        return self.runtime.fingerprint
+    prep: Prep
+    chats: Chats
 
     @property
     def model_ids(self) -> set[str]:
@@ -47,6 +42,19 @@ class Serving:
     ) -> ChatAnswer:
         """`owner`: an opaque key of the client (never a secret): its share of the queue and the batch."""
         return await self.chats.start(body, record, owner)
+
+
+class Serving(Routes):
+    def __init__(self, settings: Settings, engine: Engine, runtime: ModelRuntime) -> None:
+        self.settings, self.engine, self.runtime = settings, engine, runtime
+        self.prep = Prep(settings, runtime)
+        self.chats = ChatServing(settings, runtime, self.prep, engine)
+        self.transcriptions = TranscriptionServing(settings, runtime, self.prep, engine)
+
+    @property
+    def fingerprint(self) -> str:
+        """The loaded model's `system_fingerprint`, for chat answers."""
+        return self.runtime.fingerprint
 
     async def transcribe(
         self, form: AudioForm, upload: Upload, task: Task, record: RequestRecord | None = None, owner: str = ""

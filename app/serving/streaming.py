@@ -26,6 +26,7 @@ from app.serving.prep import Prep
 from app.serving.realtime.streams import Stream, StreamLoop
 from app.serving.record import RequestRecord
 from app.serving.schemas import ChatCompletionRequest
+from app.serving.service import Routes
 from app.serving.transcription import Upload
 from app.serving.transcription_request import AudioForm
 from app.serving.transcripts import (
@@ -103,7 +104,7 @@ class StreamRun:
             yield step
 
 
-class StreamingServing:
+class StreamingServing(Routes):
     """The routes' `Serving` for a Voxtral Realtime model (same calls; chat ones refused)."""
 
     def __init__(self, settings: Settings, streams: StreamLoop) -> None:
@@ -112,19 +113,6 @@ class StreamingServing:
         self.chats = TranscriptionOnly()
         self.fingerprint = ""
         """No chat answer carries it (chat is refused); the routes' `Serving` has one."""
-
-    @property
-    def model_ids(self) -> set[str]:
-        return self.prep.model_ids
-
-    def check_model(self, model: str | None) -> None:
-        self.prep.check_model(model)
-
-    async def chat(
-        self, body: ChatCompletionRequest, record: RequestRecord | None = None, owner: str = ""
-    ) -> ChatAnswer:
-        """Refused: a 400 (`TranscriptionOnly`)."""
-        return await self.chats.start(body, record, owner)
 
     async def transcribe(
         self, form: AudioForm, upload: Upload, task: Task, record: RequestRecord | None = None, owner: str = ""

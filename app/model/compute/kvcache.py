@@ -19,17 +19,27 @@ from transformers.cache_utils import Cache, DynamicLayer
 from app.model.compute.transfer import upload
 
 
-class _Kept(DynamicLayer):
+class _Once(DynamicLayer):
+    """A layer a prefill writes exactly once."""
+
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # transformers' DynamicLayer is untyped
+
+    def _written(self, key_states: torch.Tensor) -> None:
+        if self.is_initialized:
+            raise NotImplementedError("a prefill writes each layer once")
+        self.device, self.is_initialized = key_states.device, True
+
+
+class _Kept(_Once):
+    def __init__(self) -> None:
+        super().__init__()
         self.written: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.is_initialized:
-            raise NotImplementedError("a prefill writes each layer once")
-        self.device, self.is_initialized = key_states.device, True
+        self._written(key_states)
         self.keys, self.values = key_states, value_states
         self.written = (key_states, value_states)
         return key_states, value_states
@@ -52,9 +62,9 @@ class PrefillCache(DynamicCache):
         return out
 
 
-class _Slotted(DynamicLayer):
+class _Slotted(_Once):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, single: int, past: int) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # transformers' DynamicLayer is untyped
+        super().__init__()
         self.buffers = (keys, values)
         self.slots, self.single, self.past = slots, single, past
         self.end = past
@@ -63,9 +73,7 @@ class _Slotted(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.is_initialized:
-            raise NotImplementedError("a prefill writes each layer once")
-        self.device, self.is_initialized = key_states.device, True
+        self._written(key_states)
         end = self.past + key_states.shape[-2]
         out = []
         for buffer, states in zip(self.buffers, (key_states, value_states), strict=True):

@@ -3,9 +3,9 @@
 transformers' modules stay the loader, the prefill and the reference; a decode step instead runs here on
 their weights. Per layer: one RMS norm, ONE projection for q, k and v (their weights concatenated once, the
 modules' own weights becoming views of it, so no memory is doubled), rotary on q and k together from tables
-built once a step, keys and values written in place at each row's position (one write), attention over the first `rows`
-slots up to `width` positions with a mask built once a step, the output projection, a second norm, ONE
-projection for gate and up, and the down projection.
+built once a step, keys and values written in place at each row's position (one write), attention over the
+first `rows` slots up to `width` positions with a mask built once a step, the output projection, a second
+norm, ONE projection for gate and up, and the down projection.
 
 Every input is a tensor of a fixed shape for a given (rows, width): the step neither allocates by data nor
 reads anything back, so CUDA can capture it once per shape (app/model/compute/graphs.py). The numbers are
@@ -94,11 +94,11 @@ class LeanDecoder:
         self.vocab_start = 0 if group is None else -(-int(config.vocab_size) // ranks) * int(group.rank())
         """The first embedding row this rank holds (a DTensor's Shard(0) splits as torch.chunk does)."""
         self.norm = language_model.norm.weight
-        self.inv_freq: torch.Tensor = language_model.rotary_emb.inv_freq
+        self.inv_freq: torch.Tensor = language_model.rotary_emb.inv_freq.to(self.embed.device)
+        """On the embedding's device: transformers' rotary moves it per call; the step reads it as it is."""
         self.rope_scaling = float(getattr(language_model.rotary_emb, "attention_scaling", 1.0))
         self.head = lm_head.weight
         device, dtype = self.embed.device, self.embed.dtype
-        self.inv_freq = self.inv_freq.to(device)  # transformers' rotary moves it per call; the step reads it here
         self.count = torch.tensor(float(config.hidden_size), device=device)
         self.eps_t = torch.tensor(self.eps, device=device)
         self.zero = torch.zeros((), dtype=dtype, device=device)

@@ -305,7 +305,7 @@ def _cdf(weights: torch.Tensor) -> torch.Tensor:
 
 def _invert(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """The first position whose cumulative weight exceeds u x the total: a draw in proportion to weight."""
-    target = (uniform * cdf[:, -1:].double()).to(cdf.dtype)
+    target = uniform * cdf[:, -1:]  # both float64
     return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
 
 

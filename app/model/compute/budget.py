@@ -86,15 +86,16 @@ def activation_reserve(
     An upper bound by arithmetic, not a measurement: a smaller --max-batch-tokens leaves the cache more."""
     shape = CacheShape.of(text_config, dtype).per_rank(ranks)
     size = torch.empty((), dtype=dtype).element_size()
-    width = int(text_config.hidden_size) + int(getattr(text_config, "intermediate_size", 0) or 0) // ranks
+    intermediate = int(getattr(text_config, "intermediate_size", 0) or 0) // ranks
+    width = int(text_config.hidden_size) + intermediate
     repeated = 2 * int(text_config.num_attention_heads) // ranks * shape.head_dim * size
     per_token = ACTIVATION_COPIES * width * size + repeated
     context = context or tokens
     fresh = tokens * shape.token_bytes + tokens * min(context, tokens // 2) * (1 + size)
     extend = tokens * context * (1 + size)
     sampler = rows * int(text_config.vocab_size) * SAMPLER_COPIES * 4
-    quantizing = tokens * int(getattr(text_config, "intermediate_size", 0) or 0) // ranks * FP8_INPUT_BYTES
-    return tokens * per_token + max(fresh, extend) + sampler + (quantizing if fp8 else 0) + OVERHEAD_BYTES
+    quantizing = tokens * intermediate * FP8_INPUT_BYTES if fp8 else 0
+    return tokens * per_token + max(fresh, extend) + sampler + quantizing + OVERHEAD_BYTES
 
 
 def kv_budget(

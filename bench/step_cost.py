@@ -94,7 +94,7 @@ def split(deep: Counter[str], shallow: Counter[str], layers: int, strict: int) -
 
 
 def prompt(row: int, tokens: int) -> list[int]:
-    """A few hundred text ids (rows of slightly different lengths: the batch is left-padded)."""
+    """A few hundred text ids (rows of slightly different lengths: the batch is padded)."""
     length = tokens - (row * 7) % 48
     return [1] + [1000 + (row * 31 + i * 17) % 1900 for i in range(length - 1)]
 

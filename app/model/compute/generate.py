@@ -1,7 +1,7 @@
 """Batched generation with per-row sampling: prefill by transformers' forward pass, decode by the lean step.
 
 `model.generate` forces one parameter set per batch and cannot take new rows mid-flight, so the decode loop
-lives here: prefill a group of rows (left-padded, explicit positions) with the real model, place each row's
+lives here: prefill a group of rows (right-padded, causal, explicit positions) with the real model, place each row's
 keys and values in a slot of the preallocated cache (app/model/compute/slots.py), step all running rows with
 the lean decoder (app/model/compute/decoder.py, replayed as a CUDA graph where there is one), sample each row
 with its own parameters, drop finished rows and add freshly prefilled ones in between steps.
@@ -316,31 +316,32 @@ class BatchGenerator:
     def _prefill_into(
         self, prompts: list[list[int]], audios: list[np.ndarray], slots: list[int], past: int = 0
     ) -> torch.Tensor:
-        """The device's part of a prefill: run `prompts` (left-padded, their audios in order) and place each
-        one's keys and values in its slot of `slots`; each prompt's last hidden state, [prompts, hidden].
-        `past` > 0: the slots hold the prompts' first `past` positions already (`_extend_into`)."""
+        """The device's part of a prefill: run `prompts` (their audios in order) and place each one's keys and
+        values in its slot of `slots`; each prompt's last hidden state, [prompts, hidden].
+        `past` > 0: the slots hold the prompts' first `past` positions already (`_extend_into`).
+
+        Prompts are right-padded and given no mask: each row's tokens sit at positions 0.. and padding comes
+        after them, so causal attention alone keeps every real token off the padding. The attention kernel then
+        runs causal (on a GPU: the flash kernel, skipping the masked half, grouped-query heads read in place),
+        where a padding mask would make transformers expand the keys and values to every query head and attend
+        over the whole square."""
         if past:
             return self._extend_into(prompts, audios, slots, past)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids[i, : len(prompt)] = torch.tensor(prompt)
         lengths = [len(p) for p in prompts]
         out = self.model.model.language_model(
             inputs_embeds=self._embed(ids, audios),
-            attention_mask=self._mask(upload(mask, self.device), lengths, width),
-            position_ids=upload(positions, self.device),
+            position_ids=upload(torch.arange(width).unsqueeze(0), self.device),
             cache=PrefillCache(self.num_layers),
             use_cache=True,
         )
         kv = out.cache.kv()
         for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
-            self.cache.place(slot, [(k[i, :, width - length :], v[i, :, width - length :]) for k, v in kv])
-        hidden: torch.Tensor = out.last_hidden_state[:, -1, :].clone()  # a view would hold every position's
-        return hidden
+            self.cache.place(slot, [(k[i, :, :length], v[i, :, :length]) for k, v in kv])
+        return self._last_hidden(out.last_hidden_state, lengths)
 
     def _extend_into(
         self, prompts: list[list[int]], audios: list[np.ndarray], slots: list[int], past: int
@@ -362,13 +363,19 @@ class BatchGenerator:
         )
         for slot in slots:
             self.cache.zeroed[slot] = max(self.cache.zeroed[slot], past + width)
-        if len({len(t) for t in tails}) == 1:
-            last: torch.Tensor = out.last_hidden_state[:, -1, :].clone()  # a view would hold every position's
+        return self._last_hidden(out.last_hidden_state, [len(t) for t in tails])
+
+    def _last_hidden(self, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """[rows, hidden]: each right-padded row's hidden state at its last real position (of [rows, width,
+        hidden]), a new tensor (a view would hold every position's)."""
+        width = hidden.shape[1]
+        if min(lengths) == width:
+            last: torch.Tensor = hidden[:, -1, :].clone()
             return last
-        flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-        ends = [i * width + len(t) - 1 for i, t in enumerate(tails)]
-        hidden: torch.Tensor = flat.index_select(0, upload(ends, flat.device, torch.long))
-        return hidden
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        ends = [i * width + length - 1 for i, length in enumerate(lengths)]
+        picked: torch.Tensor = flat.index_select(0, upload(ends, flat.device, torch.long))
+        return picked
 
     def _tail_audio(
         self, prompts: list[list[int]], audios: list[np.ndarray], past: int
@@ -503,26 +510,6 @@ class BatchGenerator:
         for i, slot in zip(moving, targets, strict=True):
             state.slots[i] = slot
         self._publish()
-
-    def _mask(self, mask: torch.Tensor, lengths: list[int], queries: int) -> torch.Tensor | None:
-        """The attention mask handed to transformers for `queries` new positions, in the form its
-        `create_causal_mask` builds from the 2D `mask`, decided on the host: given a 2D mask it asks the device
-        whether there is padding (masking_utils' `fast_all` in an `if`, a sync every step). No padding: None,
-        from which it builds what an all-ones mask gives. Padding, for sdpa and eager attention: their 4D
-        mask, causal and padded, the same values (True, or 0, where a row attends). Other kernels: the 2D mask."""
-        width = mask.shape[1]
-        if min(lengths) == width:
-            return None
-        kind = getattr(self.model.config, "_attn_implementation", None)
-        if kind not in ("sdpa", "eager"):
-            return mask
-        keys = torch.arange(width, device=mask.device)
-        causal = keys.unsqueeze(0) <= torch.arange(width - queries, width, device=mask.device).unsqueeze(1)
-        allowed = causal[None, None] & mask.bool()[:, None, None, :]
-        if kind == "sdpa":
-            return allowed
-        dtype = self.model.dtype
-        return torch.where(allowed, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of each row's last hidden state ([rows, hidden] -> [rows, vocab])."""

@@ -22,7 +22,8 @@ attention reads the whole ring, so its time is that of a stream as old as that w
     python bench/realtime_ticks.py --shapes tiny --device cpu --sessions 1,4 --ticks 3     # the CPU smoke test
 
 `--count-copies` adds, per N, the bytes one more steady tick's data-movement ATen ops write (`copied_mib`:
-index, index_select, index_put_, cat, copy_, clone, ...; `copies`: the largest by op), counted by a
+index, index_select, index_put_, cat, copy_, clone, ...; `copies`: the largest by op), and the join tick's
+(`join_copied_mib`, `join_copies`), counted by a
 TorchDispatchMode: a count, so a CPU run says what a GPU tick would move. `--layers K` keeps K layers of each
 stack (a mini-width few-layer variant that a CPU can step):
 
@@ -32,6 +33,7 @@ stack (a mini-width few-layer variant that a CPU can step):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -186,9 +188,11 @@ def measure(mdl: Any, proc: Any, streams: int, ticks: int, seed: int = 0, count:
     samples = geometry.first_samples(6) + (ticks + 3) * geometry.samples_per_token  # join, warm-up, `ticks`, count
     for sid in ids:
         engine.feed(sid, (rng.standard_normal(samples) * 0.1).astype(np.float32))
-    started = time.perf_counter()
-    join = engine.tick()
-    join_s = time.perf_counter() - started
+    joined = CopyCounter() if count else contextlib.nullcontext()
+    with joined:
+        started = time.perf_counter()
+        join = engine.tick()
+        join_s = time.perf_counter() - started
     engine.tick()  # the first steady tick: lazy set-ups (cuBLAS workspaces, kernel choices) are not timed
     walls, rows, padded_rows = [], 0, 0
     for _ in range(ticks):
@@ -206,6 +210,10 @@ def measure(mdl: Any, proc: Any, streams: int, ticks: int, seed: int = 0, count:
         top = sorted(counter.bytes.items(), key=lambda item: -item[1])[:6]
         copies = {"copied_mib": round(sum(counter.bytes.values()) / 2**20, 2)}
         copies["copies"] = {name: round(size / 2**20, 2) for name, size in top}
+        assert isinstance(joined, CopyCounter)
+        copies["join_copied_mib"] = round(sum(joined.bytes.values()) / 2**20, 2)
+        top = sorted(joined.bytes.items(), key=lambda item: -item[1])[:6]
+        copies["join_copies"] = {name: round(size / 2**20, 2) for name, size in top}
     return copies | {
         "streams": streams,
         "join_tick_ms": round(1000 * join_s, 2),

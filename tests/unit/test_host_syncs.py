@@ -219,7 +219,8 @@ def test_the_simulated_device_gives_the_cpu_tokens(sim: Sim, loaded: LoadedModel
 def test_a_steady_realtime_tick_reads_the_device_once(realtime_model: LoadedModel) -> None:
     """Voxtral Realtime's tick on the simulated device: after the streams' first forwards, a tick makes the
     host wait once, for its tokens (each delay's `t_cond` is looked up on the device, not computed from the
-    delays read back)."""
+    delays read back); every tick, first forwards included, uploads in two pinned copies a forward (its
+    integers, its features) and waits on none."""
     from app.model.realtime.engine import RealtimeEngine
     from tests.support.realtime_reference import synthetic
 
@@ -232,12 +233,16 @@ def test_a_steady_realtime_tick_reads_the_device_once(realtime_model: LoadedMode
         for sid in streams:
             engine.feed(sid, audio)
         reads: list[list[Transfer]] = []
+        uploads: list[list[Transfer]] = []
         started: set[int] = set()
         while engine.ready() and len(reads) < 6:
             device.transfers.clear()
             result = engine.tick()
+            uploads.append([t for t in device.transfers if t.kind == "upload"])
             if {step.stream for step in result.steps} <= started:  # no stream's first forward in this tick
                 reads.append([t for t in device.transfers if t.kind == "read"])
             started |= {step.stream for step in result.steps}
     assert len(reads) >= 3, "too few steady ticks"
     assert all(len(r) == 1 for r in reads), [[t.site for t in r] for r in reads]
+    assert all(not t.waits for tick in uploads for t in tick), [[str(t) for t in tick] for tick in uploads]
+    assert uploads[0] and all(len(tick) in (2, 4) for tick in uploads), [[str(t) for t in tick] for tick in uploads]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from app.model.compute.slots import batch_sizes, padded
-from app.model.compute.transfer import bind_thread
+from app.model.compute.transfer import bind_thread, upload
 from app.model.realtime.forward import RealtimeForward, Rows
 from app.model.realtime.pool import StreamPool
 from app.model.realtime.timing import FrameGeometry, delay_tokens
@@ -202,17 +202,10 @@ class RealtimeEngine:
             state = self._streams[sid]
             chunk = self._take(state, 0, g.first_samples(delay), g.window_start(delay, 1))
             audio.append(np.concatenate([left, chunk]))
-        features = self._log_mel(np.stack(audio), center=True)
         prompt = [self._bos] + [self._pad] * (g.prompt_tokens(delay) - 1)
         n = len(group)
-        return Rows(
-            slots=self._tensor([self._streams[sid].slot for sid in group]),
-            features=features,
-            tokens=self._tensor([prompt] * n),
-            encoder_seen=self._tensor([0] * n),
-            decoder_seen=self._tensor([0] * n),
-            delays=self._tensor([delay] * n),
-        )
+        slots = [self._streams[sid].slot for sid in group]
+        return self._rows(audio, True, slots, [prompt] * n, [0] * n, [0] * n, [delay] * n, None, fresh=True)
 
     def _step_rows(self, group: list[int], size: int) -> Rows:
         g = self.geometry
@@ -229,14 +222,37 @@ class RealtimeEngine:
         audio += [np.zeros(g.step_samples, dtype=np.float32)] * filler
         per_token = self.downsample_frames
         slots, span = self._padded_slots(slots, size)
+        encoder_seen = [s * per_token for s in seen] + [0] * filler
+        tokens += [[0]] * filler
+        return self._rows(audio, False, slots, tokens, encoder_seen, seen + [0] * filler, delays + [0] * filler, span)
+
+    def _rows(
+        self,
+        audio: list[np.ndarray],
+        center: bool,
+        slots: list[int],
+        tokens: list[list[int]],
+        encoder_seen: list[int],
+        decoder_seen: list[int],
+        delays: list[int],
+        span: slice | None,
+        fresh: bool = False,
+    ) -> Rows:
+        """A forward's `Rows`: its integers uploaded in ONE pinned copy (views of it on the device), its
+        features in another, so the host never waits on an upload."""
+        n = len(slots)
+        host = np.concatenate([np.asarray([slots, encoder_seen, decoder_seen, delays], dtype=np.int64).reshape(-1),
+                               np.asarray(tokens, dtype=np.int64).reshape(-1)])  # fmt: skip
+        flat = upload(torch.from_numpy(host), self._device)
         return Rows(
-            slots=self._tensor(slots),
-            features=self._log_mel(np.stack(audio), center=False),
-            tokens=self._tensor(tokens + [[0]] * filler),
-            encoder_seen=self._tensor([s * per_token for s in seen] + [0] * filler),
-            decoder_seen=self._tensor(seen + [0] * filler),
-            delays=self._tensor(delays + [0] * filler),
+            slots=flat[:n],
+            features=self._log_mel(np.stack(audio), center=center),
+            tokens=flat[4 * n :].view(n, -1),
+            encoder_seen=flat[n : 2 * n],
+            decoder_seen=flat[2 * n : 3 * n],
+            delays=flat[3 * n : 4 * n],
             span=span,
+            fresh=fresh,
         )
 
     def _padded_slots(self, slots: list[int], size: int) -> tuple[list[int], slice | None]:
@@ -279,10 +295,7 @@ class RealtimeEngine:
         """[rows, mels, frames] as the processor computes it (float32 STFT), in the model's dtype."""
         waveform = torch.from_numpy(audio).to(torch.float32)
         features = self._extractor._torch_extract_fbank_features(waveform, "cpu", center)
-        return features.to(self._device, dtype=self.model.lm_head.weight.dtype)  # type: ignore[no-any-return]
-
-    def _tensor(self, values: list[Any]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self._device)
+        return upload(features.to(self.model.lm_head.weight.dtype), self._device)
 
 
 def _pieces(tekken: Any) -> list[bytes]:

@@ -26,7 +26,8 @@ class Rows:
     `features` [rows, mels, frames]: the log-mel of each row's new audio; `tokens` [rows, new]: decoder inputs
     (the prompt at the first forward, else the last emitted token); `encoder_seen` / `decoder_seen` [rows]:
     positions each stack has seen; `delays` [rows] delay tokens; `span`: when the slots are one contiguous
-    range (slots[i] == span.start + i), the caches are read as views of it, with no gather."""
+    range (slots[i] == span.start + i), the caches are read as views of it, with no gather; `fresh`: every
+    row's first forward (positions from 0, nothing in its rings to attend to)."""
 
     slots: torch.Tensor
     features: torch.Tensor
@@ -35,6 +36,7 @@ class Rows:
     decoder_seen: torch.Tensor
     delays: torch.Tensor
     span: slice | None = None
+    fresh: bool = False
 
 
 class RealtimeForward:
@@ -75,7 +77,7 @@ class RealtimeForward:
         conv = self.pool.conv
         x = self._conv(self.tower.embedder.conv1, conv.conv1, rows.features, rows.slots)
         x = self._conv(self.tower.embedder.conv2, conv.conv2, x, rows.slots).permute(0, 2, 1)
-        view = RingView(self.pool.encoder, rows.slots, rows.encoder_seen, x.shape[1], rows.span)
+        view = RingView(self.pool.encoder, rows.slots, rows.encoder_seen, x.shape[1], rows.span, rows.fresh)
         x = self._layers(self.tower, x, view, {})
         x = self.tower.norm(x)
         x = x.reshape(x.shape[0], -1, self.audio_hidden * self.downsample)
@@ -83,7 +85,7 @@ class RealtimeForward:
 
     def _decode(self, embeds: torch.Tensor, rows: Rows) -> torch.Tensor:
         t_cond = self.t_conds.index_select(0, rows.delays)
-        view = RingView(self.pool.decoder, rows.slots, rows.decoder_seen, embeds.shape[1], rows.span)
+        view = RingView(self.pool.decoder, rows.slots, rows.decoder_seen, embeds.shape[1], rows.span, rows.fresh)
         return self.text.norm(self._layers(self.text, embeds, view, {"t_cond": t_cond}))  # type: ignore[no-any-return]
 
     def _t_cond(self, delay: int) -> torch.Tensor:

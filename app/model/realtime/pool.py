@@ -76,13 +76,25 @@ class RingView:
     Steady forwards (`new <= ring.step`): `update` writes the new keys and values into the ring, then returns
     the rows' ring entries (a view when `span` is given: the rows' slots are span.start, span.start + 1, ...).
     Longer forwards (prompts, possibly longer than the window): `update` returns the ring entries followed by
-    the new keys, and `commit` writes them after. `mask` matches what `update` returns."""
+    the new keys (a fresh forward: the new keys alone), and `commit` writes them after. `mask` matches what
+    `update` returns."""
 
     def __init__(
-        self, ring: Ring, slots: torch.Tensor, seen: torch.Tensor, new: int, span: slice | None = None
+        self,
+        ring: Ring,
+        slots: torch.Tensor,
+        seen: torch.Tensor,
+        new: int,
+        span: slice | None = None,
+        fresh: bool = False,
     ) -> None:
+        """`fresh`: every row starts at position 0 (its stream's first forward), so its ring holds nothing it
+        may see: a longer forward then attends over its own keys only, not over the whole ring masked out
+        (at a 32-stream join, the decoder's ring is thousands of positions a row, which transformers would
+        also expand to every query head)."""
         self.ring, self.slots, self.seen, self.span = ring, slots, seen, span
         self.in_place = new <= ring.step
+        self.fresh = fresh and not self.in_place
         self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(
@@ -92,6 +104,8 @@ class RingView:
             self.ring.write(layer_idx, self.slots, self.seen, key_states, value_states)
             return self.ring.rows(layer_idx, self.slots, self.span)
         self.new[layer_idx] = (key_states, value_states)
+        if self.fresh:
+            return key_states, value_states
         past_k, past_v = self.ring.rows(layer_idx, self.slots, self.span)
         return torch.cat([past_k, key_states], dim=2), torch.cat([past_v, value_states], dim=2)
 
@@ -101,6 +115,8 @@ class RingView:
         queries = self.seen[:, None] + steps
         if self.in_place:
             keys = self.ring.positions(self.seen + new)
+        elif self.fresh:
+            keys = queries
         else:
             keys = torch.cat([self.ring.positions(self.seen), queries], dim=1)
         keys, queries = keys[:, None, :], queries[:, :, None]

@@ -5,6 +5,7 @@ an int8 model saved with save_pretrained loads back quantized; and a request run
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -191,3 +192,26 @@ def test_quantized_and_sharded_together_is_refused() -> None:
     with pytest.raises(ValueError, match="exclusive"):
         Settings(tensor_parallel_size=2, quantization="int8")
     assert Settings(tensor_parallel_size=2).quantization == "none"
+
+
+@pytest.mark.parametrize("decoder", ["plain", "int8"])
+def test_a_checkpoint_with_a_quantized_head_decodes_as_its_dequantized_head(
+    decoder: str, loaded: LoadedModel, int8: LoadedModel, prompter: Prompter, log_mel: LogMel
+) -> None:
+    """A checkpoint saved with its head quantized too (another tool's choice; ours keeps it): the decode step
+    computes the head through its module (its format's kernel), where `weight.t()` is no operation a quantized
+    tensor has; the logits are those of the same head dequantized, the tokens equal."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = copy.deepcopy((loaded if decoder == "plain" else int8).model)
+    quantize_(model.lm_head, Int8WeightOnlyConfig())
+    reference = copy.deepcopy(model)
+    reference.lm_head.weight = torch.nn.Parameter(_dequantize(model.lm_head.weight), requires_grad=False)
+    assert decoder_for(model).head_module is model.lm_head and decoder_for(reference).head_module is None
+    for request in _requests(prompter):
+        tokens, logits = _greedy(model, log_mel, request, 8)
+        expected, want = _greedy(reference, log_mel, request, 8)
+        gaps = [float((a - b).abs().max()) for a, b in zip(logits, want, strict=True)]
+        assert max(gaps) < LOGIT_TOL, gaps
+        assert min(float(t.topk(2).values.diff().abs()) for t in want) > LOGIT_TOL  # decided, not a tie
+        assert tokens == expected

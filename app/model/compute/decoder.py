@@ -98,6 +98,10 @@ class LeanDecoder:
         """On the embedding's device: transformers' rotary moves it per call; the step reads it as it is."""
         self.rope_scaling = float(getattr(language_model.rotary_emb, "attention_scaling", 1.0))
         self.head = lm_head.weight
+        self.head_module: torch.nn.Module | None = None if _plain(lm_head.weight) else lm_head
+        """The head's own module where its weight is quantized (a checkpoint saved with a quantized head): its
+        format's kernel computes it; a plain weight is one matmul into the step's logits."""
+        self.vocab = int(lm_head.out_features)
         device, dtype = self.embed.device, self.embed.dtype
         self.count = torch.tensor(float(config.hidden_size), device=device)
         self.eps_t = torch.tensor(self.eps, device=device)
@@ -137,6 +141,9 @@ class LeanDecoder:
             x = x + self._attention(x, layer, kv, step)
             x = x + self._mlp(x, layer, step)
         x = _rms(x.index_select(0, order.to(x.device)), self.norm.to(x.device), step)
+        if self.head_module is not None:
+            logits: torch.Tensor = self.head_module(x)
+            return logits.float() if out is None else out.copy_(logits)
         if out is None:
             return torch.mm(x, self.head.t()).float()
         if x.dtype == out.dtype:

@@ -74,7 +74,7 @@ class StepGraphs:
         time it took and the memory the graphs hold. A no-op anywhere else."""
         if self.device.type != "cuda":
             return
-        if isinstance(self.decoder, ModuleDecoder):
+        if isinstance(self.decoder, ModuleDecoder) or self.decoder.head_module is not None:
             log.info("quantized linear layers: the decode step runs eagerly (capture not verified for their kernels)")
             return
         if any(buffer.device != self.device for buffer in self.cache.keys):
@@ -85,7 +85,7 @@ class StepGraphs:
             torch.cuda.synchronize(self.device)
             free = torch.cuda.mem_get_info(self.device)[0]
             self.cache.ready(max(widths), self.cache.slots + 1)
-            vocab = self.decoder.head.shape[0]
+            vocab = self.decoder.vocab
             self._logits = torch.empty((max(sizes), vocab), dtype=torch.float32, device=self.device)
             self._warmup = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]  # torch's Stream is untyped
             for width in sorted(widths, reverse=True):

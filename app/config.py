@@ -54,7 +54,8 @@ class ModelSettings(BaseSettings):
     one GPU. The choice and each GPU's memory are logged at start-up."""
     tensor_parallel_size: int = 1
     """Ranks the decoder is sharded over (vLLM's flag): this process is rank 0 and serves HTTP; it starts N-1
-    worker processes itself (no torchrun), one GPU each with NCCL (cuda:0..N-1), or CPU processes over gloo.
+    worker processes itself (no torchrun), one GPU each with NCCL (cuda:0..N-1), or CPU processes over gloo
+    where no GPU is visible (transformers puts shards on one that is: --device cpu is refused there).
     transformers' tensor-parallel plan shards the decoder's projections, embedding and KV cache by head; the
     audio encoder, projector and head are replicated. Every rank steps the same batch; CUDA graphs are off.
     A rank that exits or hangs stops the server; Voxtral Realtime is refused. Excludes --device-map auto."""

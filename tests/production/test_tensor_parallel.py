@@ -212,3 +212,24 @@ def test_ranks_out_of_memory_alike_answer_alike() -> None:
     gpu1 = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has 0.93 GiB free")
     assert _answer(gpu0) == _answer(gpu1) == "OutOfMemoryError"
     assert _answer(RuntimeError("a")) != _answer(RuntimeError("b")) and _answer(None) is None
+
+
+def test_cpu_ranks_on_a_machine_with_an_accelerator_are_refused_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers' tensor-parallel load puts each rank's shard on the machine's accelerator whatever
+    `--device cpu` says (its mesh takes torch's current accelerator): with one visible, the pair is refused in
+    one line saying what to do; without one (this machine, CI) it loads as asked. The accelerator's presence is
+    the one thing stubbed: no GPU is here to show it."""
+    import torch
+
+    from app.config import Settings
+    from app.model.compute.loader import ModelLoadError, preflight
+
+    settings = Settings(model="tiny", device="cpu", tensor_parallel_size=2, cache_dir=tmp_path)
+    preflight(settings)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+    with pytest.raises(ModelLoadError, match=r"CUDA_VISIBLE_DEVICES=\) to shard over CPU processes"):
+        preflight(settings)
+    preflight(Settings(model="tiny", device="cpu", cache_dir=tmp_path))  # one process: --device cpu holds

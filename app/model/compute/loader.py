@@ -80,6 +80,13 @@ def preflight(settings: Settings) -> None:
                 f"--tensor-parallel-size {settings.tensor_parallel_size} needs as many GPUs; this machine shows "
                 f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES decides which)."
             )
+    elif settings.tensor_parallel_size > 1 and torch.accelerator.is_available():
+        accelerator = torch.accelerator.current_accelerator()
+        raise ModelLoadError(
+            f"--device {settings.device} --tensor-parallel-size {settings.tensor_parallel_size}: transformers puts "
+            f"tensor-parallel shards on the machine's accelerator ({accelerator}), whatever --device says; use "
+            "--device cuda, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to shard over CPU processes."
+        )
     _check_dtype(resolve_dtype(settings.dtype, device.type), device)
     if settings.model not in (TINY_MODEL, TINY_REALTIME_MODEL):
         check_model_source(settings.model)

@@ -1,7 +1,7 @@
 """A fresh prefill of prompts of different lengths: this tree against an earlier one, taking turns.
 
-Four text prompts of `--tokens`, 3/4, 1/2 and 1/4 of it, prefilled together (`BatchGenerator.prefill`, no
-prefix caching) on a tiny-width Voxtral (bench/step_cost.py's `build`: the tiny checkpoint's config, 4 heads
+Four text prompts of `--tokens`, 3/4, 1/2 and 1/4 of it, prefilled together (`BatchGenerator.prefill`, nothing
+found cached) on a tiny-width Voxtral (bench/step_cost.py's `build`: the tiny checkpoint's config, 4 heads
 over 2 KV heads, `--layers` deep, float32, CPU, one thread). It prints, for each tree:
 
 - how attention was called (from a wrapper around `scaled_dot_product_attention`): with a mask or causal, and
@@ -11,10 +11,15 @@ over 2 KV heads, `--layers` deep, float32, CPU, one thread). It prints, for each
 - the host time of a prefill (thread CPU time: on a CPU the host does the whole prefill) and of the attention
   kernel inside it, medians over each round's prefills, and the ratios this tree / the other within rounds.
 
+With `--extend`, the four rows instead share one cached prefix of `--tokens` (prefix caching on: prefilled,
+left, found) and prefill only their tails of 64, 48, 32 and 16 tokens together: the attention of a prefix-cache
+hit (lower-right causal, app/model/compute/attention.py).
+
 The baseline is the tree before right-padded prefills, e.g. commit 1e124a7:
 
     git archive 1e124a7 | tar -x -C /tmp/base-1e124a7
     python bench/prefill_padding.py --baseline-src /tmp/base-1e124a7 --rounds 5
+    python bench/prefill_padding.py --baseline-src /tmp/base-1e124a7 --rounds 5 --extend
 """
 
 from __future__ import annotations
@@ -53,39 +58,53 @@ def worker(args: argparse.Namespace) -> None:
     inside = [0.0]
 
     def wrapped(*a: Any, **kw: Any) -> Any:
-        masked = kw.get("attn_mask", a[3] if len(a) > 3 else None) is not None
-        calls.append(f"{'masked' if masked else 'causal' if kw.get('is_causal') else 'full'}"
+        mask = kw.get("attn_mask", a[3] if len(a) > 3 else None)
+        masked = "lower-right causal bias" if type(mask).__name__ == "CausalBias" else "masked"
+        calls.append(f"{masked if mask is not None else 'causal' if kw.get('is_causal') else 'full'}"
                      f"{', gqa in place' if kw.get('enable_gqa') else ''}, {a[1].shape[1]} key heads")  # fmt: skip
         started = time.thread_time()
-        out = kernel(*a, **kw)
+        F.scaled_dot_product_attention = kernel  # torch's CausalBias dispatches on seeing the function itself
+        try:
+            out = kernel(*a, **kw)
+        finally:
+            F.scaled_dot_product_attention = wrapped
         inside[0] += time.thread_time() - started
         return out
 
     F.scaled_dot_product_attention = wrapped
     model = step_cost.build(args.model_dir, args.layers, args.seed)
     lengths = [args.tokens * k // 4 for k in (4, 3, 2, 1)]
-    gen = step_cost.generator(model, args.tokens + 64, len(lengths))
-    if getattr(gen, "prefix", None) is not None:
+    gen = step_cost.generator(model, args.tokens + 128, len(lengths) + 1)
+    shared = step_cost.prompt(0, args.tokens)
+    if args.extend:  # the rows extend one cached prefix by tails of 64, 48, 32 and 16 tokens
+        rows = [Row(shared + [1000 + i] * (16 * (4 - i)), [], SamplingParams()) for i in range(4)]
+    else:
         gen.prefix = None  # a fresh prefill each time: nothing found cached
-    rows = [Row(step_cost.prompt(i, n), [], SamplingParams()) for i, n in enumerate(lengths)]
+        rows = [Row(step_cost.prompt(i, n), [], SamplingParams()) for i, n in enumerate(lengths)]
     cpu, attention = [], []
     for i in range(args.warmup + args.prefills):
+        if args.extend:  # the prefix cached afresh (its slot is taken by a row in place and freed unindexed)
+            held, _ = gen.prefill([Row(list(shared), [], SamplingParams())])
+            gen.select(held, [])
         calls.clear()
         inside[0] = 0.0
         started = time.thread_time()
         state, _ = gen.prefill(rows)
+        if args.extend and rows[0].cached_tokens != len(shared) // 16 * 16:
+            raise RuntimeError(f"the prefix was not found cached: {rows[0].cached_tokens} tokens")
         if i >= args.warmup:
             cpu.append((time.thread_time() - started) * 1e3)
             attention.append(inside[0] * 1e3)
+        gen.release(state)
         del state
-        gc.collect()  # the state frees its slots when collected
+        gc.collect()
     print(json.dumps({"cpu_ms": cpu, "attn_ms": attention, "calls": sorted(set(calls))}), flush=True)
 
 
 def run_variant(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model-dir", str(args.model_dir)]
     cmd += ["--tokens", str(args.tokens), "--layers", str(args.layers), "--prefills", str(args.prefills)]
-    cmd += ["--warmup", str(args.warmup), "--seed", str(args.seed)]
+    cmd += ["--warmup", str(args.warmup), "--seed", str(args.seed)] + (["--extend"] if args.extend else [])
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -111,7 +130,8 @@ def parent(args: argparse.Namespace) -> None:
                 medians[label][clock].append(statistics.median(result[clock]))
         print(f"round {r} done", file=sys.stderr, flush=True)
     lengths = [args.tokens * k // 4 for k in (4, 3, 2, 1)]
-    print(f"Prefill of {lengths} tokens, {args.layers} layers, {args.rounds} rounds x {args.prefills} prefills\n")
+    what = f"{args.tokens} cached + 64, 48, 32, 16 new" if args.extend else f"{lengths}"
+    print(f"Prefill of {what} tokens, {args.layers} layers, {args.rounds} rounds x {args.prefills} prefills\n")
     for label in trees:
         print(f"- {label}: attention called {'; '.join(calls[label])}")
     print("\n| clock | " + " | ".join(f"{label} (ms)" for label in trees) + " | ratio |")
@@ -134,6 +154,7 @@ def main() -> None:
     parser.add_argument("--prefills", type=int, default=3, help="timed prefills a round")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extend", action="store_true", help="rows extending one cached prefix of --tokens")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

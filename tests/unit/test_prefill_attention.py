@@ -72,3 +72,33 @@ def test_a_fresh_prefill_of_prompts_of_different_lengths_is_causal_unmasked_and_
         torch.testing.assert_close(logits[i], own[0], atol=TOLERANCE, rtol=TOLERANCE)
         assert int(logits[i].argmax()) == int(own[0].argmax())
         alone.release(one)
+
+
+def test_a_prefill_extending_a_cached_prefix_attends_lower_right_with_grouped_heads(loaded: LoadedModel) -> None:
+    """Two prompts that share 32 cached tokens prefill only their tails: every attention call of that pass takes
+    torch's lower-right causal bias (no mask transformers would expand the keys for) with the KV heads in place,
+    and the rows' logits equal those of a prefill of the whole prompts with nothing cached."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    generator = _generator(loaded, prefix_caching=True)
+    shared = [1, *range(400, 440)]
+    first, _ = generator.prefill([Row(list(shared), [], SamplingParams(temperature=0.0))])
+    generator.select(first, [])  # the row leaves: its slot caches its tokens
+    prompts = [shared + list(range(500, 509)), shared + list(range(600, 603))]
+    rows = [Row(list(prompt), [], SamplingParams(temperature=0.0)) for prompt in prompts]
+    with _Attention() as seen:
+        state, logits = generator.prefill(rows)
+    assert [row.cached_tokens for row in rows] == [32, 32]
+    config = loaded.model.config.text_config
+    assert len(seen.calls) == config.num_hidden_layers
+    for call in seen.calls:
+        assert isinstance(call["mask"], CausalBias) and call["mask"].variant == CausalVariant.LOWER_RIGHT, call
+        assert call["heads"] == (config.num_attention_heads, config.num_key_value_heads), call
+        assert call["gqa"] is (config.num_key_value_heads < config.num_attention_heads), call
+    generator.release(state)
+
+    alone = _generator(loaded, prefix_caching=False)
+    fresh, want = alone.prefill([Row(list(prompt), [], SamplingParams(temperature=0.0)) for prompt in prompts])
+    torch.testing.assert_close(logits, want, atol=TOLERANCE, rtol=TOLERANCE)
+    assert logits.argmax(-1).tolist() == want.argmax(-1).tolist()
+    alone.release(fresh)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from app.audio import samples_key
+from app.model.compute.attention import LOWER_RIGHT, install
 from app.model.compute.decoder import decoder_for
 from app.model.compute.encoder_cache import EncoderCache
 from app.model.compute.features import LogMel
@@ -122,6 +123,7 @@ class BatchGenerator:
         context = int(getattr(self.text_config, "max_position_embeddings", DEFAULT_LEN))
         self.plan = cache or default_plan(self.shape, context)
         self.cache = SlotCache(self.shape, self.plan, layer_devices(model))
+        install()  # the lower-right causal attention of prefills that extend a cached prefix
         self.decoder = decoder_for(model, group)
         self.graphs = StepGraphs(self.decoder, self.cache, self.device)
         self.sizes = batch_sizes(self.plan.slots)
@@ -354,12 +356,14 @@ class BatchGenerator:
         ids = torch.full((len(tails), width), self.pad_token_id, dtype=torch.long)
         for i, tail in enumerate(tails):
             ids[i, : len(tail)] = torch.tensor(tail)
+        lower_right = {LOWER_RIGHT: True} if self._attention_kind() == "sdpa" else {}
         out = self.model.model.language_model(
             inputs_embeds=self._embed(ids, *self._tail_audio(prompts, audios, past)),
             attention_mask=self._causal(len(tails), past, width),
             position_ids=upload(torch.arange(past, past + width).unsqueeze(0), self.device),
             cache=SlotPrefillCache(self.cache.keys, self.cache.values, slots, past),
             use_cache=True,
+            **lower_right,  # sdpa: the mask as torch's lower-right causal bias (app/model/compute/attention.py)
         )
         for slot in slots:
             self.cache.zeroed[slot] = max(self.cache.zeroed[slot], past + width)
@@ -401,7 +405,7 @@ class BatchGenerator:
     def _causal(self, rows: int, past: int, queries: int) -> torch.Tensor | None:
         """The mask of `queries` new positions after `past` cached ones, nothing padded before them: each
         sees every position up to its own. sdpa and eager: their 4D form; other kernels: None (causal)."""
-        kind = getattr(self.model.config, "_attn_implementation", None)
+        kind = self._attention_kind()
         if kind not in ("sdpa", "eager"):
             return None
         keys = torch.arange(past + queries, device=self.device)
@@ -411,6 +415,11 @@ class BatchGenerator:
             return allowed
         dtype = self.model.dtype
         return torch.where(allowed, torch.zeros((), device=self.device, dtype=dtype), torch.finfo(dtype).min)
+
+    def _attention_kind(self) -> str | None:
+        """The attention implementation transformers' modules run (`--attn-implementation`)."""
+        kind = getattr(self.model.config, "_attn_implementation", None)
+        return None if kind is None else str(kind)
 
     @torch.inference_mode()
     def step(self, state: BatchState, tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:

@@ -33,6 +33,10 @@
 #           bench/realtime_ticks.py): the realtime engine's tick at 1, 32 and 128 streams against the 80 ms
 #           a token that real time allows; last, so a full run seldom reaches it: issue 28's call is
 #           `bash bench/gpu_check.sh checks realtime`
+#   paged   issue 27's unmet point: a decode step's attention read through a per-row block table (FlexAttention,
+#           compiled), rows sharing a prefix's blocks, against today's SDPA over contiguous slots, at Mini's
+#           head shapes: parity, compile time, ms a call, captured in a CUDA graph and replayed
+#           (bench/paged_read.py; ~1 min); after realtime: its own call is `bash bench/gpu_check.sh checks paged`
 # `bash bench/gpu_check.sh replay` (any of the names above, in any order) runs only those.
 # It stops at once, with one line saying why, when .whl/ is missing (exit 2) or when there is no CUDA device
 # (exit 4). A version on the machine that conflicts with pyproject.toml or with the wheels' own requirements
@@ -46,7 +50,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
-WANT=" ${*:-checks replay mini http tp2 realtime} "
+WANT=" ${*:-checks replay mini http tp2 realtime paged} "
 BUDGET_S=${BUDGET_S:-525}
 OUT=${OUT:-/tmp/voxtral-gpu-check}
 mkdir -p "$OUT"
@@ -78,6 +82,7 @@ if [ $DRY -eq 1 ]; then
   timeout -k $GRACE 420 python3 bench/gpu_check.py env parity split replay mini --device cpu --small --out "$LOG"
   timeout -k $GRACE 180 python3 bench/realtime_ticks.py --shapes tiny --device cpu --sessions 1,4 --ticks 3 \
     --out "$LOG"
+  timeout -k $GRACE 120 python3 bench/paged_read.py --device cpu --small --out "$LOG"
   echo "dry run done in $SECONDS s; a real run would have stopped at the first of: $(IFS=";"; echo "${STOPS[*]:-nothing}")"
   exit 0
 fi
@@ -142,4 +147,5 @@ else
   case "$WANT" in *" tp2 "*) echo "{\"section\": \"tp2\", \"skipped\": \"$GPUS GPU(s): needs 2\"}" >>"$LOG" ;; esac
 fi
 section realtime 150 70 python3 bench/realtime_ticks.py --shapes mini --device cuda --sessions 1,32,128 --out "$LOG"
+section paged 120 60 python3 bench/paged_read.py --device cuda --rows 1,8,32,128 --out "$LOG"
 echo "done in $SECONDS s; $(wc -l <"$LOG") lines in $LOG"

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from app.audio import samples_key
-from app.model.compute.attention import LOWER_RIGHT, install
+from app.model.compute.attention import CAUSAL, install
 from app.model.compute.decoder import decoder_for
 from app.model.compute.encoder_cache import EncoderCache
 from app.model.compute.features import LogMel
@@ -322,11 +322,11 @@ class BatchGenerator:
         values in its slot of `slots`; each prompt's last hidden state, [prompts, hidden].
         `past` > 0: the slots hold the prompts' first `past` positions already (`_extend_into`).
 
-        Prompts are right-padded and given no mask: each row's tokens sit at positions 0.. and padding comes
-        after them, so causal attention alone keeps every real token off the padding. The attention kernel then
-        runs causal (on a GPU: the flash kernel, skipping the masked half, grouped-query heads read in place),
-        where a padding mask would make transformers expand the keys and values to every query head and attend
-        over the whole square."""
+        Prompts are right-padded: each row's tokens sit at positions 0.. and padding comes after them, so the
+        causal mask alone keeps every real token off the padding (none when no row is padded), and the
+        attention may run as causal, with no mask, where a kernel can (app/model/compute/attention.py: on a
+        GPU the flash kernel, skipping the masked half, grouped-query heads read in place); a padding mask
+        would make transformers expand the keys and values to every query head and attend over the square."""
         if past:
             return self._extend_into(prompts, audios, slots, past)
         width = max(len(p) for p in prompts)
@@ -334,11 +334,14 @@ class BatchGenerator:
         for i, prompt in enumerate(prompts):
             ids[i, : len(prompt)] = torch.tensor(prompt)
         lengths = [len(p) for p in prompts]
+        mask = None if min(lengths) == width else self._causal(len(prompts), 0, width)
         out = self.model.model.language_model(
             inputs_embeds=self._embed(ids, audios),
+            attention_mask=mask,
             position_ids=upload(torch.arange(width).unsqueeze(0), self.device),
             cache=PrefillCache(self.num_layers),
             use_cache=True,
+            **self._causal_kernel(mask),
         )
         kv = out.cache.kv()
         for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
@@ -356,14 +359,14 @@ class BatchGenerator:
         ids = torch.full((len(tails), width), self.pad_token_id, dtype=torch.long)
         for i, tail in enumerate(tails):
             ids[i, : len(tail)] = torch.tensor(tail)
-        lower_right = {LOWER_RIGHT: True} if self._attention_kind() == "sdpa" else {}
+        mask = self._causal(len(tails), past, width)
         out = self.model.model.language_model(
             inputs_embeds=self._embed(ids, *self._tail_audio(prompts, audios, past)),
-            attention_mask=self._causal(len(tails), past, width),
+            attention_mask=mask,
             position_ids=upload(torch.arange(past, past + width).unsqueeze(0), self.device),
             cache=SlotPrefillCache(self.cache.keys, self.cache.values, slots, past),
             use_cache=True,
-            **lower_right,  # sdpa: the mask as torch's lower-right causal bias (app/model/compute/attention.py)
+            **self._causal_kernel(mask),
         )
         for slot in slots:
             self.cache.zeroed[slot] = max(self.cache.zeroed[slot], past + width)
@@ -415,6 +418,11 @@ class BatchGenerator:
             return allowed
         dtype = self.model.dtype
         return torch.where(allowed, torch.zeros((), device=self.device, dtype=dtype), torch.finfo(dtype).min)
+
+    def _causal_kernel(self, mask: torch.Tensor | None) -> dict[str, bool]:
+        """The forward's keyword arguments saying its `mask` is causal and nothing else (sdpa: see
+        app/model/compute/attention.py), or none."""
+        return {CAUSAL: True} if mask is not None and self._attention_kind() == "sdpa" else {}
 
     def _attention_kind(self) -> str | None:
         """The attention implementation transformers' modules run (`--attn-implementation`)."""

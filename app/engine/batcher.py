@@ -1,6 +1,6 @@
 """Which waiting requests run together: the oldest first, then those of similar length.
 
-Grouping by prompt length (audio tokens included) keeps left padding, and so wasted compute,
+Grouping by prompt length (audio tokens included) keeps padding, and so wasted compute,
 low; the oldest entry always goes in so nothing starves. Pure function: tested on its own.
 """
 

@@ -22,8 +22,9 @@ attention reads the whole ring, so its time is that of a stream as old as that w
     python bench/realtime_ticks.py --shapes tiny --device cpu --sessions 1,4 --ticks 3     # the CPU smoke test
 
 `--count-copies` adds, per N, the bytes one more steady tick's data-movement ATen ops write (`copied_mib`:
-index, index_select, index_put_, cat, copy_, clone, ...; `copies`: the largest by op), and the join tick's
-(`join_copied_mib`, `join_copies`), counted by a
+index, index_select, index_put_, cat, copy_, clone, ...; `copies`: the largest by op), the join tick's
+(`join_copied_mib`, `join_copies`), and at 4 streams or more a steady tick after every other stream closed
+(`holes_copied_mib`: the rest then sit a free slot apart), counted by a
 TorchDispatchMode: a count, so a CPU run says what a GPU tick would move. `--layers K` keeps K layers of each
 stack (a mini-width few-layer variant that a CPU can step):
 
@@ -185,7 +186,7 @@ def measure(mdl: Any, proc: Any, streams: int, ticks: int, seed: int = 0, count:
     rng = np.random.default_rng(seed)
     geometry = engine.geometry
     ids = [engine.open(None) for _ in range(streams)]
-    samples = geometry.first_samples(6) + (ticks + 3) * geometry.samples_per_token  # join, warm-up, `ticks`, count
+    samples = geometry.first_samples(6) + (ticks + 4) * geometry.samples_per_token  # join, warm-up, `ticks`, counts
     for sid in ids:
         engine.feed(sid, (rng.standard_normal(samples) * 0.1).astype(np.float32))
     joined = CopyCounter() if count else contextlib.nullcontext()
@@ -214,6 +215,13 @@ def measure(mdl: Any, proc: Any, streams: int, ticks: int, seed: int = 0, count:
         copies["join_copied_mib"] = round(sum(joined.bytes.values()) / 2**20, 2)
         top = sorted(joined.bytes.items(), key=lambda item: -item[1])[:6]
         copies["join_copies"] = {name: round(size / 2**20, 2) for name, size in top}
+        if streams >= 4:  # every other stream closed: the rest step with a free slot between each two
+            for sid in ids[1::2]:
+                engine.close(sid)
+            with CopyCounter() as holes:
+                result = engine.tick()
+            copies["holes_copied_mib"] = round(sum(holes.bytes.values()) / 2**20, 2)
+            copies["holes_gathered"] = getattr(result, "gathered", None)
     return copies | {
         "streams": streams,
         "join_tick_ms": round(1000 * join_s, 2),

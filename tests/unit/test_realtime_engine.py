@@ -149,6 +149,37 @@ def test_streams_joining_and_leaving_get_the_tokens_they_get_alone(realtime: tup
             assert got[i] == want, f"stream {i}"
 
 
+def test_streams_around_a_silent_one_read_their_caches_as_one_range(realtime: tuple[Any, Any]) -> None:
+    """Three streams in slots 0, 1 and 2; the middle one gets no audio for 20 ticks while the others speak: their
+    forward reads slots 0..2 as one range (the silent stream's slot a row that only fills the step, writing to
+    the scratch slot), not gathering their rings, and every stream's tokens are its alone tokens."""
+    model, processor = realtime
+    audios = [synthetic(3.0, seed=40 + i) for i in range(3)]
+    engine = RealtimeEngine(model, processor, max_streams=4)
+    ids = [engine.open(480) for _ in range(3)]
+    got: list[list[int]] = [[], [], []]
+    fed, chunk, around = [0, 0, 0], 1280, 0
+    for tick in range(400):
+        for i, sid in enumerate(ids):
+            if (i == 1 and 10 <= tick < 30) or fed[i] >= len(audios[i]):
+                continue
+            engine.feed(sid, audios[i][fed[i] : fed[i] + chunk])
+            fed[i] += chunk
+            if fed[i] >= len(audios[i]):
+                engine.flush(sid)
+        result = engine.tick()
+        if {step.stream for step in result.steps} == {ids[0], ids[2]} and tick > 10:
+            around += 1
+            assert not result.gathered and result.padded_rows >= 3, result
+        for step in result.steps:
+            got[ids.index(step.stream)].append(step.token)
+        if all(f >= len(a) for f, a in zip(fed, audios, strict=True)) and not engine.ready():
+            break
+    assert around >= 10
+    for i, audio in enumerate(audios):
+        assert got[i] == reference_tokens(model, processor, audio, 6), f"stream {i}"
+
+
 def test_ten_minute_stream_equals_generate_with_constant_caches(realtime: tuple[Any, Any]) -> None:
     """600 s in 100 ms chunks (7,500 tokens: the tiny encoder window of 24 frames and decoder window of 48
     tokens wrap hundreds of times): the tokens are generate's, the cache bytes never change and the host keeps

@@ -42,6 +42,19 @@ class TickResult:
     steps: tuple[StreamStep, ...]
     rows: int
     padded_rows: int
+    gathered: bool = False
+    """Whether the steady forward gathered its rows' caches (their slots too scattered to read as one range)."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A steady forward's rows: the slot each reads and the slot each writes, the row of each stepping stream
+    (in slot order), and the range the reads form when it is one (a view of the caches, no gather)."""
+
+    reads: list[int]
+    writes: list[int]
+    at: list[int]
+    span: slice | None
 
 
 @dataclass
@@ -83,7 +96,7 @@ class RealtimeEngine:
         self._pieces = pieces if pieces is not None else _pieces(tokenizer.tokenizer)
         self._sizes = batch_sizes(max_streams) if pad_batches else None
         self._streams: dict[int, _Stream] = {}
-        self._free = list(range(max_streams))  # a heap: streams take the lowest free slot (see `_padded_slots`)
+        self._free = list(range(max_streams))  # a heap: streams take the lowest free slot (see `_layout`)
         self._next_id = 0
         self._device = next(model.parameters()).device
 
@@ -169,13 +182,15 @@ class RealtimeEngine:
             results |= self._run(group, self._prompt_rows(group))
             rows += len(group)
             padded_rows += len(group)
+        gathered = False
         if steps:
             steps.sort(key=lambda sid: self._streams[sid].slot)  # slot order: one contiguous range, commonly
-            size = padded(len(steps), self._sizes) if self._sizes else len(steps)
-            results |= self._run(steps, self._step_rows(steps, size))
+            layout = self._layout([self._streams[sid].slot for sid in steps])
+            results |= self._run(steps, self._step_rows(steps, layout), layout.at)
             rows += len(steps)
-            padded_rows += size
-        return TickResult(tuple(results[sid] for sid in due), rows, padded_rows)
+            padded_rows += len(layout.reads)
+            gathered = layout.span is None
+        return TickResult(tuple(results[sid] for sid in due), rows, padded_rows, gathered)
 
     # -- internals ------------------------------------------------------------------------------------------
 
@@ -207,24 +222,24 @@ class RealtimeEngine:
         slots = [self._streams[sid].slot for sid in group]
         return self._rows(audio, True, slots, [prompt] * n, [0] * n, [0] * n, [delay] * n, None, fresh=True)
 
-    def _step_rows(self, group: list[int], size: int) -> Rows:
+    def _step_rows(self, group: list[int], layout: _Layout) -> Rows:
+        """The steady forward's rows: each stream of `group` (slot order) at its row of `layout`, the other rows
+        filling the step (silence, token 0, position 0)."""
         g = self.geometry
-        audio, slots, tokens, seen, delays = [], [], [], [], []
-        for sid in group:
+        size = len(layout.reads)
+        audio = [np.zeros(g.step_samples, dtype=np.float32)] * size
+        tokens, seen, delays = [[0]] * size, [0] * size, [0] * size
+        for sid, row in zip(group, layout.at, strict=True):
             state = self._streams[sid]
             start = g.window_start(state.delay, state.emitted)
-            audio.append(self._take(state, start, g.step_samples, start + g.samples_per_token))
-            slots.append(state.slot)
-            tokens.append([state.last_token])
-            seen.append(g.prompt_tokens(state.delay) + state.emitted - 1)
-            delays.append(state.delay)
-        filler = size - len(group)
-        audio += [np.zeros(g.step_samples, dtype=np.float32)] * filler
-        per_token = self.downsample_frames
-        slots, span = self._padded_slots(slots, size)
-        encoder_seen = [s * per_token for s in seen] + [0] * filler
-        tokens += [[0]] * filler
-        return self._rows(audio, False, slots, tokens, encoder_seen, seen + [0] * filler, delays + [0] * filler, span)
+            audio[row] = self._take(state, start, g.step_samples, start + g.samples_per_token)
+            tokens[row] = [state.last_token]
+            seen[row] = g.prompt_tokens(state.delay) + state.emitted - 1
+            delays[row] = state.delay
+        encoder_seen = [s * self.downsample_frames for s in seen]
+        return self._rows(
+            audio, False, layout.reads, tokens, encoder_seen, seen, delays, layout.span, writes=layout.writes
+        )
 
     def _rows(
         self,
@@ -237,47 +252,66 @@ class RealtimeEngine:
         delays: list[int],
         span: slice | None,
         fresh: bool = False,
+        writes: list[int] | None = None,
     ) -> Rows:
         """A forward's `Rows`: its integers uploaded in ONE pinned copy (views of it on the device), its
-        features in another, so the host never waits on an upload."""
+        features in another, so the host never waits on an upload. `writes`: the slot each row's state goes to
+        (None: the slot it reads)."""
         n = len(slots)
-        host = np.concatenate([np.asarray([slots, encoder_seen, decoder_seen, delays], dtype=np.int64).reshape(-1),
+        columns = [slots, encoder_seen, decoder_seen, delays, writes if writes is not None else slots]
+        host = np.concatenate([np.asarray(columns, dtype=np.int64).reshape(-1),
                                np.asarray(tokens, dtype=np.int64).reshape(-1)])  # fmt: skip
         flat = upload(torch.from_numpy(host), self._device)
         return Rows(
             slots=flat[:n],
             features=self._log_mel(np.stack(audio), center=center),
-            tokens=flat[4 * n :].view(n, -1),
+            tokens=flat[5 * n :].view(n, -1),
             encoder_seen=flat[n : 2 * n],
             decoder_seen=flat[2 * n : 3 * n],
             delays=flat[3 * n : 4 * n],
             span=span,
             fresh=fresh,
+            writes=flat[4 * n : 5 * n],
         )
 
-    def _padded_slots(self, slots: list[int], size: int) -> tuple[list[int], slice | None]:
-        """The step's slots (ascending) padded to `size` rows, and their range when it is contiguous. Padding
-        rows take the slots that follow when no live stream holds them (free slots: a stream that takes one
-        later starts at position 0, so what padding wrote there is masked; or the scratch slot), so streams in
-        the lowest slots, all due, read their caches as one view; otherwise padding rows use the scratch slot."""
-        first, end = slots[0], slots[0] + size
-        live = {state.slot for state in self._streams.values()}
-        contiguous = slots == list(range(first, first + len(slots))) and end <= self.pool.scratch + 1
-        if contiguous and live.isdisjoint(range(first + len(slots), end)):
-            return list(range(first, end)), slice(first, end)
-        return slots + [self.pool.scratch] * (size - len(slots)), None
+    def _layout(self, slots: list[int]) -> _Layout:
+        """Where the steady forward's rows read and write, for streams in `slots` (ascending).
+
+        A forward reads its rows' caches as one view when their slots are one contiguous range, and otherwise
+        gathers every row's whole rings (per layer: a copy written and read again, ~1 GiB a stream a tick at
+        Voxtral-Mini-Realtime's windows). So the rows are the range from the first stream's slot, padded to a
+        batch size, when it holds at most twice as many rows as there are streams: a row whose slot is not
+        stepping (a stream with no new frame this tick, or a free slot) fills the step, reading its slot and
+        writing to the scratch slot. Its attention reads a ring, as a stepping row's does, once, where a
+        gather would copy every stepping row's. Beyond that, or past the last slot, the streams' slots are
+        gathered, padded with the scratch slot. Without batch sizes (`pad_batches=False`) only a contiguous
+        run of slots is read as a view."""
+        first, count = slots[0], len(slots)
+        scratch = self.pool.scratch
+        spread = slots[-1] - first + 1
+        ranged = spread == count or (self._sizes is not None and spread <= 2 * count)
+        size = padded(spread, self._sizes) if self._sizes else spread
+        if ranged and size <= scratch:
+            start = min(first, scratch - size)  # the range ends before the scratch slot
+            reads = list(range(start, start + size))
+            stepping = set(slots)
+            live = {state.slot for state in self._streams.values()}
+            writes = [s if s in stepping or s not in live else scratch for s in reads]
+            return _Layout(reads, writes, [s - start for s in slots], slice(start, start + size))
+        size = padded(count, self._sizes) if self._sizes else count
+        reads = slots + [scratch] * (size - count)
+        return _Layout(reads, reads, list(range(count)), None)
 
     @property
     def downsample_frames(self) -> int:
         """Encoder frames a token (the projector's downsampling)."""
         return int(self.model.config.downsample_factor)
 
-    def _run(self, group: list[int], rows: Rows) -> dict[int, StreamStep]:
-        tokens = self.forward(rows)[: len(group)].tolist()
-        out = {}
-        for sid, token in zip(group, tokens, strict=True):
-            out[sid] = self._emit(sid, int(token))
-        return out
+    def _run(self, group: list[int], rows: Rows, at: list[int] | None = None) -> dict[int, StreamStep]:
+        """Run `rows`; emit for each stream of `group` the token of its row (`at`; None: the first rows)."""
+        every = self.forward(rows).tolist()
+        tokens = [every[i] for i in at] if at is not None else every[: len(group)]
+        return {sid: self._emit(sid, int(token)) for sid, token in zip(group, tokens, strict=True)}
 
     def _emit(self, sid: int, token: int) -> StreamStep:
         state = self._streams[sid]

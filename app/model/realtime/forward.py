@@ -37,6 +37,13 @@ class Rows:
     delays: torch.Tensor
     span: slice | None = None
     fresh: bool = False
+    writes: torch.Tensor | None = None
+    """[rows] the slot each row's new state goes to (convolution context, keys and values): its own, or the
+    scratch slot for a row that only fills the step while reading a stream's slot; None: `slots`."""
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.slots if self.writes is None else self.writes
 
 
 class RealtimeForward:
@@ -66,18 +73,20 @@ class RealtimeForward:
         logits: torch.Tensor = self.model.lm_head(hidden[:, -1:])
         return logits[:, -1].argmax(dim=-1)
 
-    def _conv(self, conv: Any, state: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """A causal convolution continuing each row's left context, which it then advances."""
-        padded = torch.cat([state[slots], x], dim=-1)
-        state[slots] = x[:, :, -conv.left_pad :]
+    def _conv(self, conv: Any, state: torch.Tensor, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """A causal convolution continuing each row's left context, which it then advances (in its target)."""
+        padded = torch.cat([state[rows.slots], x], dim=-1)
+        state[rows.targets] = x[:, :, -conv.left_pad :]
         return torch.nn.functional.gelu(torch.nn.Conv1d.forward(conv, padded))
 
     def _audio_embeds(self, rows: Rows) -> torch.Tensor:
         """[rows, new, hidden]: the encoder and projector over each row's new mel frames."""
         conv = self.pool.conv
-        x = self._conv(self.tower.embedder.conv1, conv.conv1, rows.features, rows.slots)
-        x = self._conv(self.tower.embedder.conv2, conv.conv2, x, rows.slots).permute(0, 2, 1)
-        view = RingView(self.pool.encoder, rows.slots, rows.encoder_seen, x.shape[1], rows.span, rows.fresh)
+        x = self._conv(self.tower.embedder.conv1, conv.conv1, rows.features, rows)
+        x = self._conv(self.tower.embedder.conv2, conv.conv2, x, rows).permute(0, 2, 1)
+        view = RingView(
+            self.pool.encoder, rows.slots, rows.encoder_seen, x.shape[1], rows.span, rows.fresh, rows.targets
+        )
         x = self._layers(self.tower, x, view, {})
         x = self.tower.norm(x)
         x = x.reshape(x.shape[0], -1, self.audio_hidden * self.downsample)
@@ -85,7 +94,9 @@ class RealtimeForward:
 
     def _decode(self, embeds: torch.Tensor, rows: Rows) -> torch.Tensor:
         t_cond = self.t_conds.index_select(0, rows.delays)
-        view = RingView(self.pool.decoder, rows.slots, rows.decoder_seen, embeds.shape[1], rows.span, rows.fresh)
+        view = RingView(
+            self.pool.decoder, rows.slots, rows.decoder_seen, embeds.shape[1], rows.span, rows.fresh, rows.targets
+        )
         return self.text.norm(self._layers(self.text, embeds, view, {"t_cond": t_cond}))  # type: ignore[no-any-return]
 
     def _t_cond(self, delay: int) -> torch.Tensor:

@@ -87,12 +87,16 @@ class RingView:
         new: int,
         span: slice | None = None,
         fresh: bool = False,
+        writes: torch.Tensor | None = None,
     ) -> None:
         """`fresh`: every row starts at position 0 (its stream's first forward), so its ring holds nothing it
         may see: a longer forward then attends over its own keys only, not over the whole ring masked out
         (at a 32-stream join, the decoder's ring is thousands of positions a row, which transformers would
         also expand to every query head)."""
         self.ring, self.slots, self.seen, self.span = ring, slots, seen, span
+        self.writes = slots if writes is None else writes
+        """[rows] the slot each row's keys and values are written to (a row that only fills the step, reading a
+        stream's slot, writes to the scratch slot): by default the slot it reads."""
         self.in_place = new <= ring.step
         self.fresh = fresh and not self.in_place
         self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -101,7 +105,7 @@ class RingView:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.in_place:
-            self.ring.write(layer_idx, self.slots, self.seen, key_states, value_states)
+            self.ring.write(layer_idx, self.writes, self.seen, key_states, value_states)
             return self.ring.rows(layer_idx, self.slots, self.span)
         self.new[layer_idx] = (key_states, value_states)
         if self.fresh:
@@ -126,7 +130,7 @@ class RingView:
     def commit(self) -> None:
         """Write every layer's new keys and values into the ring (longer forwards; steady ones wrote already)."""
         for layer, (k, v) in self.new.items():
-            self.ring.write(layer, self.slots, self.seen, k, v)
+            self.ring.write(layer, self.writes, self.seen, k, v)
         self.new.clear()
 
 

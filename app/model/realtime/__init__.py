@@ -8,7 +8,7 @@ What the serving layer calls (`engine.RealtimeEngine`, built from the loaded mod
                                      # multiple of 80) or None (the checkpoint's 480 ms); ValueError, RuntimeError
     engine.feed(sid, samples)        # float32 mono 16 kHz, any length; resampling happens before
     engine.flush(sid)                # commit / end of speech: the model's right-padding flush
-    result = engine.tick()           # TickResult: steps (StreamStep per stepped stream), rows, padded_rows
+    result = engine.tick()           # TickResult: steps (StreamStep per stepped stream), rows, padded_rows, gathered
     engine.close(sid)                # frees the slot at once; the other streams do not notice
     engine.ready(), engine.backlog(sid), engine.held_samples(sid), engine.cache_bytes()
 

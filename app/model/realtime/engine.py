@@ -279,20 +279,20 @@ class RealtimeEngine:
 
         A forward reads its rows' caches as one view when their slots are one contiguous range, and otherwise
         gathers every row's whole rings (per layer: a copy written and read again, ~1 GiB a stream a tick at
-        Voxtral-Mini-Realtime's windows). So the rows are the range from the first stream's slot, padded to a
-        batch size, when it holds at most twice as many rows as there are streams: a row whose slot is not
-        stepping (a stream with no new frame this tick, or a free slot) fills the step, reading its slot and
-        writing to the scratch slot. Its attention reads a ring, as a stepping row's does, once, where a
-        gather would copy every stepping row's. Beyond that, or past the last slot, the streams' slots are
-        gathered, padded with the scratch slot. Without batch sizes (`pad_batches=False`) only a contiguous
-        run of slots is read as a view."""
+        Voxtral-Mini-Realtime's windows). So the rows are the range of slots from the first stream's, padded to
+        a batch size, when that is at most twice the rows the streams alone would be padded to (moved down so
+        that it ends before the scratch slot): a row whose slot is not stepping (a stream with no new frame
+        this tick, or a free slot) fills the step, reading its slot (its attention reads one ring, once, where a
+        gather copies every stepping row's) and writing to the scratch slot (a stream's) or to its own (a free
+        one: a stream that takes it starts with a fresh forward, which reads no ring). Otherwise the streams'
+        slots are gathered, padded with the scratch slot. Without batch sizes (`pad_batches=False`) only a
+        contiguous run of slots is read as a view."""
         first, count = slots[0], len(slots)
         scratch = self.pool.scratch
         spread = slots[-1] - first + 1
-        ranged = spread == count or (self._sizes is not None and spread <= 2 * count)
-        size = padded(spread, self._sizes) if self._sizes else spread
-        if ranged and size <= scratch:
-            start = min(first, scratch - size)  # the range ends before the scratch slot
+        size = padded(spread, self._sizes) if self._sizes else spread  # at most max_streams: the scratch slot's index
+        if spread == count or (self._sizes is not None and size <= 2 * padded(count, self._sizes)):
+            start = min(first, scratch - size)
             reads = list(range(start, start + size))
             stepping = set(slots)
             live = {state.slot for state in self._streams.values()}

@@ -9,8 +9,9 @@ downsampling), so such a forward writes its new keys into the ring first and att
 what it overwrites is out of every query's window. Position q lives at ring index q % size. Attention reads the
 entries in ring order, not oldest first: keys carry their rotary position already and the mask is computed from
 each entry's absolute position (written, causal, in window), so no copy reorders them. Keys are stored rotated
-at their absolute positions, as transformers caches them. The last slot is scratch: padding rows read and write
-it (or a free slot: see `RingView`).
+at their absolute positions, as transformers caches them. The last slot is scratch: rows that only fill a step
+write there (a free slot's own row writes that slot), whatever slot they read (app/model/realtime/engine.py,
+`RealtimeEngine._layout`; `RingView.writes`).
 """
 
 from __future__ import annotations

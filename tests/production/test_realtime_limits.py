@@ -279,7 +279,13 @@ def test_a_session_that_leaves_mid_utterance_frees_its_audio_without_the_collect
             raw.append(speech, 4800)  # uncommitted audio in the buffer
             raw.ws.close()
             wait_until(lambda: running.context.realtime.slots.open == 0 and running.engine.idle, "all is over")
-            left = [o for o in gc.get_objects() if isinstance(o, PreparedRequest)]
-            assert not left, [len(o.input_ids) for o in left]
+            # A frame that has answered may hold its last request a moment longer (the worker's loop, the
+            # session's task) until it moves on; with the collector off, one in a reference cycle never goes.
+            wait_until(
+                lambda: not [o for o in gc.get_objects() if isinstance(o, PreparedRequest)],
+                "no prepared request is left",
+                timeout_s=10.0,
+                poll_s=0.05,
+            )
         finally:
             gc.enable()

@@ -232,9 +232,10 @@ def _clean_then_faulty(
 
 
 class OomPartWay:
-    """Holds the first prefill until the other requests are queued (so they prefill together next); that next
-    prefill of several rows allocates a tensor and runs out of memory, as a pass that got part way does. Each
-    later prefill records whether the tensor still lives: the failed pass's frames, held by its traceback."""
+    """Holds the first prefill until the other requests are queued (so they prefill together next); the first
+    prefill of several rows (that one, when requests came together before the worker took any, else the next)
+    allocates a tensor and runs out of memory, as a pass that got part way does. Each later prefill records
+    whether the tensor still lives: the failed pass's frames, held by its traceback."""
 
     def __init__(self, engine: Any, requests: int) -> None:
         self.engine, self.requests = engine, requests
@@ -248,11 +249,11 @@ class OomPartWay:
         if not self.waited:
             self.waited = True
             wait_until(lambda: len(rows) + self.engine.waiting >= self.requests, "the other requests are queued")
-        elif self.partial is None and len(rows) >= 2:
+        if self.partial is None and len(rows) >= 2:
             keys_so_far = torch.empty(1 << 20)
             self.partial = weakref.ref(keys_so_far)
             raise torch.OutOfMemoryError("injected CUDA out of memory")
-        elif self.partial is not None:
+        if self.partial is not None:
             self.alive.append(self.partial() is not None)
 
 

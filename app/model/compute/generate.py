@@ -123,7 +123,7 @@ class BatchGenerator:
         context = int(getattr(self.text_config, "max_position_embeddings", DEFAULT_LEN))
         self.plan = cache or default_plan(self.shape, context)
         self.cache = SlotCache(self.shape, self.plan, layer_devices(model))
-        install()  # the lower-right causal attention of prefills that extend a cached prefix
+        install()  # the attention of prefills whose masks are causal (app/model/compute/attention.py)
         self.decoder = decoder_for(model, group)
         self.graphs = StepGraphs(self.decoder, self.cache, self.device)
         self.sizes = batch_sizes(self.plan.slots)
@@ -329,20 +329,10 @@ class BatchGenerator:
         would make transformers expand the keys and values to every query head and attend over the square."""
         if past:
             return self._extend_into(prompts, audios, slots, past)
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, : len(prompt)] = torch.tensor(prompt)
-        lengths = [len(p) for p in prompts]
+        ids = self._right_padded(prompts)
+        width, lengths = ids.shape[1], [len(p) for p in prompts]
         mask = None if min(lengths) == width else self._causal(len(prompts), 0, width)
-        out = self.model.model.language_model(
-            inputs_embeds=self._embed(ids, audios),
-            attention_mask=mask,
-            position_ids=upload(torch.arange(width).unsqueeze(0), self.device),
-            cache=PrefillCache(self.num_layers),
-            use_cache=True,
-            **self._causal_kernel(mask),
-        )
+        out = self._language(self._embed(ids, audios), mask, 0, PrefillCache(self.num_layers))
         kv = out.cache.kv()
         for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
             self.cache.place(slot, [(k[i, :, :length], v[i, :, :length]) for k, v in kv])
@@ -355,22 +345,34 @@ class BatchGenerator:
         the rest of each prompt right-padded (a padding position's keys land past the row's length, where
         the step masks them until it writes there), at positions `past`.. ."""
         tails = [p[past:] for p in prompts]
-        width = max(len(t) for t in tails)
-        ids = torch.full((len(tails), width), self.pad_token_id, dtype=torch.long)
-        for i, tail in enumerate(tails):
-            ids[i, : len(tail)] = torch.tensor(tail)
-        mask = self._causal(len(tails), past, width)
-        out = self.model.model.language_model(
-            inputs_embeds=self._embed(ids, *self._tail_audio(prompts, audios, past)),
-            attention_mask=mask,
-            position_ids=upload(torch.arange(past, past + width).unsqueeze(0), self.device),
-            cache=SlotPrefillCache(self.cache.keys, self.cache.values, slots, past),
-            use_cache=True,
-            **self._causal_kernel(mask),
-        )
+        ids = self._right_padded(tails)
+        width = ids.shape[1]
+        embeds = self._embed(ids, *self._tail_audio(prompts, audios, past))
+        cache = SlotPrefillCache(self.cache.keys, self.cache.values, slots, past)
+        out = self._language(embeds, self._causal(len(tails), past, width), past, cache)
         for slot in slots:
             self.cache.zeroed[slot] = max(self.cache.zeroed[slot], past + width)
         return self._last_hidden(out.last_hidden_state, [len(t) for t in tails])
+
+    def _right_padded(self, seqs: list[list[int]]) -> torch.Tensor:
+        """[rows, longest] token ids on the host: each row's at its start, padding after."""
+        ids = torch.full((len(seqs), max(len(s) for s in seqs)), self.pad_token_id, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = torch.tensor(seq)
+        return ids
+
+    def _language(self, embeds: torch.Tensor, mask: torch.Tensor | None, past: int, cache: Any) -> Any:
+        """transformers' decoder over `embeds` [rows, width, hidden] at positions `past`.., into `cache`; `mask`
+        is causal and nothing else (app/model/compute/attention.py may run it as such)."""
+        positions = upload(torch.arange(past, past + embeds.shape[1]).unsqueeze(0), self.device)
+        return self.model.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            **self._causal_kernel(mask),
+        )
 
     def _last_hidden(self, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """[rows, hidden]: each right-padded row's hidden state at its last real position (of [rows, width,
